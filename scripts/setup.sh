@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Installs everything the tests and the main job need on a fresh Debian machine
+# with Rust: the pinned toolchain, redis-server and nginx (apt), moto's S3
+# server and kubernetes-validate (pip), and s3s-fs (cargo). Idempotent: when
+# everything is present it only checks, in about a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { echo "setup: $*" >&2; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# The toolchain pinned in rust-toolchain.toml. Where the machine's stable is
+# that very release, link it instead of downloading a second copy.
+want=$(sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)
+if ! rustup run "$want" rustc --version >/dev/null 2>&1; then
+  stable=$(rustup run stable rustc --version 2>/dev/null | awk '{print $2}')
+  if [ "$stable" = "$want" ]; then
+    log "linking toolchain $want to the installed stable"
+    rustup toolchain link "$want" "$(rustup run stable rustc --print sysroot)"
+  else
+    log "installing toolchain $want"
+    rustup toolchain install "$want" --profile minimal -c rustfmt -c clippy
+  fi
+fi
+
+# Debian packages: a real Redis for the caches, nginx as a static HTTP origin
+# with Range support for the fetch tests.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "apt-get install ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Python tools: moto's S3 server (fast, accepts any secret) and
+# kubernetes-validate (offline schema checks for Kubernetes 1.30 to 1.37).
+if ! python3 -c 'import moto.server, kubernetes_validate' >/dev/null 2>&1; then
+  log "pip install moto[server] kubernetes-validate"
+  python3 -m pip install -q --disable-pip-version-check 'moto[server]>=5.1,<6' 'kubernetes-validate>=1.37,<2'
+fi
+
+# s3s-fs: an S3 server that checks SigV4 signatures strictly. Built once into
+# ~/.cargo/bin, which later runs on this machine reuse.
+cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+if ! command -v s3s-fs >/dev/null 2>&1 && [ ! -x "$cargo_bin/s3s-fs" ]; then
+  log "cargo install s3s-fs 0.14.1 (a few minutes, once per machine)"
+  cargo install --quiet --locked s3s-fs@0.14.1 --features binary
+fi
+
+log "ready"

@@ -1,0 +1,450 @@
+//! `ModelCache`: one model, its versioned artifacts, and the Redis that caches
+//! its results.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::condition::conditions_schema;
+
+/// Name of the pod-template label (or annotation) that carries the model
+/// version a pod serves, unless the workload says otherwise.
+pub const DEFAULT_VERSION_LABEL: &str = "modelcache.dev/version";
+
+/// A model served on Kubernetes and the caches modelcache owns for it: a Redis
+/// configured as a cache, version-scoped keys, verified artifact fetch and
+/// prefix-cache warm-up.
+// Each printcolumn(...) repeats `type_ = ...`, which clippy mistakes for a
+// duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "modelcache.dev",
+    version = "v1alpha1",
+    kind = "ModelCache",
+    plural = "modelcaches",
+    shortname = "mc",
+    category = "modelcache",
+    namespaced,
+    status = "ModelCacheStatus",
+    derive = "PartialEq",
+    doc = "ModelCache owns the caches of one served model: a Redis configured as a cache, version-scoped keys that are swept once no pod serves a version, verified artifact fetch and prefix-cache warm-up.",
+    printcolumn(
+        name = "Model",
+        type_ = "string",
+        json_path = ".spec.model",
+        description = "Model name"
+    ),
+    printcolumn(
+        name = "Version",
+        type_ = "string",
+        json_path = ".spec.version",
+        description = "Desired model version"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether Redis answers with the desired config"
+    ),
+    printcolumn(
+        name = "Hit Rate",
+        type_ = "number",
+        json_path = ".status.redis.hitRate",
+        description = "Keyspace hits / (hits + misses) since Redis started"
+    ),
+    printcolumn(
+        name = "Active",
+        type_ = "string",
+        json_path = ".status.activeVersion",
+        description = "Version published as active in the registry",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelCacheSpec {
+    /// Model name. It names the artifact directory (`<source>/<model>/`) and is part
+    /// of every cache key, so it is limited to letters, digits, `.`, `_` and `-`.
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    )]
+    pub model: String,
+
+    /// Model version to serve, for example `v3` or `2026-11-01`. Artifacts are read
+    /// from `<source>/<model>/<version>/`; changing it starts a rollout, and the
+    /// previous version's cache keys are swept once no pod serves it any more.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[^/\s]+$"))]
+    #[x_kube(validation = Rule::new("self != '.' && self != '..'").message("version must not be '.' or '..': it names a directory"))]
+    pub version: String,
+
+    /// Where versioned model artifacts are published.
+    pub source: ArtifactSource,
+
+    /// CachePolicy in this namespace whose settings apply. Without it the
+    /// built-in defaults apply (allkeys-lru, maxmemory at 0.8 of the limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_policy_ref: Option<LocalRef>,
+
+    /// The workload that serves this model, followed to learn which versions
+    /// are still served during a rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<WorkloadRef>,
+
+    /// Overrides of the policy's Redis settings for this model only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisOverrides>,
+
+    /// Prefix-cache warm-up before model pods turn ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<WarmupSettings>,
+}
+
+/// Location of versioned model artifacts: `<uri>/<model>/<version>/` holds the
+/// files and a `manifest.json` listing path, size and sha256 of each.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.cdn) || self.uri.startsWith('https://')").message("cdn settings apply only to an https:// source"),
+    validation = Rule::new("self.uri.startsWith('s3://') || (!has(self.endpoint) && !has(self.region) && !has(self.credentialsSecretRef) && !(has(self.pathStyle) && self.pathStyle))").message("endpoint, region, pathStyle and credentialsSecretRef apply only to an s3:// source"),
+)]
+pub struct ArtifactSource {
+    /// Base URI: `s3://bucket/prefix` for S3 or an S3-compatible store, or
+    /// `https://host/prefix` for a CDN such as CloudFront.
+    #[schemars(
+        length(min = 6, max = 2048),
+        regex(
+            pattern = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?|https://[^/\s]+(/\S*)?)$"
+        )
+    )]
+    #[x_kube(validation = Rule::new("self.startsWith('s3://') || self.startsWith('https://')").message("uri must be s3://bucket/prefix or https://host/prefix"))]
+    pub uri: String,
+
+    /// Endpoint of an S3-compatible store (MinIO, Ceph RGW, R2). Empty for AWS S3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://[^/\s]+(/\S*)?$"))]
+    pub endpoint: Option<String>,
+
+    /// Region of the bucket. Empty: taken from the environment (AWS_REGION).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub region: Option<String>,
+
+    /// Address buckets by path (`endpoint/bucket/key`) instead of by virtual
+    /// host, as most S3-compatible stores need.
+    #[serde(default)]
+    pub path_style: bool,
+
+    /// Secret with keys `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and
+    /// optionally `AWS_SESSION_TOKEN`. Empty: the default credential chain
+    /// (web identity / IRSA, profile, environment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<LocalRef>,
+
+    /// Headers and URL signing for an https:// (CDN) source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdn: Option<CdnSettings>,
+}
+
+/// Request settings for a CDN origin.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CdnSettings {
+    /// Extra request headers, for example a shared-secret header the origin
+    /// checks. Values here are visible to anyone who can read this object; put
+    /// secrets in `headersSecretRef` instead.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+
+    /// Secret whose keys are header names and whose values are sent as headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_secret_ref: Option<LocalRef>,
+
+    /// CloudFront signed URLs or signed cookies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing: Option<CloudFrontSigning>,
+}
+
+/// CloudFront signing with a key pair whose private key is held in a Secret.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudFrontSigning {
+    /// ID of the CloudFront public key (or legacy key pair) that signs.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Z0-9]+$"))]
+    pub key_pair_id: String,
+
+    /// Secret key holding the PEM-encoded RSA private key.
+    pub private_key_secret_ref: SecretKeyRef,
+
+    /// `SignedUrl` adds the signature to each request's query string;
+    /// `SignedCookies` sends it as CloudFront cookies.
+    #[serde(default)]
+    pub mode: SigningMode,
+
+    /// `Canned` signs one URL; `Custom` signs a wildcard over the version's
+    /// directory, so one signature covers every file.
+    #[serde(default)]
+    pub policy: SigningPolicy,
+
+    /// Lifetime of each signature in seconds. Signatures are renewed before they
+    /// expire during long downloads.
+    #[serde(default = "default_signature_ttl")]
+    #[schemars(range(min = 60, max = 604800))]
+    pub expires_seconds: i64,
+}
+
+fn default_signature_ttl() -> i64 {
+    3600
+}
+
+/// How CloudFront signatures travel: `SignedUrl` or `SignedCookies`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SigningMode {
+    #[default]
+    SignedUrl,
+    SignedCookies,
+}
+
+/// Which CloudFront policy is signed: `Canned` or `Custom`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SigningPolicy {
+    Canned,
+    #[default]
+    Custom,
+}
+
+/// Reference to an object in the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct LocalRef {
+    /// Name of the object.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+}
+
+/// Reference to one key of a Secret in the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Key within the Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// The workload whose pods serve the model: a Deployment or StatefulSet by
+/// name, or pods by label selector.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.name) != has(self.selector)").message("set exactly one of workload.name or workload.selector"),
+    validation = Rule::new("!has(self.selector) || !has(self.kind)").message("workload.kind applies only with workload.name"),
+)]
+pub struct WorkloadRef {
+    /// Kind of the named workload: `Deployment` (default) or `StatefulSet`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<WorkloadKind>,
+
+    /// Name of the Deployment or StatefulSet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub name: Option<String>,
+
+    /// Selects the model pods directly, for workloads of other kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+
+    /// Pod label or annotation that holds the model version each pod serves.
+    /// Put it on the pod template; the downward API passes it to the fetch init
+    /// container.
+    #[serde(default = "default_version_label")]
+    #[schemars(length(min = 1, max = 317))]
+    pub version_label: String,
+}
+
+fn default_version_label() -> String {
+    DEFAULT_VERSION_LABEL.to_string()
+}
+
+/// Kind of a named workload: `Deployment` or `StatefulSet`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum WorkloadKind {
+    #[default]
+    Deployment,
+    StatefulSet,
+}
+
+/// Per-model overrides of the CachePolicy's Redis settings. Unset fields
+/// inherit from the policy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisOverrides {
+    /// Redis or Valkey image (7.0 or newer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+
+    /// Memory request and limit of the Redis container. maxmemory is the
+    /// policy's ratio of this, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+
+    /// CPU request of the Redis container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+}
+
+/// Prefix-cache warm-up: shared prompt prefixes sent to the inference engine
+/// before the pod turns ready.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("(has(self.prompts) && size(self.prompts) > 0) != has(self.promptsConfigMapRef)").message("set exactly one of warmup.prompts or warmup.promptsConfigMapRef"),
+)]
+pub struct WarmupSettings {
+    /// Shared prefixes (system prompts, few-shot headers) to warm, inline.
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    pub prompts: Vec<String>,
+
+    /// ConfigMap key holding prompts, one JSON string per line (JSONL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts_config_map_ref: Option<ConfigMapKeyRef>,
+
+    /// OpenAI-compatible engine that the warm sidecar primes, as seen from
+    /// inside the pod, for example `http://127.0.0.1:8000`.
+    #[serde(default = "default_engine_url")]
+    #[schemars(regex(pattern = r"^https?://[^/\s]+(/\S*)?$"))]
+    pub engine_url: String,
+
+    /// Prefixes sent to the engine at once.
+    #[serde(default = "default_warm_concurrency")]
+    #[schemars(range(min = 1, max = 64))]
+    pub concurrency: i32,
+}
+
+fn default_engine_url() -> String {
+    "http://127.0.0.1:8000".to_string()
+}
+
+fn default_warm_concurrency() -> i32 {
+    4
+}
+
+/// Reference to one key of a ConfigMap in the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ConfigMapKeyRef {
+    /// Name of the ConfigMap.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Key within the ConfigMap.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// Observed state of a ModelCache.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelCacheStatus {
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Standard conditions: `Ready` (Redis answers with the desired config),
+    /// `ConfigApplied`, `SpecValid`, `Fragmented`.
+    #[serde(default)]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+
+    /// Version published as active in the version registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_version: Option<String>,
+
+    /// Every version that still has cache keys, with its phase.
+    #[serde(default)]
+    pub versions: Vec<VersionStatus>,
+
+    /// Facts read from the model's Redis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisStatus>,
+}
+
+/// Lifecycle of one model version's cache keys.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionStatus {
+    /// The model version.
+    pub version: String,
+    /// `Live` (pods serve it), `Draining` (no pods, grace period running),
+    /// `Sweeping` (its keys are being deleted) or `Swept`.
+    pub phase: VersionPhase,
+    /// When the version entered this phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    /// Pods that serve this version.
+    #[serde(default)]
+    pub pods: i32,
+    /// Keys of this version found by the last count or sweep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<i64>,
+}
+
+/// Phase of a version: `Live`, `Draining`, `Sweeping` or `Swept`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VersionPhase {
+    Live,
+    Draining,
+    Sweeping,
+    Swept,
+}
+
+/// Config and health of the model's Redis, as last read from it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisStatus {
+    /// host:port that serving code connects to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Config the controller wants (parameter to value, as CONFIG GET prints it).
+    #[serde(default)]
+    pub desired_config: BTreeMap<String, String>,
+    /// Config read back from Redis with CONFIG GET.
+    #[serde(default)]
+    pub applied_config: BTreeMap<String, String>,
+    /// INFO used_memory in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_memory_bytes: Option<i64>,
+    /// INFO maxmemory in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maxmemory_bytes: Option<i64>,
+    /// INFO mem_fragmentation_ratio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fragmentation_ratio: Option<f64>,
+    /// INFO evicted_keys since Redis started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evicted_keys: Option<i64>,
+    /// keyspace_hits / (keyspace_hits + keyspace_misses), 0 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hit_rate: Option<f64>,
+    /// When these facts were read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checked: Option<Time>,
+}

@@ -1,0 +1,467 @@
+//! Test harness: real services on free loopback ports, each stopped when the
+//! value that owns it is dropped (and killed by the kernel if the test process
+//! dies first).
+//!
+//! - [`RedisServer`]: Debian's `redis-server`.
+//! - [`S3Server::moto`]: moto's S3 server. Fast (about 700 MiB/s per GET on
+//!   loopback) but it accepts any secret: use it for data paths and speed.
+//! - [`S3Server::s3s_fs`]: s3s-fs, which checks SigV4 strictly: use it where a
+//!   wrong credential must fail.
+//! - [`HttpServer`]: nginx serving a directory, with Range requests, as a CDN
+//!   origin stands in for one.
+//!
+//! A service that cannot start returns an error naming the service, the
+//! command and the tail of its log, so a test never passes without it.
+//! Install everything with `scripts/setup.sh`.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a service may take to answer after it is spawned.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("failed to find {program}: {hint}")]
+    NotInstalled { program: String, hint: String },
+    #[error("failed to start {service} ({command})")]
+    Spawn {
+        service: String,
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "failed to start {service}: it did not answer on 127.0.0.1:{port} within {secs}s. {log}"
+    )]
+    NotReady {
+        service: String,
+        port: u16,
+        secs: u64,
+        log: String,
+    },
+    #[error("failed to prepare {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
+    let what = what.into();
+    move |source| HarnessError::Io { what, source }
+}
+
+/// A port that was free a moment ago. Services are retried on another port if
+/// something takes it first.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("failed to bind an ephemeral loopback port")
+}
+
+/// Whether something accepts TCP connections on the port.
+pub fn port_is_open(port: u16) -> bool {
+    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
+}
+
+/// Finds a program on PATH, or in `dirs`, or names the setup step that installs it.
+fn find_program(
+    name: &str,
+    env_override: &str,
+    extra_dirs: &[PathBuf],
+) -> Result<PathBuf, HarnessError> {
+    if let Ok(path) = std::env::var(env_override) {
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return Ok(path);
+        }
+        return Err(HarnessError::NotInstalled {
+            program: name.into(),
+            hint: format!("{env_override}={} is not a file", path.display()),
+        });
+    }
+    let path_dirs = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    path_dirs
+        .iter()
+        .chain(extra_dirs)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| HarnessError::NotInstalled {
+            program: name.into(),
+            hint: format!("it is not on PATH; run scripts/setup.sh (or set {env_override})"),
+        })
+}
+
+/// A spawned service process. Dropping it kills the process and waits for it.
+pub struct Process {
+    name: String,
+    child: Child,
+    pub port: u16,
+    /// Holds the service's files and its log; removed on drop.
+    pub dir: tempfile::TempDir,
+}
+
+impl Process {
+    fn log_path(dir: &Path) -> PathBuf {
+        dir.join("service.log")
+    }
+
+    /// Spawns `command` with stdout and stderr in the service log, then waits
+    /// until `ready(port)` holds.
+    fn spawn(
+        name: &str,
+        mut command: Command,
+        port: u16,
+        dir: tempfile::TempDir,
+        ready: impl Fn(u16) -> bool,
+    ) -> Result<Process, HarnessError> {
+        let log = std::fs::File::create(Self::log_path(dir.path()))
+            .map_err(io_error(format!("the log of {name}")))?;
+        let log_err = log
+            .try_clone()
+            .map_err(io_error(format!("the log of {name}")))?;
+        command.stdin(Stdio::null()).stdout(log).stderr(log_err);
+        // The kernel kills the service if the thread that started it dies
+        // without running Drop (a killed test process, an abort).
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let description = format!("{command:?}");
+        let child = command.spawn().map_err(|source| HarnessError::Spawn {
+            service: name.into(),
+            command: description,
+            source,
+        })?;
+        let mut process = Process {
+            name: name.into(),
+            child,
+            port,
+            dir,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if ready(port) {
+                return Ok(process);
+            }
+            let exited = process.child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                let status = exited
+                    .map(|s| format!("It exited with {s}. "))
+                    .unwrap_or_default();
+                return Err(HarnessError::NotReady {
+                    service: name.into(),
+                    port,
+                    secs: START_TIMEOUT.as_secs(),
+                    log: format!("{status}Log tail:\n{}", process.log_tail()),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines the service wrote, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(Self::log_path(self.dir.path())).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a service on a free port, retrying on a new port when another
+/// process took the first one between the check and the bind.
+fn start_on_free_port(
+    name: &str,
+    make: impl Fn(u16, &Path) -> Result<Command, HarnessError>,
+    ready: impl Fn(u16) -> bool + Copy,
+) -> Result<Process, HarnessError> {
+    let mut last = None;
+    for _ in 0..3 {
+        let port = free_port();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("modelcache-{name}-"))
+            .tempdir()
+            .map_err(io_error(format!("a directory for {name}")))?;
+        let command = make(port, dir.path())?;
+        match Process::spawn(name, command, port, dir, ready) {
+            Ok(p) => return Ok(p),
+            Err(e @ HarnessError::NotReady { .. }) if e.to_string().contains("in use") => {
+                last = Some(e)
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.expect("a start was tried"))
+}
+
+/// Sends `request` and returns what the server answers before closing.
+pub fn raw_request(port: u16, request: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(request)?;
+    let _ = stream.shutdown(Shutdown::Write);
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+fn answers_http(port: u16) -> bool {
+    raw_request(
+        port,
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+    .map(|r| r.starts_with(b"HTTP/1."))
+    .unwrap_or(false)
+}
+
+/// A real redis-server, configured as a cache would be: no persistence.
+pub struct RedisServer {
+    pub process: Process,
+    pub password: Option<String>,
+}
+
+impl RedisServer {
+    pub fn start() -> Result<Self, HarnessError> {
+        Self::start_with(None, &[])
+    }
+
+    /// Starts with `requirepass` set and extra `--name value` config arguments.
+    pub fn start_with(
+        password: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Result<Self, HarnessError> {
+        let binary = find_program("redis-server", "MODELCACHE_REDIS_SERVER", &[])?;
+        Self::start_program(&binary, password, extra)
+    }
+
+    /// Starts the given redis-server binary.
+    pub fn start_program(
+        binary: &Path,
+        password: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Result<Self, HarnessError> {
+        let extra: Vec<(String, String)> = extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let pw = password.map(str::to_owned);
+        let process = start_on_free_port(
+            "redis-server",
+            |port, dir| {
+                let mut c = Command::new(binary);
+                c.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args(["--save", "", "--appendonly", "no"])
+                    .args(["--dir", &dir.to_string_lossy()])
+                    .args(["--daemonize", "no", "--protected-mode", "yes"]);
+                if let Some(pw) = &pw {
+                    c.args(["--requirepass", pw]);
+                }
+                for (k, v) in &extra {
+                    c.arg(format!("--{k}")).arg(v);
+                }
+                Ok(c)
+            },
+            // NOAUTH also proves the server is up and parsing commands.
+            |port| {
+                raw_request(port, b"PING\r\nQUIT\r\n")
+                    .map(|r| r.starts_with(b"+PONG") || r.starts_with(b"-NOAUTH"))
+                    .unwrap_or(false)
+            },
+        )?;
+        Ok(RedisServer {
+            process,
+            password: password.map(str::to_owned),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.process.port
+    }
+
+    /// `redis://[:password@]127.0.0.1:port`
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", self.port()),
+            None => format!("redis://127.0.0.1:{}", self.port()),
+        }
+    }
+}
+
+/// Which S3-compatible server runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum S3Flavor {
+    Moto,
+    S3sFs,
+}
+
+/// A real S3-compatible server on loopback.
+pub struct S3Server {
+    pub process: Process,
+    pub flavor: S3Flavor,
+    pub access_key: String,
+    pub secret_key: String,
+    pub region: String,
+}
+
+impl S3Server {
+    /// moto's server through the Python that `scripts/setup.sh` installed it into.
+    pub fn moto() -> Result<Self, HarnessError> {
+        let python = find_program("python3", "MODELCACHE_PYTHON", &[])?;
+        let probe = Command::new(&python)
+            .args(["-c", "import moto.server"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !matches!(probe, Ok(s) if s.success()) {
+            return Err(HarnessError::NotInstalled {
+                program: "moto[server]".into(),
+                hint: format!(
+                    "{} cannot import moto.server; run scripts/setup.sh",
+                    python.display()
+                ),
+            });
+        }
+        let process = start_on_free_port(
+            "moto",
+            |port, _| {
+                let mut c = Command::new(&python);
+                c.args([
+                    "-m",
+                    "moto.server",
+                    "-H",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                ]);
+                Ok(c)
+            },
+            answers_http,
+        )?;
+        Ok(S3Server {
+            process,
+            flavor: S3Flavor::Moto,
+            access_key: "moto-access-key".into(),
+            secret_key: "moto-secret-key".into(),
+            region: "us-east-1".into(),
+        })
+    }
+
+    /// s3s-fs over a fresh directory, with one access key whose secret it checks.
+    pub fn s3s_fs() -> Result<Self, HarnessError> {
+        let cargo_bin = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+            .map(|p| p.join("bin"))
+            .into_iter()
+            .collect::<Vec<_>>();
+        let binary = find_program("s3s-fs", "MODELCACHE_S3S_FS", &cargo_bin)?;
+        let access_key = "modelcache-test".to_string();
+        let secret_key = "modelcache-test-secret".to_string();
+        let process = start_on_free_port(
+            "s3s-fs",
+            |port, dir| {
+                let root = dir.join("data");
+                std::fs::create_dir_all(&root).map_err(io_error("the s3s-fs root"))?;
+                let mut c = Command::new(&binary);
+                c.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                    .args(["--access-key", &access_key, "--secret-key", &secret_key])
+                    .arg(&root);
+                Ok(c)
+            },
+            answers_http,
+        )?;
+        Ok(S3Server {
+            process,
+            flavor: S3Flavor::S3sFs,
+            access_key,
+            secret_key,
+            region: "us-east-1".into(),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.process.port
+    }
+
+    /// `http://127.0.0.1:port`; stores on loopback are addressed path-style.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port())
+    }
+}
+
+/// nginx serving `root` read-only, with Range requests, like a CDN origin.
+pub struct HttpServer {
+    pub process: Process,
+    pub root: PathBuf,
+}
+
+impl HttpServer {
+    pub fn start(root: &Path) -> Result<Self, HarnessError> {
+        let binary = find_program("nginx", "MODELCACHE_NGINX", &[PathBuf::from("/usr/sbin")])?;
+        let root = root
+            .canonicalize()
+            .map_err(io_error(format!("{}", root.display())))?;
+        let process = start_on_free_port(
+            "nginx",
+            |port, dir| {
+                // One process, no master: nothing switches user, so files that
+                // only root can read are still served when tests run as root.
+                let conf = format!(
+                    "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\n\
+                     error_log stderr warn;\nevents {{ worker_connections 512; }}\n\
+                     http {{\n  access_log off;\n  sendfile on;\n  default_type application/octet-stream;\n\
+                     types {{ application/json json; }}\n\
+                     client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
+                     server {{\n    listen 127.0.0.1:{port};\n    root {root};\n  }}\n}}\n",
+                    dir = dir.display(),
+                    root = root.display(),
+                );
+                let conf_path = dir.join("nginx.conf");
+                std::fs::write(&conf_path, conf).map_err(io_error("nginx.conf"))?;
+                let mut c = Command::new(&binary);
+                c.arg("-p")
+                    .arg(dir)
+                    .arg("-c")
+                    .arg(&conf_path)
+                    .args(["-e", "stderr"]);
+                Ok(c)
+            },
+            answers_http,
+        )?;
+        Ok(HttpServer { process, root })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.process.port
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port())
+    }
+}
