@@ -3,10 +3,16 @@
 //! - [`crd`]: the `ModelCache` and `CachePolicy` API (`modelcache.dev/v1alpha1`)
 //!   and the CRD YAML generated from it.
 //! - [`validate`]: offline validation of manifests against those CRDs.
+//! - [`controller`]: `modelcache controller`, one Redis per ModelCache.
+//! - [`store`]: the settings, live config and health of a model's Redis.
+//! - [`quantity`]: exact bytes from Kubernetes quantities.
 //!
 //! The `modelcache` binary is a thin command line over this library.
 
+pub mod controller;
 pub mod crd;
+pub mod quantity;
+pub mod store;
 pub mod validate;
 
 /// One line naming this build and the API it serves.

@@ -5,9 +5,16 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use modelcache::{crd, validate};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use modelcache::crd::CachePolicy;
+use modelcache::crd::cache_policy::CachePolicySpec;
+use modelcache::crd::model_cache::RedisOverrides;
+use modelcache::store::RedisTarget;
+use modelcache::{controller, crd, validate};
 
 /// Caches for ML serving on Kubernetes: a Redis per model configured as a
 /// cache, version-scoped keys swept after rollouts, verified model fetch and
@@ -41,8 +48,65 @@ enum Command {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Run the controller: one Redis per ModelCache, configured as a cache,
+    /// with its config and health kept true in status.
+    Controller(ControllerArgs),
+    /// Run the controller's config and health logic once against a Redis:
+    /// print desired vs applied config, INFO facts and the conditions.
+    CheckRedis(CheckRedisArgs),
     /// Print the version and the API version served.
     Version,
+}
+
+#[derive(clap::Args)]
+struct ControllerArgs {
+    /// Watch only this namespace (a namespaced Role suffices); all namespaces when unset.
+    #[arg(long, env = "MODELCACHE_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "MODELCACHE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: std::net::SocketAddr,
+    /// Seconds between checks of a healthy cache (config drift, INFO).
+    #[arg(long, env = "MODELCACHE_HEALTH_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..=3600))]
+    health_interval: u64,
+    /// Take part in leader election through a Lease (run several replicas safely).
+    #[arg(long, env = "MODELCACHE_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the Lease: the controller's own.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "modelcache-system")]
+    lease_namespace: String,
+    #[arg(
+        long,
+        env = "MODELCACHE_LEASE_NAME",
+        default_value = "modelcache-controller"
+    )]
+    lease_name: String,
+    /// Identity in the Lease: the pod name.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Reach every provisioned Redis at this URL instead of its Service, for a
+    /// controller run outside the cluster through a port-forward.
+    #[arg(long, env = "MODELCACHE_REDIS_URL_OVERRIDE")]
+    redis_url_override: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct CheckRedisArgs {
+    /// redis://host:port[/db] or rediss://…, without the password.
+    #[arg(long, env = "MODELCACHE_REDIS_URL")]
+    redis_url: String,
+    /// Password (better from the environment than on the command line).
+    #[arg(long, env = "MODELCACHE_REDIS_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// A CachePolicy manifest; the built-in defaults when unset.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
+    /// Memory limit of the Redis container (overrides the policy's redis.memory).
+    #[arg(long)]
+    memory: Option<String>,
+    /// CONFIG SET what differs; without it the check only compares.
+    #[arg(long)]
+    apply: bool,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +119,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")
 }
 
 fn init_logging(json: bool) {
@@ -72,6 +143,75 @@ fn init_logging(json: bool) {
 
 fn run(command: Command) -> Result<ExitCode> {
     match command {
+        Command::Controller(args) => {
+            let identity = args
+                .identity
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| format!("modelcache-{}", std::process::id()));
+            let config = controller::ControllerConfig {
+                namespace: args.namespace,
+                http_addr: args.http_addr,
+                health_interval: Duration::from_secs(args.health_interval),
+                leader_election: args.leader_election,
+                lease_namespace: args.lease_namespace,
+                lease_name: args.lease_name,
+                identity,
+                lease_duration: Duration::from_secs(15),
+                redis_url_override: args.redis_url_override,
+            };
+            runtime()?.block_on(controller::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckRedis(args) => {
+            let policy = match &args.policy {
+                None => CachePolicySpec::default(),
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("failed to read {}", path.display()))?;
+                    let report = validate::Validator::new()?
+                        .validate_yaml(&path.display().to_string(), &text)?;
+                    if let Some(bad) = report.iter().find(|r| !r.violations.is_empty()) {
+                        let list: Vec<String> =
+                            bad.violations.iter().map(|v| v.to_string()).collect();
+                        anyhow::bail!(
+                            "{} is not a valid CachePolicy: {}",
+                            path.display(),
+                            list.join("; ")
+                        );
+                    }
+                    let policy: CachePolicy = serde_saphyr::from_str(&text).with_context(|| {
+                        format!("failed to read {} as a CachePolicy", path.display())
+                    })?;
+                    policy.spec
+                }
+            };
+            let overrides = args.memory.map(|m| RedisOverrides {
+                memory: Some(Quantity(m)),
+                ..Default::default()
+            });
+            let target = RedisTarget {
+                url: args.redis_url,
+                username: None,
+                password: args.password,
+            };
+            let report = runtime()?.block_on(controller::check::check_redis(
+                &target,
+                &policy,
+                overrides.as_ref(),
+                args.apply,
+            ))?;
+            print!("{}", controller::check::render(&report));
+            let ready = report
+                .status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            Ok(if ready {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Crd {
             out_dir: Some(dir), ..
         } => {

@@ -32,6 +32,7 @@ pub const DEFAULT_VERSION_LABEL: &str = "modelcache.dev/version";
     namespaced,
     status = "ModelCacheStatus",
     derive = "PartialEq",
+    validation = Rule::new("size(self.metadata.name) <= 46").message("metadata.name must be at most 46 characters: the Redis StatefulSet is named <name>-redis and its pods' revision label must stay within 63"),
     doc = "ModelCache owns the caches of one served model: a Redis configured as a cache, version-scoped keys that are swept once no pod serves a version, verified artifact fetch and prefix-cache warm-up.",
     printcolumn(
         name = "Model",
@@ -293,6 +294,9 @@ pub enum WorkloadKind {
 /// inherit from the policy.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.external) || (!has(self.image) && !has(self.memory) && !has(self.cpu))").message("image, memory and cpu size a provisioned Redis; they do not apply with redis.external"),
+)]
 pub struct RedisOverrides {
     /// Redis or Valkey image (7.0 or newer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -307,6 +311,35 @@ pub struct RedisOverrides {
     /// CPU request of the Redis container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<Quantity>,
+
+    /// Use an existing Redis instead of provisioning one: a managed service,
+    /// or a Redis Cluster for caches that outgrow one instance. The controller
+    /// then creates no Redis objects; it reads and reports the config it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalRedis>,
+}
+
+/// An existing Redis that the controller checks but does not manage.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalRedis {
+    /// `redis://host:port[/db]` or `rediss://` for TLS, without credentials.
+    #[schemars(length(max = 2048), regex(pattern = r"^rediss?://[^\s@]+$"))]
+    #[x_kube(validation = Rule::new("!self.contains('@')").message("put credentials in redis.external.passwordSecretRef, not in the URL"))]
+    pub url: String,
+
+    /// Secret key holding the password. Unset: the Redis needs no password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
+
+    /// ACL user to authenticate as. Unset: the default user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub username: Option<String>,
+
+    /// The URL is one node of a Redis Cluster; sweeps then scan every primary.
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 /// Prefix-cache warm-up: shared prompt prefixes sent to the inference engine

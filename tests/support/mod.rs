@@ -256,20 +256,28 @@ impl RedisServer {
         password: Option<&str>,
         extra: &[(&str, &str)],
     ) -> Result<Self, HarnessError> {
+        let raw: Vec<String> = extra
+            .iter()
+            .flat_map(|(k, v)| [format!("--{k}"), v.to_string()])
+            .collect();
+        let raw: Vec<&str> = raw.iter().map(String::as_str).collect();
+        Self::start_with_args(password, &raw)
+    }
+
+    /// Starts with `requirepass` set and raw extra arguments, for options that
+    /// take several values (`--rename-command CONFIG ""`).
+    pub fn start_with_args(password: Option<&str>, args: &[&str]) -> Result<Self, HarnessError> {
         let binary = find_program("redis-server", "MODELCACHE_REDIS_SERVER", &[])?;
-        Self::start_program(&binary, password, extra)
+        Self::start_program(&binary, password, args)
     }
 
     /// Starts the given redis-server binary.
     pub fn start_program(
         binary: &Path,
         password: Option<&str>,
-        extra: &[(&str, &str)],
+        args: &[&str],
     ) -> Result<Self, HarnessError> {
-        let extra: Vec<(String, String)> = extra
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let pw = password.map(str::to_owned);
         let process = start_on_free_port(
             "redis-server",
@@ -282,9 +290,7 @@ impl RedisServer {
                 if let Some(pw) = &pw {
                     c.args(["--requirepass", pw]);
                 }
-                for (k, v) in &extra {
-                    c.arg(format!("--{k}")).arg(v);
-                }
+                c.args(&args);
                 Ok(c)
             },
             // NOAUTH also proves the server is up and parsing commands.

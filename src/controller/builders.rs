@@ -1,0 +1,323 @@
+//! The objects a ModelCache owns, built as pure functions of the ModelCache
+//! and its resolved Redis settings. They are applied with server-side apply,
+//! so each function returns the full desired state of the fields we own.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, ExecAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+
+use crate::crd::ModelCache;
+use crate::store::settings::{AUTH_CONF_PATH, RedisSettings, redis_conf};
+
+pub const REDIS_PORT: i32 = 6379;
+/// Key of the generated Secret that holds the password clients use.
+pub const PASSWORD_KEY: &str = "password";
+/// Key of the generated Secret that redis.conf `include`s.
+pub const AUTH_CONF_KEY: &str = "auth.conf";
+/// Pod-template annotation that follows the Secret's identity: a recreated
+/// Secret (a new password) rolls the Redis pod, nothing else about it does.
+pub const SECRET_UID_ANNOTATION: &str = "modelcache.dev/secret-uid";
+/// UID and GID of the `redis`/`valkey` user in the official images.
+const REDIS_UID: i64 = 999;
+
+/// The longest ModelCache name for which the StatefulSet `<name>-redis` stays
+/// within 52 characters, so that its pods' `controller-revision-hash` label
+/// (the name plus a hash) is still a valid label value.
+pub const MAX_NAME_LEN: usize = 46;
+
+/// Names of the owned objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    /// Secret, StatefulSet and Service.
+    pub redis: String,
+    pub config_map: String,
+}
+
+pub fn names(mc: &ModelCache) -> Names {
+    let base = mc.metadata.name.clone().unwrap_or_default();
+    Names {
+        redis: format!("{base}-redis"),
+        config_map: format!("{base}-redis-config"),
+    }
+}
+
+/// Labels on every owned object and the selector of the Redis pod.
+pub fn labels(mc: &ModelCache) -> BTreeMap<String, String> {
+    let name = mc.metadata.name.clone().unwrap_or_default();
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "redis".into()),
+        ("app.kubernetes.io/instance".into(), name.clone()),
+        ("app.kubernetes.io/component".into(), "cache".into()),
+        ("app.kubernetes.io/managed-by".into(), "modelcache".into()),
+        ("modelcache.dev/modelcache".into(), name),
+    ])
+}
+
+fn selector_labels(mc: &ModelCache) -> BTreeMap<String, String> {
+    let mut l = labels(mc);
+    l.retain(|k, _| k == "app.kubernetes.io/instance" || k == "modelcache.dev/modelcache");
+    l
+}
+
+fn owner(mc: &ModelCache) -> OwnerReference {
+    mc.controller_owner_ref(&())
+        .expect("a ModelCache read from the API server has a name and uid")
+}
+
+fn meta(mc: &ModelCache, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: mc.metadata.namespace.clone(),
+        labels: Some(labels(mc)),
+        owner_references: Some(vec![owner(mc)]),
+        ..Default::default()
+    }
+}
+
+/// The Secret with the Redis password. Created once (never applied again), so
+/// that the password is not rotated by accident.
+pub fn secret(mc: &ModelCache, password: &str) -> Secret {
+    Secret {
+        metadata: meta(mc, &names(mc).redis),
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([
+            (
+                PASSWORD_KEY.into(),
+                ByteString(password.as_bytes().to_vec()),
+            ),
+            (
+                AUTH_CONF_KEY.into(),
+                ByteString(format!("requirepass {password}\n").into_bytes()),
+            ),
+        ])),
+        ..Default::default()
+    }
+}
+
+pub fn config_map(mc: &ModelCache, settings: &RedisSettings) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(mc, &names(mc).config_map),
+        data: Some(BTreeMap::from([(
+            "redis.conf".into(),
+            redis_conf(settings),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// A command that pings Redis with the password from the environment, so the
+/// password is neither in the pod spec nor on a command line.
+fn ping_probe(initial_delay: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        exec: Some(ExecAction {
+            command: Some(vec![
+                "sh".into(),
+                "-c".into(),
+                "cli=$(command -v valkey-cli || command -v redis-cli) && \
+                 \"$cli\" -p 6379 ping | grep -q PONG"
+                    .into(),
+            ]),
+        }),
+        initial_delay_seconds: Some(initial_delay),
+        period_seconds: Some(5),
+        timeout_seconds: Some(3),
+        failure_threshold: Some(failure_threshold),
+        ..Default::default()
+    }
+}
+
+fn secret_env(name: &str, secret: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: PASSWORD_KEY.into(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(read_only),
+        ..Default::default()
+    }
+}
+
+/// One Redis pod. Only what cannot change at run time is in the pod template
+/// (image, resources, the Secret's identity); redis.conf changes are applied
+/// with CONFIG SET and never roll the pod, so its keys survive.
+pub fn stateful_set(mc: &ModelCache, settings: &RedisSettings, secret_uid: &str) -> StatefulSet {
+    let n = names(mc);
+    let auth_dir = AUTH_CONF_PATH
+        .rsplit_once('/')
+        .map(|(dir, _)| dir)
+        .unwrap_or("/etc/redis-auth");
+    let memory = Quantity(settings.memory.clone());
+    let container = Container {
+        name: "redis".into(),
+        image: Some(settings.image.clone()),
+        command: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            "exec \"$(command -v valkey-server || command -v redis-server)\" /etc/redis/redis.conf"
+                .into(),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("redis".into()),
+            container_port: REDIS_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        env: Some(vec![
+            secret_env("REDISCLI_AUTH", &n.redis),
+            secret_env("VALKEYCLI_AUTH", &n.redis),
+        ]),
+        resources: Some(ResourceRequirements {
+            // Memory request = limit: maxmemory is computed from the limit, and
+            // a Redis that is evicted for memory loses every key.
+            requests: Some(BTreeMap::from([
+                ("memory".into(), memory.clone()),
+                ("cpu".into(), Quantity(settings.cpu.clone())),
+            ])),
+            // No CPU limit: CFS throttling of a single-threaded server shows up
+            // as latency spikes for every client.
+            limits: Some(BTreeMap::from([("memory".into(), memory)])),
+            ..Default::default()
+        }),
+        readiness_probe: Some(ping_probe(2, 3)),
+        liveness_probe: Some(ping_probe(15, 6)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            mount("config", "/etc/redis", true),
+            mount("auth", auth_dir, true),
+            mount("data", "/data", false),
+        ]),
+        ..Default::default()
+    };
+    let pod = PodSpec {
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(REDIS_UID),
+            run_as_group: Some(REDIS_UID),
+            fs_group: Some(REDIS_UID),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        containers: vec![container],
+        volumes: Some(vec![
+            Volume {
+                name: "config".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: n.config_map.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Volume {
+                name: "auth".into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(n.redis.clone()),
+                    items: Some(vec![KeyToPath {
+                        key: AUTH_CONF_KEY.into(),
+                        path: "auth.conf".into(),
+                        mode: Some(0o440),
+                        ..Default::default()
+                    }]),
+                    default_mode: Some(0o440),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Volume {
+                name: "data".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Default::default()
+            },
+        ]),
+        ..Default::default()
+    };
+    StatefulSet {
+        metadata: meta(mc, &n.redis),
+        spec: StatefulSetSpec {
+            replicas: Some(1),
+            service_name: Some(n.redis.clone()),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(mc)),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(mc)),
+                    annotations: Some(BTreeMap::from([(
+                        SECRET_UID_ANNOTATION.into(),
+                        secret_uid.to_owned(),
+                    )])),
+                    ..Default::default()
+                }),
+                spec: Some(pod),
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+pub fn service(mc: &ModelCache) -> Service {
+    Service {
+        metadata: meta(mc, &names(mc).redis),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector_labels(mc)),
+            ports: Some(vec![ServicePort {
+                name: Some("redis".into()),
+                port: REDIS_PORT,
+                target_port: Some(IntOrString::String("redis".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The in-cluster address of a provisioned Redis.
+pub fn service_url(mc: &ModelCache) -> String {
+    format!(
+        "redis://{}.{}.svc:{REDIS_PORT}",
+        names(mc).redis,
+        mc.metadata.namespace.as_deref().unwrap_or("default")
+    )
+}

@@ -1,0 +1,265 @@
+//! `modelcache controller`: one Redis per ModelCache, configured as a cache,
+//! with its config and health kept true in status.
+//!
+//! - [`builders`], [`plan`] and [`status`] are pure and tested from fixtures;
+//! - [`reconcile`] runs them against the API server and Redis;
+//! - this module wires watches, leader election, `/metrics` and shutdown.
+
+pub mod builders;
+pub mod check;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod plan;
+pub mod reconcile;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::watch;
+
+use crate::crd::{CachePolicy, ModelCache};
+
+pub use reconcile::{Context, MANAGER, ReconcileError, error_policy, reconcile};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("failed to build a Kubernetes client from KUBECONFIG or the in-cluster config")]
+    Client(#[source] kube::Error),
+    #[error("failed to serve metrics and probes on {0}")]
+    Http(SocketAddr, #[source] std::io::Error),
+    #[error("failed to take part in leader election")]
+    Leader(#[source] leader::LeaderError),
+    #[error("failed to keep the leader lease: another replica may take over, so this one stops")]
+    LostLease,
+}
+
+/// Settings of `modelcache controller`.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Watch one namespace only; `None` watches all (needs cluster-wide RBAC).
+    pub namespace: Option<String>,
+    pub http_addr: SocketAddr,
+    pub health_interval: Duration,
+    pub leader_election: bool,
+    pub lease_namespace: String,
+    pub lease_name: String,
+    pub identity: String,
+    pub lease_duration: Duration,
+    pub redis_url_override: Option<String>,
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Runs the controller until SIGTERM.
+pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
+    let client = Client::try_default()
+        .await
+        .map_err(ControllerError::Client)?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let state = Arc::new(http::HttpState {
+        metrics: metrics.clone(),
+        ready: Default::default(),
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .map_err(|e| ControllerError::Http(config.http_addr, e))?;
+    let http_task = tokio::spawn(
+        axum::serve(listener, http::router(state.clone()))
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future(),
+    );
+    state.ready.store(true, Ordering::Relaxed);
+    tracing::info!(addr = %config.http_addr, "serving /healthz, /readyz and /metrics");
+
+    let elector = config.leader_election.then(|| {
+        leader::LeaderElector::new(
+            client.clone(),
+            &config.lease_namespace,
+            &config.lease_name,
+            &config.identity,
+            config.lease_duration,
+        )
+    });
+    let (lost_tx, lost_rx) = watch::channel(false);
+    if let Some(elector) = &elector {
+        tracing::info!(lease = %config.lease_name, identity = %config.identity, "waiting for the leader lease");
+        loop {
+            if *stop_rx.borrow() {
+                return Ok(());
+            }
+            match elector.try_lead().await {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %plan::error_chain(&e), "leader election"),
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        tracing::info!("leading");
+    }
+    let renew_task = elector.map(|elector| {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut last_renewal = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(elector.renew_period()) => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+                match elector.try_lead().await {
+                    Ok(true) => last_renewal = tokio::time::Instant::now(),
+                    Ok(false) => {
+                        let _ = lost_tx.send(true);
+                        return elector;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %plan::error_chain(&e), "failed to renew the lease")
+                    }
+                }
+                if last_renewal.elapsed() > elector.duration() {
+                    let _ = lost_tx.send(true);
+                    return elector;
+                }
+            }
+            if let Err(e) = elector.release().await {
+                tracing::warn!(error = %plan::error_chain(&e), "failed to release the lease");
+            }
+            elector
+        })
+    });
+
+    let reporter = Reporter {
+        controller: MANAGER.into(),
+        instance: Some(config.identity.clone()),
+    };
+    let mut ctx = Context::new(
+        client.clone(),
+        metrics.clone(),
+        Recorder::new(client.clone(), reporter),
+        config.health_interval,
+    );
+    ctx.redis_url_override = config.redis_url_override.clone();
+    let ctx = Arc::new(ctx);
+
+    let (caches, policies) = match &config.namespace {
+        Some(ns) => (
+            Api::<ModelCache>::namespaced(client.clone(), ns),
+            Api::<CachePolicy>::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let owned = |c: &Client| -> Api<StatefulSet> {
+        match &config.namespace {
+            Some(ns) => Api::namespaced(c.clone(), ns),
+            None => Api::all(c.clone()),
+        }
+    };
+    let ns_api = |c: &Client| (config.namespace.clone(), c.clone());
+    let (ns, c) = ns_api(&client);
+    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=modelcache");
+    let controller = Controller::new(caches, watcher::Config::default());
+    let store = controller.store();
+    let lost = {
+        let mut rx = lost_rx.clone();
+        async move {
+            let _ = rx.wait_for(|l| *l).await;
+        }
+    };
+    let stop = stopped(stop_rx.clone());
+    controller
+        .owns(owned(&c), managed.clone())
+        .owns(namespaced_or_all::<ConfigMap>(&c, &ns), managed.clone())
+        .owns(namespaced_or_all::<Service>(&c, &ns), managed.clone())
+        .owns(namespaced_or_all::<Secret>(&c, &ns), managed)
+        // A policy change reconciles every ModelCache that uses it.
+        .watches(
+            policies,
+            watcher::Config::default(),
+            move |policy: CachePolicy| {
+                let ns = policy.namespace();
+                let name = policy.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|mc| {
+                        mc.namespace() == ns
+                            && mc
+                                .spec
+                                .cache_policy_ref
+                                .as_ref()
+                                .is_some_and(|r| r.name == name)
+                    })
+                    .map(|mc| ObjectRef::from_obj(&*mc))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(async move {
+            tokio::select! {
+                _ = stop => {}
+                _ = lost => {}
+            }
+        })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => tracing::debug!(modelcache = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+
+    let lost_lease = *lost_rx.borrow();
+    if let Some(task) = renew_task {
+        if lost_lease {
+            task.abort();
+        } else {
+            let _ = task.await;
+        }
+    }
+    let _ = http_task.await;
+    if lost_lease {
+        return Err(ControllerError::LostLease);
+    }
+    Ok(())
+}
+
+fn namespaced_or_all<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}

@@ -1,0 +1,229 @@
+//! Validation of a ModelCache against what it references, as a pure function.
+//! A spec that fails here sets the `SpecValid` condition and waits for a change
+//! instead of being retried: retrying cannot fix it.
+
+use std::collections::BTreeMap;
+
+use crate::crd::ModelCache;
+use crate::crd::cache_policy::CachePolicySpec;
+use crate::crd::model_cache::ExternalRedis;
+use crate::store::settings::{self, RedisSettings};
+
+use super::builders::MAX_NAME_LEN;
+
+/// Why a spec cannot be reconciled, for the condition and the Event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// CamelCase reason for the condition.
+    pub reason: &'static str,
+    /// What is wrong and what to change.
+    pub message: String,
+}
+
+/// How the ModelCache's Redis is to be had.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RedisPlan {
+    /// The controller runs a Redis with these settings.
+    Provisioned(RedisSettings),
+    /// An existing Redis, checked against `desired` but not changed.
+    External {
+        redis: ExternalRedis,
+        desired: BTreeMap<String, String>,
+    },
+}
+
+/// What one reconcile should bring about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub policy: CachePolicySpec,
+    pub redis: RedisPlan,
+}
+
+/// `policy` is the referenced CachePolicy's spec: `Err(name)` when the
+/// reference names a policy that does not exist, `Ok(None)` when the
+/// ModelCache references none (the defaults apply).
+pub fn plan(
+    mc: &ModelCache,
+    policy: Result<Option<CachePolicySpec>, String>,
+) -> Result<Plan, Invalid> {
+    let name = mc.metadata.name.as_deref().unwrap_or_default();
+    let namespace = mc.metadata.namespace.as_deref().unwrap_or("default");
+    if name.len() > MAX_NAME_LEN {
+        return Err(Invalid {
+            reason: "NameTooLong",
+            message: format!(
+                "metadata.name {name:?} has {} characters; the Redis objects are named \
+                 <name>-redis, which allows at most {MAX_NAME_LEN}: recreate the ModelCache \
+                 under a shorter name",
+                name.len()
+            ),
+        });
+    }
+    check_source(&mc.spec.source.uri)?;
+    let policy = match policy {
+        Ok(p) => p.unwrap_or_default(),
+        Err(missing) => {
+            return Err(Invalid {
+                reason: "PolicyNotFound",
+                message: format!(
+                    "CachePolicy {missing:?} does not exist in namespace {namespace}: create it, \
+                     or fix spec.cachePolicyRef.name"
+                ),
+            });
+        }
+    };
+    let overrides = mc.spec.redis.as_ref();
+    let redis = match overrides.and_then(|o| o.external.clone()) {
+        Some(redis) => RedisPlan::External {
+            redis,
+            desired: BTreeMap::from([(
+                "maxmemory-policy".to_string(),
+                policy.eviction_policy.as_redis().to_string(),
+            )]),
+        },
+        None => {
+            RedisPlan::Provisioned(settings::resolve(&policy, overrides).map_err(|e| Invalid {
+                reason: "RedisMemoryInvalid",
+                message: error_chain(&e),
+            })?)
+        }
+    };
+    Ok(Plan { policy, redis })
+}
+
+/// An error and its sources as one line, for conditions and Events.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
+/// The schema checks the URI on admission; this catches objects admitted
+/// before that rule existed, or written with validation off.
+fn check_source(uri: &str) -> Result<(), Invalid> {
+    let invalid = |why: &str| Invalid {
+        reason: "SourceInvalid",
+        message: format!(
+            "spec.source.uri {uri:?} {why}: use s3://bucket/prefix or https://host/prefix"
+        ),
+    };
+    if let Some(rest) = uri.strip_prefix("s3://") {
+        let bucket = rest.split('/').next().unwrap_or_default();
+        let valid = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+        return if valid {
+            Ok(())
+        } else {
+            Err(invalid("names no valid bucket"))
+        };
+    }
+    if let Some(rest) = uri.strip_prefix("https://") {
+        return if rest.split('/').next().is_some_and(|h| !h.is_empty()) {
+            Ok(())
+        } else {
+            Err(invalid("names no host"))
+        };
+    }
+    Err(invalid("has an unsupported scheme"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::model_cache::{ArtifactSource, ModelCacheSpec, RedisOverrides};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    pub(crate) fn model_cache(name: &str, uri: &str) -> ModelCache {
+        let mut mc = ModelCache::new(
+            name,
+            ModelCacheSpec {
+                model: "m".into(),
+                version: "v1".into(),
+                source: ArtifactSource {
+                    uri: uri.into(),
+                    endpoint: None,
+                    region: None,
+                    path_style: false,
+                    credentials_secret_ref: None,
+                    cdn: None,
+                },
+                cache_policy_ref: None,
+                workload: None,
+                redis: None,
+                warmup: None,
+            },
+        );
+        mc.metadata.namespace = Some("ml".into());
+        mc
+    }
+
+    #[test]
+    fn defaults_apply_without_a_policy() {
+        let plan = plan(&model_cache("chat", "s3://models/x"), Ok(None)).unwrap();
+        let RedisPlan::Provisioned(s) = plan.redis else {
+            panic!()
+        };
+        assert_eq!(s.memory, "1Gi");
+        assert_eq!(s.maxmemory_bytes, 858_993_459);
+    }
+
+    #[test]
+    fn a_missing_policy_says_what_to_fix() {
+        let err = plan(&model_cache("chat", "s3://models/x"), Err("faq".into())).unwrap_err();
+        assert_eq!(err.reason, "PolicyNotFound");
+        assert!(
+            err.message.contains("\"faq\"") && err.message.contains("namespace ml"),
+            "{err:?}"
+        );
+        assert!(err.message.contains("spec.cachePolicyRef.name"), "{err:?}");
+    }
+
+    #[test]
+    fn too_little_memory_is_invalid() {
+        let mut mc = model_cache("chat", "s3://models/x");
+        mc.spec.redis = Some(RedisOverrides {
+            memory: Some(Quantity("16Mi".into())),
+            ..Default::default()
+        });
+        let err = plan(&mc, Ok(None)).unwrap_err();
+        assert_eq!(err.reason, "RedisMemoryInvalid");
+        assert!(err.message.contains("at least 64Mi"), "{err:?}");
+    }
+
+    #[test]
+    fn bad_sources_and_long_names_are_invalid() {
+        for uri in ["ftp://x/y", "s3://A_B/x", "https://", "s3://ab"] {
+            let err = plan(&model_cache("chat", uri), Ok(None)).unwrap_err();
+            assert_eq!(err.reason, "SourceInvalid", "{uri}");
+            assert!(err.message.contains("spec.source.uri"), "{err:?}");
+        }
+        let err = plan(&model_cache(&"a".repeat(47), "s3://models/x"), Ok(None)).unwrap_err();
+        assert_eq!(err.reason, "NameTooLong");
+    }
+
+    #[test]
+    fn external_redis_is_checked_against_the_policy() {
+        let mut mc = model_cache("chat", "https://cdn.example.com/m");
+        mc.spec.redis = Some(RedisOverrides {
+            external: Some(ExternalRedis {
+                url: "rediss://cache.example.com:6380".into(),
+                password_secret_ref: None,
+                username: None,
+                cluster: false,
+            }),
+            ..Default::default()
+        });
+        let plan = plan(&mc, Ok(None)).unwrap();
+        let RedisPlan::External { desired, .. } = plan.redis else {
+            panic!()
+        };
+        assert_eq!(desired["maxmemory-policy"], "allkeys-lru");
+    }
+}

@@ -1,0 +1,316 @@
+//! ModelCache status from what one reconcile observed, as a pure function.
+//!
+//! `Ready` means Redis answered with the desired config on this reconcile, not
+//! that the objects exist: a dead Redis turns it False on the next check.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::crd::condition::{condition, set_condition};
+use crate::crd::model_cache::{ModelCacheStatus, RedisStatus};
+use crate::store::RedisInfo;
+use crate::store::live::{ConfigOutcome, Defrag};
+
+use super::plan::Invalid;
+
+pub const READY: &str = "Ready";
+pub const SPEC_VALID: &str = "SpecValid";
+pub const CONFIG_APPLIED: &str = "ConfigApplied";
+pub const FRAGMENTED: &str = "Fragmented";
+
+/// What one reconcile found out.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    pub invalid: Option<Invalid>,
+    pub endpoint: Option<String>,
+    /// Set when Redis could not be reached or did not answer.
+    pub unreachable: Option<String>,
+    pub config: Option<ConfigOutcome>,
+    /// Set when CONFIG is forbidden (managed services): what we cannot check.
+    pub config_unreadable: Option<String>,
+    pub info: Option<RedisInfo>,
+    pub fragmentation_threshold: f64,
+    pub defrag: Option<Defrag>,
+}
+
+/// Fragmentation below this many bytes is ignored whatever the ratio: on a
+/// near-empty Redis the ratio is large and meaningless. Redis's own
+/// `active-defrag-ignore-bytes` defaults to the same 100 MiB.
+pub const FRAGMENTATION_IGNORE_BYTES: i64 = 100 << 20;
+
+impl Observation {
+    pub fn fragmented(&self) -> bool {
+        let Some(info) = &self.info else { return false };
+        info.mem_fragmentation_ratio
+            .is_some_and(|r| r > self.fragmentation_threshold)
+            && info
+                .mem_fragmentation_bytes
+                .is_some_and(|b| b > FRAGMENTATION_IGNORE_BYTES)
+    }
+}
+
+/// The new status. Fields this reconcile does not own (versions) are kept.
+pub fn model_cache_status(
+    previous: Option<&ModelCacheStatus>,
+    generation: Option<i64>,
+    obs: &Observation,
+    now: Time,
+) -> ModelCacheStatus {
+    let mut status = previous.cloned().unwrap_or_default();
+    status.observed_generation = generation;
+    let mut set = |type_: &str, state: &str, reason: &str, message: String| {
+        set_condition(
+            &mut status.conditions,
+            condition(type_, state, reason, message, generation, now.clone()),
+        );
+    };
+
+    if let Some(invalid) = &obs.invalid {
+        set(SPEC_VALID, "False", invalid.reason, invalid.message.clone());
+        set(READY, "False", invalid.reason, invalid.message.clone());
+        return status;
+    }
+    set(SPEC_VALID, "True", "Valid", "spec is valid".into());
+
+    if let Some(why) = &obs.unreachable {
+        set(CONFIG_APPLIED, "Unknown", "RedisUnavailable", why.clone());
+        set(READY, "False", "RedisUnavailable", why.clone());
+    } else if let Some(why) = &obs.config_unreadable {
+        set(CONFIG_APPLIED, "Unknown", "ConfigUnreadable", why.clone());
+        set(
+            READY,
+            "True",
+            "RedisReachable",
+            format!("Redis answers; its config cannot be verified: {why}"),
+        );
+    } else if let Some(config) = &obs.config {
+        if config.converged() {
+            let message = if config.changed.is_empty() {
+                format!("all {} parameters match", config.desired.len())
+            } else {
+                format!("set {} to the desired values", config.changed.join(", "))
+            };
+            set(CONFIG_APPLIED, "True", "Applied", message);
+            set(
+                READY,
+                "True",
+                "RedisReady",
+                "Redis answers with the desired config".into(),
+            );
+        } else {
+            let detail: Vec<String> = config
+                .still_differs
+                .iter()
+                .map(|k| {
+                    format!(
+                        "{k}: want {:?}, have {:?}",
+                        config.desired[k],
+                        config
+                            .applied
+                            .get(k)
+                            .map(String::as_str)
+                            .unwrap_or("<unset>")
+                    )
+                })
+                .collect();
+            let message = format!("config differs: {}", detail.join("; "));
+            set(CONFIG_APPLIED, "False", "Drift", message.clone());
+            set(READY, "False", "ConfigDrift", message);
+        }
+    }
+
+    if let Some(ratio) = obs.info.as_ref().and_then(|i| i.mem_fragmentation_ratio) {
+        if obs.fragmented() {
+            let action = match &obs.defrag {
+                Some(Defrag::TurnedOn) => "turned on active defragmentation".to_string(),
+                Some(Defrag::AlreadyOn) => "active defragmentation is on".to_string(),
+                Some(Defrag::Unsupported(why)) => {
+                    format!("active defragmentation is not available in this build ({why})")
+                }
+                None => "active defragmentation was not tried".to_string(),
+            };
+            set(
+                FRAGMENTED,
+                "True",
+                "AboveThreshold",
+                format!(
+                    "mem_fragmentation_ratio {ratio:.2} is above {:.2}; {action}",
+                    obs.fragmentation_threshold
+                ),
+            );
+        } else if ratio > obs.fragmentation_threshold {
+            set(
+                FRAGMENTED,
+                "False",
+                "BelowIgnoreBytes",
+                format!(
+                    "mem_fragmentation_ratio {ratio:.2} is above {:.2}, but fragmentation wastes \
+                     less than {} MiB, which is noise",
+                    obs.fragmentation_threshold,
+                    FRAGMENTATION_IGNORE_BYTES >> 20
+                ),
+            );
+        } else {
+            set(
+                FRAGMENTED,
+                "False",
+                "BelowThreshold",
+                format!(
+                    "mem_fragmentation_ratio {ratio:.2} is at most {:.2}",
+                    obs.fragmentation_threshold
+                ),
+            );
+        }
+    }
+
+    let mut redis = status.redis.take().unwrap_or_default();
+    redis.endpoint = obs.endpoint.clone().or(redis.endpoint);
+    if let Some(config) = &obs.config {
+        redis.desired_config = config.desired.clone();
+        redis.applied_config = config.applied.clone();
+    }
+    if let Some(info) = &obs.info {
+        redis = RedisStatus {
+            used_memory_bytes: info.used_memory.map(saturate),
+            maxmemory_bytes: info.maxmemory.map(saturate),
+            fragmentation_ratio: info.mem_fragmentation_ratio,
+            evicted_keys: info.evicted_keys.map(saturate),
+            hit_rate: info.hit_rate().map(|r| (r * 10_000.0).round() / 10_000.0),
+            last_checked: Some(now),
+            ..redis
+        };
+    }
+    status.redis = Some(redis);
+    status
+}
+
+fn saturate(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::condition::condition_status;
+    use k8s_openapi::jiff::Timestamp;
+    use std::collections::BTreeMap;
+
+    fn at(s: i64) -> Time {
+        Time(Timestamp::from_second(s).unwrap())
+    }
+
+    fn outcome(applied_maxmemory: &str) -> ConfigOutcome {
+        let desired = BTreeMap::from([("maxmemory".to_string(), "100".to_string())]);
+        let applied = BTreeMap::from([("maxmemory".to_string(), applied_maxmemory.to_string())]);
+        let still_differs = crate::store::settings::config_drift(&desired, &applied);
+        ConfigOutcome {
+            desired,
+            before: BTreeMap::new(),
+            applied,
+            changed: vec!["maxmemory".into()],
+            still_differs,
+        }
+    }
+
+    #[test]
+    fn ready_needs_the_desired_config() {
+        let obs = Observation {
+            config: Some(outcome("100")),
+            info: Some(RedisInfo {
+                keyspace_hits: Some(3),
+                keyspace_misses: Some(1),
+                mem_fragmentation_ratio: Some(1.1),
+                ..Default::default()
+            }),
+            fragmentation_threshold: 1.5,
+            ..Default::default()
+        };
+        let s = model_cache_status(None, Some(2), &obs, at(10));
+        assert_eq!(condition_status(&s.conditions, READY), Some("True"));
+        assert_eq!(
+            condition_status(&s.conditions, CONFIG_APPLIED),
+            Some("True")
+        );
+        assert_eq!(condition_status(&s.conditions, FRAGMENTED), Some("False"));
+        assert_eq!(s.observed_generation, Some(2));
+        let redis = s.redis.unwrap();
+        assert_eq!(redis.hit_rate, Some(0.75));
+        assert_eq!(redis.desired_config["maxmemory"], "100");
+
+        let obs = Observation {
+            config: Some(outcome("0")),
+            ..Default::default()
+        };
+        let s = model_cache_status(None, Some(2), &obs, at(10));
+        assert_eq!(condition_status(&s.conditions, READY), Some("False"));
+        let applied = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONFIG_APPLIED)
+            .unwrap();
+        assert!(
+            applied.message.contains("want \"100\", have \"0\""),
+            "{applied:?}"
+        );
+    }
+
+    #[test]
+    fn a_dead_redis_is_not_ready_even_if_it_was() {
+        let ready = Observation {
+            config: Some(outcome("100")),
+            ..Default::default()
+        };
+        let before = model_cache_status(None, Some(1), &ready, at(10));
+        let dead = Observation {
+            unreachable: Some("connection refused".into()),
+            ..Default::default()
+        };
+        let after = model_cache_status(Some(&before), Some(1), &dead, at(20));
+        assert_eq!(condition_status(&after.conditions, READY), Some("False"));
+        let ready = after.conditions.iter().find(|c| c.type_ == READY).unwrap();
+        assert_eq!(ready.last_transition_time, at(20));
+        assert_eq!(ready.reason, "RedisUnavailable");
+    }
+
+    #[test]
+    fn invalid_specs_and_fragmentation() {
+        let obs = Observation {
+            invalid: Some(Invalid {
+                reason: "PolicyNotFound",
+                message: "create it".into(),
+            }),
+            ..Default::default()
+        };
+        let s = model_cache_status(None, Some(3), &obs, at(1));
+        assert_eq!(condition_status(&s.conditions, SPEC_VALID), Some("False"));
+        assert_eq!(condition_status(&s.conditions, READY), Some("False"));
+
+        let obs = Observation {
+            config: Some(outcome("100")),
+            info: Some(RedisInfo {
+                mem_fragmentation_ratio: Some(2.4),
+                mem_fragmentation_bytes: Some(300 << 20),
+                ..Default::default()
+            }),
+            fragmentation_threshold: 1.5,
+            defrag: Some(Defrag::TurnedOn),
+            ..Default::default()
+        };
+        let s = model_cache_status(None, Some(3), &obs, at(1));
+        let frag = s.conditions.iter().find(|c| c.type_ == FRAGMENTED).unwrap();
+        assert_eq!(frag.status, "True");
+        assert!(
+            frag.message.contains("2.40") && frag.message.contains("turned on"),
+            "{frag:?}"
+        );
+
+        // A high ratio over a few wasted bytes (an empty Redis) is noise.
+        let mut small = obs.clone();
+        small.info.as_mut().unwrap().mem_fragmentation_bytes = Some(2 << 20);
+        let s = model_cache_status(None, Some(3), &small, at(1));
+        let frag = s.conditions.iter().find(|c| c.type_ == FRAGMENTED).unwrap();
+        assert_eq!(
+            (frag.status.as_str(), frag.reason.as_str()),
+            ("False", "BelowIgnoreBytes")
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! Live config and health against a real redis-server: CONFIG SET applied and
+//! verified, drift found and fixed, INFO parsed into status fields.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use modelcache::controller::reconcile::observe;
+use modelcache::controller::status::{CONFIG_APPLIED, READY, model_cache_status};
+use modelcache::crd::cache_policy::{CachePolicySpec, EvictionPolicy};
+use modelcache::crd::condition::condition_status;
+use modelcache::store::live::{self, LiveError, RedisTarget};
+use modelcache::store::settings::{desired_config, resolve};
+use support::RedisServer;
+
+fn desired(policy: EvictionPolicy, ratio: f64, memory: &str) -> BTreeMap<String, String> {
+    let mut spec = CachePolicySpec {
+        eviction_policy: policy,
+        maxmemory_ratio: ratio,
+        ..Default::default()
+    };
+    spec.redis.memory = Quantity(memory.into());
+    desired_config(&resolve(&spec, None).unwrap())
+}
+
+fn target(redis: &RedisServer) -> RedisTarget {
+    RedisTarget {
+        url: format!("redis://127.0.0.1:{}", redis.port()),
+        username: None,
+        password: redis.password.clone(),
+    }
+}
+
+async fn config_get(redis: &RedisServer, key: &str) -> String {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let pair: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    pair[1].clone()
+}
+
+async fn config_set(redis: &RedisServer, key: &str, value: &str) {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(key)
+        .arg(value)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn config_is_applied_verified_and_drift_is_fixed() {
+    let redis = RedisServer::start_with(Some("pw"), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let want = desired(EvictionPolicy::AllkeysLru, 0.8, "2Gi");
+    let t = target(&redis);
+    let mut conn = t.connect().await.unwrap();
+
+    let first = live::reconcile_config(&mut conn, &t.url, &want, true)
+        .await
+        .unwrap();
+    assert!(first.converged(), "{first:?}");
+    assert!(
+        first.changed.contains(&"maxmemory".to_string()),
+        "{first:?}"
+    );
+    assert_eq!(first.applied, want);
+    // Verified independently of the code under test.
+    assert_eq!(config_get(&redis, "maxmemory").await, "1717986918");
+    assert_eq!(config_get(&redis, "maxmemory-policy").await, "allkeys-lru");
+    assert_eq!(config_get(&redis, "lazyfree-lazy-eviction").await, "yes");
+
+    let again = live::reconcile_config(&mut conn, &t.url, &want, true)
+        .await
+        .unwrap();
+    assert!(
+        again.changed.is_empty(),
+        "a converged Redis needs no CONFIG SET: {again:?}"
+    );
+
+    // Someone changes the config by hand.
+    config_set(&redis, "maxmemory-policy", "noeviction").await;
+    config_set(&redis, "maxmemory", "0").await;
+    let fixed = live::reconcile_config(&mut conn, &t.url, &want, true)
+        .await
+        .unwrap();
+    assert_eq!(fixed.changed, vec!["maxmemory", "maxmemory-policy"]);
+    assert_eq!(fixed.before["maxmemory-policy"], "noeviction");
+    assert!(fixed.converged());
+    assert_eq!(config_get(&redis, "maxmemory-policy").await, "allkeys-lru");
+
+    // A policy change reaches the running Redis without a restart.
+    let lfu = desired(EvictionPolicy::AllkeysLfu, 0.5, "2Gi");
+    let changed = live::reconcile_config(&mut conn, &t.url, &lfu, true)
+        .await
+        .unwrap();
+    assert_eq!(changed.changed, vec!["maxmemory", "maxmemory-policy"]);
+    assert_eq!(
+        config_get(&redis, "maxmemory").await,
+        (1u64 << 30).to_string()
+    );
+    assert_eq!(config_get(&redis, "maxmemory-policy").await, "allkeys-lfu");
+}
+
+#[tokio::test]
+async fn a_redis_we_do_not_own_is_only_compared() {
+    let redis = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let want = desired(EvictionPolicy::AllkeysLru, 0.8, "1Gi");
+    let t = target(&redis);
+    let mut conn = t.connect().await.unwrap();
+    let outcome = live::reconcile_config(&mut conn, &t.url, &want, false)
+        .await
+        .unwrap();
+    assert!(outcome.changed.is_empty());
+    assert!(
+        outcome
+            .still_differs
+            .contains(&"maxmemory-policy".to_string()),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        config_get(&redis, "maxmemory-policy").await,
+        "noeviction",
+        "nothing was set"
+    );
+}
+
+#[tokio::test]
+async fn forbidden_config_is_reported_plainly_and_info_still_read() {
+    // What managed services do: CONFIG is renamed away.
+    let redis = RedisServer::start_with_args(None, &["--rename-command", "CONFIG", ""])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let t = target(&redis);
+    let mut conn = t.connect().await.unwrap();
+    let forbidden = live::read_config(&mut conn, &t.url, [&"maxmemory".to_string()]).await;
+    let err = forbidden.expect_err("CONFIG is renamed away");
+    assert!(matches!(err, LiveError::ConfigForbidden { .. }), "{err:?}");
+    assert!(err.to_string().contains("forbids"), "{err}");
+
+    let want = desired(EvictionPolicy::AllkeysLru, 0.8, "1Gi");
+    let obs = observe(&t, &want, false, 1.5).await;
+    assert!(obs.config_unreadable.is_some(), "{obs:?}");
+    assert!(obs.info.is_some(), "INFO is still read: {obs:?}");
+    let status = model_cache_status(None, None, &obs, Time(Timestamp::now()));
+    assert_eq!(
+        condition_status(&status.conditions, CONFIG_APPLIED),
+        Some("Unknown")
+    );
+    assert_eq!(condition_status(&status.conditions, READY), Some("True"));
+}
+
+#[tokio::test]
+async fn info_becomes_status_fields() {
+    let redis = RedisServer::start_with(Some("pw"), &[("maxmemory", "100mb")])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("a")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for key in ["a", "a", "a", "missing"] {
+        let _: Option<String> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let t = target(&redis);
+    let want = desired(EvictionPolicy::AllkeysLru, 0.8, "1Gi");
+    let obs = observe(&t, &want, true, 1.5).await;
+    let info = obs.info.clone().unwrap();
+    assert_eq!(info.keyspace_hits, Some(3));
+    assert_eq!(info.keyspace_misses, Some(1));
+    let status = model_cache_status(None, Some(1), &obs, Time(Timestamp::now()));
+    let r = status.redis.unwrap();
+    assert_eq!(r.hit_rate, Some(0.75));
+    assert_eq!(
+        r.maxmemory_bytes,
+        Some(858_993_459),
+        "maxmemory after CONFIG SET, read from INFO"
+    );
+    assert!(r.used_memory_bytes.unwrap() > 0);
+    assert!(r.fragmentation_ratio.unwrap() > 0.0);
+    assert_eq!(r.evicted_keys, Some(0));
+    assert_eq!(condition_status(&status.conditions, READY), Some("True"));
+}
+
+#[tokio::test]
+async fn a_dead_redis_is_not_ready() {
+    let redis = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let t = target(&redis);
+    drop(redis);
+    let obs = observe(&t, &BTreeMap::new(), true, 1.5).await;
+    assert!(
+        obs.unreachable
+            .as_deref()
+            .unwrap()
+            .contains("failed to connect"),
+        "{obs:?}"
+    );
+    let status = model_cache_status(None, None, &obs, Time(Timestamp::now()));
+    assert_eq!(condition_status(&status.conditions, READY), Some("False"));
+}
