@@ -64,3 +64,29 @@ fn strict_validation_rejects_a_broken_crd() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// The objects the controller builds for each ModelCache (the golden files of
+/// tests/builders.rs) are valid Kubernetes objects.
+#[test]
+fn owned_objects_pass_strict_validation() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/builders");
+    let mut files = Vec::new();
+    for case in std::fs::read_dir(root).unwrap() {
+        let expected = case.unwrap().path().join("expected");
+        for f in std::fs::read_dir(expected).unwrap() {
+            files.push(f.unwrap().path());
+        }
+    }
+    files.sort();
+    assert!(files.len() >= 8, "{files:?}");
+    for version in ["1.30.0", "1.37.0"] {
+        let out = kubernetes_validate(&["--strict", "-k", version], &files);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "Kubernetes {version}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout.matches("passed").count(), files.len(), "{stdout}");
+    }
+}

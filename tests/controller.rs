@@ -1,0 +1,386 @@
+//! Reconcile against a faked API server (every request's method, path and
+//! body asserted) and a real redis-server.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use kube::Client;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use modelcache::controller::metrics::Metrics;
+use modelcache::controller::{Context, MANAGER, reconcile};
+use modelcache::crd::ModelCache;
+use serde_json::{Value, json};
+use support::fake_api::{FakeApiServer, Recorded};
+use support::{RedisServer, free_port};
+
+const MC: &str = "/apis/modelcache.dev/v1alpha1/namespaces/ml/modelcaches/chat";
+const POLICIES: &str = "/apis/modelcache.dev/v1alpha1/namespaces/ml/cachepolicies";
+const SECRET: &str = "/api/v1/namespaces/ml/secrets/chat-redis";
+const CONFIG_MAP: &str = "/api/v1/namespaces/ml/configmaps/chat-redis-config";
+const STATEFUL_SET: &str = "/apis/apps/v1/namespaces/ml/statefulsets/chat-redis";
+const SERVICE: &str = "/api/v1/namespaces/ml/services/chat-redis";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ml/events";
+
+fn model_cache(policy: Option<&str>) -> Value {
+    let mut spec = json!({
+        "model": "smollm2",
+        "version": "v1",
+        "source": {"uri": "s3://models/releases"},
+        "redis": {"memory": "2Gi"}
+    });
+    if let Some(p) = policy {
+        spec["cachePolicyRef"] = json!({"name": p});
+    }
+    json!({
+        "apiVersion": "modelcache.dev/v1alpha1",
+        "kind": "ModelCache",
+        "metadata": {"name": "chat", "namespace": "ml", "uid": "mc-uid-1", "generation": 1},
+        "spec": spec
+    })
+}
+
+fn policy(name: &str, eviction: &str, ratio: f64) -> Value {
+    json!({
+        "apiVersion": "modelcache.dev/v1alpha1",
+        "kind": "CachePolicy",
+        "metadata": {"name": name, "namespace": "ml"},
+        "spec": {"evictionPolicy": eviction, "maxmemoryRatio": ratio}
+    })
+}
+
+fn context(client: &Client, redis_url: String) -> Arc<Context> {
+    let reporter = Reporter {
+        controller: MANAGER.into(),
+        instance: Some("test".into()),
+    };
+    let mut ctx = Context::new(
+        client.clone(),
+        Arc::new(Metrics::new()),
+        Recorder::new(client.clone(), reporter),
+        Duration::from_secs(30),
+    );
+    ctx.redis_url_override = Some(redis_url);
+    Arc::new(ctx)
+}
+
+/// Reconciles the ModelCache as currently stored, like the controller does
+/// after a watch event.
+async fn reconcile_stored(api: &FakeApiServer, ctx: &Arc<Context>) -> Action {
+    let object: ModelCache =
+        serde_json::from_value(api.get(MC).expect("stored ModelCache")).unwrap();
+    reconcile(Arc::new(object), ctx.clone())
+        .await
+        .expect("reconcile")
+}
+
+fn lines(requests: &[Recorded]) -> Vec<String> {
+    requests.iter().map(Recorded::line).collect()
+}
+
+fn body_of<'a>(requests: &'a [Recorded], method: &str, path: &str) -> &'a Value {
+    requests
+        .iter()
+        .find(|r| r.method == method && r.path == path)
+        .and_then(|r| r.body.as_ref())
+        .unwrap_or_else(|| panic!("no {method} {path} in {:?}", lines(requests)))
+}
+
+fn condition(api: &FakeApiServer, type_: &str) -> Value {
+    let mc = api.get(MC).unwrap();
+    mc["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {type_} condition in {}", mc["status"]))
+}
+
+fn password(api: &FakeApiServer) -> String {
+    let secret = api.get(SECRET).expect("the Secret was created");
+    let encoded = secret["data"]["password"].as_str().unwrap();
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+async fn config_get(redis: &RedisServer, key: &str) -> String {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let pair: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    pair[1].clone()
+}
+
+/// Brings up the ModelCache: the first reconcile creates the objects (Redis is
+/// not up yet), then a real redis-server starts with the generated password.
+async fn bring_up(api: &FakeApiServer, client: &Client) -> (RedisServer, Arc<Context>) {
+    let closed = format!("redis://127.0.0.1:{}", free_port());
+    reconcile_stored(api, &context(client, closed)).await;
+    let redis =
+        RedisServer::start_with(Some(&password(api)), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let ctx = context(client, format!("redis://127.0.0.1:{}", redis.port()));
+    reconcile_stored(api, &ctx).await;
+    (redis, ctx)
+}
+
+#[tokio::test]
+async fn first_reconcile_creates_everything_and_a_second_changes_nothing() {
+    let (client, api) = FakeApiServer::start();
+    api.insert(MC, model_cache(None));
+
+    // Redis is not running yet: its pod would still be starting.
+    let closed = format!("redis://127.0.0.1:{}", free_port());
+    let action = reconcile_stored(&api, &context(&client, closed)).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+    let first = api.take_requests();
+    assert_eq!(
+        lines(&first),
+        vec![
+            format!("GET {SECRET}"),
+            "POST /api/v1/namespaces/ml/secrets".to_string(),
+            format!("PATCH {CONFIG_MAP}"),
+            format!("PATCH {STATEFUL_SET}"),
+            format!("PATCH {SERVICE}"),
+            format!("PATCH {MC}/status"),
+        ]
+    );
+    for r in first.iter().filter(|r| r.method == "PATCH") {
+        assert!(
+            r.query.contains("fieldManager=modelcache-controller")
+                && r.query.contains("force=true"),
+            "{r:?}"
+        );
+    }
+    let config = body_of(&first, "PATCH", CONFIG_MAP);
+    let conf = config["data"]["redis.conf"].as_str().unwrap();
+    assert!(
+        conf.contains("maxmemory 1717986918\n") && conf.contains("maxmemory-policy allkeys-lru\n"),
+        "{conf}"
+    );
+    let sts = body_of(&first, "PATCH", STATEFUL_SET);
+    let owner = &sts["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (owner["uid"].as_str(), owner["controller"].as_bool()),
+        (Some("mc-uid-1"), Some(true))
+    );
+    let pod = &sts["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"],
+        true
+    );
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["containers"][0]["resources"]["limits"]["memory"], "2Gi");
+    assert_eq!(condition(&api, "Ready")["status"], "False");
+    assert_eq!(condition(&api, "Ready")["reason"], "RedisUnavailable");
+    let secret_before = api.get(SECRET).unwrap();
+
+    // The Redis pod is up with the generated password.
+    let redis =
+        RedisServer::start_with(Some(&password(&api)), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let ctx = context(&client, format!("redis://127.0.0.1:{}", redis.port()));
+    let action = reconcile_stored(&api, &ctx).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    let second = api.take_requests();
+    assert_eq!(
+        lines(&second)[..5],
+        [
+            format!("GET {SECRET}"),
+            format!("PATCH {CONFIG_MAP}"),
+            format!("PATCH {STATEFUL_SET}"),
+            format!("PATCH {SERVICE}"),
+            format!("PATCH {MC}/status"),
+        ]
+    );
+    for path in [CONFIG_MAP, STATEFUL_SET, SERVICE] {
+        assert_eq!(
+            body_of(&first, "PATCH", path),
+            body_of(&second, "PATCH", path),
+            "{path} changed"
+        );
+    }
+    assert_eq!(
+        api.get(SECRET).unwrap(),
+        secret_before,
+        "the password is never rotated"
+    );
+    assert_eq!(condition(&api, "Ready")["status"], "True");
+    assert_eq!(condition(&api, "ConfigApplied")["status"], "True");
+    assert_eq!(config_get(&redis, "maxmemory").await, "1717986918");
+    let events: Vec<&Value> = second
+        .iter()
+        .filter(|r| r.path == EVENTS)
+        .filter_map(|r| r.body.as_ref())
+        .collect();
+    let reasons: Vec<&str> = events
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, vec!["RedisReady", "ConfigApplied"], "{events:?}");
+
+    // Nothing changed: the same applies, no creation, no Event.
+    reconcile_stored(&api, &ctx).await;
+    let third = api.take_requests();
+    assert_eq!(
+        lines(&third),
+        vec![
+            format!("GET {SECRET}"),
+            format!("PATCH {CONFIG_MAP}"),
+            format!("PATCH {STATEFUL_SET}"),
+            format!("PATCH {SERVICE}"),
+            format!("PATCH {MC}/status"),
+        ]
+    );
+    for path in [CONFIG_MAP, STATEFUL_SET, SERVICE] {
+        assert_eq!(
+            body_of(&first, "PATCH", path),
+            body_of(&third, "PATCH", path),
+            "{path} changed"
+        );
+    }
+    let text = ctx.metrics.encode();
+    assert!(
+        text.contains("modelcache_redis_ready{namespace=\"ml\",modelcache=\"chat\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_child_is_recreated() {
+    let (client, api) = FakeApiServer::start();
+    api.insert(MC, model_cache(None));
+    let (_redis, ctx) = bring_up(&api, &client).await;
+    let before = api.remove(STATEFUL_SET).expect("the StatefulSet exists");
+    api.remove(SERVICE).expect("the Service exists");
+    api.take_requests();
+
+    reconcile_stored(&api, &ctx).await;
+    let after = api
+        .get(STATEFUL_SET)
+        .expect("the StatefulSet was recreated");
+    assert_eq!(after["spec"], before["spec"]);
+    assert!(api.get(SERVICE).is_some(), "the Service was recreated");
+    assert_eq!(condition(&api, "Ready")["status"], "True");
+}
+
+#[tokio::test]
+async fn a_policy_change_updates_the_running_config_without_a_restart() {
+    let (client, api) = FakeApiServer::start();
+    api.insert(
+        &format!("{POLICIES}/faq"),
+        policy("faq", "allkeys-lru", 0.8),
+    );
+    api.insert(MC, model_cache(Some("faq")));
+    let (redis, ctx) = bring_up(&api, &client).await;
+    assert_eq!(config_get(&redis, "maxmemory-policy").await, "allkeys-lru");
+    let before = api.take_requests();
+
+    api.insert(
+        &format!("{POLICIES}/faq"),
+        policy("faq", "allkeys-lfu", 0.5),
+    );
+    reconcile_stored(&api, &ctx).await;
+    let after = api.take_requests();
+    assert_eq!(lines(&after)[0], format!("GET {POLICIES}/faq"));
+    let conf = body_of(&after, "PATCH", CONFIG_MAP)["data"]["redis.conf"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        conf.contains("maxmemory-policy allkeys-lfu\n") && conf.contains("maxmemory 1073741824\n"),
+        "{conf}"
+    );
+    // The pod template did not change, so the Redis pod keeps its keys.
+    assert_eq!(
+        body_of(&before, "PATCH", STATEFUL_SET),
+        body_of(&after, "PATCH", STATEFUL_SET)
+    );
+    // The running Redis has the new config, read back.
+    assert_eq!(config_get(&redis, "maxmemory-policy").await, "allkeys-lfu");
+    assert_eq!(config_get(&redis, "maxmemory").await, "1073741824");
+    let status = &api.get(MC).unwrap()["status"]["redis"];
+    assert_eq!(status["appliedConfig"]["maxmemory-policy"], "allkeys-lfu");
+    assert_eq!(status["desiredConfig"]["maxmemory"], "1073741824");
+    let applied = condition(&api, "ConfigApplied");
+    assert!(
+        applied["message"]
+            .as_str()
+            .unwrap()
+            .contains("maxmemory-policy"),
+        "{applied}"
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_spec_sets_the_condition_and_creates_no_children() {
+    let (client, api) = FakeApiServer::start();
+    api.insert(MC, model_cache(Some("missing")));
+    let ctx = context(&client, format!("redis://127.0.0.1:{}", free_port()));
+    let action = reconcile_stored(&api, &ctx).await;
+    assert_eq!(
+        action,
+        Action::await_change(),
+        "an invalid spec waits for a change"
+    );
+    let requests = api.take_requests();
+    assert_eq!(
+        lines(&requests),
+        vec![
+            format!("GET {POLICIES}/missing"),
+            format!("PATCH {MC}/status"),
+            format!("POST {EVENTS}"),
+        ]
+    );
+    let valid = condition(&api, "SpecValid");
+    assert_eq!(
+        (valid["status"].as_str(), valid["reason"].as_str()),
+        (Some("False"), Some("PolicyNotFound"))
+    );
+    assert!(
+        valid["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.cachePolicyRef.name"),
+        "{valid}"
+    );
+    let event = body_of(&requests, "POST", EVENTS);
+    assert_eq!(
+        (event["type"].as_str(), event["reason"].as_str()),
+        (Some("Warning"), Some("PolicyNotFound"))
+    );
+    for path in [SECRET, CONFIG_MAP, STATEFUL_SET, SERVICE] {
+        assert!(api.get(path).is_none(), "{path} must not exist");
+    }
+
+    // Too little memory is invalid too, and still creates nothing.
+    let mut tiny = model_cache(None);
+    tiny["spec"]["redis"]["memory"] = json!("32Mi");
+    tiny["metadata"]["generation"] = json!(2);
+    api.insert(MC, tiny);
+    reconcile_stored(&api, &ctx).await;
+    let requests = api.take_requests();
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.path == format!("{MC}/status") || r.path == EVENTS),
+        "{:?}",
+        lines(&requests)
+    );
+    let valid = condition(&api, "SpecValid");
+    assert_eq!(valid["reason"], "RedisMemoryInvalid");
+    assert!(
+        valid["message"].as_str().unwrap().contains("at least 64Mi"),
+        "{valid}"
+    );
+}
