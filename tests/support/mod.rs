@@ -233,13 +233,29 @@ pub fn raw_request(port: u16, request: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Whether an HTTP server answers on the port. Only the status line is read:
+/// some servers keep the connection open after an error reply despite
+/// `Connection: close`, and waiting for EOF would stall the readiness check.
 fn answers_http(port: u16) -> bool {
-    raw_request(
-        port,
-        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
-    )
-    .map(|r| r.starts_with(b"HTTP/1."))
-    .unwrap_or(false)
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 16];
+    let mut got = 0;
+    while got < 8 {
+        match stream.read(&mut head[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    head[..got].starts_with(b"HTTP/1.")
 }
 
 /// A real redis-server, configured as a cache would be: no persistence.

@@ -1,0 +1,167 @@
+//! The Helm chart: `helm lint --strict`, and strict schema validation of what
+//! it renders for Kubernetes 1.30 and 1.37, cluster-wide and namespaced. The
+//! RBAC rules are pinned here so that a new verb is a deliberate change (and
+//! goes into the README's RBAC table).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn helm() -> PathBuf {
+    if let Some(p) = std::env::var_os("MODELCACHE_HELM") {
+        return p.into();
+    }
+    let tools = std::env::var_os("MODELCACHE_TOOLS")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/modelcache/tools")))
+        .expect("HOME or MODELCACHE_TOOLS is set");
+    let path = tools.join("bin/helm");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/setup.sh",
+        path.display()
+    );
+    path
+}
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/modelcache")
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn render(sets: &[&str]) -> String {
+    let mut cmd = Command::new(helm());
+    cmd.args(["template", "mc"])
+        .arg(chart())
+        .args(["--namespace", "modelcache-system"]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    String::from_utf8(run(&mut cmd).stdout).unwrap()
+}
+
+fn documents(yaml: &str) -> Vec<serde_json::Value> {
+    serde_saphyr::from_multiple::<serde_json::Value>(yaml)
+        .unwrap()
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+#[test]
+fn lint_is_strictly_clean() {
+    run(Command::new(helm()).args(["lint", "--strict"]).arg(chart()));
+}
+
+#[test]
+fn rendered_chart_passes_strict_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, sets) in [
+        ("cluster", vec![]),
+        ("namespaced", vec!["watchNamespace=ml"]),
+    ] {
+        let path = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, render(&sets)).unwrap();
+        for version in ["1.30.0", "1.37.0"] {
+            let out = run(Command::new("python3")
+                .args(["-m", "kubernetes_validate", "--strict", "-k", version])
+                .arg(&path));
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(
+                stdout.matches("passed").count(),
+                7,
+                "{name} on {version}: {stdout}"
+            );
+        }
+    }
+}
+
+#[test]
+fn rbac_is_least_privilege_and_scoped_as_configured() {
+    let docs = documents(&render(&[]));
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert!(
+        kinds.contains(&"ClusterRole") && kinds.contains(&"ClusterRoleBinding"),
+        "{kinds:?}"
+    );
+    let role = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
+    let rules: Vec<String> = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {} {}", r["apiGroups"][0], r["resources"], r["verbs"]))
+        .collect();
+    assert_eq!(
+        rules,
+        vec![
+            r#""modelcache.dev" ["modelcaches"] ["list","watch"]"#,
+            r#""modelcache.dev" ["modelcaches/status"] ["patch"]"#,
+            r#""modelcache.dev" ["cachepolicies"] ["get","list","watch"]"#,
+            r#""" ["configmaps","services"] ["list","watch","create","patch"]"#,
+            r#""apps" ["statefulsets"] ["list","watch","create","patch"]"#,
+            r#""" ["secrets"] ["get","create"]"#,
+            r#""events.k8s.io" ["events"] ["create","patch"]"#,
+        ]
+    );
+    let no_wildcards = !serde_json::to_string(role).unwrap().contains('*');
+    assert!(no_wildcards, "no wildcard verbs or resources");
+
+    // Watching one namespace needs no cluster-wide rights at all.
+    let docs = documents(&render(&["watchNamespace=ml"]));
+    assert!(
+        docs.iter()
+            .all(|d| d["kind"] != "ClusterRole" && d["kind"] != "ClusterRoleBinding")
+    );
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == "ml")
+        .unwrap();
+    assert_eq!(role["rules"].as_array().unwrap().len(), 7);
+
+    // The Lease is the only thing in the controller's own namespace.
+    let lease = docs
+        .iter()
+        .find(|d| d["metadata"]["name"] == "mc-modelcache-leader-election" && d["kind"] == "Role")
+        .unwrap();
+    assert_eq!(lease["metadata"]["namespace"], "modelcache-system");
+    assert_eq!(
+        lease["rules"][0]["verbs"],
+        serde_json::json!(["get", "create", "update"])
+    );
+}
+
+#[test]
+fn the_controller_pod_runs_locked_down() {
+    let docs = documents(&render(&[]));
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let container = &pod["containers"][0];
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        container["securityContext"]["allowPrivilegeEscalation"],
+        false
+    );
+    assert_eq!(
+        container["securityContext"]["capabilities"]["drop"],
+        serde_json::json!(["ALL"])
+    );
+    assert_eq!(container["args"][0], "controller");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert!(container["resources"]["limits"]["memory"].is_string());
+}
