@@ -9,10 +9,14 @@
 //!
 //! The `modelcache` binary is a thin command line over this library.
 
+pub mod cache;
 pub mod controller;
 pub mod crd;
+pub mod keys;
 pub mod quantity;
+pub mod registry;
 pub mod store;
+pub mod sweep;
 pub mod validate;
 
 /// One line naming this build and the API it serves.

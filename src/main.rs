@@ -54,8 +54,39 @@ enum Command {
     /// Run the controller's config and health logic once against a Redis:
     /// print desired vs applied config, INFO facts and the conditions.
     CheckRedis(CheckRedisArgs),
+    /// Delete every cache key of a model's versions except those kept, for
+    /// users without the controller and for CI/CD hooks.
+    ///
+    /// Exit codes: 0 done (or nothing to do); 1 failed (Redis unreachable, a
+    /// command refused); 2 usage error; 3 refused because it would sweep the
+    /// registry's active version.
+    Invalidate(InvalidateArgs),
     /// Print the version and the API version served.
     Version,
+}
+
+#[derive(clap::Args)]
+struct InvalidateArgs {
+    /// redis://host:port[/db] or rediss://…, without the password.
+    #[arg(long, env = "MODELCACHE_REDIS_URL")]
+    redis_url: String,
+    /// Password (better from the environment than on the command line).
+    #[arg(long, env = "MODELCACHE_REDIS_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    #[arg(long, env = "MODELCACHE_MODEL")]
+    model: String,
+    /// Versions whose keys stay (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',', required = true)]
+    keep: Vec<String>,
+    /// Print what would be deleted, and delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Keys deleted per second at most.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
+    keys_per_second: u64,
+    /// SCAN COUNT and keys per pipeline.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=100_000))]
+    batch: u64,
 }
 
 #[derive(clap::Args)]
@@ -274,6 +305,59 @@ fn run(command: Command) -> Result<ExitCode> {
                 eprintln!("{invalid} invalid resource(s); fix the fields named above");
                 ExitCode::FAILURE
             })
+        }
+        Command::Invalidate(args) => {
+            let target = RedisTarget {
+                url: args.redis_url,
+                username: None,
+                password: args.password,
+            };
+            let keep: std::collections::BTreeSet<String> = args.keep.into_iter().collect();
+            let pace = modelcache::sweep::Pace {
+                keys_per_second: args.keys_per_second,
+                batch: args.batch,
+            };
+            let result = runtime()?.block_on(async {
+                let mut conn = target.connect().await?;
+                anyhow::Ok(
+                    modelcache::sweep::invalidate(
+                        &mut conn,
+                        &args.model,
+                        &keep,
+                        args.dry_run,
+                        pace,
+                    )
+                    .await,
+                )
+            })?;
+            let outcomes = match result {
+                Ok(o) => o,
+                Err(e @ modelcache::sweep::InvalidateError::ActiveVersion { .. }) => {
+                    eprintln!("error: {e}");
+                    return Ok(ExitCode::from(3));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if outcomes.is_empty() {
+                println!("model {:?}: no keys outside the kept versions", args.model);
+            }
+            for o in &outcomes {
+                match &o.report {
+                    None => println!("would delete {} keys of version {:?}", o.keys, o.version),
+                    Some(r) => println!(
+                        "deleted {} keys of version {:?} in {:.2}s{}",
+                        o.keys,
+                        o.version,
+                        r.elapsed.as_secs_f64(),
+                        if r.resumed {
+                            format!(" (resumed; {} deleted before)", r.deleted_before)
+                        } else {
+                            String::new()
+                        }
+                    ),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Version => {
             println!("{}", modelcache::version_line());

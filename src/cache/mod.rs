@@ -1,0 +1,131 @@
+//! The serving library: caches on the model's Redis, version-scoped through
+//! the one key schema ([`crate::keys`]) that the sweeper invalidates.
+//!
+//! - [`ResultCache`]: exact match on canonical JSON of model plus inputs.
+//! - [`FeatureCache`]: batched feature vectors per entity.
+//! - [`entity`]: O(1) invalidation of one entity's entries through a
+//!   generation number in their keys, fed by a Redis Stream consumer group.
+//!
+//! Values are stored as JSON behind a format tag ([`codec`]), never with a
+//! code-bearing serializer: a cache poisoned by an attacker yields data, not
+//! code.
+
+pub mod codec;
+pub mod entity;
+pub mod feature;
+pub mod result;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use redis::RedisError;
+use tokio::sync::watch;
+
+use crate::registry::RegistryState;
+
+pub use feature::FeatureCache;
+pub use result::ResultCache;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("failed to {action} in the {layer} cache of model {model:?}")]
+    Redis {
+        action: &'static str,
+        layer: &'static str,
+        model: String,
+        #[source]
+        source: RedisError,
+    },
+    #[error(
+        "refused to cache a non-deterministic call (temperature {temperature}): its answer \
+         differs from call to call; call allow_nondeterministic(true) to cache it anyway"
+    )]
+    NonDeterministic { temperature: f64 },
+    #[error("failed to encode a cache value as JSON")]
+    Encode(#[source] serde_json::Error),
+    #[error(
+        "failed to pick a version of model {model:?}: its registry has no active version yet; \
+         publish one (the controller does on rollout) or use a fixed version"
+    )]
+    NoVersion { model: String },
+}
+
+/// Which model version a cache reads and writes.
+#[derive(Clone, Debug)]
+pub enum Versions {
+    /// Always this version (tests, or serving code that knows its version from
+    /// the pod's label through the downward API).
+    Fixed(String),
+    /// The registry's active version, as a [`crate::registry::Follower`] sees it.
+    Registry(watch::Receiver<RegistryState>),
+}
+
+impl Versions {
+    pub fn current(&self) -> Option<String> {
+        match self {
+            Versions::Fixed(v) => Some(v.clone()),
+            Versions::Registry(rx) => rx.borrow().active.clone(),
+        }
+    }
+
+    fn require(&self, model: &str) -> Result<String, CacheError> {
+        self.current().ok_or_else(|| CacheError::NoVersion {
+            model: model.to_owned(),
+        })
+    }
+}
+
+/// Hit and miss counters of one cache.
+#[derive(Debug, Default)]
+pub struct Stats {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    undecodable: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// A copy of the counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub hits: u64,
+    pub misses: u64,
+    /// Entries found but not in a format this build reads (counted as misses too).
+    pub undecodable: u64,
+    /// Writes refused (non-deterministic calls).
+    pub refused: u64,
+}
+
+impl StatsSnapshot {
+    pub fn hit_rate(&self) -> Option<f64> {
+        let total = self.hits + self.misses;
+        (total > 0).then(|| self.hits as f64 / total as f64)
+    }
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            undecodable: self.undecodable.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    fn count(&self, found: &Option<Vec<u8>>, decoded: &Option<serde_json::Value>) {
+        match (found, decoded) {
+            (Some(_), Some(_)) => self.hits.fetch_add(1, Ordering::Relaxed),
+            (Some(_), None) => {
+                self.undecodable.fetch_add(1, Ordering::Relaxed);
+                self.misses.fetch_add(1, Ordering::Relaxed)
+            }
+            (None, _) => self.misses.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+pub(crate) type SharedStats = Arc<Stats>;
+
+fn ttl_seconds(ttl: i64) -> Option<u64> {
+    u64::try_from(ttl).ok().filter(|t| *t > 0)
+}

@@ -1,0 +1,358 @@
+//! Sweeping a retired model version: every key of that version, and nothing
+//! else, with SCAN (an escaped MATCH per version) and UNLINK in batches, paced
+//! to protect live traffic, checkpointed so a killed sweep resumes.
+//!
+//! SCAN guarantees that every key present for the whole iteration is
+//! returned, and its cursor stays valid across connections, so the checkpoint
+//! is just the cursor. Re-scanning from an older cursor after a crash only
+//! revisits keys, and UNLINK of a missing key is a no-op: the sweep is
+//! idempotent and its count of deleted keys (UNLINK's own count) exact.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use redis::RedisError;
+use redis::aio::MultiplexedConnection;
+
+use crate::keys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error("failed to {action} while sweeping version {version:?} of model {model:?}")]
+    Redis {
+        action: &'static str,
+        model: String,
+        version: String,
+        #[source]
+        source: RedisError,
+    },
+    #[error(
+        "failed to flush: this Redis holds keys of other models or applications (found {key:?}); \
+         Flush is only for a Redis that serves this model alone: use VersionKeyed"
+    )]
+    NotDedicated { key: String },
+    #[error("failed to read the keys of model {model:?}")]
+    Discover {
+        model: String,
+        #[source]
+        source: RedisError,
+    },
+}
+
+/// Pacing of a sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pace {
+    /// Keys deleted per second at most.
+    pub keys_per_second: u64,
+    /// SCAN COUNT, and the most keys per UNLINK.
+    pub batch: u64,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Pace {
+            keys_per_second: 100_000,
+            batch: 1000,
+        }
+    }
+}
+
+/// What one sweep did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Keys deleted by this run (UNLINK's count).
+    pub deleted: u64,
+    /// Keys deleted by earlier, interrupted runs of the same sweep.
+    pub deleted_before: u64,
+    /// SCAN calls made.
+    pub scans: u64,
+    /// Whether this run continued an interrupted sweep.
+    pub resumed: bool,
+    pub elapsed: Duration,
+}
+
+/// Deletes every key of `version` of `model`, resuming an interrupted sweep.
+pub async fn sweep_version(
+    conn: &mut MultiplexedConnection,
+    model: &str,
+    version: &str,
+    pace: Pace,
+) -> Result<SweepReport, SweepError> {
+    let err = |action: &'static str| {
+        let (model, version) = (model.to_owned(), version.to_owned());
+        move |source| SweepError::Redis {
+            action,
+            model,
+            version,
+            source,
+        }
+    };
+    let started = Instant::now();
+    let checkpoint = keys::sweep_checkpoint(model, version);
+    let pattern = keys::version_pattern(model, version);
+    let (cursor, deleted_before): (Option<u64>, Option<u64>) = redis::pipe()
+        .hget(&checkpoint, "cursor")
+        .hget(&checkpoint, "deleted")
+        .query_async(conn)
+        .await
+        .map_err(err("read the checkpoint"))?;
+    let mut report = SweepReport {
+        resumed: cursor.is_some(),
+        deleted_before: deleted_before.unwrap_or(0),
+        ..Default::default()
+    };
+    let mut cursor = cursor.unwrap_or(0);
+    let batch = pace.batch.max(1);
+    let rate = pace.keys_per_second.max(1) as f64;
+    // Deleted keys not yet added to the checkpoint's count; they go with the
+    // next round trip, so a crash can only under-report the earlier count.
+    let mut unrecorded = 0u64;
+    loop {
+        let (next, found): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(batch)
+            .query_async(conn)
+            .await
+            .map_err(err("scan"))?;
+        report.scans += 1;
+        // The pattern is exact by construction; checking the prefix again
+        // means no pattern bug can ever widen a sweep.
+        let doomed: Vec<Vec<u8>> = found
+            .into_iter()
+            .filter(|k| keys::belongs_to(k, model, version))
+            .collect();
+        // One UNLINK per key: pipelined, and valid on Redis Cluster, where a
+        // page of SCAN spans many slots. The cursor moves in the same round
+        // trip as the deletes it covers.
+        let mut pipe = redis::pipe();
+        for key in &doomed {
+            pipe.cmd("UNLINK").arg(key);
+        }
+        if next != 0 {
+            pipe.hset(&checkpoint, "cursor", next).ignore();
+            pipe.hincr(&checkpoint, "deleted", unrecorded).ignore();
+        }
+        let counts: Vec<u64> = if doomed.is_empty() && next == 0 {
+            Vec::new()
+        } else {
+            pipe.query_async(conn).await.map_err(err("unlink keys"))?
+        };
+        unrecorded = counts.iter().sum();
+        report.deleted += unrecorded;
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+        // Pace: never ahead of `rate` keys per second since the start.
+        let due = Duration::from_secs_f64(report.deleted as f64 / rate);
+        let elapsed = started.elapsed();
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
+    }
+    let _: () = redis::cmd("DEL")
+        .arg(&checkpoint)
+        .query_async(conn)
+        .await
+        .map_err(err("remove the checkpoint"))?;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// Counts a version's keys without deleting them (for `--dry-run`).
+pub async fn count_version(
+    conn: &mut MultiplexedConnection,
+    model: &str,
+    version: &str,
+    batch: u64,
+) -> Result<u64, SweepError> {
+    let pattern = keys::version_pattern(model, version);
+    let mut cursor = 0u64;
+    let mut count = 0;
+    loop {
+        let (next, found): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(batch.max(1))
+            .query_async(conn)
+            .await
+            .map_err(|source| SweepError::Redis {
+                action: "scan",
+                model: model.to_owned(),
+                version: version.to_owned(),
+                source,
+            })?;
+        count += found
+            .iter()
+            .filter(|k| keys::belongs_to(k, model, version))
+            .count() as u64;
+        cursor = next;
+        if cursor == 0 {
+            return Ok(count);
+        }
+    }
+}
+
+/// The versions of `model` that have keys, found by one SCAN of the model's
+/// prefix. For `modelcache invalidate`, which runs without the registry.
+pub async fn versions_with_keys(
+    conn: &mut MultiplexedConnection,
+    model: &str,
+    batch: u64,
+) -> Result<BTreeSet<String>, SweepError> {
+    let prefix = keys::model_prefix(model);
+    let pattern = format!("{}*", keys::glob_escape(&prefix));
+    let mut cursor = 0u64;
+    let mut versions = BTreeSet::new();
+    loop {
+        let (next, found): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(batch.max(1))
+            .query_async(conn)
+            .await
+            .map_err(|source| SweepError::Discover {
+                model: model.to_owned(),
+                source,
+            })?;
+        for key in found {
+            let rest = &key[prefix.len()..];
+            if let Some(end) = rest.iter().position(|b| *b == b':')
+                && let Some(version) = keys::unescape(&rest[..end])
+            {
+                versions.insert(version);
+            }
+        }
+        cursor = next;
+        if cursor == 0 {
+            return Ok(versions);
+        }
+    }
+}
+
+/// `FLUSHDB ASYNC`, for a Redis that serves this model alone. It refuses when
+/// a sample of keys shows anything else in the database.
+pub async fn flush_model_db(
+    conn: &mut MultiplexedConnection,
+    model: &str,
+) -> Result<(), SweepError> {
+    let err = |action: &'static str| {
+        let model = model.to_owned();
+        move |source| SweepError::Redis {
+            action,
+            model,
+            version: "*".into(),
+            source,
+        }
+    };
+    let ours = |k: &str| {
+        k.starts_with(&keys::model_prefix(model)) || k.starts_with(&keys::model_meta(model))
+    };
+    for _ in 0..100 {
+        let key: Option<String> = redis::cmd("RANDOMKEY")
+            .query_async(conn)
+            .await
+            .map_err(err("sample keys"))?;
+        match key {
+            None => break,
+            Some(k) if !ours(&k) => return Err(SweepError::NotDedicated { key: k }),
+            Some(_) => {}
+        }
+    }
+    redis::cmd("FLUSHDB")
+        .arg("ASYNC")
+        .query_async::<()>(conn)
+        .await
+        .map_err(err("flush"))
+}
+
+/// What `modelcache invalidate` found and did for one version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionOutcome {
+    pub version: String,
+    /// Keys found (dry run) or deleted.
+    pub keys: u64,
+    pub report: Option<SweepReport>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidateError {
+    #[error(transparent)]
+    Sweep(#[from] SweepError),
+    #[error(
+        "refused to sweep version {version:?} of model {model:?}: it is the active version in the \
+         registry; add it to --keep, or activate another version first"
+    )]
+    ActiveVersion { model: String, version: String },
+    #[error("failed to read the registry of model {model:?}")]
+    Registry {
+        model: String,
+        #[source]
+        source: crate::registry::RegistryError,
+    },
+}
+
+/// Sweeps every version of `model` that has keys and is not in `keep`. With
+/// `dry_run` it only counts. It never sweeps the registry's active version.
+pub async fn invalidate(
+    conn: &mut MultiplexedConnection,
+    model: &str,
+    keep: &BTreeSet<String>,
+    dry_run: bool,
+    pace: Pace,
+) -> Result<Vec<VersionOutcome>, InvalidateError> {
+    let state =
+        crate::registry::read(conn, model)
+            .await
+            .map_err(|source| InvalidateError::Registry {
+                model: model.to_owned(),
+                source,
+            })?;
+    let retired: Vec<String> = versions_with_keys(conn, model, pace.batch)
+        .await?
+        .into_iter()
+        .filter(|v| !keep.contains(v))
+        .collect();
+    if let Some(active) = state.active.as_ref().filter(|a| retired.contains(a)) {
+        return Err(InvalidateError::ActiveVersion {
+            model: model.to_owned(),
+            version: active.clone(),
+        });
+    }
+    let mut outcomes = Vec::new();
+    for version in retired {
+        if dry_run {
+            let keys = count_version(conn, model, &version, pace.batch).await?;
+            outcomes.push(VersionOutcome {
+                version,
+                keys,
+                report: None,
+            });
+        } else {
+            let report = sweep_version(conn, model, &version, pace).await?;
+            if state.live.contains(&version) {
+                // Best effort: the sweep itself is what matters.
+                let _ = crate::registry::transition(
+                    conn,
+                    model,
+                    &version,
+                    crate::registry::Transition::Retire,
+                )
+                .await;
+            }
+            outcomes.push(VersionOutcome {
+                version,
+                keys: report.deleted,
+                report: Some(report),
+            });
+        }
+    }
+    Ok(outcomes)
+}
