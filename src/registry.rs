@@ -249,18 +249,17 @@ async fn follow_once(
         if tx.is_closed() {
             return Ok(());
         }
-        let reply: Option<StreamReply> =
-            redis::cmd("XREAD")
-                .arg("COUNT")
-                .arg(100)
-                .arg("BLOCK")
-                .arg(BLOCK.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(keys::events(model))
-                .arg(&last_id)
-                .query_async(&mut conn)
-                .await
-                .map_err(err("wait for events of"))?;
+        let reply: Option<StreamReply> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(100)
+            .arg("BLOCK")
+            .arg(BLOCK.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(keys::events(model))
+            .arg(&last_id)
+            .query_async(&mut conn)
+            .await
+            .map_err(err("wait for events of"))?;
         let Some(streams) = reply else { continue };
         if let Some(id) = streams
             .iter()
