@@ -8,7 +8,7 @@
 //! `DEL`. Ratios are against the baseline of the same run.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod support;
 
 use std::sync::Arc;
@@ -32,14 +32,32 @@ struct Run {
 }
 
 async fn connect(url: &str) -> MultiplexedConnection {
-    redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+    // Loading a million keys takes longer than the default response timeout.
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(120)));
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap()
 }
 
 async fn load(conn: &mut MultiplexedConnection) {
-    let _: () = redis::cmd("FLUSHALL").query_async(conn).await.unwrap();
+    let _: () = redis::cmd("FLUSHALL")
+        .arg("SYNC")
+        .query_async(conn)
+        .await
+        .unwrap();
     for (version, n) in [("v1", RETIRED), ("v2", LIVE)] {
         let prefix = keys::entry("chat", version, Layer::Result, "d");
-        let _: () = redis::cmd("DEBUG").arg("POPULATE").arg(n).arg(prefix).arg(64).query_async(conn).await.unwrap();
+        let _: () = redis::cmd("DEBUG")
+            .arg("POPULATE")
+            .arg(n)
+            .arg(prefix)
+            .arg(64)
+            .query_async(conn)
+            .await
+            .unwrap();
     }
 }
 
@@ -56,7 +74,11 @@ fn reader(url: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<f64
             x ^= x << 17;
             let key = format!("{prefix}:{}", x % LIVE);
             let t = Instant::now();
-            let v: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+            let v: Option<Vec<u8>> = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
             latencies.push(t.elapsed().as_secs_f64() * 1e6);
             assert!(v.is_some(), "a live key went missing: {key}");
         }
@@ -85,9 +107,17 @@ where
     let mut latencies = handle.await.unwrap();
     latencies.sort_by(|a, b| a.total_cmp(b));
     if let Some(n) = deleted {
-        let left = sweep::count_version(&mut conn, "chat", "v1", 10_000).await.unwrap();
-        assert_eq!((n, left), (RETIRED, 0), "{name} must delete exactly the retired version");
-        let live = sweep::count_version(&mut conn, "chat", "v2", 10_000).await.unwrap();
+        let left = sweep::count_version(&mut conn, "chat", "v1", 10_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            (n, left),
+            (RETIRED, 0),
+            "{name} must delete exactly the retired version"
+        );
+        let live = sweep::count_version(&mut conn, "chat", "v2", 10_000)
+            .await
+            .unwrap();
         assert_eq!(live, LIVE, "{name} must leave the live version");
     }
     Run {
@@ -102,7 +132,8 @@ where
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let redis = support::RedisServer::start_with(None, &[("enable-debug-command", "local")]).unwrap_or_else(|e| panic!("{e}"));
+    let redis = support::RedisServer::start_with(None, &[("enable-debug-command", "local")])
+        .unwrap_or_else(|e| panic!("{e}"));
     let url = redis.url();
     let mut runs = Vec::new();
 
@@ -113,25 +144,47 @@ async fn main() {
         })
         .await,
     );
-    runs.push(
-        measure(&url, "modelcache sweep, unpaced", |mut c| async move {
-            let pace = Pace { keys_per_second: 10_000_000, batch: 1000 };
-            Some(sweep::sweep_version(&mut c, "chat", "v1", pace).await.unwrap().deleted)
-        })
-        .await,
-    );
-    runs.push(
-        measure(&url, "modelcache sweep, 100k keys/s", |mut c| async move {
-            Some(sweep::sweep_version(&mut c, "chat", "v1", Pace::default()).await.unwrap().deleted)
-        })
-        .await,
-    );
+    // The policy default is 100k keys/s in batches of 100.
+    for (name, keys_per_second, batch) in [
+        ("modelcache sweep, unpaced, batch 1000", 10_000_000, 1000),
+        ("modelcache sweep, 100k/s, batch 1000", 100_000, 1000),
+        (
+            "modelcache sweep, 100k/s, batch 100 (default)",
+            100_000,
+            100,
+        ),
+        ("modelcache sweep, 100k/s, batch 50", 100_000, 50),
+    ] {
+        let pace = Pace {
+            keys_per_second,
+            batch,
+        };
+        runs.push(
+            measure(&url, name, |mut c| async move {
+                Some(
+                    sweep::sweep_version(&mut c, "chat", "v1", pace)
+                        .await
+                        .unwrap()
+                        .deleted,
+                )
+            })
+            .await,
+        );
+    }
     runs.push(
         measure(&url, "KEYS + DEL", |mut c| async move {
-            let found: Vec<Vec<u8>> = redis::cmd("KEYS").arg(keys::version_pattern("chat", "v1")).query_async(&mut c).await.unwrap();
+            let found: Vec<Vec<u8>> = redis::cmd("KEYS")
+                .arg(keys::version_pattern("chat", "v1"))
+                .query_async(&mut c)
+                .await
+                .unwrap();
             let mut deleted = 0;
             for chunk in found.chunks(1000) {
-                let n: u64 = redis::cmd("DEL").arg(chunk).query_async(&mut c).await.unwrap();
+                let n: u64 = redis::cmd("DEL")
+                    .arg(chunk)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
                 deleted += n;
             }
             Some(deleted)
@@ -153,7 +206,11 @@ async fn main() {
                     .await
                     .unwrap();
                 if !found.is_empty() {
-                    let n: u64 = redis::cmd("DEL").arg(&found).query_async(&mut c).await.unwrap();
+                    let n: u64 = redis::cmd("DEL")
+                        .arg(&found)
+                        .query_async(&mut c)
+                        .await
+                        .unwrap();
                     deleted += n;
                 }
                 cursor = next;
@@ -170,19 +227,26 @@ async fn main() {
     println!(
         "\nSweep of {RETIRED} keys beside {LIVE} live keys; a reader GETs live keys throughout.\n\
          Machine: {} cores; redis-server {}.\n",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         redis_version(&url).await
     );
     println!(
-        "| {:<30} | {:>12} | {:>8} | {:>9} | {:>9} | {:>8} | {:>8} | {:>9} |",
+        "| {:<46} | {:>12} | {:>8} | {:>9} | {:>9} | {:>8} | {:>8} | {:>9} |",
         "run", "keys/s", "seconds", "p50 µs", "p99 µs", "p50 ×", "p99 ×", "reads"
     );
-    println!("|{:-<32}|{:->14}|{:->10}|{:->11}|{:->11}|{:->10}|{:->10}|{:->11}|", "", "", "", "", "", "", "", "");
+    println!(
+        "|{:-<48}|{:->14}|{:->10}|{:->11}|{:->11}|{:->10}|{:->10}|{:->11}|",
+        "", "", "", "", "", "", "", ""
+    );
     for r in &runs {
         println!(
-            "| {:<30} | {:>12} | {:>8.2} | {:>9.1} | {:>9.1} | {:>8.2} | {:>8.2} | {:>9} |",
+            "| {:<46} | {:>12} | {:>8.2} | {:>9.1} | {:>9.1} | {:>8.2} | {:>8.2} | {:>9} |",
             r.name,
-            r.keys_per_second.map(|k| format!("{k:.0}")).unwrap_or_else(|| "-".into()),
+            r.keys_per_second
+                .map(|k| format!("{k:.0}"))
+                .unwrap_or_else(|| "-".into()),
             r.seconds,
             r.p50_us,
             r.p99_us,
@@ -195,6 +259,12 @@ async fn main() {
 
 async fn redis_version(url: &str) -> String {
     let mut c = connect(url).await;
-    let info: String = redis::cmd("INFO").arg("server").query_async(&mut c).await.unwrap();
-    modelcache::store::info::parse_info(&info).redis_version.unwrap_or_default()
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    modelcache::store::info::parse_info(&info)
+        .redis_version
+        .unwrap_or_default()
 }

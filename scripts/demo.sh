@@ -6,6 +6,9 @@
 # - runs the controller's config and health logic against a real local
 #   redis-server: desired vs applied config, CONFIG SET of what differs, a
 #   drift made by hand found and fixed, INFO health and the conditions;
+# - rolls a model out from v1 to v2 with the serving library, the version
+#   registry and the sweeper: v2 never serves v1's answers, and v1's keys (and
+#   only those) are swept once it is retired;
 # - lints the Helm chart and validates what it renders.
 # Later capabilities extend it.
 set -euo pipefail
@@ -70,6 +73,14 @@ REDISCLI_AUTH="$MODELCACHE_REDIS_PASSWORD" redis-cli -p "$port" CONFIG SET maxme
 echo "  (ran: CONFIG SET maxmemory-policy noeviction)"
 "$bin" check-redis --redis-url "$url" --policy examples/cachepolicy.yaml --memory 2Gi --apply
 
+step "A model rollout: v1 fills its cache, v2 rolls out, v1 is retired and swept (the serving library and the sweeper)"
+cargo build --locked --quiet --example rollout
+target/debug/examples/rollout "$url"
+
+step "Sweeping what is left outside v2 with modelcache invalidate (dry run, then for real)"
+"$bin" invalidate --redis-url "$url" --model smollm2 --keep v2 --dry-run
+"$bin" invalidate --redis-url "$url" --model smollm2 --keep v2
+
 step "Linting the Helm chart and validating what it renders"
 helm="${MODELCACHE_TOOLS:-$HOME/.cache/modelcache/tools}/bin/helm"
 "$helm" lint --strict charts/modelcache | grep -E "linted"
@@ -79,4 +90,4 @@ for version in 1.30.0 1.37.0; do
   echo "  Kubernetes $version: every rendered object passes"
 done
 
-step "Done: CRDs and examples valid, bad resources rejected, Redis configured as a cache and drift repaired, chart valid"
+step "Done: CRDs and examples valid, bad resources rejected, Redis configured as a cache and drift repaired, a rollout swept the retired version, chart valid"

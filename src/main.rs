@@ -85,7 +85,7 @@ struct InvalidateArgs {
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
     keys_per_second: u64,
     /// SCAN COUNT and keys per pipeline.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=100_000))]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=100_000))]
     batch: u64,
 }
 

@@ -52,7 +52,7 @@ impl Default for Pace {
     fn default() -> Self {
         Pace {
             keys_per_second: 100_000,
-            batch: 1000,
+            batch: 100,
         }
     }
 }

@@ -109,7 +109,9 @@ fn rbac_is_least_privilege_and_scoped_as_configured() {
             r#""modelcache.dev" ["modelcaches/status"] ["patch"]"#,
             r#""modelcache.dev" ["cachepolicies"] ["get","list","watch"]"#,
             r#""" ["configmaps","services"] ["list","watch","create","patch"]"#,
-            r#""apps" ["statefulsets"] ["list","watch","create","patch"]"#,
+            r#""apps" ["statefulsets"] ["get","list","watch","create","patch"]"#,
+            r#""apps" ["deployments"] ["get"]"#,
+            r#""" ["pods"] ["list"]"#,
             r#""" ["secrets"] ["get","create"]"#,
             r#""events.k8s.io" ["events"] ["create","patch"]"#,
         ]
@@ -127,7 +129,7 @@ fn rbac_is_least_privilege_and_scoped_as_configured() {
         .iter()
         .find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == "ml")
         .unwrap();
-    assert_eq!(role["rules"].as_array().unwrap().len(), 7);
+    assert_eq!(role["rules"].as_array().unwrap().len(), 9);
 
     // The Lease is the only thing in the controller's own namespace.
     let lease = docs

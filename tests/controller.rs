@@ -227,7 +227,14 @@ async fn first_reconcile_creates_everything_and_a_second_changes_nothing() {
         .iter()
         .map(|e| e["reason"].as_str().unwrap())
         .collect();
-    assert_eq!(reasons, vec!["RedisReady", "ConfigApplied"], "{events:?}");
+    assert_eq!(
+        reasons,
+        vec!["RedisReady", "ConfigApplied", "VersionLive"],
+        "{events:?}"
+    );
+    let mc = api.get(MC).unwrap();
+    assert_eq!(mc["status"]["activeVersion"], "v1");
+    assert_eq!(mc["status"]["versions"][0]["phase"], "Live");
 
     // Nothing changed: the same applies, no creation, no Event.
     reconcile_stored(&api, &ctx).await;
@@ -434,4 +441,226 @@ async fn an_external_redis_gets_no_objects_and_is_reported_plainly() {
         status["usedMemoryBytes"].as_i64().unwrap() > 0,
         "INFO is still read: {status}"
     );
+}
+
+const PODS: &str = "/api/v1/namespaces/ml/pods";
+
+fn pod(name: &str, version: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": "ml", "labels": {"app": "chat", "modelcache.dev/version": version}},
+           "spec": {"containers": [{"name": "engine", "image": "vllm"}]},
+           "status": {"phase": "Running"}})
+}
+
+fn set_version(api: &FakeApiServer, version: &str) {
+    let mut mc = api.get(MC).unwrap();
+    mc["spec"]["version"] = json!(version);
+    mc["metadata"]["generation"] = json!(mc["metadata"]["generation"].as_i64().unwrap() + 1);
+    api.insert(MC, mc);
+}
+
+fn phase(api: &FakeApiServer, version: &str) -> Option<String> {
+    api.get(MC).unwrap()["status"]["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["version"] == version)
+        .map(|v| v["phase"].as_str().unwrap().to_string())
+}
+
+async fn populate(redis: &RedisServer, version: &str, n: usize) {
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut pipe = redis::pipe();
+    for i in 0..n {
+        pipe.set(
+            modelcache::keys::entry(
+                "smollm2",
+                version,
+                modelcache::keys::Layer::Result,
+                &format!("{i:x}"),
+            ),
+            i,
+        )
+        .ignore();
+    }
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+}
+
+async fn count(redis: &RedisServer, version: &str) -> u64 {
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    modelcache::sweep::count_version(&mut conn, "smollm2", version, 1000)
+        .await
+        .unwrap()
+}
+
+fn rollout_fixture(grace: i64) -> (Client, FakeApiServer) {
+    let (client, api) = FakeApiServer::start();
+    let mut p = policy("rollout", "allkeys-lru", 0.8);
+    p["spec"]["invalidation"] = json!({"gracePeriodSeconds": grace});
+    api.insert(&format!("{POLICIES}/rollout"), p);
+    api.insert(
+        "/apis/apps/v1/namespaces/ml/deployments/chat",
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "chat", "namespace": "ml"},
+               "spec": {"selector": {"matchLabels": {"app": "chat"}}, "template": {}}}),
+    );
+    let mut mc = model_cache(Some("rollout"));
+    mc["spec"]["workload"] = json!({"kind": "Deployment", "name": "chat"});
+    api.insert(MC, mc);
+    api.insert(&format!("{PODS}/p1"), pod("p1", "v1"));
+    (client, api)
+}
+
+#[tokio::test]
+async fn a_rollout_sweeps_the_retired_version_once_no_pod_serves_it() {
+    let (client, api) = rollout_fixture(0);
+    let (redis, ctx) = bring_up(&api, &client).await;
+    assert_eq!(phase(&api, "v1").as_deref(), Some("Live"));
+    populate(&redis, "v1", 5000).await;
+    populate(&redis, "v2", 300).await;
+
+    // Rolling update: v2 pods join, v1 pods still serve.
+    set_version(&api, "v2");
+    api.insert(&format!("{PODS}/p2"), pod("p2", "v2"));
+    reconcile_stored(&api, &ctx).await;
+    assert_eq!(
+        (phase(&api, "v1").as_deref(), phase(&api, "v2").as_deref()),
+        (Some("Live"), Some("Live"))
+    );
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let state = modelcache::registry::read(&mut conn, "smollm2")
+        .await
+        .unwrap();
+    assert_eq!(
+        state.active.as_deref(),
+        Some("v2"),
+        "the new spec.version is published"
+    );
+    assert_eq!(
+        state.live.iter().map(String::as_str).collect::<Vec<_>>(),
+        vec!["v1", "v2"]
+    );
+    assert_eq!(
+        count(&redis, "v1").await,
+        5000,
+        "nothing is swept while a pod serves v1"
+    );
+
+    // The last v1 pod goes: Draining, then (grace 0) Sweeping, then Swept.
+    api.remove(&format!("{PODS}/p1"));
+    let action = reconcile_stored(&api, &ctx).await;
+    assert_eq!(phase(&api, "v1").as_deref(), Some("Draining"));
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(5)),
+        "a draining version is looked at soon"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while phase(&api, "v1").as_deref() != Some("Swept") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "v1 not swept: {}",
+            api.get(MC).unwrap()["status"]["versions"]
+        );
+        reconcile_stored(&api, &ctx).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count(&redis, "v1").await, 0);
+    assert_eq!(
+        count(&redis, "v2").await,
+        300,
+        "the live version keeps every key"
+    );
+    let v1 = api.get(MC).unwrap()["status"]["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["version"] == "v1")
+        .cloned()
+        .unwrap();
+    assert_eq!(v1["keys"], 5000);
+    let state = modelcache::registry::read(&mut conn, "smollm2")
+        .await
+        .unwrap();
+    assert_eq!(
+        state.live.iter().map(String::as_str).collect::<Vec<_>>(),
+        vec!["v2"],
+        "v1 is retired in the registry"
+    );
+    let reasons: Vec<String> = api
+        .take_requests()
+        .iter()
+        .filter(|r| r.path == EVENTS)
+        .filter_map(|r| {
+            r.body
+                .as_ref()
+                .map(|b| b["reason"].as_str().unwrap().to_string())
+        })
+        .collect();
+    for wanted in ["VersionDraining", "SweepStarted", "VersionSwept"] {
+        assert!(
+            reasons.iter().any(|r| r == wanted),
+            "no {wanted} Event in {reasons:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_rollback_cancels_the_pending_sweep() {
+    let (client, api) = rollout_fixture(3600);
+    let (redis, ctx) = bring_up(&api, &client).await;
+    populate(&redis, "v1", 1000).await;
+    set_version(&api, "v2");
+    api.insert(&format!("{PODS}/p2"), pod("p2", "v2"));
+    api.remove(&format!("{PODS}/p1"));
+    reconcile_stored(&api, &ctx).await;
+    assert_eq!(phase(&api, "v1").as_deref(), Some("Draining"));
+
+    // Roll back before the grace period ends.
+    set_version(&api, "v1");
+    api.insert(&format!("{PODS}/p1"), pod("p1", "v1"));
+    api.remove(&format!("{PODS}/p2"));
+    api.take_requests();
+    reconcile_stored(&api, &ctx).await;
+    assert_eq!(phase(&api, "v1").as_deref(), Some("Live"));
+    assert_eq!(phase(&api, "v2").as_deref(), Some("Draining"));
+    assert_eq!(
+        count(&redis, "v1").await,
+        1000,
+        "the rollback finds v1's cache warm"
+    );
+    let reasons: Vec<String> = api
+        .take_requests()
+        .iter()
+        .filter(|r| r.path == EVENTS)
+        .filter_map(|r| {
+            r.body
+                .as_ref()
+                .map(|b| b["reason"].as_str().unwrap().to_string())
+        })
+        .collect();
+    assert!(
+        reasons.contains(&"SweepCancelled".to_string()),
+        "{reasons:?}"
+    );
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let state = modelcache::registry::read(&mut conn, "smollm2")
+        .await
+        .unwrap();
+    assert_eq!(state.active.as_deref(), Some("v1"));
 }

@@ -12,6 +12,7 @@ pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod reconcile;
+pub mod rollout;
 pub mod status;
 
 use std::net::SocketAddr;

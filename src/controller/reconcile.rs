@@ -17,9 +17,15 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::crd::cache_policy::{CachePolicySpec, InvalidationStrategy};
 use crate::crd::condition::condition_status;
+use crate::crd::model_cache::{VersionPhase, WorkloadKind, WorkloadRef};
 use crate::crd::{self, CachePolicy, ModelCache};
+use crate::registry::{self, Transition};
 use crate::store::live::{self, Defrag, LiveError, RedisTarget};
+use crate::sweep::{self, Pace, SweepReport};
+
+use super::rollout::{RolloutInput, RolloutPlan, plan_rollout};
 
 use super::builders::{self, PASSWORD_KEY};
 use super::metrics::{ErrorCategory, Metrics, Outcome};
@@ -30,6 +36,8 @@ use super::status::{self, CONFIG_APPLIED, FRAGMENTED, Observation, READY, SPEC_V
 pub const MANAGER: &str = "modelcache-controller";
 /// How soon to look again at a Redis that is not ready yet (starting pod).
 const NOT_READY_REQUEUE: Duration = Duration::from_secs(10);
+/// How soon to look again while a version drains or is swept.
+const ROLLOUT_REQUEUE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -64,7 +72,11 @@ pub struct Context {
     pub redis_url_override: Option<String>,
     /// Consecutive failures per object, for per-object backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Running sweeps, by `namespace/name/version`.
+    sweeps: Mutex<HashMap<String, SweepTask>>,
 }
+
+type SweepTask = tokio::task::JoinHandle<Result<SweepReport, String>>;
 
 impl Context {
     pub fn new(
@@ -80,6 +92,7 @@ impl Context {
             health_interval,
             redis_url_override: None,
             failures: Mutex::new(HashMap::new()),
+            sweeps: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -231,8 +244,19 @@ async fn reconcile_steps(
         }
     };
 
-    // 5. Live config and health.
-    let obs = observe(&target, &desired, enforce, threshold).await;
+    // 5. Live config and health, then the rollout.
+    let mut obs = observe(&target, &desired, enforce, threshold).await;
+    let mut rollout = None;
+    if obs.unreachable.is_none() {
+        match follow_rollout(mc, ctx, &client, &namespace, &target, &plan.policy, enforce).await? {
+            Ok(r) => {
+                obs.rollout = Some((r.versions.clone(), Some(mc.spec.version.clone())));
+                rollout = Some(r);
+            }
+            Err(invalid) => return invalid_spec(mc, ctx, invalid).await,
+        }
+    }
+    let in_motion = rollout.as_ref().is_some_and(RolloutPlan::in_motion);
     if obs.command_failed {
         ctx.metrics.error(ErrorCategory::RedisCommand);
     } else if obs.unreachable.is_some() {
@@ -250,7 +274,12 @@ async fn reconcile_steps(
     ctx.metrics
         .cache(&namespace, &name, ready, drift, obs.info.as_ref());
     announce(mc, ctx, &new_status, &obs).await;
-    let again = if ready {
+    if let Some(r) = &rollout {
+        announce_rollout(mc, ctx, r).await;
+    }
+    let again = if in_motion {
+        ctx.health_interval.min(ROLLOUT_REQUEUE)
+    } else if ready {
         ctx.health_interval
     } else {
         NOT_READY_REQUEUE
@@ -426,6 +455,285 @@ pub async fn observe(
         );
     }
     obs
+}
+
+/// Pods serving each version, from the workload's pods; `Err(Invalid)` when
+/// the named workload does not exist.
+async fn pods_by_version(
+    client: &Client,
+    namespace: &str,
+    workload: &WorkloadRef,
+) -> Result<Result<BTreeMap<String, i32>, Invalid>, ReconcileError> {
+    use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::ListParams;
+
+    let selector = match (&workload.name, &workload.selector) {
+        (Some(name), _) => {
+            let kind = workload.kind.unwrap_or_default();
+            let selector = match kind {
+                WorkloadKind::Deployment => {
+                    Api::<Deployment>::namespaced(client.clone(), namespace)
+                        .get_opt(name)
+                        .await
+                        .map_err(kube_error("read", "Deployment", namespace, name))?
+                        .map(|d| d.spec.selector)
+                }
+                WorkloadKind::StatefulSet => {
+                    Api::<StatefulSet>::namespaced(client.clone(), namespace)
+                        .get_opt(name)
+                        .await
+                        .map_err(kube_error("read", "StatefulSet", namespace, name))?
+                        .map(|s| s.spec.selector)
+                }
+            };
+            match selector {
+                Some(s) => s,
+                None => {
+                    return Ok(Err(Invalid {
+                        reason: "WorkloadNotFound",
+                        message: format!(
+                            "{kind:?} {name:?} does not exist in namespace {namespace}: create it, or fix \
+                             spec.workload; until then no version is retired"
+                        ),
+                    }));
+                }
+            }
+        }
+        (None, Some(selector)) => selector.clone(),
+        (None, None) => return Ok(Ok(BTreeMap::new())),
+    };
+    let selector = label_selector(&selector);
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube_error("list", "Pods", namespace, &selector))?;
+    let mut versions = BTreeMap::new();
+    for pod in pods {
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded" | "Failed")) {
+            continue;
+        }
+        let label = &workload.version_label;
+        let version = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(label))
+            .or_else(|| pod.metadata.annotations.as_ref().and_then(|a| a.get(label)));
+        if let Some(v) = version {
+            *versions.entry(v.clone()).or_insert(0) += 1;
+        }
+    }
+    Ok(Ok(versions))
+}
+
+/// A label selector in the API's query syntax.
+pub fn label_selector(
+    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+) -> String {
+    let mut parts: Vec<String> = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in selector.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            _ => format!("!{}", e.key),
+        });
+    }
+    parts.join(",")
+}
+
+/// Follows the rollout: version phases, the registry, and the sweeps.
+async fn follow_rollout(
+    mc: &ModelCache,
+    ctx: &Context,
+    client: &Client,
+    namespace: &str,
+    target: &RedisTarget,
+    policy: &CachePolicySpec,
+    owned_redis: bool,
+) -> Result<Result<RolloutPlan, Invalid>, ReconcileError> {
+    let pods = match &mc.spec.workload {
+        Some(w) => match pods_by_version(client, namespace, w).await? {
+            Ok(p) => p,
+            Err(invalid) => return Ok(Err(invalid)),
+        },
+        None => BTreeMap::new(),
+    };
+    let prefix = format!("{}/", key(mc));
+    let mut finished = BTreeMap::new();
+    {
+        let mut sweeps = ctx.sweeps.lock().expect("sweeps lock");
+        let done: Vec<String> = sweeps
+            .iter()
+            .filter(|(k, t)| k.starts_with(&prefix) && t.is_finished())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in done {
+            let task = sweeps.remove(&k).expect("listed");
+            let version = k[prefix.len()..].to_string();
+            match futures::FutureExt::now_or_never(task) {
+                Some(Ok(Ok(report))) => {
+                    finished.insert(version, report.deleted + report.deleted_before);
+                }
+                // A failed sweep is started again below, from its checkpoint.
+                Some(Ok(Err(e))) => {
+                    tracing::warn!(modelcache = %key(mc), version = %version, error = %e, "sweep failed; it resumes")
+                }
+                _ => {}
+            }
+        }
+    }
+    let previous = mc
+        .status
+        .as_ref()
+        .map(|s| s.versions.clone())
+        .unwrap_or_default();
+    // An external Redis may serve other models: never flush it.
+    let strategy = match policy.invalidation.strategy {
+        InvalidationStrategy::Flush if !owned_redis => InvalidationStrategy::VersionKeyed,
+        s => s,
+    };
+    let plan = plan_rollout(&RolloutInput {
+        desired: &mc.spec.version,
+        pods: &pods,
+        previous: &previous,
+        grace_period_seconds: policy.invalidation.grace_period_seconds,
+        strategy,
+        finished_sweeps: &finished,
+        now: Timestamp::now(),
+    });
+
+    // The registry: the desired version is active, served versions are live,
+    // drained ones are retired.
+    let model = &mc.spec.model;
+    if let Ok(mut conn) = target.connect().await {
+        match registry::read(&mut conn, model).await {
+            Ok(state) => {
+                if state.active.as_deref() != Some(mc.spec.version.as_str()) {
+                    let _ = registry::transition(
+                        &mut conn,
+                        model,
+                        &mc.spec.version,
+                        Transition::Activate,
+                    )
+                    .await;
+                }
+                for v in &plan.versions {
+                    let live = v.phase == VersionPhase::Live;
+                    if live && !state.live.contains(&v.version) {
+                        let _ =
+                            registry::transition(&mut conn, model, &v.version, Transition::Live)
+                                .await;
+                    } else if !live
+                        && state.live.contains(&v.version)
+                        && v.version != mc.spec.version
+                    {
+                        let _ =
+                            registry::transition(&mut conn, model, &v.version, Transition::Retire)
+                                .await;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(modelcache = %key(mc), error = %error_chain(&e), "failed to read the registry")
+            }
+        }
+    }
+
+    // Exactly one sweep task per Sweeping version: started (or resumed from
+    // its checkpoint after a controller restart), or cancelled by a rollback.
+    let mut sweeps = ctx.sweeps.lock().expect("sweeps lock");
+    for v in &plan.cancel_sweeps {
+        if let Some(task) = sweeps.remove(&format!("{prefix}{v}")) {
+            task.abort();
+        }
+    }
+    let pace = Pace {
+        keys_per_second: u64::try_from(policy.invalidation.sweep_keys_per_second)
+            .unwrap_or(100_000),
+        batch: u64::try_from(policy.invalidation.sweep_batch).unwrap_or(1000),
+    };
+    for v in plan
+        .versions
+        .iter()
+        .filter(|v| v.phase == VersionPhase::Sweeping)
+    {
+        let task_key = format!("{prefix}{}", v.version);
+        if sweeps.contains_key(&task_key) {
+            continue;
+        }
+        let (target, model, version) = (target.clone(), model.clone(), v.version.clone());
+        let flush = strategy == InvalidationStrategy::Flush;
+        sweeps.insert(
+            task_key,
+            tokio::spawn(async move {
+                let mut conn = target.connect().await.map_err(|e| error_chain(&e))?;
+                if flush {
+                    sweep::flush_model_db(&mut conn, &model)
+                        .await
+                        .map_err(|e| error_chain(&e))?;
+                    return Ok(SweepReport::default());
+                }
+                sweep::sweep_version(&mut conn, &model, &version, pace)
+                    .await
+                    .map_err(|e| error_chain(&e))
+            }),
+        );
+    }
+    Ok(Ok(plan))
+}
+
+/// Events for version phase changes.
+async fn announce_rollout(mc: &ModelCache, ctx: &Context, plan: &RolloutPlan) {
+    let reference = mc.object_ref(&());
+    for (version, from, to) in &plan.transitions {
+        let (reason, note) = match (from, to) {
+            (None, VersionPhase::Live) => ("VersionLive", format!("version {version} is served")),
+            (Some(VersionPhase::Draining | VersionPhase::Sweeping), VersionPhase::Live) => (
+                "SweepCancelled",
+                format!("version {version} is served again (a rollback); its sweep is cancelled"),
+            ),
+            (_, VersionPhase::Live) => ("VersionLive", format!("version {version} is served")),
+            (_, VersionPhase::Draining) => (
+                "VersionDraining",
+                format!(
+                    "no pod serves version {version}; its keys are swept after the grace period"
+                ),
+            ),
+            (_, VersionPhase::Sweeping) => (
+                "SweepStarted",
+                format!("sweeping the keys of version {version}"),
+            ),
+            (_, VersionPhase::Swept) => {
+                let keys = plan
+                    .versions
+                    .iter()
+                    .find(|v| &v.version == version)
+                    .and_then(|v| v.keys)
+                    .map(|k| format!("{k} keys"))
+                    .unwrap_or_else(|| "keys left to expire".into());
+                ("VersionSwept", format!("version {version} swept: {keys}"))
+            }
+        };
+        let event = Event {
+            type_: EventType::Normal,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Rollout".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(modelcache = %key(mc), error = %e, "failed to publish an Event");
+        }
+    }
 }
 
 async fn write_status(

@@ -6,7 +6,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::crd::condition::{condition, set_condition};
-use crate::crd::model_cache::{ModelCacheStatus, RedisStatus};
+use crate::crd::model_cache::{ModelCacheStatus, RedisStatus, VersionStatus};
 use crate::store::RedisInfo;
 use crate::store::live::{ConfigOutcome, Defrag};
 
@@ -32,6 +32,9 @@ pub struct Observation {
     pub info: Option<RedisInfo>,
     pub fragmentation_threshold: f64,
     pub defrag: Option<Defrag>,
+    /// Version phases and the version published as active, when the rollout
+    /// was followed on this reconcile.
+    pub rollout: Option<(Vec<VersionStatus>, Option<String>)>,
 }
 
 /// Fragmentation below this many bytes is ignored whatever the ratio: on a
@@ -161,6 +164,13 @@ pub fn model_cache_status(
                     obs.fragmentation_threshold
                 ),
             );
+        }
+    }
+
+    if let Some((versions, active)) = &obs.rollout {
+        status.versions = versions.clone();
+        if active.is_some() {
+            status.active_version = active.clone();
         }
     }
 

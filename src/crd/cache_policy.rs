@@ -256,8 +256,10 @@ fn default_grace_period() -> i64 {
 fn default_sweep_rate() -> i64 {
     100_000
 }
+// Small batches keep each round trip short, so a reader's GET never waits
+// behind a long pipeline (see the sweep benchmark in the README).
 fn default_sweep_batch() -> i64 {
-    1000
+    100
 }
 
 impl Default for InvalidationSettings {

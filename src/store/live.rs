@@ -77,16 +77,18 @@ impl std::fmt::Debug for RedisTarget {
 }
 
 impl RedisTarget {
-    pub async fn connect(&self) -> Result<MultiplexedConnection, LiveError> {
-        let endpoint = self.url.clone();
+    /// A client with the credentials set, for [`crate::registry::Follower`]
+    /// and other users that open their own connections.
+    pub fn client(&self) -> Result<redis::Client, LiveError> {
+        let url_error = |source| LiveError::Url {
+            endpoint: self.url.clone(),
+            source,
+        };
         let info = self
             .url
             .as_str()
             .into_connection_info()
-            .map_err(|source| LiveError::Url {
-                endpoint: endpoint.clone(),
-                source,
-            })?;
+            .map_err(url_error)?;
         let mut settings = info.redis_settings().clone();
         if let Some(user) = &self.username {
             settings = settings.set_username(user);
@@ -94,18 +96,20 @@ impl RedisTarget {
         if let Some(password) = &self.password {
             settings = settings.set_password(password);
         }
-        let info = info.set_redis_settings(settings);
-        let client = redis::Client::open(info).map_err(|source| LiveError::Url {
-            endpoint: endpoint.clone(),
-            source,
-        })?;
+        redis::Client::open(info.set_redis_settings(settings)).map_err(url_error)
+    }
+
+    pub async fn connect(&self) -> Result<MultiplexedConnection, LiveError> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT));
-        client
+        self.client()?
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(|source| LiveError::Connect { endpoint, source })
+            .map_err(|source| LiveError::Connect {
+                endpoint: self.url.clone(),
+                source,
+            })
     }
 }
 

@@ -95,12 +95,13 @@ impl FakeApiServer {
         state.requests.push(Recorded {
             method: method.clone(),
             path: path.clone(),
-            query,
+            query: query.clone(),
             body: body.clone(),
         });
         let (status, value) = match method.as_str() {
             "GET" => match state.objects.get(&path) {
                 Some(o) => (StatusCode::OK, o.clone()),
+                None if is_collection(&path) => (StatusCode::OK, list(&state, &path, &query)),
                 None => not_found(&path),
             },
             "POST" => {
@@ -184,6 +185,47 @@ impl FakeApiServer {
             .body(Body::from(serde_json::to_vec(&value).unwrap()))
             .unwrap()
     }
+}
+
+/// `/api/v1/namespaces/ns/pods` or `/apis/group/version/namespaces/ns/kind`.
+fn is_collection(path: &str) -> bool {
+    let segments = path.trim_matches('/').split('/').count();
+    (path.starts_with("/api/") && segments == 5) || (path.starts_with("/apis/") && segments == 6)
+}
+
+/// The objects of a collection that match the `labelSelector` (equality
+/// terms only, which is what the controller sends for matchLabels).
+fn list(state: &State, path: &str, query: &str) -> Value {
+    let selector: Vec<(String, String)> = query
+        .split('&')
+        .filter_map(|p| p.strip_prefix("labelSelector="))
+        .flat_map(|s| {
+            let decoded = s
+                .replace("%3D", "=")
+                .replace("%2C", ",")
+                .replace("%2F", "/");
+            decoded
+                .split(',')
+                .filter_map(|t| t.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let items: Vec<Value> = state
+        .objects
+        .iter()
+        .filter(|(p, _)| {
+            p.strip_prefix(path)
+                .and_then(|r| r.strip_prefix('/'))
+                .is_some_and(|r| !r.contains('/'))
+        })
+        .map(|(_, o)| o.clone())
+        .filter(|o| {
+            selector
+                .iter()
+                .all(|(k, v)| o["metadata"]["labels"][k] == json!(v))
+        })
+        .collect();
+    json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": state.next_version.to_string()}, "items": items})
 }
 
 fn stamp_new(state: &mut State, object: &mut Value) {
