@@ -445,6 +445,19 @@ async fn an_external_redis_gets_no_objects_and_is_reported_plainly() {
 
 const PODS: &str = "/api/v1/namespaces/ml/pods";
 
+/// Reasons of the Events posted since the last look, in order.
+fn event_reasons(api: &FakeApiServer) -> Vec<String> {
+    api.take_requests()
+        .iter()
+        .filter(|r| r.path == EVENTS)
+        .filter_map(|r| {
+            r.body
+                .as_ref()
+                .map(|b| b["reason"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
 fn pod(name: &str, version: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": name, "namespace": "ml", "labels": {"app": "chat", "modelcache.dev/version": version}},
@@ -598,16 +611,7 @@ async fn a_rollout_sweeps_the_retired_version_once_no_pod_serves_it() {
         vec!["v2"],
         "v1 is retired in the registry"
     );
-    let reasons: Vec<String> = api
-        .take_requests()
-        .iter()
-        .filter(|r| r.path == EVENTS)
-        .filter_map(|r| {
-            r.body
-                .as_ref()
-                .map(|b| b["reason"].as_str().unwrap().to_string())
-        })
-        .collect();
+    let reasons = event_reasons(&api);
     for wanted in ["VersionDraining", "SweepStarted", "VersionSwept"] {
         assert!(
             reasons.iter().any(|r| r == wanted),
@@ -640,16 +644,7 @@ async fn a_rollback_cancels_the_pending_sweep() {
         1000,
         "the rollback finds v1's cache warm"
     );
-    let reasons: Vec<String> = api
-        .take_requests()
-        .iter()
-        .filter(|r| r.path == EVENTS)
-        .filter_map(|r| {
-            r.body
-                .as_ref()
-                .map(|b| b["reason"].as_str().unwrap().to_string())
-        })
-        .collect();
+    let reasons = event_reasons(&api);
     assert!(
         reasons.contains(&"SweepCancelled".to_string()),
         "{reasons:?}"
