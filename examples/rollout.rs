@@ -35,7 +35,8 @@ async fn main() -> anyhow::Result<()> {
     // takes care of it after this example.
     let old = ResultCache::new(conn.clone(), MODEL, Versions::Fixed("v0".into()), 0);
     for i in 0..500 {
-        old.put(&json!({"q": i, "temperature": 0}), &json!("v0 answer")).await?;
+        old.put(&json!({"q": i, "temperature": 0}), &json!("v0 answer"))
+            .await?;
     }
 
     registry::transition(&mut conn, MODEL, "v1", Transition::Activate).await?;

@@ -9,6 +9,7 @@
 //! mc:~{<model>}:events                       registry event log (stream) and channel
 //! mc:~{<model>}:entity-events                entity invalidation events (stream)
 //! mc:~{<model>}:sweep:<version>              sweep checkpoint (hash)
+//! mc:~{~n<i>}:sweep:<model>:<version>:<node> sweep checkpoint of one cluster primary
 //! ```
 //!
 //! Model and version are escaped so that they contain only `[A-Za-z0-9._-]`

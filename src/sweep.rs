@@ -31,6 +31,8 @@ pub enum SweepError {
          Flush is only for a Redis that serves this model alone: use VersionKeyed"
     )]
     NotDedicated { key: String },
+    #[error("failed to reach cluster node {address}: {message}")]
+    Node { address: String, message: String },
     #[error("failed to read the keys of model {model:?}")]
     Discover {
         model: String,
@@ -78,6 +80,19 @@ pub async fn sweep_version(
     version: &str,
     pace: Pace,
 ) -> Result<SweepReport, SweepError> {
+    let checkpoint = keys::sweep_checkpoint(model, version);
+    sweep_with_checkpoint(conn, model, version, pace, &checkpoint).await
+}
+
+/// The sweep loop of one Redis node, with its checkpoint at `checkpoint`
+/// (a key that this node owns).
+async fn sweep_with_checkpoint(
+    conn: &mut MultiplexedConnection,
+    model: &str,
+    version: &str,
+    pace: Pace,
+    checkpoint: &str,
+) -> Result<SweepReport, SweepError> {
     let err = |action: &'static str| {
         let (model, version) = (model.to_owned(), version.to_owned());
         move |source| SweepError::Redis {
@@ -88,7 +103,7 @@ pub async fn sweep_version(
         }
     };
     let started = Instant::now();
-    let checkpoint = keys::sweep_checkpoint(model, version);
+    let checkpoint = checkpoint.to_owned();
     let pattern = keys::version_pattern(model, version);
     let (cursor, deleted_before): (Option<u64>, Option<u64>) = redis::pipe()
         .hget(&checkpoint, "cursor")
@@ -355,4 +370,209 @@ pub async fn invalidate(
         }
     }
     Ok(outcomes)
+}
+
+/// A primary of a Redis Cluster, from `CLUSTER NODES`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Primary {
+    pub id: String,
+    /// `host:port`
+    pub address: String,
+    /// Inclusive slot ranges.
+    pub slots: Vec<(u16, u16)>,
+}
+
+/// The primaries in `CLUSTER NODES` output (failed ones left out).
+pub fn parse_cluster_nodes(text: &str) -> Vec<Primary> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 8 {
+                return None;
+            }
+            let flags = fields[2];
+            if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+                return None;
+            }
+            let address = fields[1].split('@').next()?.to_string();
+            let slots = fields[8..]
+                .iter()
+                .filter(|s| !s.starts_with('['))
+                .filter_map(|s| match s.split_once('-') {
+                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                    None => s.parse().ok().map(|n| (n, n)),
+                })
+                .collect();
+            Some(Primary {
+                id: fields[0].to_string(),
+                address,
+                slots,
+            })
+        })
+        .collect()
+}
+
+/// CRC16-CCITT (XMODEM), as Redis Cluster uses to place keys.
+fn crc16(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in data {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// The cluster slot of a key (its hash tag, if it has one).
+pub fn key_slot(key: &[u8]) -> u16 {
+    let hashed = key
+        .iter()
+        .position(|b| *b == b'{')
+        .and_then(|open| {
+            let close = key[open + 1..].iter().position(|b| *b == b'}')?;
+            (close > 0).then(|| &key[open + 1..open + 1 + close])
+        })
+        .unwrap_or(key);
+    crc16(hashed) % 16384
+}
+
+/// A checkpoint key that `primary` owns, so the node's own sweep can write it.
+/// Its hash tag (the first braces) is chosen to land in one of the node's
+/// slots; `~` in the tag keeps it apart from every model's `{<model>}` tag,
+/// since an escaped model never contains `~`. `None` if the node owns no slot.
+fn node_checkpoint(model: &str, version: &str, primary: &Primary) -> Option<String> {
+    (0u32..65_536).find_map(|i| {
+        let tag = format!("~n{i}");
+        let slot = crc16(tag.as_bytes()) % 16384;
+        primary
+            .slots
+            .iter()
+            .any(|(a, b)| (*a..=*b).contains(&slot))
+            .then(|| {
+                format!(
+                    "{}:~{{{tag}}}:sweep:{}:{}:{}",
+                    keys::ROOT,
+                    keys::escape(model),
+                    keys::escape(version),
+                    primary.id
+                )
+            })
+    })
+}
+
+/// What a sweep of a Redis Cluster did on each primary.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterSweepReport {
+    /// Per primary address.
+    pub primaries: Vec<(String, SweepReport)>,
+}
+
+impl ClusterSweepReport {
+    pub fn deleted(&self) -> u64 {
+        self.primaries.iter().map(|(_, r)| r.deleted).sum()
+    }
+}
+
+/// Sweeps a version on every primary of a Redis Cluster. Cache entries carry
+/// no hash tag, so a version's keys are on every primary; SCAN only sees the
+/// node it runs on, so each primary is swept in turn, with its own checkpoint
+/// (a key that node owns) so that a killed sweep resumes on every node.
+pub async fn sweep_cluster_version(
+    seed: &crate::store::RedisTarget,
+    model: &str,
+    version: &str,
+    pace: Pace,
+) -> Result<ClusterSweepReport, SweepError> {
+    let err = |action: &'static str| {
+        let (model, version) = (model.to_owned(), version.to_owned());
+        move |source| SweepError::Redis {
+            action,
+            model,
+            version,
+            source,
+        }
+    };
+    let mut conn = seed.connect().await.map_err(|e| SweepError::Node {
+        address: seed.url.clone(),
+        message: crate::controller::plan::error_chain(&e),
+    })?;
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut conn)
+        .await
+        .map_err(err("list the cluster's nodes"))?;
+    let scheme = if seed.url.starts_with("rediss://") {
+        "rediss"
+    } else {
+        "redis"
+    };
+    let mut report = ClusterSweepReport::default();
+    for primary in parse_cluster_nodes(&nodes) {
+        let node = crate::store::RedisTarget {
+            url: format!("{scheme}://{}", primary.address),
+            ..seed.clone()
+        };
+        let mut conn = node.connect().await.map_err(|e| SweepError::Node {
+            address: primary.address.clone(),
+            message: crate::controller::plan::error_chain(&e),
+        })?;
+        let Some(checkpoint) = node_checkpoint(model, version, &primary) else {
+            continue; // a primary without slots holds no keys
+        };
+        let r = sweep_with_checkpoint(&mut conn, model, version, pace, &checkpoint).await?;
+        report.primaries.push((primary.address, r));
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_slots_match_redis() {
+        // Known answers from CLUSTER KEYSLOT.
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"123456789"), 12739);
+        assert_eq!(
+            key_slot(b"{user1000}.following"),
+            key_slot(b"{user1000}.followers")
+        );
+        assert_eq!(key_slot(b"foo{}{bar}"), key_slot(b"foo{}{bar}"));
+        assert_eq!(
+            key_slot(b"{}foo"),
+            crc16(b"{}foo") % 16384,
+            "an empty tag hashes the whole key"
+        );
+    }
+
+    #[test]
+    fn cluster_nodes_are_parsed() {
+        let text = "07c3 127.0.0.1:30004@31004 slave e7d1 0 1426238317239 4 connected\n\
+                    67ed 127.0.0.1:30002@31002 master - 0 1426238316232 2 connected 5461-10922\n\
+                    e7d1 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460 [5461->-67ed]\n\
+                    dead 127.0.0.1:30009@31009 master,fail - 0 0 1 disconnected 10923-16383\n";
+        let primaries = parse_cluster_nodes(text);
+        assert_eq!(primaries.len(), 2);
+        assert_eq!(primaries[0].address, "127.0.0.1:30002");
+        assert_eq!(primaries[0].slots, vec![(5461, 10922)]);
+        assert_eq!(primaries[1].slots, vec![(0, 5460)]);
+        let checkpoint = node_checkpoint("m", "v1", &primaries[1]).unwrap();
+        assert!(key_slot(checkpoint.as_bytes()) <= 5460, "{checkpoint}");
+        assert!(
+            checkpoint.starts_with("mc:~{~n"),
+            "never under a version or a model's tag: {checkpoint}"
+        );
+        let none = Primary {
+            id: "x".into(),
+            address: "a:1".into(),
+            slots: vec![],
+        };
+        assert_eq!(node_checkpoint("m", "v1", &none), None);
+    }
 }
