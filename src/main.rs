@@ -84,6 +84,10 @@ struct InvalidateArgs {
     /// Keys deleted per second at most.
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
     keys_per_second: u64,
+    /// The URL is one node of a Redis Cluster: find, count and sweep keys on
+    /// every primary.
+    #[arg(long)]
+    cluster: bool,
     /// SCAN COUNT and keys per pipeline.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=100_000))]
     batch: u64,
@@ -318,6 +322,18 @@ fn run(command: Command) -> Result<ExitCode> {
                 batch: args.batch,
             };
             let result = runtime()?.block_on(async {
+                if args.cluster {
+                    return anyhow::Ok(
+                        modelcache::sweep::invalidate_cluster(
+                            &target,
+                            &args.model,
+                            &keep,
+                            args.dry_run,
+                            pace,
+                        )
+                        .await,
+                    );
+                }
                 let mut conn = target.connect().await?;
                 anyhow::Ok(
                     modelcache::sweep::invalidate(

@@ -93,15 +93,7 @@ async fn sweep_with_checkpoint(
     pace: Pace,
     checkpoint: &str,
 ) -> Result<SweepReport, SweepError> {
-    let err = |action: &'static str| {
-        let (model, version) = (model.to_owned(), version.to_owned());
-        move |source| SweepError::Redis {
-            action,
-            model,
-            version,
-            source,
-        }
-    };
+    let err = |action| redis_error(action, model, version);
     let started = Instant::now();
     let checkpoint = checkpoint.to_owned();
     let pattern = keys::version_pattern(model, version);
@@ -372,6 +364,149 @@ pub async fn invalidate(
     Ok(outcomes)
 }
 
+fn redis_error(
+    action: &'static str,
+    model: &str,
+    version: &str,
+) -> impl FnOnce(RedisError) -> SweepError {
+    let (model, version) = (model.to_owned(), version.to_owned());
+    move |source| SweepError::Redis {
+        action,
+        model,
+        version,
+        source,
+    }
+}
+
+async fn connect_node(
+    target: &crate::store::RedisTarget,
+) -> Result<MultiplexedConnection, SweepError> {
+    target.connect().await.map_err(|e| SweepError::Node {
+        address: target.url.clone(),
+        message: crate::controller::plan::error_chain(&e),
+    })
+}
+
+/// The primaries of the cluster that `seed` belongs to.
+pub async fn cluster_primaries(
+    seed: &crate::store::RedisTarget,
+) -> Result<Vec<Primary>, SweepError> {
+    let mut conn = connect_node(seed).await?;
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut conn)
+        .await
+        .map_err(|source| SweepError::Node {
+            address: seed.url.clone(),
+            message: format!("CLUSTER NODES failed: {source}"),
+        })?;
+    Ok(parse_cluster_nodes(&nodes))
+}
+
+/// The same credentials, pointed at one primary.
+pub fn node_target(
+    seed: &crate::store::RedisTarget,
+    primary: &Primary,
+) -> crate::store::RedisTarget {
+    let scheme = if seed.url.starts_with("rediss://") {
+        "rediss"
+    } else {
+        "redis"
+    };
+    crate::store::RedisTarget {
+        url: format!("{scheme}://{}", primary.address),
+        ..seed.clone()
+    }
+}
+
+/// The primary that owns `key`'s slot, for commands on the model's own keys.
+pub fn owner<'a>(primaries: &'a [Primary], key: &str) -> Option<&'a Primary> {
+    let slot = key_slot(key.as_bytes());
+    primaries
+        .iter()
+        .find(|p| p.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+}
+
+/// `modelcache invalidate` on a Redis Cluster: versions are found, counted and
+/// swept on every primary, and the registry is read on the node that owns it.
+pub async fn invalidate_cluster(
+    seed: &crate::store::RedisTarget,
+    model: &str,
+    keep: &BTreeSet<String>,
+    dry_run: bool,
+    pace: Pace,
+) -> Result<Vec<VersionOutcome>, InvalidateError> {
+    let primaries = cluster_primaries(seed).await?;
+    let registry_node =
+        owner(&primaries, &keys::registry(model)).ok_or_else(|| SweepError::Node {
+            address: seed.url.clone(),
+            message: "no primary owns the registry's slot".into(),
+        })?;
+    let mut registry_conn = connect_node(&node_target(seed, registry_node)).await?;
+    let state = crate::registry::read(&mut registry_conn, model)
+        .await
+        .map_err(|source| InvalidateError::Registry {
+            model: model.to_owned(),
+            source,
+        })?;
+    let mut nodes = Vec::new();
+    let mut found = BTreeSet::new();
+    for p in &primaries {
+        let mut conn = connect_node(&node_target(seed, p)).await?;
+        found.extend(versions_with_keys(&mut conn, model, pace.batch).await?);
+        nodes.push(conn);
+    }
+    let retired: Vec<String> = found.into_iter().filter(|v| !keep.contains(v)).collect();
+    if let Some(active) = state.active.as_ref().filter(|a| retired.contains(a)) {
+        return Err(InvalidateError::ActiveVersion {
+            model: model.to_owned(),
+            version: active.clone(),
+        });
+    }
+    let mut outcomes = Vec::new();
+    for version in retired {
+        if dry_run {
+            let mut keys = 0;
+            for conn in &mut nodes {
+                keys += count_version(conn, model, &version, pace.batch).await?;
+            }
+            outcomes.push(VersionOutcome {
+                version,
+                keys,
+                report: None,
+            });
+        } else {
+            let cluster = sweep_cluster_version(seed, model, &version, pace).await?;
+            let report = SweepReport {
+                deleted: cluster.deleted(),
+                deleted_before: cluster
+                    .primaries
+                    .iter()
+                    .map(|(_, r)| r.deleted_before)
+                    .sum(),
+                scans: cluster.primaries.iter().map(|(_, r)| r.scans).sum(),
+                resumed: cluster.primaries.iter().any(|(_, r)| r.resumed),
+                elapsed: cluster.primaries.iter().map(|(_, r)| r.elapsed).sum(),
+            };
+            if state.live.contains(&version) {
+                let _ = crate::registry::transition(
+                    &mut registry_conn,
+                    model,
+                    &version,
+                    crate::registry::Transition::Retire,
+                )
+                .await;
+            }
+            outcomes.push(VersionOutcome {
+                version,
+                keys: report.deleted,
+                report: Some(report),
+            });
+        }
+    }
+    Ok(outcomes)
+}
+
 /// A primary of a Redis Cluster, from `CLUSTER NODES`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Primary {
@@ -488,39 +623,9 @@ pub async fn sweep_cluster_version(
     version: &str,
     pace: Pace,
 ) -> Result<ClusterSweepReport, SweepError> {
-    let err = |action: &'static str| {
-        let (model, version) = (model.to_owned(), version.to_owned());
-        move |source| SweepError::Redis {
-            action,
-            model,
-            version,
-            source,
-        }
-    };
-    let mut conn = seed.connect().await.map_err(|e| SweepError::Node {
-        address: seed.url.clone(),
-        message: crate::controller::plan::error_chain(&e),
-    })?;
-    let nodes: String = redis::cmd("CLUSTER")
-        .arg("NODES")
-        .query_async(&mut conn)
-        .await
-        .map_err(err("list the cluster's nodes"))?;
-    let scheme = if seed.url.starts_with("rediss://") {
-        "rediss"
-    } else {
-        "redis"
-    };
     let mut report = ClusterSweepReport::default();
-    for primary in parse_cluster_nodes(&nodes) {
-        let node = crate::store::RedisTarget {
-            url: format!("{scheme}://{}", primary.address),
-            ..seed.clone()
-        };
-        let mut conn = node.connect().await.map_err(|e| SweepError::Node {
-            address: primary.address.clone(),
-            message: crate::controller::plan::error_chain(&e),
-        })?;
+    for primary in cluster_primaries(seed).await? {
+        let mut conn = connect_node(&node_target(seed, &primary)).await?;
         let Some(checkpoint) = node_checkpoint(model, version, &primary) else {
             continue; // a primary without slots holds no keys
         };

@@ -177,3 +177,73 @@ async fn a_sweep_visits_every_primary_and_deletes_exactly_one_version() {
     assert_eq!(left.get("chat2/v1"), Some(&5_000));
     assert_eq!(left.len(), 3, "no checkpoint is left behind: {left:?}");
 }
+
+#[tokio::test]
+async fn invalidate_on_a_cluster_counts_and_sweeps_every_primary() {
+    let nodes = start_cluster().await;
+    let mut seed = connect(nodes[0].port()).await;
+    let text: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut seed)
+        .await
+        .unwrap();
+    let primaries = parse_cluster_nodes(&text);
+    let mut pipes: BTreeMap<String, redis::Pipeline> = BTreeMap::new();
+    for (version, n) in [("v1", 3000), ("v2", 1000)] {
+        for i in 0..n {
+            let key = keys::entry("chat", version, Layer::Result, &format!("{i:x}"));
+            let owner = sweep::owner(&primaries, &key).unwrap();
+            pipes
+                .entry(owner.address.clone())
+                .or_insert_with(redis::pipe)
+                .set(key, i)
+                .ignore();
+        }
+    }
+    for (address, pipe) in &pipes {
+        let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
+        let _: () = pipe.query_async(&mut connect(port).await).await.unwrap();
+    }
+    let url = format!("redis://127.0.0.1:{}", nodes[0].port());
+    let run = |dry: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelcache"));
+        cmd.args([
+            "invalidate",
+            "--cluster",
+            "--redis-url",
+            &url,
+            "--model",
+            "chat",
+            "--keep",
+            "v2",
+        ]);
+        if dry {
+            cmd.arg("--dry-run");
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(true);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.trim(), "would delete 3000 keys of version \"v1\"");
+    let out = run(false);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("deleted 3000 keys of version \"v1\""),
+        "{stdout}"
+    );
+    let out = run(true);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "model \"chat\": no keys outside the kept versions"
+    );
+}

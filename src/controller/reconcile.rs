@@ -248,7 +248,8 @@ async fn reconcile_steps(
     let mut obs = observe(&target, &desired, enforce, threshold).await;
     let mut rollout = None;
     if obs.unreachable.is_none() {
-        match follow_rollout(mc, ctx, &client, &namespace, &target, &plan.policy, enforce).await? {
+        let cluster = matches!(&plan.redis, RedisPlan::External { redis, .. } if redis.cluster);
+        match follow_rollout(mc, ctx, &namespace, &target, &plan.policy, enforce, cluster).await? {
             Ok(r) => {
                 obs.rollout = Some((r.versions.clone(), Some(mc.spec.version.clone())));
                 rollout = Some(r);
@@ -554,12 +555,13 @@ pub fn label_selector(
 async fn follow_rollout(
     mc: &ModelCache,
     ctx: &Context,
-    client: &Client,
     namespace: &str,
     target: &RedisTarget,
     policy: &CachePolicySpec,
     owned_redis: bool,
+    cluster: bool,
 ) -> Result<Result<RolloutPlan, Invalid>, ReconcileError> {
+    let client = &ctx.client;
     let pods = match &mc.spec.workload {
         Some(w) => match pods_by_version(client, namespace, w).await? {
             Ok(p) => p,
@@ -614,7 +616,21 @@ async fn follow_rollout(
     // The registry: the desired version is active, served versions are live,
     // drained ones are retired.
     let model = &mc.spec.model;
-    if let Ok(mut conn) = target.connect().await {
+    // On a cluster the registry's keys live on the primary that owns their slot.
+    let registry_target = if cluster {
+        match sweep::cluster_primaries(target).await {
+            Ok(primaries) => sweep::owner(&primaries, &crate::keys::registry(model))
+                .map(|p| sweep::node_target(target, p))
+                .unwrap_or_else(|| target.clone()),
+            Err(e) => {
+                tracing::warn!(modelcache = %key(mc), error = %error_chain(&e), "failed to list the cluster's primaries");
+                target.clone()
+            }
+        }
+    } else {
+        target.clone()
+    };
+    if let Ok(mut conn) = registry_target.connect().await {
         match registry::read(&mut conn, model).await {
             Ok(state) => {
                 if state.active.as_deref() != Some(mc.spec.version.as_str()) {
@@ -675,6 +691,21 @@ async fn follow_rollout(
         sweeps.insert(
             task_key,
             tokio::spawn(async move {
+                if cluster {
+                    // Every primary in turn, each with its own checkpoint.
+                    let report = sweep::sweep_cluster_version(&target, &model, &version, pace)
+                        .await
+                        .map_err(|e| error_chain(&e))?;
+                    return Ok(SweepReport {
+                        deleted: report.deleted(),
+                        deleted_before: report
+                            .primaries
+                            .iter()
+                            .map(|(_, r)| r.deleted_before)
+                            .sum(),
+                        ..Default::default()
+                    });
+                }
                 let mut conn = target.connect().await.map_err(|e| error_chain(&e))?;
                 if flush {
                     sweep::flush_model_db(&mut conn, &model)
