@@ -477,17 +477,7 @@ pub async fn invalidate_cluster(
             });
         } else {
             let cluster = sweep_cluster_version(seed, model, &version, pace).await?;
-            let report = SweepReport {
-                deleted: cluster.deleted(),
-                deleted_before: cluster
-                    .primaries
-                    .iter()
-                    .map(|(_, r)| r.deleted_before)
-                    .sum(),
-                scans: cluster.primaries.iter().map(|(_, r)| r.scans).sum(),
-                resumed: cluster.primaries.iter().any(|(_, r)| r.resumed),
-                elapsed: cluster.primaries.iter().map(|(_, r)| r.elapsed).sum(),
-            };
+            let report = cluster.total();
             if state.live.contains(&version) {
                 let _ = crate::registry::transition(
                     &mut registry_conn,
@@ -610,6 +600,18 @@ pub struct ClusterSweepReport {
 impl ClusterSweepReport {
     pub fn deleted(&self) -> u64 {
         self.primaries.iter().map(|(_, r)| r.deleted).sum()
+    }
+
+    /// The sweep of the whole cluster as one report.
+    pub fn total(&self) -> SweepReport {
+        let sum = |f: fn(&SweepReport) -> u64| self.primaries.iter().map(|(_, r)| f(r)).sum();
+        SweepReport {
+            deleted: sum(|r| r.deleted),
+            deleted_before: sum(|r| r.deleted_before),
+            scans: sum(|r| r.scans),
+            resumed: self.primaries.iter().any(|(_, r)| r.resumed),
+            elapsed: self.primaries.iter().map(|(_, r)| r.elapsed).sum(),
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use modelcache::keys::{self, Layer};
 use modelcache::store::RedisTarget;
-use modelcache::sweep::{self, Pace, key_slot, parse_cluster_nodes};
+use modelcache::sweep::{self, Pace, parse_cluster_nodes};
 use redis::aio::MultiplexedConnection;
 use support::{RedisServer, free_port};
 
@@ -78,6 +78,36 @@ async fn start_cluster() -> Vec<RedisServer> {
     nodes
 }
 
+/// Writes `n` result keys per (model, version), each to the primary that owns
+/// its slot; returns the primaries.
+async fn load(nodes: &[RedisServer], groups: &[(&str, &str, usize)]) -> Vec<sweep::Primary> {
+    let mut seed = connect(nodes[0].port()).await;
+    let text: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut seed)
+        .await
+        .unwrap();
+    let primaries = parse_cluster_nodes(&text);
+    assert_eq!(primaries.len(), 3);
+    let mut pipes: BTreeMap<String, redis::Pipeline> = BTreeMap::new();
+    for (model, version, n) in groups {
+        for i in 0..*n {
+            let key = keys::entry(model, version, Layer::Result, &format!("{i:x}"));
+            let owner = sweep::owner(&primaries, &key).unwrap();
+            pipes
+                .entry(owner.address.clone())
+                .or_insert_with(redis::pipe)
+                .set(key, i)
+                .ignore();
+        }
+    }
+    for (address, pipe) in &pipes {
+        let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
+        let _: () = pipe.query_async(&mut connect(port).await).await.unwrap();
+    }
+    primaries
+}
+
 fn groups() -> Vec<(&'static str, &'static str, usize)> {
     vec![
         ("chat", "v1", 30_000),
@@ -90,36 +120,7 @@ fn groups() -> Vec<(&'static str, &'static str, usize)> {
 #[tokio::test]
 async fn a_sweep_visits_every_primary_and_deletes_exactly_one_version() {
     let nodes = start_cluster().await;
-    let mut seed = connect(nodes[0].port()).await;
-    let text: String = redis::cmd("CLUSTER")
-        .arg("NODES")
-        .query_async(&mut seed)
-        .await
-        .unwrap();
-    let primaries = parse_cluster_nodes(&text);
-    assert_eq!(primaries.len(), 3);
-
-    // Write each key to the primary that owns its slot.
-    let mut pipes: BTreeMap<String, redis::Pipeline> = BTreeMap::new();
-    for (model, version, n) in groups() {
-        for i in 0..n {
-            let key = keys::entry(model, version, Layer::Result, &format!("{i:x}"));
-            let slot = key_slot(key.as_bytes());
-            let owner = primaries
-                .iter()
-                .find(|p| p.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
-                .unwrap();
-            pipes
-                .entry(owner.address.clone())
-                .or_insert_with(redis::pipe)
-                .set(key, i)
-                .ignore();
-        }
-    }
-    for (address, pipe) in &pipes {
-        let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
-        let _: () = pipe.query_async(&mut connect(port).await).await.unwrap();
-    }
+    load(&nodes, &groups()).await;
 
     let seed_target = RedisTarget {
         url: format!("redis://127.0.0.1:{}", nodes[0].port()),
@@ -181,29 +182,7 @@ async fn a_sweep_visits_every_primary_and_deletes_exactly_one_version() {
 #[tokio::test]
 async fn invalidate_on_a_cluster_counts_and_sweeps_every_primary() {
     let nodes = start_cluster().await;
-    let mut seed = connect(nodes[0].port()).await;
-    let text: String = redis::cmd("CLUSTER")
-        .arg("NODES")
-        .query_async(&mut seed)
-        .await
-        .unwrap();
-    let primaries = parse_cluster_nodes(&text);
-    let mut pipes: BTreeMap<String, redis::Pipeline> = BTreeMap::new();
-    for (version, n) in [("v1", 3000), ("v2", 1000)] {
-        for i in 0..n {
-            let key = keys::entry("chat", version, Layer::Result, &format!("{i:x}"));
-            let owner = sweep::owner(&primaries, &key).unwrap();
-            pipes
-                .entry(owner.address.clone())
-                .or_insert_with(redis::pipe)
-                .set(key, i)
-                .ignore();
-        }
-    }
-    for (address, pipe) in &pipes {
-        let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
-        let _: () = pipe.query_async(&mut connect(port).await).await.unwrap();
-    }
+    load(&nodes, &[("chat", "v1", 3000), ("chat", "v2", 1000)]).await;
     let url = format!("redis://127.0.0.1:{}", nodes[0].port());
     let run = |dry: bool| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelcache"));

@@ -111,6 +111,20 @@ impl ResultCache {
         self.store(inputs, answer, Some(entity)).await
     }
 
+    /// The entity and its current generation, for a personalized key.
+    async fn personal<'e>(
+        &self,
+        conn: &mut MultiplexedConnection,
+        version: &str,
+        entity: Option<&'e str>,
+    ) -> Result<Option<(&'e str, u64)>, CacheError> {
+        let Some(e) = entity else { return Ok(None) };
+        let generation = entity::generation(conn, &self.model, version, e)
+            .await
+            .map_err(self.redis_error("read the generation"))?;
+        Ok(Some((e, generation)))
+    }
+
     async fn lookup(
         &self,
         inputs: &Value,
@@ -118,15 +132,7 @@ impl ResultCache {
     ) -> Result<Option<Value>, CacheError> {
         let version = self.versions.require(&self.model)?;
         let mut conn = self.conn.clone();
-        let personal = match entity {
-            Some(e) => Some((
-                e,
-                entity::generation(&mut conn, &self.model, &version, e)
-                    .await
-                    .map_err(self.redis_error("read the generation"))?,
-            )),
-            None => None,
-        };
+        let personal = self.personal(&mut conn, &version, entity).await?;
         let found: Option<Vec<u8>> = redis::cmd("GET")
             .arg(self.key(&version, inputs, personal))
             .query_async(&mut conn)
@@ -153,15 +159,7 @@ impl ResultCache {
         }
         let version = self.versions.require(&self.model)?;
         let mut conn = self.conn.clone();
-        let personal = match entity {
-            Some(e) => Some((
-                e,
-                entity::generation(&mut conn, &self.model, &version, e)
-                    .await
-                    .map_err(self.redis_error("read the generation"))?,
-            )),
-            None => None,
-        };
+        let personal = self.personal(&mut conn, &version, entity).await?;
         let value = codec::encode(answer).map_err(CacheError::Encode)?;
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.key(&version, inputs, personal)).arg(value);

@@ -696,15 +696,7 @@ async fn follow_rollout(
                     let report = sweep::sweep_cluster_version(&target, &model, &version, pace)
                         .await
                         .map_err(|e| error_chain(&e))?;
-                    return Ok(SweepReport {
-                        deleted: report.deleted(),
-                        deleted_before: report
-                            .primaries
-                            .iter()
-                            .map(|(_, r)| r.deleted_before)
-                            .sum(),
-                        ..Default::default()
-                    });
+                    return Ok(report.total());
                 }
                 let mut conn = target.connect().await.map_err(|e| error_chain(&e))?;
                 if flush {
