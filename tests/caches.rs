@@ -16,7 +16,7 @@ use support::RedisServer;
 async fn connect(redis: &RedisServer) -> MultiplexedConnection {
     redis::Client::open(redis.url())
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&support::patient())
         .await
         .unwrap()
 }

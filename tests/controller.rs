@@ -113,7 +113,10 @@ fn password(api: &FakeApiServer) -> String {
 
 async fn config_get(redis: &RedisServer, key: &str) -> String {
     let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&support::patient())
+        .await
+        .unwrap();
     let pair: Vec<String> = redis::cmd("CONFIG")
         .arg("GET")
         .arg(key)
@@ -484,7 +487,7 @@ fn phase(api: &FakeApiServer, version: &str) -> Option<String> {
 async fn populate(redis: &RedisServer, version: &str, n: usize) {
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&support::patient())
         .await
         .unwrap();
     let mut pipe = redis::pipe();
@@ -506,7 +509,7 @@ async fn populate(redis: &RedisServer, version: &str, n: usize) {
 async fn count(redis: &RedisServer, version: &str) -> u64 {
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&support::patient())
         .await
         .unwrap();
     modelcache::sweep::count_version(&mut conn, "smollm2", version, 1000)
@@ -549,7 +552,7 @@ async fn a_rollout_sweeps_the_retired_version_once_no_pod_serves_it() {
     );
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&support::patient())
         .await
         .unwrap();
     let state = modelcache::registry::read(&mut conn, "smollm2")
@@ -651,7 +654,7 @@ async fn a_rollback_cancels_the_pending_sweep() {
     );
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&support::patient())
         .await
         .unwrap();
     let state = modelcache::registry::read(&mut conn, "smollm2")

@@ -67,7 +67,7 @@ async fn redis_and_s3_round_trip_then_tear_down() {
 
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&support::patient())
         .await
         .expect("connect with the password");
     let _: () = redis::cmd("SET")
@@ -111,7 +111,7 @@ async fn redis_rejects_a_wrong_password() {
     let url = format!("redis://:wrong@127.0.0.1:{}", redis.port());
     let client = redis::Client::open(url).unwrap();
     let err = client
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&support::patient())
         .await
         .expect_err("a wrong password must fail");
     assert_eq!(err.kind(), redis::ErrorKind::AuthenticationFailed, "{err}");

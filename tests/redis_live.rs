@@ -36,7 +36,10 @@ fn target(redis: &RedisServer) -> RedisTarget {
 
 async fn config_get(redis: &RedisServer, key: &str) -> String {
     let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&support::patient())
+        .await
+        .unwrap();
     let pair: Vec<String> = redis::cmd("CONFIG")
         .arg("GET")
         .arg(key)
@@ -48,7 +51,10 @@ async fn config_get(redis: &RedisServer, key: &str) -> String {
 
 async fn config_set(redis: &RedisServer, key: &str, value: &str) {
     let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&support::patient())
+        .await
+        .unwrap();
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg(key)
@@ -163,7 +169,10 @@ async fn info_becomes_status_fields() {
     let redis = RedisServer::start_with(Some("pw"), &[("maxmemory", "100mb")])
         .unwrap_or_else(|e| panic!("{e}"));
     let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&support::patient())
+        .await
+        .unwrap();
     let _: () = redis::cmd("SET")
         .arg("a")
         .arg("1")

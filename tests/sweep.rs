@@ -22,7 +22,7 @@ async fn start() -> (RedisServer, MultiplexedConnection) {
         .unwrap_or_else(|e| panic!("{e}"));
     let conn = redis::Client::open(redis.url())
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&support::patient())
         .await
         .unwrap();
     (redis, conn)
@@ -210,7 +210,7 @@ async fn writers_of_a_live_version_lose_nothing_during_a_sweep() {
         tokio::spawn(async move {
             let mut conn = redis::Client::open(url)
                 .unwrap()
-                .get_multiplexed_async_connection()
+                .get_multiplexed_async_connection_with_config(&support::patient())
                 .await
                 .unwrap();
             let mut written = 0u64;

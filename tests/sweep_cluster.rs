@@ -16,7 +16,7 @@ use support::{RedisServer, free_port};
 async fn connect(port: u16) -> MultiplexedConnection {
     redis::Client::open(format!("redis://127.0.0.1:{port}"))
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&support::patient())
         .await
         .unwrap()
 }

@@ -489,3 +489,10 @@ impl HttpServer {
         format!("http://127.0.0.1:{}", self.port())
     }
 }
+
+/// Connection settings for tests: a generous response timeout, because the
+/// library default (500 ms) is too short for bulk loads on a loaded 2-core
+/// machine, and a timeout there would be a flaky test, not a finding.
+pub fn patient() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)))
+}
