@@ -633,6 +633,27 @@ async fn a_rollback_cancels_the_pending_sweep() {
     api.remove(&format!("{PODS}/p1"));
     reconcile_stored(&api, &ctx).await;
     assert_eq!(phase(&api, "v1").as_deref(), Some("Draining"));
+    // A draining version's keys are counted once, in the background.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let versions = api.get(MC).unwrap()["status"]["versions"].clone();
+        let v1 = versions
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["version"] == "v1")
+            .cloned()
+            .unwrap();
+        if v1["keys"] == 1000 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "v1's keys were not counted: {v1}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        reconcile_stored(&api, &ctx).await;
+    }
 
     // Roll back before the grace period ends.
     set_version(&api, "v1");

@@ -74,7 +74,11 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Running sweeps, by `namespace/name/version`.
     sweeps: Mutex<HashMap<String, SweepTask>>,
+    /// Running key counts of draining versions, by `namespace/name/version`.
+    counts: Mutex<HashMap<String, CountTask>>,
 }
+
+type CountTask = tokio::task::JoinHandle<Result<u64, String>>;
 
 type SweepTask = tokio::task::JoinHandle<Result<SweepReport, String>>;
 
@@ -93,6 +97,7 @@ impl Context {
             redis_url_override: None,
             failures: Mutex::new(HashMap::new()),
             sweeps: Mutex::new(HashMap::new()),
+            counts: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -603,7 +608,7 @@ async fn follow_rollout(
         InvalidationStrategy::Flush if !owned_redis => InvalidationStrategy::VersionKeyed,
         s => s,
     };
-    let plan = plan_rollout(&RolloutInput {
+    let mut plan = plan_rollout(&RolloutInput {
         desired: &mc.spec.version,
         pods: &pods,
         previous: &previous,
@@ -711,7 +716,82 @@ async fn follow_rollout(
             }),
         );
     }
+    drop(sweeps);
+    count_draining_keys(ctx, &prefix, &mut plan, target, model, cluster);
     Ok(Ok(plan))
+}
+
+/// A draining version's key count, taken once in the background (a full
+/// SCAN of its keys, so not on every reconcile) and shown in status until the
+/// sweep reports what it deleted.
+fn count_draining_keys(
+    ctx: &Context,
+    prefix: &str,
+    plan: &mut RolloutPlan,
+    target: &RedisTarget,
+    model: &str,
+    cluster: bool,
+) {
+    let mut counts = ctx.counts.lock().expect("counts lock");
+    for v in plan
+        .versions
+        .iter_mut()
+        .filter(|v| v.phase == VersionPhase::Draining)
+    {
+        let task_key = format!("{prefix}{}", v.version);
+        match counts.get(&task_key) {
+            Some(task) if task.is_finished() => {
+                let task = counts.remove(&task_key).expect("present");
+                if let Some(Ok(Ok(n))) = futures::FutureExt::now_or_never(task) {
+                    v.keys = Some(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
+            Some(_) => {}
+            None if v.keys.is_none() => {
+                let (target, model, version) =
+                    (target.clone(), model.to_owned(), v.version.clone());
+                counts.insert(
+                    task_key,
+                    tokio::spawn(async move {
+                        let nodes = if cluster {
+                            let primaries = sweep::cluster_primaries(&target)
+                                .await
+                                .map_err(|e| error_chain(&e))?;
+                            primaries
+                                .iter()
+                                .map(|p| sweep::node_target(&target, p))
+                                .collect()
+                        } else {
+                            vec![target]
+                        };
+                        let mut total = 0;
+                        for node in nodes {
+                            let mut conn = node.connect().await.map_err(|e| error_chain(&e))?;
+                            total += sweep::count_version(&mut conn, &model, &version, 1000)
+                                .await
+                                .map_err(|e| error_chain(&e))?;
+                        }
+                        Ok(total)
+                    }),
+                );
+            }
+            None => {}
+        }
+    }
+    // Counts of this cache's versions that no longer drain are of no use.
+    counts.retain(|k, task| {
+        let Some(version) = k.strip_prefix(prefix) else {
+            return true; // another ModelCache's
+        };
+        let draining = plan
+            .versions
+            .iter()
+            .any(|v| v.phase == VersionPhase::Draining && v.version == version);
+        if !draining {
+            task.abort();
+        }
+        draining
+    });
 }
 
 /// Events for version phase changes.

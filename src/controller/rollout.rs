@@ -81,6 +81,8 @@ pub fn plan_rollout(input: &RolloutInput) -> RolloutPlan {
         let phase = match (prev.map(|p| p.phase), served) {
             (Some(VersionPhase::Draining | VersionPhase::Sweeping), true) => {
                 plan.cancel_sweeps.push(name.to_owned());
+                // Its count was taken for the sweep; a live version's keys change.
+                keys = None;
                 VersionPhase::Live
             }
             (_, true) => VersionPhase::Live,
