@@ -315,18 +315,43 @@ pub async fn invalidate(
     dry_run: bool,
     pace: Pace,
 ) -> Result<Vec<VersionOutcome>, InvalidateError> {
-    let state =
-        crate::registry::read(conn, model)
-            .await
-            .map_err(|source| InvalidateError::Registry {
-                model: model.to_owned(),
-                source,
-            })?;
-    let retired: Vec<String> = versions_with_keys(conn, model, pace.batch)
-        .await?
-        .into_iter()
-        .filter(|v| !keep.contains(v))
-        .collect();
+    let mut sweeper = conn.clone();
+    let sweep = async |version: &str| sweep_version(&mut sweeper, model, version, pace).await;
+    invalidate_on(
+        conn.clone(),
+        vec![conn.clone()],
+        model,
+        keep,
+        dry_run,
+        pace,
+        sweep,
+    )
+    .await
+}
+
+/// What single-node and cluster invalidation share: `registry` is a
+/// connection to the node holding the model's registry, `nodes` one to every
+/// node holding cache keys, and `sweep` deletes one version everywhere.
+async fn invalidate_on(
+    mut registry: MultiplexedConnection,
+    mut nodes: Vec<MultiplexedConnection>,
+    model: &str,
+    keep: &BTreeSet<String>,
+    dry_run: bool,
+    pace: Pace,
+    mut sweep: impl AsyncFnMut(&str) -> Result<SweepReport, SweepError>,
+) -> Result<Vec<VersionOutcome>, InvalidateError> {
+    let state = crate::registry::read(&mut registry, model)
+        .await
+        .map_err(|source| InvalidateError::Registry {
+            model: model.to_owned(),
+            source,
+        })?;
+    let mut found = BTreeSet::new();
+    for conn in &mut nodes {
+        found.extend(versions_with_keys(conn, model, pace.batch).await?);
+    }
+    let retired: Vec<String> = found.into_iter().filter(|v| !keep.contains(v)).collect();
     if let Some(active) = state.active.as_ref().filter(|a| retired.contains(a)) {
         return Err(InvalidateError::ActiveVersion {
             model: model.to_owned(),
@@ -336,30 +361,33 @@ pub async fn invalidate(
     let mut outcomes = Vec::new();
     for version in retired {
         if dry_run {
-            let keys = count_version(conn, model, &version, pace.batch).await?;
+            let mut keys = 0;
+            for conn in &mut nodes {
+                keys += count_version(conn, model, &version, pace.batch).await?;
+            }
             outcomes.push(VersionOutcome {
                 version,
                 keys,
                 report: None,
             });
-        } else {
-            let report = sweep_version(conn, model, &version, pace).await?;
-            if state.live.contains(&version) {
-                // Best effort: the sweep itself is what matters.
-                let _ = crate::registry::transition(
-                    conn,
-                    model,
-                    &version,
-                    crate::registry::Transition::Retire,
-                )
-                .await;
-            }
-            outcomes.push(VersionOutcome {
-                version,
-                keys: report.deleted,
-                report: Some(report),
-            });
+            continue;
         }
+        let report = sweep(&version).await?;
+        if state.live.contains(&version) {
+            // Best effort: the sweep itself is what matters.
+            let _ = crate::registry::transition(
+                &mut registry,
+                model,
+                &version,
+                crate::registry::Transition::Retire,
+            )
+            .await;
+        }
+        outcomes.push(VersionOutcome {
+            version,
+            keys: report.deleted,
+            report: Some(report),
+        });
     }
     Ok(outcomes)
 }
@@ -442,59 +470,17 @@ pub async fn invalidate_cluster(
             address: seed.url.clone(),
             message: "no primary owns the registry's slot".into(),
         })?;
-    let mut registry_conn = connect_node(&node_target(seed, registry_node)).await?;
-    let state = crate::registry::read(&mut registry_conn, model)
-        .await
-        .map_err(|source| InvalidateError::Registry {
-            model: model.to_owned(),
-            source,
-        })?;
+    let registry = connect_node(&node_target(seed, registry_node)).await?;
     let mut nodes = Vec::new();
-    let mut found = BTreeSet::new();
     for p in &primaries {
-        let mut conn = connect_node(&node_target(seed, p)).await?;
-        found.extend(versions_with_keys(&mut conn, model, pace.batch).await?);
-        nodes.push(conn);
+        nodes.push(connect_node(&node_target(seed, p)).await?);
     }
-    let retired: Vec<String> = found.into_iter().filter(|v| !keep.contains(v)).collect();
-    if let Some(active) = state.active.as_ref().filter(|a| retired.contains(a)) {
-        return Err(InvalidateError::ActiveVersion {
-            model: model.to_owned(),
-            version: active.clone(),
-        });
-    }
-    let mut outcomes = Vec::new();
-    for version in retired {
-        if dry_run {
-            let mut keys = 0;
-            for conn in &mut nodes {
-                keys += count_version(conn, model, &version, pace.batch).await?;
-            }
-            outcomes.push(VersionOutcome {
-                version,
-                keys,
-                report: None,
-            });
-        } else {
-            let cluster = sweep_cluster_version(seed, model, &version, pace).await?;
-            let report = cluster.total();
-            if state.live.contains(&version) {
-                let _ = crate::registry::transition(
-                    &mut registry_conn,
-                    model,
-                    &version,
-                    crate::registry::Transition::Retire,
-                )
-                .await;
-            }
-            outcomes.push(VersionOutcome {
-                version,
-                keys: report.deleted,
-                report: Some(report),
-            });
-        }
-    }
-    Ok(outcomes)
+    let sweep = async |version: &str| {
+        Ok(sweep_cluster_version(seed, model, version, pace)
+            .await?
+            .total())
+    };
+    invalidate_on(registry, nodes, model, keep, dry_run, pace, sweep).await
 }
 
 /// A primary of a Redis Cluster, from `CLUSTER NODES`.

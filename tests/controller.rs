@@ -111,21 +111,6 @@ fn password(api: &FakeApiServer) -> String {
     .unwrap()
 }
 
-async fn config_get(redis: &RedisServer, key: &str) -> String {
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client
-        .get_multiplexed_async_connection_with_config(&support::patient())
-        .await
-        .unwrap();
-    let pair: Vec<String> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    pair[1].clone()
-}
-
 /// Brings up the ModelCache: the first reconcile creates the objects (Redis is
 /// not up yet), then a real redis-server starts with the generated password.
 async fn bring_up(api: &FakeApiServer, client: &Client) -> (RedisServer, Arc<Context>) {
@@ -220,7 +205,7 @@ async fn first_reconcile_creates_everything_and_a_second_changes_nothing() {
     );
     assert_eq!(condition(&api, "Ready")["status"], "True");
     assert_eq!(condition(&api, "ConfigApplied")["status"], "True");
-    assert_eq!(config_get(&redis, "maxmemory").await, "1717986918");
+    assert_eq!(support::config_get(&redis, "maxmemory").await, "1717986918");
     let events: Vec<&Value> = second
         .iter()
         .filter(|r| r.path == EVENTS)
@@ -293,7 +278,10 @@ async fn a_policy_change_updates_the_running_config_without_a_restart() {
     );
     api.insert(MC, model_cache(Some("faq")));
     let (redis, ctx) = bring_up(&api, &client).await;
-    assert_eq!(config_get(&redis, "maxmemory-policy").await, "allkeys-lru");
+    assert_eq!(
+        support::config_get(&redis, "maxmemory-policy").await,
+        "allkeys-lru"
+    );
     let before = api.take_requests();
 
     api.insert(
@@ -317,8 +305,11 @@ async fn a_policy_change_updates_the_running_config_without_a_restart() {
         body_of(&after, "PATCH", STATEFUL_SET)
     );
     // The running Redis has the new config, read back.
-    assert_eq!(config_get(&redis, "maxmemory-policy").await, "allkeys-lfu");
-    assert_eq!(config_get(&redis, "maxmemory").await, "1073741824");
+    assert_eq!(
+        support::config_get(&redis, "maxmemory-policy").await,
+        "allkeys-lfu"
+    );
+    assert_eq!(support::config_get(&redis, "maxmemory").await, "1073741824");
     let status = &api.get(MC).unwrap()["status"]["redis"];
     assert_eq!(status["appliedConfig"]["maxmemory-policy"], "allkeys-lfu");
     assert_eq!(status["desiredConfig"]["maxmemory"], "1073741824");

@@ -34,21 +34,6 @@ fn target(redis: &RedisServer) -> RedisTarget {
     }
 }
 
-async fn config_get(redis: &RedisServer, key: &str) -> String {
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client
-        .get_multiplexed_async_connection_with_config(&support::patient())
-        .await
-        .unwrap();
-    let pair: Vec<String> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    pair[1].clone()
-}
-
 async fn config_set(redis: &RedisServer, key: &str, value: &str) {
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client
@@ -81,9 +66,15 @@ async fn config_is_applied_verified_and_drift_is_fixed() {
     );
     assert_eq!(first.applied, want);
     // Verified independently of the code under test.
-    assert_eq!(config_get(&redis, "maxmemory").await, "1717986918");
-    assert_eq!(config_get(&redis, "maxmemory-policy").await, "allkeys-lru");
-    assert_eq!(config_get(&redis, "lazyfree-lazy-eviction").await, "yes");
+    assert_eq!(support::config_get(&redis, "maxmemory").await, "1717986918");
+    assert_eq!(
+        support::config_get(&redis, "maxmemory-policy").await,
+        "allkeys-lru"
+    );
+    assert_eq!(
+        support::config_get(&redis, "lazyfree-lazy-eviction").await,
+        "yes"
+    );
 
     let again = live::reconcile_config(&mut conn, &t.url, &want, true)
         .await
@@ -102,7 +93,10 @@ async fn config_is_applied_verified_and_drift_is_fixed() {
     assert_eq!(fixed.changed, vec!["maxmemory", "maxmemory-policy"]);
     assert_eq!(fixed.before["maxmemory-policy"], "noeviction");
     assert!(fixed.converged());
-    assert_eq!(config_get(&redis, "maxmemory-policy").await, "allkeys-lru");
+    assert_eq!(
+        support::config_get(&redis, "maxmemory-policy").await,
+        "allkeys-lru"
+    );
 
     // A policy change reaches the running Redis without a restart.
     let lfu = desired(EvictionPolicy::AllkeysLfu, 0.5, "2Gi");
@@ -111,10 +105,13 @@ async fn config_is_applied_verified_and_drift_is_fixed() {
         .unwrap();
     assert_eq!(changed.changed, vec!["maxmemory", "maxmemory-policy"]);
     assert_eq!(
-        config_get(&redis, "maxmemory").await,
+        support::config_get(&redis, "maxmemory").await,
         (1u64 << 30).to_string()
     );
-    assert_eq!(config_get(&redis, "maxmemory-policy").await, "allkeys-lfu");
+    assert_eq!(
+        support::config_get(&redis, "maxmemory-policy").await,
+        "allkeys-lfu"
+    );
 }
 
 #[tokio::test]
@@ -134,7 +131,7 @@ async fn a_redis_we_do_not_own_is_only_compared() {
         "{outcome:?}"
     );
     assert_eq!(
-        config_get(&redis, "maxmemory-policy").await,
+        support::config_get(&redis, "maxmemory-policy").await,
         "noeviction",
         "nothing was set"
     );

@@ -496,3 +496,19 @@ impl HttpServer {
 pub fn patient() -> redis::AsyncConnectionConfig {
     redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)))
 }
+
+/// `CONFIG GET key` on the server, read independently of the code under test.
+pub async fn config_get(redis: &RedisServer, key: &str) -> String {
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&patient())
+        .await
+        .unwrap();
+    let pair: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    pair[1].clone()
+}
