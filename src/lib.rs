@@ -9,9 +9,11 @@
 //!
 //! The `modelcache` binary is a thin command line over this library.
 
+pub mod artifact;
 pub mod cache;
 pub mod controller;
 pub mod crd;
+pub mod digest;
 pub mod keys;
 pub mod quantity;
 pub mod registry;

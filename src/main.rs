@@ -61,8 +61,160 @@ enum Command {
     /// command refused); 2 usage error; 3 refused because it would sweep the
     /// registry's active version.
     Invalidate(InvalidateArgs),
+    /// Pull a version of a model into a directory, verified against its
+    /// sha256 manifest, in parallel, resumable, through a node-local cache.
+    /// Every option can come from the environment (init containers).
+    ///
+    /// Exit codes: 0 done; 1 local I/O failure; 2 bad arguments; 4 the origin
+    /// refused (403/404: credentials, signature, version not published); 5
+    /// integrity (a digest mismatch twice, an invalid manifest, a path that
+    /// leaves the destination); 6 not enough disk space; 7 transient failures
+    /// outlasted the retries or the deadline (progress is kept for the next run).
+    Fetch(Box<FetchArgs>),
+    /// Release a directory as a version: build its sha256 manifest, upload
+    /// the files, then the manifest. Versions are immutable.
+    ///
+    /// Exit codes: 0 published (or already published with the same bytes);
+    /// 1 failed; 2 bad input; 3 the version exists with different content; 4
+    /// the store refused an upload.
+    Publish(PublishArgs),
     /// Print the version and the API version served.
     Version,
+}
+
+#[derive(clap::Args)]
+struct S3Args {
+    /// S3-compatible endpoint, e.g. http://minio:9000 (AWS S3 when unset).
+    #[arg(long, env = "MODELCACHE_S3_ENDPOINT")]
+    endpoint: Option<String>,
+    /// Region; otherwise the default chain (AWS_REGION, profile), else us-east-1.
+    #[arg(long, env = "MODELCACHE_S3_REGION")]
+    region: Option<String>,
+    /// Address the bucket in the path (most S3-compatible stores).
+    #[arg(long, env = "MODELCACHE_S3_PATH_STYLE")]
+    path_style: bool,
+}
+
+#[derive(clap::Args)]
+struct FetchArgs {
+    /// s3://bucket/prefix, https://cdn.example/prefix or file:///dir; the
+    /// version is at <source>/<model>/<version>/.
+    #[arg(long, env = "MODELCACHE_SOURCE")]
+    source: String,
+    #[arg(long, env = "MODELCACHE_MODEL")]
+    model: String,
+    #[arg(long, env = "MODELCACHE_VERSION")]
+    version: String,
+    /// Directory that receives the files (created if missing).
+    #[arg(long, env = "MODELCACHE_DEST")]
+    dest: PathBuf,
+    /// Node-local cache shared by the pods of a node (e.g. a hostPath).
+    #[arg(long, env = "MODELCACHE_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Most bytes the node cache keeps, as a quantity (200Gi); least recently
+    /// used versions that no pod pins are evicted beyond it.
+    #[arg(long, env = "MODELCACHE_CACHE_QUOTA", requires = "cache_dir")]
+    cache_quota: Option<String>,
+    /// Requests in flight at once.
+    #[arg(long, env = "MODELCACHE_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    concurrency: u16,
+    /// Bytes per ranged request, as a quantity (16Mi); adaptive (8 to 64 MiB) when unset.
+    #[arg(long, env = "MODELCACHE_PART_SIZE")]
+    part_size: Option<String>,
+    /// Seconds the whole fetch may take.
+    #[arg(long, env = "MODELCACHE_DEADLINE", default_value_t = 7200)]
+    deadline: u64,
+    /// Attempts per request before a transient failure (5xx, 429, reset,
+    /// timeout, truncated body) is final.
+    #[arg(long, env = "MODELCACHE_RETRIES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
+    retries: u32,
+    /// First retry delay in milliseconds; doubles up to 10 s, with full jitter.
+    #[arg(
+        long,
+        env = "MODELCACHE_RETRY_BASE_MS",
+        default_value_t = 200,
+        hide = true
+    )]
+    retry_base_ms: u64,
+    /// Seconds without data before a request is retried.
+    #[arg(long, env = "MODELCACHE_IDLE_TIMEOUT", default_value_t = 30)]
+    idle_timeout: u64,
+    #[command(flatten)]
+    s3: S3Args,
+    /// Extra header for HTTP origins, `Name: value` (repeatable).
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    /// File of `Name: value` lines (a mounted Secret), for headers that are secrets.
+    #[arg(long, env = "MODELCACHE_HEADERS_FILE")]
+    headers_file: Option<PathBuf>,
+    /// CloudFront key pair ID (the public key's ID in the key group).
+    #[arg(
+        long,
+        env = "MODELCACHE_CLOUDFRONT_KEY_PAIR_ID",
+        requires = "cloudfront_private_key"
+    )]
+    cloudfront_key_pair_id: Option<String>,
+    /// PEM file of the CloudFront private key (a mounted Secret).
+    #[arg(
+        long,
+        env = "MODELCACHE_CLOUDFRONT_PRIVATE_KEY",
+        requires = "cloudfront_key_pair_id"
+    )]
+    cloudfront_private_key: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "MODELCACHE_CLOUDFRONT_MODE",
+        value_enum,
+        default_value = "signed-url"
+    )]
+    cloudfront_mode: CloudFrontModeArg,
+    /// Canned signs each URL; custom signs the version's prefix once.
+    #[arg(
+        long,
+        env = "MODELCACHE_CLOUDFRONT_POLICY",
+        value_enum,
+        default_value = "custom"
+    )]
+    cloudfront_policy: CloudFrontPolicyArg,
+    /// Lifetime of a signature in seconds; renewed when a fifth is left.
+    #[arg(long, env = "MODELCACHE_CLOUDFRONT_EXPIRES", default_value_t = 3600)]
+    cloudfront_expires: u64,
+    /// Progress display.
+    #[arg(long, env = "MODELCACHE_PROGRESS", value_enum, default_value = "auto")]
+    progress: modelcache::artifact::progress::ProgressMode,
+    /// Seconds between progress log lines (when not on a TTY).
+    #[arg(long, env = "MODELCACHE_PROGRESS_INTERVAL", default_value_t = 5)]
+    progress_interval: u64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CloudFrontModeArg {
+    SignedUrl,
+    SignedCookies,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CloudFrontPolicyArg {
+    Canned,
+    Custom,
+}
+
+#[derive(clap::Args)]
+struct PublishArgs {
+    /// The directory to release; every regular file in it is part of the version.
+    #[arg(long, env = "MODELCACHE_PUBLISH_DIR")]
+    dir: PathBuf,
+    /// s3://bucket/prefix or file:///dir.
+    #[arg(long, env = "MODELCACHE_SOURCE")]
+    to: String,
+    #[arg(long, env = "MODELCACHE_MODEL")]
+    model: String,
+    #[arg(long, env = "MODELCACHE_VERSION")]
+    version: String,
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    concurrency: u16,
+    #[command(flatten)]
+    s3: S3Args,
 }
 
 #[derive(clap::Args)]
@@ -178,6 +330,8 @@ fn init_logging(json: bool) {
 
 fn run(command: Command) -> Result<ExitCode> {
     match command {
+        Command::Fetch(args) => fetch(*args),
+        Command::Publish(args) => publish(args),
         Command::Controller(args) => {
             let identity = args
                 .identity
@@ -378,6 +532,151 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Version => {
             println!("{}", modelcache::version_line());
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn source_config(s3: &S3Args) -> modelcache::artifact::source::SourceConfig {
+    modelcache::artifact::source::SourceConfig {
+        endpoint: s3.endpoint.clone(),
+        region: s3.region.clone(),
+        path_style: s3.path_style,
+        ..Default::default()
+    }
+}
+
+fn parse_header(line: &str) -> Result<(String, String)> {
+    let (name, value) = line
+        .split_once(':')
+        .with_context(|| "a header must look like `Name: value`".to_string())?;
+    Ok((name.trim().to_string(), value.trim().to_string()))
+}
+
+/// Print a library error the way every command does, and exit with its code.
+fn fail(error: impl std::error::Error + Send + Sync + 'static, code: u8) -> ExitCode {
+    eprintln!("error: {:#}", anyhow::Error::new(error));
+    ExitCode::from(code)
+}
+
+fn fetch(args: FetchArgs) -> Result<ExitCode> {
+    use modelcache::artifact::{cloudfront, fetch};
+    let usage = |e: anyhow::Error| -> Result<ExitCode> {
+        eprintln!("error: {e:#}");
+        Ok(ExitCode::from(2))
+    };
+    let location = match args.source.parse() {
+        Ok(l) => l,
+        Err(e) => return usage(anyhow::Error::new(e)),
+    };
+    let mut opts = fetch::FetchOptions::new(location, &args.model, &args.version, &args.dest);
+    opts.source = source_config(&args.s3);
+    let mut headers = Vec::new();
+    for line in &args.headers {
+        match parse_header(line) {
+            Ok(h) => headers.push(h),
+            Err(e) => {
+                return usage(e.context(format!(
+                    "--header {:?}",
+                    line.split(':').next().unwrap_or("")
+                )));
+            }
+        }
+    }
+    if let Some(file) = &args.headers_file {
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) => {
+                return usage(
+                    anyhow::Error::new(e)
+                        .context(format!("failed to read --headers-file {}", file.display())),
+                );
+            }
+        };
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match parse_header(line) {
+                Ok(h) => headers.push(h),
+                Err(e) => return usage(e.context(format!("--headers-file {}", file.display()))),
+            }
+        }
+    }
+    opts.source.headers = headers;
+    opts.source.idle_timeout = Some(Duration::from_secs(args.idle_timeout.max(1)));
+    if let (Some(id), Some(key)) = (&args.cloudfront_key_pair_id, &args.cloudfront_private_key) {
+        let mode = match args.cloudfront_mode {
+            CloudFrontModeArg::SignedUrl => cloudfront::Mode::SignedUrl,
+            CloudFrontModeArg::SignedCookies => cloudfront::Mode::SignedCookies,
+        };
+        let policy = match args.cloudfront_policy {
+            CloudFrontPolicyArg::Canned => cloudfront::Policy::Canned,
+            CloudFrontPolicyArg::Custom => cloudfront::Policy::Custom,
+        };
+        match cloudfront::Signer::from_pem_file(
+            key,
+            id,
+            mode,
+            policy,
+            Duration::from_secs(args.cloudfront_expires),
+        ) {
+            Ok(signer) => opts.source.signer = Some(std::sync::Arc::new(signer)),
+            Err(e) => return usage(anyhow::Error::new(e)),
+        }
+    }
+    opts.cache_dir = args.cache_dir;
+    if let Some(q) = &args.cache_quota {
+        match modelcache::quantity::to_units(q) {
+            Ok(bytes) => opts.cache_quota = Some(bytes),
+            Err(e) => return usage(anyhow::Error::new(e).context("--cache-quota")),
+        }
+    }
+    if let Some(p) = &args.part_size {
+        match modelcache::quantity::to_units(p) {
+            Ok(bytes) => opts.part_size = Some(bytes),
+            Err(e) => return usage(anyhow::Error::new(e).context("--part-size")),
+        }
+    }
+    opts.concurrency = args.concurrency as usize;
+    opts.deadline = Duration::from_secs(args.deadline.max(1));
+    opts.max_attempts = args.retries;
+    opts.retry_base = Duration::from_millis(args.retry_base_ms.max(1));
+    opts.progress = args.progress;
+    opts.progress_interval = Duration::from_secs(args.progress_interval.max(1));
+    match runtime()?.block_on(fetch::fetch(opts)) {
+        Ok(summary) => {
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let code = e.exit_code();
+            Ok(fail(e, code))
+        }
+    }
+}
+
+fn publish(args: PublishArgs) -> Result<ExitCode> {
+    use modelcache::artifact::publish;
+    let location = match args.to.parse() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {:#}", anyhow::Error::new(e));
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let opts = publish::PublishOptions {
+        dir: args.dir,
+        location,
+        source: source_config(&args.s3),
+        model: args.model,
+        version: args.version,
+        concurrency: args.concurrency as usize,
+    };
+    match runtime()?.block_on(publish::publish(opts)) {
+        Ok(summary) => {
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let code = e.exit_code();
+            Ok(fail(e, code))
         }
     }
 }

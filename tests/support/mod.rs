@@ -17,6 +17,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod fake_api;
+pub mod proxy;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};

@@ -1,0 +1,1236 @@
+//! `modelcache fetch`: pull one version into a destination, verified against
+//! its manifest, in parallel byte ranges, resumable after a kill, through an
+//! optional node-local cache.
+//!
+//! Inside the destination, modelcache keeps its state in `.modelcache/`:
+//!
+//! ```text
+//! partial/<sha256>.part   a file being downloaded (sparse, full size)
+//! partial/<sha256>.parts  its journal: part size, then each finished part
+//! partial/<sha256>        downloaded and verified, not yet in place
+//! placed.log              files moved into place: digest, size, inode, mtime, path
+//! manifest.json           the version's manifest
+//! complete                written last: model, version, manifest digest
+//! ```
+//!
+//! A file reaches its final path only by a rename after its digest matched,
+//! so a wrong file never appears there; `complete` is removed before anything
+//! changes and written after everything is in place, so a reader that checks it
+//! sees either nothing or the whole verified version (in a pod, the main
+//! container starts only after the init container succeeded anyway).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Write as _;
+use std::ops::Range;
+use std::os::unix::fs::{FileExt as _, MetadataExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use super::disk::{available_bytes, link_or_copy, write_atomic};
+use super::manifest::{
+    self, MANIFEST_NAME, ManifestError, ManifestFile, STATE_DIR, VerifiedManifest,
+};
+use super::node_cache::{NodeCache, NodeCacheError, VersionRecord};
+use super::progress::{Counters, ProgressMode, Reporter, human_bytes};
+use super::retry::Backoff;
+use super::source::{ConnectError, Failure, Location, Source, SourceConfig, SourceError};
+use crate::digest::Sha256;
+
+const MIB: u64 = 1 << 20;
+
+/// Everything `modelcache fetch` takes.
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    pub location: Location,
+    pub source: SourceConfig,
+    pub model: String,
+    pub version: String,
+    pub dest: PathBuf,
+    pub cache_dir: Option<PathBuf>,
+    /// Bytes the node cache may hold; unbounded when `None`.
+    pub cache_quota: Option<u64>,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Bytes per ranged request; adaptive when `None`.
+    pub part_size: Option<u64>,
+    /// The whole fetch must end within this.
+    pub deadline: Duration,
+    /// Attempts per request before a transient failure becomes final.
+    pub max_attempts: u32,
+    /// First retry delay (doubles up to 10 s, with full jitter).
+    pub retry_base: Duration,
+    pub progress: ProgressMode,
+    pub progress_interval: Duration,
+}
+
+impl FetchOptions {
+    pub fn new(location: Location, model: &str, version: &str, dest: &Path) -> Self {
+        FetchOptions {
+            location,
+            source: SourceConfig::default(),
+            model: model.into(),
+            version: version.into(),
+            dest: dest.into(),
+            cache_dir: None,
+            cache_quota: None,
+            concurrency: 16,
+            part_size: None,
+            deadline: Duration::from_secs(2 * 3600),
+            max_attempts: 10,
+            retry_base: Duration::from_millis(200),
+            progress: ProgressMode::Off,
+            progress_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The JSON printed at the end.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FetchSummary {
+    pub model: String,
+    pub version: String,
+    pub manifest_digest: String,
+    pub dest: PathBuf,
+    /// Files and bytes of the version.
+    pub files: usize,
+    pub bytes: u64,
+    /// Received from the origin in this run.
+    pub downloaded_bytes: u64,
+    /// Parts of interrupted downloads reused from an earlier run.
+    pub resumed_bytes: u64,
+    /// Files served by the node cache, and their bytes.
+    pub cache_hits: usize,
+    pub cache_hit_bytes: u64,
+    /// Files already in place and verified from an earlier run.
+    pub reused_files: usize,
+    pub requests: u64,
+    pub retries: u64,
+    pub seconds: f64,
+    /// Version bytes per second, MB/s (10^6).
+    pub throughput_mbps: f64,
+    pub evicted_versions: usize,
+}
+
+/// What `complete` holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CompleteMarker {
+    pub source: String,
+    pub model: String,
+    pub version: String,
+    pub manifest_digest: String,
+    pub files: usize,
+    pub bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("failed to fetch: {what} {value:?} is not valid: {why}")]
+    Name {
+        what: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error("failed to set up the source")]
+    Connect(#[from] ConnectError),
+    #[error("failed to read the manifest of {model}/{version}")]
+    Manifest {
+        model: String,
+        version: String,
+        #[source]
+        source: Box<ManifestError>,
+    },
+    #[error("failed to fetch {file}{}", hint(.source.failure))]
+    Source {
+        file: String,
+        #[source]
+        source: SourceError,
+    },
+    #[error(
+        "failed to verify {file} from {url}: expected sha256 {expected}, got {actual} twice; the object at the origin does not match its manifest: publish the version again (as a new version) or repair the object"
+    )]
+    Integrity {
+        file: String,
+        url: String,
+        expected: String,
+        actual: String,
+    },
+    #[error(
+        "failed to fetch {model}/{version}: {need} more are needed at {path} but only {available} are free; free space, raise the volume's size limit, or use a smaller --cache-quota"
+    )]
+    Space {
+        model: String,
+        version: String,
+        path: PathBuf,
+        need: String,
+        available: String,
+    },
+    #[error(
+        "failed to place {file}: {path} is a symlink, and files must stay inside the destination {dest}; remove it"
+    )]
+    Escape {
+        file: String,
+        path: PathBuf,
+        dest: PathBuf,
+    },
+    #[error(
+        "failed to fetch {model}/{version} within the deadline of {seconds} s; raise --deadline, or check the origin's speed (the parts already written are kept for the next run)"
+    )]
+    Deadline {
+        model: String,
+        version: String,
+        seconds: u64,
+    },
+    #[error("failed to {what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    NodeCache(#[from] NodeCacheError),
+}
+
+fn hint(failure: Failure) -> &'static str {
+    match failure {
+        Failure::Transient => {
+            " after retrying until the attempts ran out (the parts already written are kept for the next run)"
+        }
+        _ => "",
+    }
+}
+
+impl FetchError {
+    /// The process exit code; documented in the README.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            FetchError::Name { .. } | FetchError::Connect(_) => 2,
+            FetchError::Source { source, .. } => match source.failure {
+                Failure::Transient => 7,
+                _ => 4,
+            },
+            FetchError::Manifest { .. }
+            | FetchError::Integrity { .. }
+            | FetchError::Escape { .. } => 5,
+            FetchError::Space { .. } => 6,
+            FetchError::Deadline { .. } => 7,
+            FetchError::Io { .. } | FetchError::NodeCache(_) => 1,
+        }
+    }
+}
+
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> FetchError + 'a {
+    move |source| FetchError::Io {
+        what,
+        path: path.into(),
+        source,
+    }
+}
+
+/// The part size for a file: one part per connection, so that even one big
+/// file keeps every connection busy while requests stay few (some stores pay
+/// per request: moto reads the whole object for every range), within 8 to
+/// 256 MiB. Checkpoints inside parts keep a resumed or retried part cheap.
+pub fn part_size(file_size: u64, concurrency: usize, fixed: Option<u64>) -> u64 {
+    if let Some(fixed) = fixed {
+        return fixed.max(MIB);
+    }
+    let per = file_size.div_ceil(concurrency.max(1) as u64);
+    per.div_ceil(MIB)
+        .saturating_mul(MIB)
+        .clamp(8 * MIB, 256 * MIB)
+}
+
+/// The byte ranges of a file cut into parts.
+pub fn parts(size: u64, part: u64) -> Vec<Range<u64>> {
+    if size == 0 {
+        return std::iter::once(0..0).collect();
+    }
+    (0..size.div_ceil(part))
+        .map(|i| i * part..((i + 1) * part).min(size))
+        .collect()
+}
+
+/// Where a file of the version comes from in this run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// In place from an earlier run, unchanged since.
+    Reused,
+    /// Verified in the partial area by an earlier run, or in the node cache.
+    Verified,
+    CacheHit,
+    Download,
+}
+
+struct Ctx {
+    source: Source,
+    model: String,
+    version: String,
+    partial_dir: PathBuf,
+    cache: Option<NodeCache>,
+    semaphore: Arc<Semaphore>,
+    counters: Arc<Counters>,
+    concurrency: usize,
+    part_size: Option<u64>,
+    deadline: Instant,
+    max_attempts: u32,
+    retry_base: Duration,
+    idle: Duration,
+}
+
+impl Ctx {
+    /// Where a verified file waits: the node cache's blob, else the partial area.
+    fn verified_path(&self, sha256: &str) -> PathBuf {
+        match &self.cache {
+            Some(cache) => cache.blob_path(sha256),
+            None => self.partial_dir.join(sha256),
+        }
+    }
+}
+
+/// Fetch a version. Returns the summary, or the first error that retrying
+/// cannot cure; what was downloaded stays for the next run.
+pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
+    let started = Instant::now();
+    for (what, value) in [("model", &opts.model), ("version", &opts.version)] {
+        super::check_name(value).map_err(|why| FetchError::Name {
+            what,
+            value: value.clone(),
+            why,
+        })?;
+    }
+    std::fs::create_dir_all(&opts.dest).map_err(io_err("create the destination", &opts.dest))?;
+    let dest = opts
+        .dest
+        .canonicalize()
+        .map_err(io_err("resolve the destination", &opts.dest))?;
+    let state = dest.join(STATE_DIR);
+    let partial_in_dest = state.join("partial");
+    std::fs::create_dir_all(&partial_in_dest).map_err(io_err("create", &partial_in_dest))?;
+    let source_id = opts.location.to_string();
+
+    // One fetcher per destination at a time.
+    let _dest_lock = lock_file(state.join("lock")).await?;
+    let marker_path = state.join("complete");
+    let placed_path = state.join("placed.log");
+    let mut placed = read_placed(&placed_path);
+
+    if let Some(marker) = read_marker(&marker_path)
+        && marker.source == source_id
+        && marker.model == opts.model
+        && marker.version == opts.version
+        && let Some(verified) = read_local_manifest(&state, &marker.manifest_digest)
+        && verified
+            .manifest
+            .files
+            .iter()
+            .all(|f| still_placed(&dest, &placed, f))
+    {
+        // Versions are immutable: a complete destination needs no request.
+        return Ok(summary(&opts, &dest, &verified, started, |s| {
+            s.reused_files = verified.manifest.files.len();
+        }));
+    }
+
+    let cache = opts.cache_dir.as_deref().map(NodeCache::open).transpose()?;
+    let version_id = NodeCache::version_id(&source_id, &opts.model, &opts.version);
+    let _version_lock = match &cache {
+        Some(cache) => {
+            let cache = cache.clone();
+            let id = version_id.clone();
+            Some(
+                tokio::task::spawn_blocking(move || cache.lock_version(&id))
+                    .await
+                    .expect("lock task panicked")?,
+            )
+        }
+        None => None,
+    };
+
+    let mut cfg = opts.source.clone();
+    cfg.connections = cfg.connections.max(opts.concurrency);
+    let source = Source::connect(&opts.location, &cfg).await?;
+    let counters = Arc::new(Counters::default());
+    let ctx = Arc::new(Ctx {
+        source,
+        model: opts.model.clone(),
+        version: opts.version.clone(),
+        partial_dir: match &cache {
+            Some(c) => c.partial_dir(),
+            None => partial_in_dest.clone(),
+        },
+        cache: cache.clone(),
+        semaphore: Arc::new(Semaphore::new(opts.concurrency.max(1))),
+        counters: counters.clone(),
+        concurrency: opts.concurrency.max(1),
+        part_size: opts.part_size,
+        deadline: started + opts.deadline,
+        max_attempts: opts.max_attempts.max(1),
+        retry_base: opts.retry_base,
+        idle: cfg.idle_timeout.unwrap_or(Duration::from_secs(30)),
+    });
+
+    // The manifest: from the node cache when another pod fetched this version
+    // (versions are immutable, so no request), else from the source.
+    let cached_manifest = cache
+        .as_ref()
+        .and_then(|c| c.lookup(&version_id))
+        .map(|(_, m)| m);
+    let verified = match cached_manifest {
+        Some(m) => m,
+        None => {
+            let bytes = get_manifest(&ctx).await?;
+            let origin = ctx.source.url(&opts.model, &opts.version, MANIFEST_NAME);
+            manifest::parse(&origin, bytes, Some((&opts.model, &opts.version))).map_err(
+                |source| FetchError::Manifest {
+                    model: opts.model.clone(),
+                    version: opts.version.clone(),
+                    source: Box::new(source),
+                },
+            )?
+        }
+    };
+    let files = &verified.manifest.files;
+
+    // From here on the destination changes: it is no longer complete.
+    match std::fs::remove_file(&marker_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("remove", &marker_path)(e)),
+    }
+
+    let plans: Vec<Plan> = files
+        .iter()
+        .map(|f| {
+            if still_placed(&dest, &placed, f) {
+                Plan::Reused
+            } else if cache.is_none() && verified_at(&ctx.verified_path(&f.sha256), f.size) {
+                Plan::Verified
+            } else if cache
+                .as_ref()
+                .is_some_and(|c| c.has_blob(&f.sha256, f.size))
+            {
+                Plan::CacheHit
+            } else {
+                Plan::Download
+            }
+        })
+        .collect();
+
+    // Check space before any download: everything still to come must fit.
+    let mut to_download: Vec<&ManifestFile> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (f, plan) in files.iter().zip(&plans) {
+        if *plan == Plan::Download && seen.insert(f.sha256.as_str()) {
+            to_download.push(f);
+        }
+    }
+    let need: u64 = to_download.iter().map(|f| f.size).sum();
+    let mut evicted = 0;
+    if let (Some(cache), Some(quota)) = (&cache, opts.cache_quota) {
+        evicted += cache.evict(quota, need, &version_id).evicted_versions.len();
+    }
+    check_space(&opts, &ctx.partial_dir, need)?;
+    if let Some(cache) = &cache
+        && !same_filesystem(cache.root(), &dest)
+    {
+        // Copies, not links, into the destination.
+        let copies: u64 = files
+            .iter()
+            .zip(&plans)
+            .filter(|(_, p)| **p != Plan::Reused)
+            .map(|(f, _)| f.size)
+            .sum();
+        check_space(&opts, &dest, copies)?;
+    }
+
+    counters.total.store(need, Ordering::Relaxed);
+    let reporter = Reporter::start(opts.progress, opts.progress_interval, counters.clone());
+    // Largest first: the long pole starts early, small files fill the gaps.
+    to_download.sort_by(|a, b| b.size.cmp(&a.size).then(a.path.cmp(&b.path)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for f in to_download {
+        let ctx = ctx.clone();
+        let f = f.clone();
+        tasks.spawn(async move { download_file(&ctx, &f).await });
+    }
+    let mut resumed = 0;
+    let outcome = tokio::time::timeout_at(ctx.deadline.into(), async {
+        while let Some(joined) = tasks.join_next().await {
+            resumed += joined.expect("download task panicked")?;
+        }
+        Ok::<_, FetchError>(())
+    })
+    .await;
+    reporter.finish().await;
+    match outcome {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(FetchError::Deadline {
+                model: opts.model.clone(),
+                version: opts.version.clone(),
+                seconds: opts.deadline.as_secs(),
+            });
+        }
+    }
+
+    // Everything is verified: move it into place.
+    let mut placed_log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&placed_path)
+        .map_err(io_err("open", &placed_path))?;
+    let mut first_at: BTreeMap<&str, PathBuf> = BTreeMap::new();
+    let mut cache_hits = 0;
+    let mut cache_hit_bytes = 0;
+    for (i, (f, plan)) in files.iter().zip(&plans).enumerate() {
+        let target = place_path(&dest, f)?;
+        if *plan != Plan::Reused {
+            if *plan == Plan::CacheHit {
+                cache_hits += 1;
+                cache_hit_bytes += f.size;
+            }
+            let tmp = state.join(format!("placing-{i}"));
+            let verified_path = ctx.verified_path(&f.sha256);
+            if let Some(first) = first_at.get(f.sha256.as_str()) {
+                // Same content under a second path.
+                link_or_copy(first, &tmp, &target).map_err(io_err("place", &target))?;
+            } else if cache.is_some() {
+                link_or_copy(&verified_path, &tmp, &target).map_err(io_err("place", &target))?;
+            } else {
+                std::fs::rename(&verified_path, &target).map_err(io_err("place", &target))?;
+            }
+            let meta = std::fs::metadata(&target).map_err(io_err("stat", &target))?;
+            let entry = PlacedEntry::of(f, &meta);
+            writeln!(placed_log, "{}", entry.line()).map_err(io_err("write", &placed_path))?;
+            placed.insert(f.path.clone(), entry);
+        }
+        first_at.entry(f.sha256.as_str()).or_insert(target);
+    }
+    drop(placed_log);
+
+    // Files an earlier version placed that this one does not have.
+    let current: BTreeSet<&str> = files.iter().map(|f| f.path.as_str()).collect();
+    for (path, _) in placed.iter().filter(|(p, _)| !current.contains(p.as_str())) {
+        let _ = std::fs::remove_file(dest.join(path));
+    }
+    placed.retain(|p, _| current.contains(p.as_str()));
+    let compact: String = placed.values().map(|e| e.line() + "\n").collect();
+    write_atomic(&placed_path, compact.as_bytes()).map_err(io_err("write", &placed_path))?;
+
+    if cache.is_none() {
+        // Leftovers: duplicates placed by linking, files of abandoned versions.
+        for entry in std::fs::read_dir(&partial_in_dest)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let local_manifest = state.join(MANIFEST_NAME);
+    write_atomic(&local_manifest, &verified.bytes).map_err(io_err("write", &local_manifest))?;
+    let marker = CompleteMarker {
+        source: source_id.clone(),
+        model: opts.model.clone(),
+        version: opts.version.clone(),
+        manifest_digest: verified.digest.clone(),
+        files: files.len(),
+        bytes: verified.total_bytes(),
+    };
+    write_atomic(
+        &marker_path,
+        &serde_json::to_vec_pretty(&marker).expect("markers serialize"),
+    )
+    .map_err(io_err("write", &marker_path))?;
+
+    if let Some(cache) = &cache {
+        let record = VersionRecord {
+            source: source_id,
+            model: opts.model.clone(),
+            version: opts.version.clone(),
+            manifest_digest: verified.digest.clone(),
+        };
+        cache.record(&version_id, &record, &verified)?;
+        cache.touch(&version_id);
+        if let Some(quota) = opts.cache_quota {
+            evicted += cache.evict(quota, 0, &version_id).evicted_versions.len();
+        }
+    }
+
+    Ok(summary(&opts, &dest, &verified, started, |s| {
+        s.downloaded_bytes = counters.done.load(Ordering::Relaxed);
+        s.resumed_bytes = resumed;
+        s.cache_hits = cache_hits;
+        s.cache_hit_bytes = cache_hit_bytes;
+        s.reused_files = plans.iter().filter(|p| **p == Plan::Reused).count();
+        s.requests = counters.requests.load(Ordering::Relaxed);
+        s.retries = counters.retries.load(Ordering::Relaxed);
+        s.evicted_versions = evicted;
+    }))
+}
+
+fn summary(
+    opts: &FetchOptions,
+    dest: &Path,
+    verified: &VerifiedManifest,
+    started: Instant,
+    fill: impl FnOnce(&mut FetchSummary),
+) -> FetchSummary {
+    let seconds = started.elapsed().as_secs_f64();
+    let mut s = FetchSummary {
+        model: opts.model.clone(),
+        version: opts.version.clone(),
+        manifest_digest: verified.digest.clone(),
+        dest: dest.into(),
+        files: verified.manifest.files.len(),
+        bytes: verified.total_bytes(),
+        seconds: (seconds * 1000.0).round() / 1000.0,
+        ..Default::default()
+    };
+    s.throughput_mbps = ((s.bytes as f64 / seconds.max(1e-6) / 1e6) * 10.0).round() / 10.0;
+    fill(&mut s);
+    s
+}
+
+fn check_space(opts: &FetchOptions, path: &Path, need: u64) -> Result<(), FetchError> {
+    let available = available_bytes(path).map_err(io_err("check free space on", path))?;
+    if need > available {
+        return Err(FetchError::Space {
+            model: opts.model.clone(),
+            version: opts.version.clone(),
+            path: path.into(),
+            need: human_bytes(need),
+            available: human_bytes(available),
+        });
+    }
+    Ok(())
+}
+
+fn same_filesystem(a: &Path, b: &Path) -> bool {
+    matches!((std::fs::metadata(a), std::fs::metadata(b)), (Ok(a), Ok(b)) if a.dev() == b.dev())
+}
+
+async fn lock_file(path: PathBuf) -> Result<File, FetchError> {
+    tokio::task::spawn_blocking(move || {
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open the lock", &path))?;
+        file.lock().map_err(io_err("lock", &path))?;
+        Ok(file)
+    })
+    .await
+    .expect("lock task panicked")
+}
+
+async fn get_manifest(ctx: &Ctx) -> Result<Vec<u8>, FetchError> {
+    let mut backoff = Backoff::new(ctx.max_attempts, ctx.deadline)
+        .with_base(ctx.retry_base, Duration::from_secs(10));
+    loop {
+        ctx.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let result = ctx
+            .source
+            .get_all(
+                &ctx.model,
+                &ctx.version,
+                MANIFEST_NAME,
+                manifest::MAX_MANIFEST_BYTES,
+            )
+            .await;
+        match result {
+            Ok(bytes) => return Ok(bytes),
+            Err(e) if e.failure == Failure::Transient => {
+                ctx.counters.retries.fetch_add(1, Ordering::Relaxed);
+                match backoff.next_delay() {
+                    Some(delay) => {
+                        tracing::warn!(url = %e.url, "retrying the manifest: {}", e.detail);
+                        tokio::time::sleep(delay).await;
+                    }
+                    None => {
+                        return Err(FetchError::Source {
+                            file: MANIFEST_NAME.into(),
+                            source: e,
+                        });
+                    }
+                }
+            }
+            Err(e) => {
+                return Err(FetchError::Source {
+                    file: MANIFEST_NAME.into(),
+                    source: e,
+                });
+            }
+        }
+    }
+}
+
+/// Download one file into the partial area, verify it, and move it to its
+/// verified path. Returns the bytes reused from an earlier run.
+async fn download_file(ctx: &Arc<Ctx>, f: &ManifestFile) -> Result<u64, FetchError> {
+    let final_path = ctx.verified_path(&f.sha256);
+    let partial = ctx.partial_dir.join(format!("{}.part", f.sha256));
+    let journal_path = ctx.partial_dir.join(format!("{}.parts", f.sha256));
+    let url = ctx.source.url(&ctx.model, &ctx.version, &f.path);
+    let mut resumed_total = 0;
+    let mut mismatch = None;
+    for attempt in 0..2 {
+        let part = part_size(f.size, ctx.concurrency, ctx.part_size);
+        let ranges = parts(f.size, part);
+        let (written, journal) = Journal::open(&journal_path, &partial, f.size, part)?;
+        // Where each part resumes: its start, or the last checkpoint.
+        let starts: Vec<u64> = ranges
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                written
+                    .get(&i)
+                    .map_or(r.start, |&at| at.clamp(r.start, r.end))
+            })
+            .collect();
+        let resumed: u64 = ranges.iter().zip(&starts).map(|(r, s)| s - r.start).sum();
+        resumed_total += resumed;
+        ctx.counters.total.fetch_sub(resumed, Ordering::Relaxed);
+        let data = Arc::new(
+            File::options()
+                .read(true)
+                .write(true)
+                .open(&partial)
+                .map_err(io_err("open", &partial))?,
+        );
+        let journal = Arc::new(journal);
+        let actual = if ranges.len() == 1 {
+            // One request: hash as the bytes arrive, after what an earlier run wrote.
+            let _permit = ctx
+                .semaphore
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore closed");
+            let mut hasher = Sha256::default();
+            if starts[0] > 0 {
+                let (reader, upto) = (data.clone(), starts[0]);
+                hasher = tokio::task::spawn_blocking(move || {
+                    hash_range(&reader, 0..upto, &mut hasher).map(|()| hasher)
+                })
+                .await
+                .expect("hash task panicked")
+                .map_err(io_err("read back", &partial))?;
+            }
+            let range = ranges[0].clone();
+            fetch_range(
+                ctx,
+                f,
+                &data,
+                range,
+                starts[0],
+                Some(&mut hasher),
+                &journal,
+                0,
+            )
+            .await?;
+            hasher.finish_hex()
+        } else {
+            download_parts(ctx, f, &data, &partial, &ranges, &starts, journal).await?
+        };
+        if actual == f.sha256 {
+            if ctx.cache.is_some() {
+                // The cache outlives pods and reboots: make the blob durable
+                // before it can be found.
+                data.sync_data().map_err(io_err("sync", &partial))?;
+            }
+            drop(data);
+            std::fs::rename(&partial, &final_path).map_err(io_err("move", &final_path))?;
+            let _ = std::fs::remove_file(&journal_path);
+            return Ok(resumed_total);
+        }
+        drop(data);
+        let _ = std::fs::remove_file(&partial);
+        let _ = std::fs::remove_file(&journal_path);
+        if attempt == 0 {
+            tracing::warn!(file = %f.path, %url, expected = %f.sha256, %actual,
+                "digest mismatch; downloading the file once more");
+            ctx.counters.total.fetch_add(f.size, Ordering::Relaxed);
+        }
+        mismatch = Some(actual);
+    }
+    Err(FetchError::Integrity {
+        file: f.path.clone(),
+        url,
+        expected: f.sha256.clone(),
+        actual: mismatch.unwrap_or_default(),
+    })
+}
+
+/// Parts downloaded in parallel, each written where it belongs; a hasher
+/// thread follows the contiguous prefix that is complete, reading it back
+/// from the page cache (a memcpy, cheap next to SHA-256) so that memory stays
+/// bounded however far ahead the other parts run.
+async fn download_parts(
+    ctx: &Arc<Ctx>,
+    f: &ManifestFile,
+    data: &Arc<File>,
+    partial: &Path,
+    ranges: &[Range<u64>],
+    starts: &[u64],
+    journal: Arc<Journal>,
+) -> Result<String, FetchError> {
+    let (tx, rx) = std::sync::mpsc::channel::<usize>();
+    let reader = File::open(partial).map_err(io_err("open", partial))?;
+    let hash_ranges = ranges.to_vec();
+    let hasher = tokio::task::spawn_blocking(move || hash_in_order(&reader, &hash_ranges, &rx));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, range) in ranges.iter().enumerate() {
+        if starts[i] == range.end {
+            let _ = tx.send(i);
+            continue;
+        }
+        let (ctx, f, data, journal, tx, range, from) = (
+            ctx.clone(),
+            f.clone(),
+            data.clone(),
+            journal.clone(),
+            tx.clone(),
+            range.clone(),
+            starts[i],
+        );
+        tasks.spawn(async move {
+            let _permit = ctx
+                .semaphore
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore closed");
+            fetch_range(&ctx, &f, &data, range, from, None, &journal, i).await?;
+            let _ = tx.send(i);
+            Ok::<_, FetchError>(())
+        });
+    }
+    drop(tx);
+    while let Some(joined) = tasks.join_next().await {
+        joined.expect("part task panicked")?;
+    }
+    hasher
+        .await
+        .expect("hasher panicked")
+        .map_err(io_err("read back", partial))
+}
+
+fn hash_range(file: &File, range: Range<u64>, hasher: &mut Sha256) -> std::io::Result<()> {
+    let mut buf = vec![0u8; (MIB as usize).min((range.end - range.start) as usize)];
+    let mut at = range.start;
+    while at < range.end {
+        let n = ((range.end - at) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], at)?;
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(())
+}
+
+fn hash_in_order(
+    file: &File,
+    ranges: &[Range<u64>],
+    finished: &std::sync::mpsc::Receiver<usize>,
+) -> std::io::Result<String> {
+    let mut ready = vec![false; ranges.len()];
+    let mut next = 0;
+    let mut hasher = Sha256::default();
+    while next < ranges.len() {
+        match finished.recv() {
+            Ok(i) => ready[i] = true,
+            // The downloads stopped early; the caller has their error.
+            Err(_) => return Ok(String::new()),
+        }
+        while next < ranges.len() && ready[next] {
+            hash_range(file, ranges[next].clone(), &mut hasher)?;
+            next += 1;
+        }
+    }
+    Ok(hasher.finish_hex())
+}
+
+/// Bytes between two journal checkpoints of a part: at most this much is
+/// downloaded again after a kill.
+const CHECKPOINT: u64 = 8 * MIB;
+
+/// Get `from..range.end` of a file into `data` at the same offsets, retrying
+/// transient failures from where the last attempt stopped, and checkpointing
+/// progress in the journal as part `index`.
+#[allow(clippy::too_many_arguments)]
+async fn fetch_range(
+    ctx: &Ctx,
+    f: &ManifestFile,
+    data: &File,
+    range: Range<u64>,
+    from: u64,
+    mut hasher: Option<&mut Sha256>,
+    journal: &Journal,
+    index: usize,
+) -> Result<(), FetchError> {
+    let mut at = from;
+    let mut checkpointed = at;
+    let mut backoff = Backoff::new(ctx.max_attempts, ctx.deadline)
+        .with_base(ctx.retry_base, Duration::from_secs(10));
+    let partial = ctx.partial_dir.join(format!("{}.part", f.sha256));
+    let url = || ctx.source.url(&ctx.model, &ctx.version, &f.path);
+    loop {
+        ctx.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let before = at;
+        let mut buf: Vec<u8> = Vec::with_capacity(256 * 1024);
+        // Write what is buffered at `at`, feed the hasher, checkpoint.
+        let mut flush = |buf: &mut Vec<u8>, at: &mut u64| -> std::io::Result<()> {
+            if buf.is_empty() {
+                return Ok(());
+            }
+            data.write_all_at(buf, *at)?;
+            if let Some(h) = hasher.as_deref_mut() {
+                h.update(buf);
+            }
+            ctx.counters
+                .done
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            *at += buf.len() as u64;
+            buf.clear();
+            // Recorded only after the bytes are written: after a kill the
+            // journal never claims bytes that are not in the file.
+            if *at - checkpointed >= CHECKPOINT || *at == range.end {
+                journal.record(index, *at)?;
+                checkpointed = *at;
+            }
+            Ok(())
+        };
+        let mut write_error = None;
+        let outcome: Result<(), SourceError> = async {
+            let mut body = ctx
+                .source
+                .get(&ctx.model, &ctx.version, &f.path, Some(at..range.end))
+                .await?;
+            loop {
+                let next = tokio::time::timeout(ctx.idle, body.next())
+                    .await
+                    .map_err(|_| SourceError {
+                        failure: Failure::Transient,
+                        url: url(),
+                        detail: format!("no data for {} s", ctx.idle.as_secs()),
+                    })?;
+                let Some(chunk) = next else { break };
+                let chunk = chunk?;
+                if at + (buf.len() + chunk.len()) as u64 > range.end {
+                    return Err(SourceError {
+                        failure: Failure::Transient,
+                        url: url(),
+                        detail: "the body is longer than the range asked for".into(),
+                    });
+                }
+                buf.extend_from_slice(&chunk);
+                if buf.len() >= 256 * 1024
+                    && let Err(e) = flush(&mut buf, &mut at)
+                {
+                    write_error = Some(e);
+                    break;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Some(e) = write_error {
+            return Err(io_err("write", &partial)(e));
+        }
+        // Whatever arrived before a failure is kept.
+        flush(&mut buf, &mut at).map_err(io_err("write", &partial))?;
+        let error = match outcome {
+            Ok(()) if at == range.end => return Ok(()),
+            Ok(()) => SourceError {
+                failure: Failure::Transient,
+                url: url(),
+                detail: format!("the body ended {} bytes early", range.end - at),
+            },
+            Err(e) => e,
+        };
+        if error.failure != Failure::Transient {
+            return Err(FetchError::Source {
+                file: f.path.clone(),
+                source: error,
+            });
+        }
+        if at > before {
+            // Progress: a fresh budget for the rest of the range.
+            backoff.reset();
+        }
+        ctx.counters.retries.fetch_add(1, Ordering::Relaxed);
+        match backoff.next_delay() {
+            Some(delay) => {
+                tracing::debug!(file = %f.path, url = %error.url, offset = at,
+                    "retrying in {} ms: {}", delay.as_millis(), error.detail);
+                tokio::time::sleep(delay).await;
+            }
+            None => {
+                return Err(FetchError::Source {
+                    file: f.path.clone(),
+                    source: error,
+                });
+            }
+        }
+    }
+}
+
+/// The journal of a partial file: for each part, how far it is written.
+/// Lines are `<part> <offset>`, appended after the bytes are in the file.
+struct Journal(File);
+
+impl Journal {
+    /// Open the journal, or start the file over when the journal is missing or
+    /// was made for another size or part size.
+    fn open(
+        journal: &Path,
+        partial: &Path,
+        size: u64,
+        part: u64,
+    ) -> Result<(BTreeMap<usize, u64>, Journal), FetchError> {
+        let header = format!("modelcache-parts v2 size={size} part={part}");
+        let count = parts(size, part).len();
+        let usable = std::fs::read_to_string(journal).ok().and_then(|text| {
+            let mut lines = text.lines();
+            (lines.next() == Some(header.as_str())).then(|| {
+                let mut written = BTreeMap::new();
+                // A line torn by a kill holds a prefix of the offset's digits,
+                // hence a smaller offset: safe to use.
+                for line in lines {
+                    let Some((i, at)) = line.split_once(' ') else {
+                        continue;
+                    };
+                    if let (Ok(i), Ok(at)) = (i.parse::<usize>(), at.parse::<u64>())
+                        && i < count
+                        && at <= size
+                    {
+                        let e = written.entry(i).or_insert(0);
+                        *e = (*e).max(at);
+                    }
+                }
+                written
+            })
+        });
+        let partial_ok = std::fs::metadata(partial).is_ok_and(|m| m.len() == size);
+        let written = match usable {
+            Some(written) if partial_ok => written,
+            _ => {
+                let f = File::create(partial).map_err(io_err("create", partial))?;
+                f.set_len(size).map_err(io_err("allocate", partial))?;
+                write_atomic(journal, format!("{header}\n").as_bytes())
+                    .map_err(io_err("write", journal))?;
+                BTreeMap::new()
+            }
+        };
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(journal)
+            .map_err(io_err("open", journal))?;
+        Ok((written, Journal(file)))
+    }
+
+    fn record(&self, part: usize, offset: u64) -> std::io::Result<()> {
+        // One short O_APPEND write: lines from parallel parts never interleave.
+        (&self.0).write_all(format!("{part} {offset}\n").as_bytes())
+    }
+}
+
+fn verified_at(path: &Path, size: u64) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == size)
+}
+
+/// The final path of a file, with its parent directories created, refusing
+/// any symlink on the way (it could lead out of the destination).
+fn place_path(dest: &Path, f: &ManifestFile) -> Result<PathBuf, FetchError> {
+    let mut at = dest.to_path_buf();
+    let components: Vec<&str> = f.path.split('/').collect();
+    for part in &components[..components.len() - 1] {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(FetchError::Escape {
+                    file: f.path.clone(),
+                    path: at,
+                    dest: dest.into(),
+                });
+            }
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                // A file from an earlier version where a directory goes now.
+                std::fs::remove_file(&at).map_err(io_err("remove", &at))?;
+                std::fs::create_dir(&at).map_err(io_err("create", &at))?;
+            }
+            Err(_) => std::fs::create_dir(&at).map_err(io_err("create", &at))?,
+        }
+    }
+    at.push(components[components.len() - 1]);
+    Ok(at)
+}
+
+/// One line of `placed.log`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PlacedEntry {
+    sha256: String,
+    size: u64,
+    ino: u64,
+    mtime_ns: i128,
+    path: String,
+}
+
+impl PlacedEntry {
+    fn of(f: &ManifestFile, meta: &std::fs::Metadata) -> Self {
+        PlacedEntry {
+            sha256: f.sha256.clone(),
+            size: meta.len(),
+            ino: meta.ino(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            path: f.path.clone(),
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "{} {} {} {} {}",
+            self.sha256, self.size, self.ino, self.mtime_ns, self.path
+        )
+    }
+
+    fn parse(line: &str) -> Option<Self> {
+        let mut it = line.splitn(5, ' ');
+        Some(PlacedEntry {
+            sha256: it.next()?.into(),
+            size: it.next()?.parse().ok()?,
+            ino: it.next()?.parse().ok()?,
+            mtime_ns: it.next()?.parse().ok()?,
+            path: it.next()?.into(),
+        })
+    }
+}
+
+fn read_placed(path: &Path) -> BTreeMap<String, PlacedEntry> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(PlacedEntry::parse)
+        .filter(|e| manifest::check_path(&e.path).is_ok())
+        .map(|e| (e.path.clone(), e))
+        .collect()
+}
+
+/// The file at its final path is the one placed there, unchanged since
+/// (same inode, size and mtime), and has the wanted digest.
+fn still_placed(dest: &Path, placed: &BTreeMap<String, PlacedEntry>, f: &ManifestFile) -> bool {
+    let Some(entry) = placed.get(&f.path) else {
+        return false;
+    };
+    let Ok(meta) = std::fs::symlink_metadata(dest.join(&f.path)) else {
+        return false;
+    };
+    meta.is_file() && entry.sha256 == f.sha256 && PlacedEntry::of(f, &meta) == *entry
+}
+
+fn read_marker(path: &Path) -> Option<CompleteMarker> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+fn read_local_manifest(state: &Path, digest: &str) -> Option<VerifiedManifest> {
+    let bytes = std::fs::read(state.join(MANIFEST_NAME)).ok()?;
+    let verified = manifest::parse("the destination", bytes, None).ok()?;
+    (verified.digest == digest).then_some(verified)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_sizes_adapt_to_the_file_within_bounds() {
+        assert_eq!(part_size(1 << 30, 16, None), 64 * MIB);
+        assert_eq!(part_size(8 << 30, 16, None), 256 * MIB);
+        assert_eq!(part_size(256 * MIB, 16, None), 16 * MIB);
+        assert_eq!(part_size(10 * MIB, 16, None), 8 * MIB);
+        assert_eq!(part_size(100 * MIB, 16, Some(5 * MIB)), 5 * MIB);
+        assert_eq!(part_size(100, 16, Some(1)), MIB, "never below 1 MiB");
+    }
+
+    #[test]
+    fn parts_cover_the_file_exactly() {
+        assert_eq!(parts(10, 4), vec![0..4, 4..8, 8..10]);
+        assert_eq!(parts(8, 4), vec![0..4, 4..8]);
+        assert_eq!(parts(0, 4), vec![0..0]);
+    }
+
+    #[test]
+    fn journals_resume_only_when_they_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = dir.path().join("x.parts");
+        let p = dir.path().join("x.part");
+        let (written, journal) = Journal::open(&j, &p, 100, 10).unwrap();
+        assert!(written.is_empty());
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 100);
+        journal.record(3, 35).unwrap();
+        journal.record(3, 40).unwrap();
+        journal.record(7, 80).unwrap();
+        // A line torn by a kill is a prefix of "1 20": fewer digits, so never
+        // more than was written; below the part's start it means nothing.
+        (&journal.0).write_all(b"1 2").unwrap();
+        drop(journal);
+        let (written, _) = Journal::open(&j, &p, 100, 10).unwrap();
+        assert_eq!(written.get(&3), Some(&40), "the furthest checkpoint wins");
+        assert_eq!(written.get(&7), Some(&80));
+        assert_eq!(written.get(&1), Some(&2));
+        let (written, _) = Journal::open(&j, &p, 100, 20).unwrap();
+        assert!(written.is_empty(), "another part size starts over");
+    }
+
+    #[test]
+    fn placed_entries_round_trip_paths_with_spaces() {
+        let e = PlacedEntry {
+            sha256: "a".repeat(64),
+            size: 5,
+            ino: 7,
+            mtime_ns: 1_700_000_000_123_456_789,
+            path: "dir/a b.bin".into(),
+        };
+        assert_eq!(PlacedEntry::parse(&e.line()), Some(e));
+    }
+
+    #[test]
+    fn symlinked_parents_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("sub")).unwrap();
+        let f = ManifestFile {
+            path: "sub/w.bin".into(),
+            size: 1,
+            sha256: "a".repeat(64),
+        };
+        assert!(matches!(
+            place_path(dir.path(), &f),
+            Err(FetchError::Escape { .. })
+        ));
+        let g = ManifestFile {
+            path: "new/deeper/w.bin".into(),
+            ..f
+        };
+        assert_eq!(
+            place_path(dir.path(), &g).unwrap(),
+            dir.path().join("new/deeper/w.bin")
+        );
+        assert!(dir.path().join("new/deeper").is_dir());
+    }
+}

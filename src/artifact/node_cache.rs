@@ -1,0 +1,426 @@
+//! The node-local cache (`--cache-dir`, e.g. a hostPath shared by the pods on
+//! one node): verified files content-addressed by sha256, one record per
+//! fetched version, a lock per version so that concurrent fetchers of one
+//! version download it once, and a quota kept by evicting the least recently
+//! used versions that no running pod pins.
+//!
+//! ```text
+//! <root>/blobs/<sha256>           verified content, read-only
+//! <root>/partial/<sha256>[.parts] downloads in progress and their journals
+//! <root>/versions/<id>.json       source, model, version, manifest digest; mtime = last use
+//! <root>/manifests/<digest>.json  manifest bytes
+//! <root>/locks/<id>.lock          held while a fetcher works on the version
+//! <root>/evict.lock               held while one fetcher evicts
+//! ```
+//!
+//! A version is pinned while any of its blobs has a hard link outside the
+//! cache (a pod's destination on the same filesystem): evicting it would free
+//! nothing, and the pod's files stay intact either way because the pod holds
+//! its own link. Copies made across filesystems do not pin.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use super::disk::write_atomic;
+use super::manifest::{self, VerifiedManifest};
+use crate::digest::sha256_hex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeCacheError {
+    #[error(
+        "failed to use the node cache at {path}; check that --cache-dir is a writable directory"
+    )]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NodeCacheError + '_ {
+    move |source| NodeCacheError::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+/// What the cache remembers about a fetched version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionRecord {
+    pub source: String,
+    pub model: String,
+    pub version: String,
+    pub manifest_digest: String,
+}
+
+/// What one eviction pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EvictReport {
+    pub evicted_versions: Vec<String>,
+    pub freed_bytes: u64,
+    /// Bytes in the cache after the pass; above the quota when pinned or busy
+    /// versions hold the rest.
+    pub used_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeCache {
+    root: PathBuf,
+}
+
+impl NodeCache {
+    pub fn open(root: &Path) -> Result<NodeCache, NodeCacheError> {
+        for sub in ["blobs", "partial", "versions", "manifests", "locks"] {
+            let dir = root.join(sub);
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        }
+        Ok(NodeCache { root: root.into() })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn blob_path(&self, sha256: &str) -> PathBuf {
+        self.root.join("blobs").join(sha256)
+    }
+
+    pub fn partial_dir(&self) -> PathBuf {
+        self.root.join("partial")
+    }
+
+    /// A blob of the right size is present. Blobs enter only after their
+    /// digest matched, so size is the check at hit time.
+    pub fn has_blob(&self, sha256: &str, size: u64) -> bool {
+        std::fs::metadata(self.blob_path(sha256)).is_ok_and(|m| m.is_file() && m.len() == size)
+    }
+
+    /// The key of one version at one source.
+    pub fn version_id(source: &str, model: &str, version: &str) -> String {
+        sha256_hex(format!("{source}\n{model}\n{version}").as_bytes())[..32].to_string()
+    }
+
+    /// Block until this process is the only fetcher of the version on the node.
+    pub fn lock_version(&self, id: &str) -> Result<File, NodeCacheError> {
+        let path = self.root.join("locks").join(format!("{id}.lock"));
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        file.lock().map_err(io(&path))?;
+        Ok(file)
+    }
+
+    /// The version's record and manifest, when a complete fetch left them.
+    pub fn lookup(&self, id: &str) -> Option<(VersionRecord, VerifiedManifest)> {
+        let bytes = std::fs::read(self.record_path(id)).ok()?;
+        let record: VersionRecord = serde_json::from_slice(&bytes).ok()?;
+        let manifest_bytes = std::fs::read(self.manifest_path(&record.manifest_digest)).ok()?;
+        if sha256_hex(&manifest_bytes) != record.manifest_digest {
+            return None;
+        }
+        let verified = manifest::parse(
+            "the node cache",
+            manifest_bytes,
+            Some((&record.model, &record.version)),
+        )
+        .ok()?;
+        let complete = verified
+            .manifest
+            .files
+            .iter()
+            .all(|f| self.has_blob(&f.sha256, f.size));
+        complete.then_some((record, verified))
+    }
+
+    /// Record a version whose blobs are all present; marks it used now.
+    pub fn record(
+        &self,
+        id: &str,
+        record: &VersionRecord,
+        manifest: &VerifiedManifest,
+    ) -> Result<(), NodeCacheError> {
+        let mpath = self.manifest_path(&manifest.digest);
+        write_atomic(&mpath, &manifest.bytes).map_err(io(&mpath))?;
+        let rpath = self.record_path(id);
+        let json = serde_json::to_vec_pretty(record).expect("records serialize");
+        write_atomic(&rpath, &json).map_err(io(&rpath))
+    }
+
+    /// Mark the version used now (LRU order is the records' mtime).
+    pub fn touch(&self, id: &str) {
+        if let Ok(f) = File::options().write(true).open(self.record_path(id)) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+    }
+
+    /// Bytes held by blobs.
+    pub fn used_bytes(&self) -> u64 {
+        std::fs::read_dir(self.root.join("blobs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// Evict least recently used versions until the blobs plus `incoming`
+    /// bytes fit in `quota`. Never evicts `keep`, a version another fetcher
+    /// holds, or a pinned one. Another evictor at work means this pass is
+    /// skipped: it will leave the cache within the quota too.
+    pub fn evict(&self, quota: u64, incoming: u64, keep: &str) -> EvictReport {
+        let mut report = EvictReport {
+            used_bytes: self.used_bytes(),
+            ..Default::default()
+        };
+        if report.used_bytes + incoming <= quota {
+            return report;
+        }
+        let Ok(evict_lock) = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join("evict.lock"))
+        else {
+            return report;
+        };
+        if evict_lock.try_lock().is_err() {
+            return report;
+        }
+        let mut versions: Vec<(SystemTime, String)> = std::fs::read_dir(self.root.join("versions"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.strip_suffix(".json")?.to_string();
+                Some((e.metadata().ok()?.modified().ok()?, name))
+            })
+            .collect();
+        versions.sort();
+        for (_, id) in versions {
+            if report.used_bytes + incoming <= quota {
+                break;
+            }
+            if id == keep || self.pinned(&id) {
+                continue;
+            }
+            let lock_path = self.root.join("locks").join(format!("{id}.lock"));
+            let Ok(lock) = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+            else {
+                continue;
+            };
+            if lock.try_lock().is_err() {
+                continue;
+            }
+            let _ = std::fs::remove_file(self.record_path(&id));
+            report.evicted_versions.push(id);
+            report.freed_bytes += self.collect_garbage();
+            report.used_bytes = self.used_bytes();
+        }
+        report
+    }
+
+    /// Remove blobs no record references and no one else links; returns the
+    /// bytes freed. A fetcher that loses a blob to this between its lookup and
+    /// its link downloads the file again.
+    fn collect_garbage(&self) -> u64 {
+        let mut referenced = BTreeSet::new();
+        let mut digests = BTreeSet::new();
+        for entry in std::fs::read_dir(self.root.join("versions"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(bytes) = std::fs::read(entry.path()) else {
+                continue;
+            };
+            let Ok(record) = serde_json::from_slice::<VersionRecord>(&bytes) else {
+                continue;
+            };
+            digests.insert(record.manifest_digest.clone());
+            if let Ok(m) = std::fs::read(self.manifest_path(&record.manifest_digest))
+                && let Ok(m) = serde_json::from_slice::<manifest::Manifest>(&m)
+            {
+                referenced.extend(m.files.into_iter().map(|f| f.sha256));
+            }
+        }
+        let mut freed = 0;
+        for entry in std::fs::read_dir(self.root.join("blobs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(meta) = entry.metadata() else { continue };
+            if referenced.contains(&name) || meta.nlink() > 1 {
+                continue;
+            }
+            if std::fs::remove_file(entry.path()).is_ok() {
+                freed += meta.len();
+            }
+        }
+        for entry in std::fs::read_dir(self.root.join("manifests"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !digests.contains(name.trim_end_matches(".json")) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        freed
+    }
+
+    fn pinned(&self, id: &str) -> bool {
+        let Some(record) = std::fs::read(self.record_path(id))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<VersionRecord>(&b).ok())
+        else {
+            return false;
+        };
+        let Some(m) = std::fs::read(self.manifest_path(&record.manifest_digest))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<manifest::Manifest>(&b).ok())
+        else {
+            return false;
+        };
+        m.files.iter().any(|f| {
+            std::fs::metadata(self.blob_path(&f.sha256)).is_ok_and(|meta| meta.nlink() > 1)
+        })
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.root.join("versions").join(format!("{id}.json"))
+    }
+
+    fn manifest_path(&self, digest: &str) -> PathBuf {
+        self.root.join("manifests").join(format!("{digest}.json"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::manifest::{Manifest, ManifestFile};
+
+    /// A cached version of `size` bytes of `fill`.
+    fn cached(cache: &NodeCache, version: &str, fill: u8, size: usize) -> String {
+        let data = vec![fill; size];
+        let sha = sha256_hex(&data);
+        std::fs::write(cache.blob_path(&sha), &data).unwrap();
+        let m = Manifest {
+            format_version: 1,
+            model: "m".into(),
+            version: version.into(),
+            files: vec![ManifestFile {
+                path: "w.bin".into(),
+                size: size as u64,
+                sha256: sha,
+            }],
+        };
+        let verified = manifest::parse("t", m.to_bytes(), None).unwrap();
+        let id = NodeCache::version_id("s3://b", "m", version);
+        let record = VersionRecord {
+            source: "s3://b".into(),
+            model: "m".into(),
+            version: version.into(),
+            manifest_digest: verified.digest.clone(),
+        };
+        cache.record(&id, &record, &verified).unwrap();
+        id
+    }
+
+    fn age(cache: &NodeCache, id: &str, secs_ago: u64) {
+        let f = File::options()
+            .write(true)
+            .open(cache.record_path(id))
+            .unwrap();
+        f.set_modified(SystemTime::now() - std::time::Duration::from_secs(secs_ago))
+            .unwrap();
+    }
+
+    #[test]
+    fn lookup_needs_every_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = NodeCache::open(dir.path()).unwrap();
+        let id = cached(&cache, "v1", 1, 10);
+        let (record, manifest) = cache.lookup(&id).unwrap();
+        assert_eq!(record.version, "v1");
+        std::fs::remove_file(cache.blob_path(&manifest.manifest.files[0].sha256)).unwrap();
+        assert!(cache.lookup(&id).is_none());
+    }
+
+    #[test]
+    fn eviction_takes_least_recently_used_unpinned_versions_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = NodeCache::open(dir.path()).unwrap();
+        let v1 = cached(&cache, "v1", 1, 100);
+        let v2 = cached(&cache, "v2", 2, 100);
+        let v3 = cached(&cache, "v3", 3, 100);
+        age(&cache, &v1, 300);
+        age(&cache, &v2, 200);
+        age(&cache, &v3, 100);
+        // A pod on this filesystem holds a link to v1's file: pinned.
+        let (_, m1) = cache.lookup(&v1).unwrap();
+        let pod_file = dir.path().join("pod-w.bin");
+        std::fs::hard_link(cache.blob_path(&m1.manifest.files[0].sha256), &pod_file).unwrap();
+
+        let report = cache.evict(250, 0, &v3);
+        assert_eq!(
+            report.evicted_versions,
+            vec![v2.clone()],
+            "v1 pinned, v3 kept"
+        );
+        assert_eq!(report.freed_bytes, 100);
+        assert_eq!(report.used_bytes, 200);
+        assert!(cache.lookup(&v2).is_none());
+        assert!(cache.lookup(&v1).is_some());
+
+        // Once the pod is gone, v1 is the oldest and goes.
+        std::fs::remove_file(&pod_file).unwrap();
+        let report = cache.evict(150, 0, &v3);
+        assert_eq!(report.evicted_versions, vec![v1]);
+        assert_eq!(report.used_bytes, 100);
+    }
+
+    #[test]
+    fn a_version_another_fetcher_holds_is_not_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = NodeCache::open(dir.path()).unwrap();
+        let v1 = cached(&cache, "v1", 1, 100);
+        let v2 = cached(&cache, "v2", 2, 100);
+        age(&cache, &v1, 100);
+        let _held = cache.lock_version(&v1).unwrap();
+        let report = cache.evict(0, 0, "none");
+        assert_eq!(report.evicted_versions, vec![v2]);
+        assert_eq!(report.used_bytes, 100);
+    }
+
+    #[test]
+    fn blobs_shared_by_a_remaining_version_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = NodeCache::open(dir.path()).unwrap();
+        let v1 = cached(&cache, "v1", 7, 100);
+        let v2 = cached(&cache, "v2", 7, 100); // same bytes, same blob
+        age(&cache, &v1, 100);
+        let report = cache.evict(50, 0, &v2);
+        assert_eq!(report.evicted_versions, vec![v1]);
+        assert_eq!(report.freed_bytes, 0);
+        assert!(cache.lookup(&v2).is_some());
+    }
+}

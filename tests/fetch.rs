@@ -1,0 +1,824 @@
+//! `modelcache publish` and `modelcache fetch` end to end, as processes,
+//! against a real S3-compatible server (moto; s3s-fs where signatures must be
+//! checked), nginx as an HTTP origin, and a proxy on loopback that counts,
+//! injects faults or shapes traffic.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::proxy::{Proxy, ProxyConfig};
+use support::{HttpServer, S3Server};
+
+const BIN: &str = env!("CARGO_BIN_EXE_modelcache");
+
+/// A model directory of deterministic pseudo-random files: a few MiB in
+/// several sizes, a nested path with a space, an empty file, and two files
+/// with the same content.
+fn model_dir(root: &Path, seed: u64, big_mib: usize) -> PathBuf {
+    let dir = root.join(format!("model-{seed}"));
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut bytes = |n: usize| (0..n).map(|_| rng.u8(..)).collect::<Vec<u8>>();
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("model.safetensors", bytes(big_mib << 20)),
+        ("shards/part 2.bin", bytes(3 << 20)),
+        ("tokenizer.json", bytes(40_000)),
+        ("config.json", b"{\"layers\": 2}\n".to_vec()),
+        ("empty.txt", Vec::new()),
+        ("copy/config.json", b"{\"layers\": 2}\n".to_vec()),
+    ];
+    for (path, data) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+    dir
+}
+
+/// Every regular file under `dir` (outside `.modelcache`), by relative path.
+fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if rel == ".modelcache" {
+                continue;
+            }
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    if dir.exists() {
+        walk(dir, dir, &mut out);
+    }
+    out
+}
+
+fn modelcache(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env_remove("AWS_PROFILE")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("MODELCACHE_LOG", "info");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    modelcache(args, env).output().expect("modelcache runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn summary(o: &Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "modelcache failed ({:?}): {}",
+        o.status.code(),
+        stderr(o)
+    );
+    serde_json::from_slice(&o.stdout).expect("the summary is JSON")
+}
+
+fn creds(s3: &S3Server) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", s3.access_key.clone()),
+        ("AWS_SECRET_ACCESS_KEY", s3.secret_key.clone()),
+        ("AWS_REGION", s3.region.clone()),
+    ]
+}
+
+fn env_of<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    v.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+fn create_bucket(s3: &S3Server, bucket: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let cfg = modelcache::artifact::source::SourceConfig {
+            endpoint: Some(s3.endpoint()),
+            region: Some(s3.region.clone()),
+            path_style: true,
+            ..Default::default()
+        };
+        // SAFETY: set before any thread of this test reads the environment.
+        unsafe {
+            std::env::set_var("AWS_ACCESS_KEY_ID", &s3.access_key);
+            std::env::set_var("AWS_SECRET_ACCESS_KEY", &s3.secret_key);
+            std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+        }
+        let client =
+            modelcache::artifact::source::s3_client(&cfg, Duration::from_secs(30), true).await;
+        client.create_bucket().bucket(bucket).send().await.unwrap();
+    });
+}
+
+fn publish_s3(s3: &S3Server, dir: &Path, version: &str) -> serde_json::Value {
+    let env = creds(s3);
+    summary(&run(
+        &[
+            "publish",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--to",
+            "s3://models/prod",
+            "--model",
+            "m",
+            "--version",
+            version,
+            "--endpoint",
+            &s3.endpoint(),
+            "--path-style",
+        ],
+        &env_of(&env),
+    ))
+}
+
+fn fetch_args<'a>(endpoint: &'a str, version: &'a str, dest: &'a str) -> Vec<&'a str> {
+    vec![
+        "fetch",
+        "--source",
+        "s3://models/prod",
+        "--model",
+        "m",
+        "--version",
+        version,
+        "--dest",
+        dest,
+        "--endpoint",
+        endpoint,
+        "--path-style",
+        "--progress",
+        "off",
+        "--retry-base-ms",
+        "10",
+    ]
+}
+
+fn moto_with_bucket() -> S3Server {
+    let s3 = S3Server::moto().unwrap_or_else(|e| panic!("{e}"));
+    create_bucket(&s3, "models");
+    s3
+}
+
+#[test]
+fn s3_fetch_is_byte_identical_and_the_node_cache_serves_the_second_pod_without_requests() {
+    let s3 = moto_with_bucket();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = model_dir(tmp.path(), 1, 20);
+    let published = publish_s3(&s3, &src, "v1");
+    assert_eq!(published["files"], 6);
+    // Publishing the same bytes again is a no-op; other bytes are refused.
+    assert_eq!(publish_s3(&s3, &src, "v1")["alreadyPublished"], true);
+    let other = model_dir(tmp.path(), 2, 1);
+    let env = creds(&s3);
+    let refused = run(
+        &[
+            "publish",
+            "--dir",
+            other.to_str().unwrap(),
+            "--to",
+            "s3://models/prod",
+            "--model",
+            "m",
+            "--version",
+            "v1",
+            "--endpoint",
+            &s3.endpoint(),
+            "--path-style",
+        ],
+        &env_of(&env),
+    );
+    assert_eq!(refused.status.code(), Some(3), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("versions are immutable"),
+        "{}",
+        stderr(&refused)
+    );
+
+    let (_rt, proxy) = Proxy::start_blocking(s3.port(), ProxyConfig::default());
+    let endpoint = proxy.endpoint();
+    let cache = tmp.path().join("node-cache");
+    let pod1 = tmp.path().join("pod1");
+    let mut args = fetch_args(&endpoint, "v1", pod1.to_str().unwrap());
+    args.extend(["--cache-dir", cache.to_str().unwrap(), "--part-size", "4Mi"]);
+    let first = summary(&run(&args, &env_of(&env)));
+    assert_eq!(tree(&pod1), tree(&src), "byte-identical to the source");
+    assert_eq!(first["manifestDigest"], published["manifestDigest"]);
+    assert_eq!(
+        first["downloadedBytes"].as_u64().unwrap(),
+        first["bytes"].as_u64().unwrap() - 14,
+        "duplicate content downloads once"
+    );
+    assert_eq!(first["cacheHits"], 0);
+    let marker: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pod1.join(".modelcache/complete")).unwrap()).unwrap();
+    assert_eq!(marker["manifestDigest"], published["manifestDigest"]);
+    let requests_after_first = proxy
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        proxy.stats.requests_for("/model.safetensors") >= 5,
+        "20 MiB in 4 MiB parts"
+    );
+
+    // A second pod on the node: everything from the cache, nothing from S3.
+    let pod2 = tmp.path().join("pod2");
+    let mut args = fetch_args(&endpoint, "v1", pod2.to_str().unwrap());
+    args.extend(["--cache-dir", cache.to_str().unwrap()]);
+    let second = summary(&run(&args, &env_of(&env)));
+    assert_eq!(tree(&pod2), tree(&src));
+    assert_eq!(second["cacheHits"], 6);
+    assert_eq!(second["downloadedBytes"], 0);
+    assert_eq!(second["requests"], 0);
+    assert_eq!(
+        proxy
+            .stats
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        requests_after_first,
+        "the second fetch made no request"
+    );
+    // Hard links: the pod's file is the cache's blob.
+    use std::os::unix::fs::MetadataExt as _;
+    assert!(
+        std::fs::metadata(pod2.join("model.safetensors"))
+            .unwrap()
+            .nlink()
+            >= 3
+    );
+
+    // The same pod again (a restarted init container): complete, no request.
+    let again = summary(&run(&args, &env_of(&env)));
+    assert_eq!(again["reusedFiles"], 6);
+    assert_eq!(
+        proxy
+            .stats
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        requests_after_first
+    );
+}
+
+#[test]
+fn v2_replaces_v1_in_a_destination_and_removes_what_v2_does_not_have() {
+    let s3 = moto_with_bucket();
+    let tmp = tempfile::tempdir().unwrap();
+    let v1 = model_dir(tmp.path(), 3, 1);
+    publish_s3(&s3, &v1, "v1");
+    let v2 = tmp.path().join("v2");
+    std::fs::create_dir_all(&v2).unwrap();
+    std::fs::write(v2.join("model.safetensors"), b"version two").unwrap();
+    publish_s3(&s3, &v2, "v2");
+    let env = creds(&s3);
+    let dest = tmp.path().join("dest");
+    let endpoint = s3.endpoint();
+    summary(&run(
+        &fetch_args(&endpoint, "v1", dest.to_str().unwrap()),
+        &env_of(&env),
+    ));
+    std::fs::write(dest.join("user-notes.txt"), b"not ours").unwrap();
+    let s = summary(&run(
+        &fetch_args(&endpoint, "v2", dest.to_str().unwrap()),
+        &env_of(&env),
+    ));
+    assert_eq!(s["version"], "v2");
+    let mut want = tree(&v2);
+    want.insert("user-notes.txt".into(), b"not ours".to_vec());
+    assert_eq!(
+        tree(&dest),
+        want,
+        "v1's files are gone, files modelcache did not place stay"
+    );
+}
+
+#[test]
+fn faults_from_a_proxy_end_in_success() {
+    let s3 = moto_with_bucket();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = model_dir(tmp.path(), 4, 12);
+    publish_s3(&s3, &src, "v1");
+    let (_rt, proxy) = Proxy::start_blocking(
+        s3.port(),
+        ProxyConfig {
+            fault_rate: 0.3,
+            seed: 7,
+            ..Default::default()
+        },
+    );
+    let endpoint = proxy.endpoint();
+    let dest = tmp.path().join("dest");
+    let mut args = fetch_args(&endpoint, "v1", dest.to_str().unwrap());
+    args.extend([
+        "--part-size",
+        "1Mi",
+        "--concurrency",
+        "6",
+        "--retries",
+        "30",
+    ]);
+    let s = summary(&run(&args, &env_of(&creds(&s3))));
+    assert_eq!(tree(&dest), tree(&src));
+    let faults = proxy
+        .stats
+        .faults
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(faults >= 5, "the proxy injected {faults} faults");
+    assert!(s["retries"].as_u64().unwrap() >= faults / 2, "{s}");
+    // A cut body is resumed from where it stopped, not downloaded again whole.
+    let body = proxy
+        .stats
+        .body_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let total = s["bytes"].as_u64().unwrap();
+    assert!(body < total + total / 4, "{body} bytes sent for {total}");
+}
+
+/// Kill -9 at random moments; after each kill no final path holds a wrong
+/// file, and the last run leaves the version byte-identical.
+#[test]
+fn kill_nine_at_random_moments_resumes_to_identical_files() {
+    let s3 = moto_with_bucket();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = model_dir(tmp.path(), 5, 40);
+    publish_s3(&s3, &src, "v1");
+    let want = tree(&src);
+    // 4 connections at 24 MiB/s each: a full fetch takes about half a second.
+    let (_rt, proxy) = Proxy::start_blocking(
+        s3.port(),
+        ProxyConfig {
+            bandwidth: Some(24 << 20),
+            rtt: Some(Duration::from_millis(2)),
+            ..Default::default()
+        },
+    );
+    let endpoint = proxy.endpoint();
+    let env = creds(&s3);
+    let dest = tmp.path().join("dest");
+    let dest_s = dest.to_str().unwrap().to_string();
+    let mut args = fetch_args(&endpoint, "v1", &dest_s);
+    let at = args.iter().position(|a| *a == "--progress").unwrap();
+    args[at + 1] = "log";
+    args.extend([
+        "--concurrency",
+        "4",
+        "--part-size",
+        "16Mi",
+        "--progress-interval",
+        "1",
+    ]);
+
+    // First a kill once a checkpoint is in the journal; the next run resumes.
+    let mut child = modelcache(&args, &env_of(&env))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let journal_dir = dest.join(".modelcache/partial");
+    let started = Instant::now();
+    loop {
+        let checkpointed = std::fs::read_dir(&journal_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                e.path().extension().is_some_and(|x| x == "parts")
+                    && std::fs::read_to_string(e.path()).is_ok_and(|t| t.lines().count() > 1)
+            });
+        if checkpointed {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no checkpoint appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the fetch ended before a checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let resumed = run(&args, &env_of(&env));
+    let s = summary(&resumed);
+    assert!(s["resumedBytes"].as_u64().unwrap() > 0, "{s}");
+    assert!(
+        s["downloadedBytes"].as_u64().unwrap() < s["bytes"].as_u64().unwrap(),
+        "{s}"
+    );
+    assert_eq!(tree(&dest), want);
+    let log = stderr(&resumed);
+    assert!(
+        log.contains("MB/s") && log.contains("ETA"),
+        "progress lines: {log}"
+    );
+
+    // Then 20 kills at random moments of fresh downloads.
+    std::fs::remove_dir_all(&dest).unwrap();
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut kills = 0;
+    let mut runs = 0;
+    while kills < 20 {
+        runs += 1;
+        assert!(runs < 200, "the fetch kept finishing before the kill");
+        let mut child = modelcache(&args, &env_of(&env))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.u64(20..500)));
+        let finished = child.try_wait().unwrap().is_some();
+        if !finished {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+        for (path, bytes) in tree(&dest) {
+            assert_eq!(
+                Some(&bytes),
+                want.get(&path),
+                "after kill {kills}, {path} is wrong at its final path"
+            );
+        }
+        if finished {
+            // Complete: start over so that the next kill lands mid-download.
+            std::fs::remove_dir_all(&dest).unwrap();
+        }
+    }
+    let s = summary(&run(&args, &env_of(&env)));
+    assert_eq!(tree(&dest), want);
+    assert_eq!(s["files"], 6);
+}
+
+#[test]
+fn concurrent_fetchers_into_one_cache_download_once() {
+    let s3 = moto_with_bucket();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = model_dir(tmp.path(), 6, 16);
+    publish_s3(&s3, &src, "v1");
+    let (_rt, proxy) = Proxy::start_blocking(s3.port(), ProxyConfig::default());
+    let endpoint = proxy.endpoint();
+    let env = creds(&s3);
+    let cache = tmp.path().join("cache");
+    let children: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|pod| {
+            let dest = tmp.path().join(pod);
+            let mut args = fetch_args(&endpoint, "v1", dest.to_str().unwrap());
+            args.extend(["--cache-dir", cache.to_str().unwrap()]);
+            modelcache(&args, &env_of(&env))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let summaries: Vec<_> = children
+        .into_iter()
+        .map(|c| summary(&c.wait_with_output().unwrap()))
+        .collect();
+    assert_eq!(tree(&tmp.path().join("a")), tree(&src));
+    assert_eq!(tree(&tmp.path().join("b")), tree(&src));
+    let unique: u64 = summaries[0]["bytes"].as_u64().unwrap() - 14;
+    let body = proxy
+        .stats
+        .body_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let manifest = std::fs::metadata(tmp.path().join("a/.modelcache/manifest.json"))
+        .unwrap()
+        .len();
+    assert_eq!(body, unique + manifest, "the version crossed the wire once");
+    let hits: Vec<u64> = summaries
+        .iter()
+        .map(|s| s["cacheHits"].as_u64().unwrap())
+        .collect();
+    assert!(hits.contains(&6) && hits.contains(&0), "{hits:?}");
+}
+
+#[test]
+fn wrong_credentials_are_a_clear_error() {
+    let s3 = S3Server::s3s_fs().unwrap_or_else(|e| panic!("{e}"));
+    create_bucket(&s3, "models");
+    let tmp = tempfile::tempdir().unwrap();
+    let src = model_dir(tmp.path(), 8, 1);
+    publish_s3(&s3, &src, "v1");
+    let dest = tmp.path().join("dest");
+    let endpoint = s3.endpoint();
+    let wrong = [
+        ("AWS_ACCESS_KEY_ID", s3.access_key.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", "not-the-secret"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    let o = run(&fetch_args(&endpoint, "v1", dest.to_str().unwrap()), &wrong);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("manifest.json"), "{err}");
+    assert!(err.contains("403"), "{err}");
+    assert!(err.contains("check the credentials"), "{err}");
+    assert!(
+        !err.contains("not-the-secret"),
+        "secrets never reach messages"
+    );
+    assert!(tree(&dest).is_empty());
+    // The right secret works against the same strict server.
+    let ok = run(
+        &fetch_args(&endpoint, "v1", dest.to_str().unwrap()),
+        &env_of(&creds(&s3)),
+    );
+    summary(&ok);
+    assert_eq!(tree(&dest), tree(&src));
+}
+
+/// A version placed on nginx's root the way `publish --to file://` does.
+fn http_origin(tmp: &Path) -> (HttpServer, PathBuf) {
+    let root = tmp.join("origin");
+    std::fs::create_dir_all(&root).unwrap();
+    let http = HttpServer::start(&root).unwrap_or_else(|e| panic!("{e}"));
+    (http, root)
+}
+
+fn publish_dir(dir: &Path, root: &Path, version: &str) {
+    summary(&run(
+        &[
+            "publish",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--to",
+            &format!("file://{}", root.display()),
+            "--model",
+            "m",
+            "--version",
+            version,
+        ],
+        &[],
+    ));
+}
+
+fn http_fetch(base: &str, version: &str, dest: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "fetch",
+        "--source",
+        base,
+        "--model",
+        "m",
+        "--version",
+        version,
+        "--dest",
+        dest.to_str().unwrap(),
+        "--progress",
+        "off",
+        "--retry-base-ms",
+        "10",
+    ];
+    args.extend(extra);
+    run(&args, &[])
+}
+
+#[test]
+fn http_origin_with_headers_and_a_corrupted_object_that_fails_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (http, root) = http_origin(tmp.path());
+    let src = model_dir(tmp.path(), 9, 9);
+    publish_dir(&src, &root, "v1");
+    let (_rt, proxy) = Proxy::start_blocking(http.port(), ProxyConfig::default());
+    let dest = tmp.path().join("dest");
+    let base = format!("{}/", proxy.endpoint());
+    let s = summary(&http_fetch(
+        &base,
+        "v1",
+        &dest,
+        &["--header", "X-Team: ml-platform", "--part-size", "2Mi"],
+    ));
+    assert_eq!(tree(&dest), tree(&src));
+    assert_eq!(s["files"], 6);
+    let heads = proxy.stats.heads.lock().unwrap().clone();
+    assert!(
+        heads.iter().all(|h| h.contains("x-team: ml-platform")),
+        "{:?}",
+        heads.first()
+    );
+    assert!(
+        heads.iter().any(|h| h.contains("range: bytes=")),
+        "ranged requests"
+    );
+
+    // Same size, other bytes: the digest gives it away, twice.
+    let published = root.join("m/v1/shards/part 2.bin");
+    let mut bytes = std::fs::read(&published).unwrap();
+    bytes[12345] ^= 0xff;
+    std::fs::write(&published, bytes).unwrap();
+    let dest2 = tmp.path().join("dest2");
+    let o = http_fetch(&base, "v1", &dest2, &[]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("failed to verify shards/part 2.bin"), "{err}");
+    assert!(
+        err.contains("/m/v1/shards/part%202.bin"),
+        "names the URL: {err}"
+    );
+    assert!(err.contains("expected sha256"), "{err}");
+    assert!(
+        !dest2.join("shards/part 2.bin").exists(),
+        "nothing at the final path"
+    );
+    assert!(!dest2.join(".modelcache/complete").exists());
+}
+
+#[test]
+fn manifests_that_escape_the_destination_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (http, root) = http_origin(tmp.path());
+    for (version, path) in [
+        ("dotdot", "../escaped.txt"),
+        ("absolute", "/tmp/escaped.txt"),
+        ("nested", "a/../../escaped.txt"),
+    ] {
+        let dir = root.join("m").join(version);
+        std::fs::create_dir_all(&dir).unwrap();
+        let manifest = serde_json::json!({
+            "formatVersion": 1, "model": "m", "version": version,
+            "files": [{"path": path, "size": 3, "sha256": modelcache::digest::sha256_hex(b"abc")}]
+        });
+        std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+        let dest = tmp.path().join("pods").join(version);
+        let o = http_fetch(&http.base_url(), version, &dest, &[]);
+        assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+        assert!(stderr(&o).contains("is not allowed"), "{}", stderr(&o));
+        assert!(!tmp.path().join("pods/escaped.txt").exists());
+        assert!(tree(&dest).is_empty());
+    }
+}
+
+#[test]
+fn not_enough_disk_fails_before_any_download() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (http, root) = http_origin(tmp.path());
+    let dir = root.join("m/huge");
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = serde_json::json!({
+        "formatVersion": 1, "model": "m", "version": "huge",
+        "files": [{"path": "weights.bin", "size": 1u64 << 50, "sha256": "0".repeat(64)}]
+    });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    let (_rt, proxy) = Proxy::start_blocking(http.port(), ProxyConfig::default());
+    let dest = tmp.path().join("dest");
+    let o = http_fetch(&proxy.endpoint(), "huge", &dest, &[]);
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("1024.0 TiB more are needed"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        proxy.stats.requests_for("weights.bin"),
+        0,
+        "no download started"
+    );
+    assert_eq!(proxy.stats.requests_for("manifest.json"), 1);
+}
+
+#[test]
+fn missing_versions_and_bad_arguments_exit_with_their_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (http, _root) = http_origin(tmp.path());
+    let dest = tmp.path().join("dest");
+    let o = http_fetch(&http.base_url(), "v404", &dest, &[]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("404; is the version published there?"),
+        "{}",
+        stderr(&o)
+    );
+    let o = http_fetch("ftp://x", "v1", &dest, &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("expected s3://"), "{}", stderr(&o));
+    let o = http_fetch(&http.base_url(), "../v1", &dest, &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("version \"../v1\" is not valid"),
+        "{}",
+        stderr(&o)
+    );
+    // Every option also comes from the environment, as in an init container.
+    let o = Command::new(BIN)
+        .arg("fetch")
+        .env("MODELCACHE_SOURCE", http.base_url())
+        .env("MODELCACHE_MODEL", "m")
+        .env("MODELCACHE_VERSION", "v404")
+        .env("MODELCACHE_DEST", &dest)
+        .env("MODELCACHE_PROGRESS", "off")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+}
+
+/// The signature over a policy as openssl computes it, in CloudFront's base64.
+fn openssl_signature(key: &Path, policy: &str) -> String {
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha1", "-sign"])
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("openssl runs");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(policy.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .encode(out.stdout)
+        .replace('+', "-")
+        .replace('=', "_")
+        .replace('/', "~")
+}
+
+#[test]
+fn cloudfront_signatures_match_openssl_and_never_reach_logs() {
+    use modelcache::artifact::cloudfront::{self, Mode, Policy, Signer};
+    let key = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cloudfront-test-key.pem");
+    let signer = Signer::from_pem_file(
+        &key,
+        "KTESTKEYPAIR",
+        Mode::SignedUrl,
+        Policy::Canned,
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    for policy in [
+        cloudfront::canned_policy(
+            "https://d111111abcdef8.cloudfront.net/m/v1/model.safetensors",
+            1_900_000_000,
+        ),
+        cloudfront::custom_policy(
+            "https://d111111abcdef8.cloudfront.net/m/v1/*",
+            1_900_000_000,
+        ),
+    ] {
+        assert_eq!(
+            signer.signature(&policy),
+            openssl_signature(&key, &policy),
+            "{policy}"
+        );
+    }
+
+    // Signed URLs and signed cookies reach the origin; logs and errors never
+    // show them.
+    let tmp = tempfile::tempdir().unwrap();
+    let (http, root) = http_origin(tmp.path());
+    let src = model_dir(tmp.path(), 10, 1);
+    publish_dir(&src, &root, "v1");
+    let (_rt, proxy) = Proxy::start_blocking(http.port(), ProxyConfig::default());
+    let key_s = key.to_str().unwrap();
+    for (mode, policy, marker) in [
+        ("signed-url", "canned", "Expires="),
+        ("signed-url", "custom", "Policy="),
+        ("signed-cookies", "custom", "cookie: CloudFront-Policy="),
+        ("signed-cookies", "canned", "cookie: CloudFront-Expires="),
+    ] {
+        let dest = tmp.path().join(format!("{mode}-{policy}"));
+        let extra = [
+            "--cloudfront-key-pair-id",
+            "KTESTKEYPAIR",
+            "--cloudfront-private-key",
+            key_s,
+            "--cloudfront-mode",
+            mode,
+            "--cloudfront-policy",
+            policy,
+        ];
+        let o = http_fetch(&proxy.endpoint(), "v1", &dest, &extra);
+        summary(&o);
+        assert_eq!(tree(&dest), tree(&src));
+        let heads = proxy.stats.heads.lock().unwrap().clone();
+        let last = heads.last().unwrap();
+        assert!(
+            last.contains(marker) && last.contains("Key-Pair-Id=KTESTKEYPAIR"),
+            "{mode}/{policy}: {last}"
+        );
+        assert!(!stderr(&o).contains("Signature"), "{}", stderr(&o));
+        // An unpublished version: the error names the URL without its signature.
+        let o = http_fetch(&proxy.endpoint(), "v9", &tmp.path().join("none"), &extra);
+        assert_eq!(o.status.code(), Some(4));
+        assert!(stderr(&o).contains("/m/v9/manifest.json"), "{}", stderr(&o));
+        assert!(!stderr(&o).contains("Signature"), "{}", stderr(&o));
+    }
+}
