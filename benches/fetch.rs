@@ -1,1 +1,590 @@
-fn main() {}
+//! Fetch benchmark: `scripts/bench.sh fetch` (or `cargo bench --bench fetch`).
+//!
+//! One model set (default: two 2 GiB files and eight small ones, 1 to 8 MiB)
+//! published to moto's S3 server and to nginx on loopback. Each client
+//! downloads all of it, as a separate process whose wall time and peak RSS
+//! are measured (wait4):
+//!
+//! - S3: `modelcache fetch` (sha256 verification on), s5cmd, `aws s3 cp
+//!   --recursive` and rclone, each with its defaults, plus two null clients
+//!   (the server's ceiling, bytes discarded): 16 MiB ranged GETs, 16 in
+//!   flight, and one GET per object, all at once;
+//! - HTTP: `modelcache fetch` and aria2c (16 connections per file), plus the
+//!   ranged null client.
+//!
+//! Every comparison runs on loopback as it is, and again through a shaping
+//! proxy on loopback (tests/support/proxy.rs) that adds round-trip time and
+//! caps each connection's bandwidth, the way S3 caps a single connection.
+//! Ratios are against modelcache in the same run. Environment:
+//! MODELCACHE_BENCH_BIG_FILES (2), MODELCACHE_BENCH_BIG_MIB (2048),
+//! MODELCACHE_BENCH_RTT_MS (10), MODELCACHE_BENCH_CONN_MIBPS (32).
+
+#[path = "../tests/support/mod.rs"]
+#[allow(unused_imports)]
+mod support;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::proxy::{Proxy, ProxyConfig};
+use support::{HttpServer, S3Server};
+
+const BIN: &str = env!("CARGO_BIN_EXE_modelcache");
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Measured {
+    seconds: f64,
+    peak_rss_mib: Option<f64>,
+}
+
+/// Run a command to the end; wall time and peak RSS.
+///
+/// The command runs under a fresh copy of this binary (`--measure`), which
+/// waits for it with wait4: a child forked straight from the benchmark would
+/// inherit the benchmark's own peak in ru_maxrss.
+fn measure(command: Command) -> Measured {
+    let mut outer = Command::new(std::env::current_exe().unwrap());
+    outer
+        .arg("--measure")
+        .arg(command.get_program())
+        .args(command.get_args());
+    for (k, v) in command.get_envs() {
+        if let Some(v) = v {
+            outer.env(k, v);
+        }
+    }
+    let report = tempfile::NamedTempFile::new().unwrap();
+    outer.env("MODELCACHE_BENCH_RSS_OUT", report.path());
+    outer.stdout(std::process::Stdio::null());
+    let started = Instant::now();
+    let status = outer.status().unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(status.success(), "{command:?} failed: {status}");
+    let kib: f64 = std::fs::read_to_string(report.path())
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    Measured {
+        seconds,
+        peak_rss_mib: Some(kib / 1024.0),
+    }
+}
+
+/// `--measure PROGRAM ARGS…`: run it, write its peak RSS (KiB) to
+/// $MODELCACHE_BENCH_RSS_OUT, exit with its status.
+fn measure_child(args: &[String]) -> ! {
+    let child = Command::new(&args[0])
+        .args(&args[1..])
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", args[0]));
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; `status` and `usage` are writable.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4 failed");
+    std::mem::forget(child);
+    let out = std::env::var("MODELCACHE_BENCH_RSS_OUT").unwrap();
+    std::fs::write(out, usage.ru_maxrss.to_string()).unwrap();
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128
+    };
+    std::process::exit(code)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.file_name().is_some_and(|n| n == ".modelcache") {
+            continue;
+        }
+        if p.is_dir() {
+            total += dir_bytes(&p);
+        } else {
+            total += e.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    total
+}
+
+/// Where pip put the tools' programs: next to this Python's scripts.
+fn python_scripts() -> PathBuf {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .output()
+        .expect("python3");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn s5cmd_binary() -> PathBuf {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import os, s5cmd; print(os.path.join(os.path.dirname(s5cmd.__file__), 'bin', 's5cmd'))",
+        ])
+        .output()
+        .expect("python3");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn hash_speeds() -> (f64, f64) {
+    let data = vec![0x5au8; 256 << 20];
+    let t = Instant::now();
+    let _ = std::hint::black_box(modelcache::digest::sha256_hex(&data));
+    let aws_lc = 256.0 / t.elapsed().as_secs_f64();
+    use sha2::Digest as _;
+    let t = Instant::now();
+    let _ = std::hint::black_box(sha2::Sha256::digest(&data));
+    let sha2 = 256.0 / t.elapsed().as_secs_f64();
+    (aws_lc, sha2)
+}
+
+struct Row {
+    mode: &'static str,
+    protocol: &'static str,
+    client: String,
+    m: Measured,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--measure") {
+        measure_child(&args[2..]);
+    }
+    let big_files = env_u64("MODELCACHE_BENCH_BIG_FILES", 2);
+    let big_mib = env_u64("MODELCACHE_BENCH_BIG_MIB", 2048);
+    let rtt = Duration::from_millis(env_u64("MODELCACHE_BENCH_RTT_MS", 10));
+    let conn_mibps = env_u64("MODELCACHE_BENCH_CONN_MIBPS", 32);
+
+    let (aws_lc, sha2) = hash_speeds();
+    println!(
+        "sha256 on one core: aws-lc-rs {aws_lc:.0} MiB/s, sha2 {sha2:.0} MiB/s ({:.2}x)",
+        aws_lc / sha2
+    );
+
+    let work = tempfile::Builder::new()
+        .prefix("modelcache-bench-")
+        .tempdir()
+        .unwrap();
+    let src = work.path().join("model");
+    std::fs::create_dir_all(src.join("small")).unwrap();
+    let mut rng = fastrand::Rng::with_seed(42);
+    let mut chunk = vec![0u8; 8 << 20];
+    for i in 0..big_files {
+        let mut f =
+            std::fs::File::create(src.join(format!("model-{i:05}-of-{big_files:05}.safetensors")))
+                .unwrap();
+        for _ in 0..big_mib / 8 {
+            rng.fill(&mut chunk);
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    for i in 0..8u64 {
+        let mut data = vec![0u8; ((i + 1) << 20) as usize];
+        rng.fill(&mut data);
+        std::fs::write(src.join(format!("small/file-{i}.bin")), data).unwrap();
+    }
+    let total = dir_bytes(&src);
+    println!(
+        "model set: {big_files} x {big_mib} MiB + 8 small files = {:.2} GiB",
+        total as f64 / (1u64 << 30) as f64
+    );
+
+    let s3 = S3Server::moto().unwrap_or_else(|e| panic!("{e}"));
+    let creds = [
+        ("AWS_ACCESS_KEY_ID", s3.access_key.clone()),
+        ("AWS_SECRET_ACCESS_KEY", s3.secret_key.clone()),
+        ("AWS_REGION", s3.region.clone()),
+        ("AWS_DEFAULT_REGION", s3.region.clone()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+    ];
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for (k, v) in &creds {
+        // SAFETY: set before the benchmark starts any thread that reads them.
+        unsafe { std::env::set_var(k, v) };
+    }
+    let s3_cfg = modelcache::artifact::source::SourceConfig {
+        endpoint: Some(s3.endpoint()),
+        region: Some(s3.region.clone()),
+        path_style: true,
+        ..Default::default()
+    };
+    let client = rt.block_on(modelcache::artifact::source::s3_client(
+        &s3_cfg,
+        Duration::from_secs(60),
+        true,
+    ));
+    rt.block_on(client.create_bucket().bucket("models").send())
+        .unwrap();
+    let publish = |to: &str, endpoint: Option<&str>| {
+        let mut c = Command::new(BIN);
+        c.args([
+            "publish",
+            "--dir",
+            src.to_str().unwrap(),
+            "--to",
+            to,
+            "--model",
+            "m",
+            "--version",
+            "v1",
+        ]);
+        if let Some(e) = endpoint {
+            c.args(["--endpoint", e, "--path-style"]);
+        }
+        measure(c)
+    };
+    let p = publish("s3://models/prod", Some(&s3.endpoint()));
+    println!(
+        "publish to moto: {:.1} s ({:.0} MB/s incl. manifest hashing)",
+        p.seconds,
+        total as f64 / p.seconds / 1e6
+    );
+    let origin = work.path().join("origin");
+    std::fs::create_dir_all(&origin).unwrap();
+    publish(&format!("file://{}", origin.display()), None);
+    let http = HttpServer::start(&origin).unwrap_or_else(|e| panic!("{e}"));
+
+    let scripts = python_scripts();
+    let s5cmd = s5cmd_binary();
+    let mut rows: Vec<Row> = Vec::new();
+    let out = work.path().join("out");
+    let objects: Vec<String> = walk(&src);
+
+    for shaped in [false, true] {
+        let mode = if shaped { "shaped" } else { "loopback" };
+        let shaping = ProxyConfig {
+            rtt: Some(rtt),
+            bandwidth: Some(conn_mibps << 20),
+            ..Default::default()
+        };
+        let s3_proxy = shaped.then(|| {
+            rt.block_on(Proxy::start(s3.port(), shaping.clone()))
+                .unwrap()
+        });
+        let http_proxy = shaped.then(|| {
+            rt.block_on(Proxy::start(http.port(), shaping.clone()))
+                .unwrap()
+        });
+        let s3_endpoint = s3_proxy.as_ref().map_or(s3.endpoint(), |p| p.endpoint());
+        let http_base = http_proxy
+            .as_ref()
+            .map_or(http.base_url(), |p| p.endpoint());
+        let with_creds = |mut c: Command| {
+            for (k, v) in &creds {
+                c.env(k, v);
+            }
+            c
+        };
+        let mut record = |protocol: &'static str, client: &str, m: Measured, check: bool| {
+            if check {
+                // s5cmd, rclone and aws copy the manifest too: it is in the prefix.
+                let _ = std::fs::remove_file(out.join("manifest.json"));
+                let got = dir_bytes(&out);
+                assert_eq!(got, total, "{client} ({mode}) wrote {got} of {total} bytes");
+            }
+            println!(
+                "{mode:8} {protocol:4} {client:22} {:7.2} s {:8.1} MB/s  peak RSS {}",
+                m.seconds,
+                total as f64 / m.seconds / 1e6,
+                m.peak_rss_mib.map_or("-".into(), |r| format!("{r:.0} MiB"))
+            );
+            let _ = std::fs::remove_dir_all(&out);
+            rows.push(Row {
+                mode,
+                protocol,
+                client: client.into(),
+                m,
+            });
+        };
+
+        // S3 null clients: 16 MiB ranges, 16 in flight; and one GET per
+        // object, all at once. No disk, no hashing.
+        let _ = std::fs::remove_dir_all(&out);
+        let null_cfg = modelcache::artifact::source::SourceConfig {
+            endpoint: Some(s3_endpoint.clone()),
+            ..s3_cfg.clone()
+        };
+        for whole in [false, true] {
+            let t = Instant::now();
+            let got = rt.block_on(null_s3(&null_cfg, &src, &objects, whole));
+            assert_eq!(got, total);
+            let name = if whole {
+                "null, GET per object"
+            } else {
+                "null, ranged (ceiling)"
+            };
+            record(
+                "s3",
+                name,
+                Measured {
+                    seconds: t.elapsed().as_secs_f64(),
+                    peak_rss_mib: None,
+                },
+                false,
+            );
+        }
+
+        let mut c = with_creds(Command::new(BIN));
+        c.args([
+            "fetch",
+            "--source",
+            "s3://models/prod",
+            "--model",
+            "m",
+            "--version",
+            "v1",
+            "--dest",
+            out.to_str().unwrap(),
+        ])
+        .args([
+            "--endpoint",
+            &s3_endpoint,
+            "--path-style",
+            "--progress",
+            "off",
+        ]);
+        record("s3", "modelcache (verified)", measure(c), true);
+
+        let mut c = with_creds(Command::new(&s5cmd));
+        c.args([
+            "--endpoint-url",
+            &s3_endpoint,
+            "cp",
+            "s3://models/prod/m/v1/*",
+            &format!("{}/", out.display()),
+        ]);
+        record("s3", "s5cmd", measure(c), true);
+
+        let mut c = with_creds(Command::new(scripts.join("rclone")));
+        c.args(["copy", ":s3:models/prod/m/v1", out.to_str().unwrap()])
+            .args([
+                "--s3-provider",
+                "Other",
+                "--s3-endpoint",
+                &s3_endpoint,
+                "--s3-force-path-style=true",
+                "--s3-env-auth",
+            ]);
+        record("s3", "rclone", measure(c), true);
+
+        let mut c = with_creds(Command::new(scripts.join("aws")));
+        c.args([
+            "s3",
+            "cp",
+            "--recursive",
+            "--only-show-errors",
+            "s3://models/prod/m/v1/",
+            out.to_str().unwrap(),
+        ])
+        .args(["--endpoint-url", &s3_endpoint]);
+        record("s3", "aws s3 cp --recursive", measure(c), true);
+
+        // HTTP null client: 16 MiB ranges, 16 in flight, bytes discarded.
+        let t = Instant::now();
+        let got = rt.block_on(null_http(&http_base, &src, &objects));
+        assert_eq!(got, total);
+        record(
+            "http",
+            "null, ranged (ceiling)",
+            Measured {
+                seconds: t.elapsed().as_secs_f64(),
+                peak_rss_mib: None,
+            },
+            false,
+        );
+
+        let mut c = Command::new(BIN);
+        c.args([
+            "fetch",
+            "--source",
+            &http_base,
+            "--model",
+            "m",
+            "--version",
+            "v1",
+            "--dest",
+            out.to_str().unwrap(),
+            "--progress",
+            "off",
+        ]);
+        record("http", "modelcache (verified)", measure(c), true);
+
+        let list = work.path().join("aria2-input.txt");
+        let input: String = objects
+            .iter()
+            .map(|o| format!("{http_base}/m/v1/{o}\n  out={o}\n"))
+            .collect();
+        std::fs::write(&list, input).unwrap();
+        let mut c = Command::new("aria2c");
+        c.args([
+            "-x",
+            "16",
+            "-s",
+            "16",
+            "-j",
+            "5",
+            "--file-allocation=none",
+            "--console-log-level=warn",
+        ])
+        .args([
+            "--summary-interval=0",
+            "--allow-overwrite=true",
+            "--auto-file-renaming=false",
+            "-d",
+        ])
+        .arg(&out)
+        .arg("-i")
+        .arg(&list);
+        record("http", "aria2c -x16 -s16", measure(c), true);
+    }
+
+    println!();
+    println!("| mode | protocol | client | seconds | MB/s | modelcache speed-up | peak RSS |");
+    println!("| --- | --- | --- | ---: | ---: | ---: | ---: |");
+    for r in &rows {
+        let ours = rows
+            .iter()
+            .find(|o| {
+                o.mode == r.mode && o.protocol == r.protocol && o.client.starts_with("modelcache")
+            })
+            .map(|o| o.m.seconds)
+            .unwrap();
+        println!(
+            "| {} | {} | {} | {:.2} | {:.0} | {:.2}x | {} |",
+            r.mode,
+            r.protocol,
+            r.client,
+            r.m.seconds,
+            total as f64 / r.m.seconds / 1e6,
+            r.m.seconds / ours,
+            r.m.peak_rss_mib
+                .map_or("-".into(), |v| format!("{v:.0} MiB")),
+        );
+    }
+    println!(
+        "\n(speed-up = the client's time / modelcache's time in the same mode and protocol; total {total} bytes)"
+    );
+}
+
+fn walk(root: &Path) -> Vec<String> {
+    fn go(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                go(root, &p, out);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    go(root, root, &mut out);
+    out.sort();
+    out
+}
+
+/// Download every object and discard the bytes: 16 MiB ranges, 16 requests in
+/// flight, or one GET per object, all at once.
+async fn null_s3(
+    cfg: &modelcache::artifact::source::SourceConfig,
+    src: &Path,
+    objects: &[String],
+    whole: bool,
+) -> u64 {
+    use futures::StreamExt as _;
+    let client = modelcache::artifact::source::s3_client(cfg, Duration::from_secs(60), false).await;
+    let mut requests = Vec::new();
+    for o in objects {
+        let size = std::fs::metadata(src.join(o)).unwrap().len();
+        if whole {
+            requests.push((o.clone(), None));
+        } else {
+            for r in ranges(size) {
+                requests.push((o.clone(), Some(r)));
+            }
+        }
+    }
+    let in_flight = if whole { requests.len() } else { 16 };
+    futures::stream::iter(requests)
+        .map(|(o, range)| {
+            let client = client.clone();
+            async move {
+                let mut get = client
+                    .get_object()
+                    .bucket("models")
+                    .key(format!("prod/m/v1/{o}"));
+                if let Some(r) = range {
+                    get = get.range(format!("bytes={}-{}", r.start, r.end - 1));
+                }
+                let mut body = get.send().await.unwrap().body;
+                let mut n = 0u64;
+                while let Some(chunk) = body.next().await {
+                    n += chunk.unwrap().len() as u64;
+                }
+                n
+            }
+        })
+        .buffer_unordered(in_flight)
+        .fold(0, |a, b| async move { a + b })
+        .await
+}
+
+async fn null_http(base: &str, src: &Path, objects: &[String]) -> u64 {
+    use futures::StreamExt as _;
+    let client = reqwest::Client::new();
+    let mut requests = Vec::new();
+    for o in objects {
+        let size = std::fs::metadata(src.join(o)).unwrap().len();
+        for r in ranges(size) {
+            requests.push((format!("{base}/m/v1/{o}"), r));
+        }
+    }
+    futures::stream::iter(requests)
+        .map(|(url, r)| {
+            let client = client.clone();
+            async move {
+                let mut resp = client
+                    .get(url)
+                    .header("range", format!("bytes={}-{}", r.start, r.end - 1))
+                    .send()
+                    .await
+                    .unwrap();
+                let mut n = 0u64;
+                while let Some(chunk) = resp.chunk().await.unwrap() {
+                    n += chunk.len() as u64;
+                }
+                n
+            }
+        })
+        .buffer_unordered(16)
+        .fold(0, |a, b| async move { a + b })
+        .await
+}
+
+/// 16 MiB ranges, the size S3's guidance suggests for parallel GETs.
+fn ranges(size: u64) -> Vec<std::ops::Range<u64>> {
+    const PART: u64 = 16 << 20;
+    (0..size.div_ceil(PART))
+        .map(|i| i * PART..((i + 1) * PART).min(size))
+        .collect()
+}

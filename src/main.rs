@@ -552,10 +552,23 @@ fn parse_header(line: &str) -> Result<(String, String)> {
     Ok((name.trim().to_string(), value.trim().to_string()))
 }
 
-/// Print a library error the way every command does, and exit with its code.
-fn fail(error: impl std::error::Error + Send + Sync + 'static, code: u8) -> ExitCode {
-    eprintln!("error: {:#}", anyhow::Error::new(error));
-    ExitCode::from(code)
+/// The JSON summary on stdout, or the error (with its causes) on stderr and
+/// the command's exit code for it.
+fn summary_or_exit<T: serde::Serialize, E: std::error::Error + Send + Sync + 'static>(
+    result: std::result::Result<T, E>,
+    exit_code: impl Fn(&E) -> u8,
+) -> Result<ExitCode> {
+    match result {
+        Ok(summary) => {
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let code = exit_code(&e);
+            eprintln!("error: {:#}", anyhow::Error::new(e));
+            Ok(ExitCode::from(code))
+        }
+    }
 }
 
 fn fetch(args: FetchArgs) -> Result<ExitCode> {
@@ -640,16 +653,8 @@ fn fetch(args: FetchArgs) -> Result<ExitCode> {
     opts.retry_base = Duration::from_millis(args.retry_base_ms.max(1));
     opts.progress = args.progress;
     opts.progress_interval = Duration::from_secs(args.progress_interval.max(1));
-    match runtime()?.block_on(fetch::fetch(opts)) {
-        Ok(summary) => {
-            println!("{}", serde_json::to_string(&summary)?);
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) => {
-            let code = e.exit_code();
-            Ok(fail(e, code))
-        }
-    }
+    let result = runtime()?.block_on(fetch::fetch(opts));
+    summary_or_exit(result, |e| e.exit_code())
 }
 
 fn publish(args: PublishArgs) -> Result<ExitCode> {
@@ -669,14 +674,6 @@ fn publish(args: PublishArgs) -> Result<ExitCode> {
         version: args.version,
         concurrency: args.concurrency as usize,
     };
-    match runtime()?.block_on(publish::publish(opts)) {
-        Ok(summary) => {
-            println!("{}", serde_json::to_string(&summary)?);
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) => {
-            let code = e.exit_code();
-            Ok(fail(e, code))
-        }
-    }
+    let result = runtime()?.block_on(publish::publish(opts));
+    summary_or_exit(result, |e| e.exit_code())
 }

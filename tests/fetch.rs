@@ -463,6 +463,35 @@ fn kill_nine_at_random_moments_resumes_to_identical_files() {
     assert_eq!(s["files"], 6);
 }
 
+/// When each connection is capped, idle workers split the ranges in flight:
+/// many ranged requests for one big file, and the bytes still exact.
+#[test]
+fn capped_connections_make_the_fetcher_split_ranges() {
+    let s3 = moto_with_bucket();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = model_dir(tmp.path(), 12, 24);
+    publish_s3(&s3, &src, "v1");
+    let (_rt, proxy) = Proxy::start_blocking(
+        s3.port(),
+        ProxyConfig {
+            bandwidth: Some(6 << 20),
+            rtt: Some(Duration::from_millis(2)),
+            ..Default::default()
+        },
+    );
+    let endpoint = proxy.endpoint();
+    let dest = tmp.path().join("dest");
+    let mut args = fetch_args(&endpoint, "v1", dest.to_str().unwrap());
+    args.extend(["--concurrency", "8"]);
+    let s = summary(&run(&args, &env_of(&creds(&s3))));
+    assert_eq!(tree(&dest), tree(&src));
+    // The manifest and five distinct files take six requests; every split
+    // adds one. A 24 MiB file at 6 MiB/s per connection is split at least
+    // twice (never below 4 MiB per range).
+    let requests = s["requests"].as_u64().unwrap();
+    assert!(requests >= 8, "{requests} requests: {s}");
+}
+
 #[test]
 fn concurrent_fetchers_into_one_cache_download_once() {
     let s3 = moto_with_bucket();

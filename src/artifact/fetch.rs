@@ -22,16 +22,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write as _;
-use std::ops::Range;
-use std::os::unix::fs::{FileExt as _, MetadataExt as _};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
 
 use super::disk::{available_bytes, link_or_copy, write_atomic};
 use super::manifest::{
@@ -41,9 +38,7 @@ use super::node_cache::{NodeCache, NodeCacheError, VersionRecord};
 use super::progress::{Counters, ProgressMode, Reporter, human_bytes};
 use super::retry::Backoff;
 use super::source::{ConnectError, Failure, Location, Source, SourceConfig, SourceError};
-use crate::digest::Sha256;
-
-const MIB: u64 = 1 << 20;
+use super::transfer::{Engine, Transfer, TransferError};
 
 /// Everything `modelcache fetch` takes.
 #[derive(Debug, Clone)]
@@ -133,12 +128,8 @@ pub struct CompleteMarker {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("failed to fetch: {what} {value:?} is not valid: {why}")]
-    Name {
-        what: &'static str,
-        value: String,
-        why: &'static str,
-    },
+    #[error("failed to fetch: {0}")]
+    Name(#[from] super::NameError),
     #[error("failed to set up the source")]
     Connect(#[from] ConnectError),
     #[error("failed to read the manifest of {model}/{version}")]
@@ -209,11 +200,20 @@ fn hint(failure: Failure) -> &'static str {
     }
 }
 
+impl From<TransferError> for FetchError {
+    fn from(e: TransferError) -> Self {
+        match e {
+            TransferError::Source { file, source } => FetchError::Source { file, source },
+            TransferError::Io { what, path, source } => FetchError::Io { what, path, source },
+        }
+    }
+}
+
 impl FetchError {
     /// The process exit code; documented in the README.
     pub fn exit_code(&self) -> u8 {
         match self {
-            FetchError::Name { .. } | FetchError::Connect(_) => 2,
+            FetchError::Name(_) | FetchError::Connect(_) => 2,
             FetchError::Source { source, .. } => match source.failure {
                 Failure::Transient => 7,
                 _ => 4,
@@ -239,30 +239,6 @@ fn io_err<'a>(
     }
 }
 
-/// The part size for a file: one part per connection, so that even one big
-/// file keeps every connection busy while requests stay few (some stores pay
-/// per request: moto reads the whole object for every range), within 8 to
-/// 256 MiB. Checkpoints inside parts keep a resumed or retried part cheap.
-pub fn part_size(file_size: u64, concurrency: usize, fixed: Option<u64>) -> u64 {
-    if let Some(fixed) = fixed {
-        return fixed.max(MIB);
-    }
-    let per = file_size.div_ceil(concurrency.max(1) as u64);
-    per.div_ceil(MIB)
-        .saturating_mul(MIB)
-        .clamp(8 * MIB, 256 * MIB)
-}
-
-/// The byte ranges of a file cut into parts.
-pub fn parts(size: u64, part: u64) -> Vec<Range<u64>> {
-    if size == 0 {
-        return std::iter::once(0..0).collect();
-    }
-    (0..size.div_ceil(part))
-        .map(|i| i * part..((i + 1) * part).min(size))
-        .collect()
-}
-
 /// Where a file of the version comes from in this run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Plan {
@@ -275,19 +251,12 @@ enum Plan {
 }
 
 struct Ctx {
-    source: Source,
-    model: String,
-    version: String,
+    engine: Arc<Engine>,
     partial_dir: PathBuf,
     cache: Option<NodeCache>,
-    semaphore: Arc<Semaphore>,
     counters: Arc<Counters>,
     concurrency: usize,
     part_size: Option<u64>,
-    deadline: Instant,
-    max_attempts: u32,
-    retry_base: Duration,
-    idle: Duration,
 }
 
 impl Ctx {
@@ -304,13 +273,7 @@ impl Ctx {
 /// cannot cure; what was downloaded stays for the next run.
 pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
     let started = Instant::now();
-    for (what, value) in [("model", &opts.model), ("version", &opts.version)] {
-        super::check_name(value).map_err(|why| FetchError::Name {
-            what,
-            value: value.clone(),
-            why,
-        })?;
-    }
+    super::check_names(&opts.model, &opts.version)?;
     std::fs::create_dir_all(&opts.dest).map_err(io_err("create the destination", &opts.dest))?;
     let dest = opts
         .dest
@@ -363,24 +326,28 @@ pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
     cfg.connections = cfg.connections.max(opts.concurrency);
     let source = Source::connect(&opts.location, &cfg).await?;
     let counters = Arc::new(Counters::default());
-    let ctx = Arc::new(Ctx {
+    let engine = Arc::new(Engine::new(
         source,
-        model: opts.model.clone(),
-        version: opts.version.clone(),
+        opts.model.clone(),
+        opts.version.clone(),
+        counters.clone(),
+        started + opts.deadline,
+        opts.max_attempts.max(1),
+        opts.retry_base,
+        cfg.idle_timeout.unwrap_or(Duration::from_secs(30)),
+        opts.part_size,
+    ));
+    let ctx = Ctx {
+        engine: engine.clone(),
         partial_dir: match &cache {
             Some(c) => c.partial_dir(),
             None => partial_in_dest.clone(),
         },
         cache: cache.clone(),
-        semaphore: Arc::new(Semaphore::new(opts.concurrency.max(1))),
         counters: counters.clone(),
         concurrency: opts.concurrency.max(1),
         part_size: opts.part_size,
-        deadline: started + opts.deadline,
-        max_attempts: opts.max_attempts.max(1),
-        retry_base: opts.retry_base,
-        idle: cfg.idle_timeout.unwrap_or(Duration::from_secs(30)),
-    });
+    };
 
     // The manifest: from the node cache when another pod fetched this version
     // (versions are immutable, so no request), else from the source.
@@ -392,7 +359,7 @@ pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
         Some(m) => m,
         None => {
             let bytes = get_manifest(&ctx).await?;
-            let origin = ctx.source.url(&opts.model, &opts.version, MANIFEST_NAME);
+            let origin = engine.source.url(&opts.model, &opts.version, MANIFEST_NAME);
             manifest::parse(&origin, bytes, Some((&opts.model, &opts.version))).map_err(
                 |source| FetchError::Manifest {
                     model: opts.model.clone(),
@@ -458,26 +425,20 @@ pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
 
     counters.total.store(need, Ordering::Relaxed);
     let reporter = Reporter::start(opts.progress, opts.progress_interval, counters.clone());
-    // Largest first: the long pole starts early, small files fill the gaps.
-    to_download.sort_by(|a, b| b.size.cmp(&a.size).then(a.path.cmp(&b.path)));
-    let mut tasks = tokio::task::JoinSet::new();
-    for f in to_download {
-        let ctx = ctx.clone();
-        let f = f.clone();
-        tasks.spawn(async move { download_file(&ctx, &f).await });
-    }
     let mut resumed = 0;
-    let outcome = tokio::time::timeout_at(ctx.deadline.into(), async {
-        while let Some(joined) = tasks.join_next().await {
-            resumed += joined.expect("download task panicked")?;
-        }
-        Ok::<_, FetchError>(())
-    })
+    let outcome = tokio::time::timeout_at(
+        engine.deadline.into(),
+        download(
+            &ctx,
+            to_download.into_iter().cloned().collect(),
+            &mut resumed,
+        ),
+    )
     .await;
     reporter.finish().await;
     match outcome {
         Ok(result) => result?,
-        Err(_) => {
+        Err(_elapsed) => {
             return Err(FetchError::Deadline {
                 model: opts.model.clone(),
                 version: opts.version.clone(),
@@ -639,15 +600,16 @@ async fn lock_file(path: PathBuf) -> Result<File, FetchError> {
 }
 
 async fn get_manifest(ctx: &Ctx) -> Result<Vec<u8>, FetchError> {
-    let mut backoff = Backoff::new(ctx.max_attempts, ctx.deadline)
-        .with_base(ctx.retry_base, Duration::from_secs(10));
+    let engine = &ctx.engine;
+    let mut backoff = Backoff::new(engine.max_attempts, engine.deadline)
+        .with_base(engine.retry_base, Duration::from_secs(10));
     loop {
         ctx.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let result = ctx
+        let result = engine
             .source
             .get_all(
-                &ctx.model,
-                &ctx.version,
+                &ctx.engine.model,
+                &ctx.engine.version,
                 MANIFEST_NAME,
                 manifest::MAX_MANIFEST_BYTES,
             )
@@ -679,374 +641,59 @@ async fn get_manifest(ctx: &Ctx) -> Result<Vec<u8>, FetchError> {
     }
 }
 
-/// Download one file into the partial area, verify it, and move it to its
-/// verified path. Returns the bytes reused from an earlier run.
-async fn download_file(ctx: &Arc<Ctx>, f: &ManifestFile) -> Result<u64, FetchError> {
-    let final_path = ctx.verified_path(&f.sha256);
-    let partial = ctx.partial_dir.join(format!("{}.part", f.sha256));
-    let journal_path = ctx.partial_dir.join(format!("{}.parts", f.sha256));
-    let url = ctx.source.url(&ctx.model, &ctx.version, &f.path);
-    let mut resumed_total = 0;
-    let mut mismatch = None;
-    for attempt in 0..2 {
-        let part = part_size(f.size, ctx.concurrency, ctx.part_size);
-        let ranges = parts(f.size, part);
-        let (written, journal) = Journal::open(&journal_path, &partial, f.size, part)?;
-        // Where each part resumes: its start, or the last checkpoint.
-        let starts: Vec<u64> = ranges
+/// Download, verify and move to their verified paths every file in `files`.
+/// A file whose digest does not match is downloaded once more, then refused.
+async fn download(
+    ctx: &Ctx,
+    mut files: Vec<ManifestFile>,
+    resumed: &mut u64,
+) -> Result<(), FetchError> {
+    let mut mismatched = BTreeSet::new();
+    while !files.is_empty() {
+        let transfers = files
             .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                written
-                    .get(&i)
-                    .map_or(r.start, |&at| at.clamp(r.start, r.end))
-            })
-            .collect();
-        let resumed: u64 = ranges.iter().zip(&starts).map(|(r, s)| s - r.start).sum();
-        resumed_total += resumed;
-        ctx.counters.total.fetch_sub(resumed, Ordering::Relaxed);
-        let data = Arc::new(
-            File::options()
-                .read(true)
-                .write(true)
-                .open(&partial)
-                .map_err(io_err("open", &partial))?,
-        );
-        let journal = Arc::new(journal);
-        let actual = if ranges.len() == 1 {
-            // One request: hash as the bytes arrive, after what an earlier run wrote.
-            let _permit = ctx
-                .semaphore
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore closed");
-            let mut hasher = Sha256::default();
-            if starts[0] > 0 {
-                let (reader, upto) = (data.clone(), starts[0]);
-                hasher = tokio::task::spawn_blocking(move || {
-                    hash_range(&reader, 0..upto, &mut hasher).map(|()| hasher)
-                })
-                .await
-                .expect("hash task panicked")
-                .map_err(io_err("read back", &partial))?;
-            }
-            let range = ranges[0].clone();
-            fetch_range(
-                ctx,
-                f,
-                &data,
-                range,
-                starts[0],
-                Some(&mut hasher),
-                &journal,
-                0,
-            )
-            .await?;
-            hasher.finish_hex()
-        } else {
-            download_parts(ctx, f, &data, &partial, &ranges, &starts, journal).await?
-        };
-        if actual == f.sha256 {
-            if ctx.cache.is_some() {
-                // The cache outlives pods and reboots: make the blob durable
-                // before it can be found.
-                data.sync_data().map_err(io_err("sync", &partial))?;
-            }
-            drop(data);
-            std::fs::rename(&partial, &final_path).map_err(io_err("move", &final_path))?;
-            let _ = std::fs::remove_file(&journal_path);
-            return Ok(resumed_total);
+            .map(|f| Transfer::open(&ctx.partial_dir, f, ctx.part_size))
+            .collect::<Result<Vec<_>, _>>()?;
+        for t in &transfers {
+            *resumed += t.resumed();
+            ctx.counters.total.fetch_sub(t.resumed(), Ordering::Relaxed);
         }
-        drop(data);
-        let _ = std::fs::remove_file(&partial);
-        let _ = std::fs::remove_file(&journal_path);
-        if attempt == 0 {
+        ctx.engine.run(&transfers, ctx.concurrency).await?;
+        files.clear();
+        for t in &transfers {
+            let actual = t.digest().await?;
+            let f = &t.file;
+            if actual == f.sha256 {
+                if ctx.cache.is_some() {
+                    // The cache outlives pods and reboots: the blob is made
+                    // durable before it can be found.
+                    t.sync()?;
+                }
+                let verified = ctx.verified_path(&f.sha256);
+                std::fs::rename(t.partial_path(), &verified).map_err(io_err("move", &verified))?;
+                t.discard();
+                continue;
+            }
+            t.discard();
+            let url = ctx
+                .engine
+                .source
+                .url(&ctx.engine.model, &ctx.engine.version, &f.path);
+            if !mismatched.insert(f.sha256.clone()) {
+                return Err(FetchError::Integrity {
+                    file: f.path.clone(),
+                    url,
+                    expected: f.sha256.clone(),
+                    actual,
+                });
+            }
             tracing::warn!(file = %f.path, %url, expected = %f.sha256, %actual,
                 "digest mismatch; downloading the file once more");
             ctx.counters.total.fetch_add(f.size, Ordering::Relaxed);
+            files.push(f.clone());
         }
-        mismatch = Some(actual);
-    }
-    Err(FetchError::Integrity {
-        file: f.path.clone(),
-        url,
-        expected: f.sha256.clone(),
-        actual: mismatch.unwrap_or_default(),
-    })
-}
-
-/// Parts downloaded in parallel, each written where it belongs; a hasher
-/// thread follows the contiguous prefix that is complete, reading it back
-/// from the page cache (a memcpy, cheap next to SHA-256) so that memory stays
-/// bounded however far ahead the other parts run.
-async fn download_parts(
-    ctx: &Arc<Ctx>,
-    f: &ManifestFile,
-    data: &Arc<File>,
-    partial: &Path,
-    ranges: &[Range<u64>],
-    starts: &[u64],
-    journal: Arc<Journal>,
-) -> Result<String, FetchError> {
-    let (tx, rx) = std::sync::mpsc::channel::<usize>();
-    let reader = File::open(partial).map_err(io_err("open", partial))?;
-    let hash_ranges = ranges.to_vec();
-    let hasher = tokio::task::spawn_blocking(move || hash_in_order(&reader, &hash_ranges, &rx));
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, range) in ranges.iter().enumerate() {
-        if starts[i] == range.end {
-            let _ = tx.send(i);
-            continue;
-        }
-        let (ctx, f, data, journal, tx, range, from) = (
-            ctx.clone(),
-            f.clone(),
-            data.clone(),
-            journal.clone(),
-            tx.clone(),
-            range.clone(),
-            starts[i],
-        );
-        tasks.spawn(async move {
-            let _permit = ctx
-                .semaphore
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore closed");
-            fetch_range(&ctx, &f, &data, range, from, None, &journal, i).await?;
-            let _ = tx.send(i);
-            Ok::<_, FetchError>(())
-        });
-    }
-    drop(tx);
-    while let Some(joined) = tasks.join_next().await {
-        joined.expect("part task panicked")?;
-    }
-    hasher
-        .await
-        .expect("hasher panicked")
-        .map_err(io_err("read back", partial))
-}
-
-fn hash_range(file: &File, range: Range<u64>, hasher: &mut Sha256) -> std::io::Result<()> {
-    let mut buf = vec![0u8; (MIB as usize).min((range.end - range.start) as usize)];
-    let mut at = range.start;
-    while at < range.end {
-        let n = ((range.end - at) as usize).min(buf.len());
-        file.read_exact_at(&mut buf[..n], at)?;
-        hasher.update(&buf[..n]);
-        at += n as u64;
     }
     Ok(())
-}
-
-fn hash_in_order(
-    file: &File,
-    ranges: &[Range<u64>],
-    finished: &std::sync::mpsc::Receiver<usize>,
-) -> std::io::Result<String> {
-    let mut ready = vec![false; ranges.len()];
-    let mut next = 0;
-    let mut hasher = Sha256::default();
-    while next < ranges.len() {
-        match finished.recv() {
-            Ok(i) => ready[i] = true,
-            // The downloads stopped early; the caller has their error.
-            Err(_) => return Ok(String::new()),
-        }
-        while next < ranges.len() && ready[next] {
-            hash_range(file, ranges[next].clone(), &mut hasher)?;
-            next += 1;
-        }
-    }
-    Ok(hasher.finish_hex())
-}
-
-/// Bytes between two journal checkpoints of a part: at most this much is
-/// downloaded again after a kill.
-const CHECKPOINT: u64 = 8 * MIB;
-
-/// Get `from..range.end` of a file into `data` at the same offsets, retrying
-/// transient failures from where the last attempt stopped, and checkpointing
-/// progress in the journal as part `index`.
-#[allow(clippy::too_many_arguments)]
-async fn fetch_range(
-    ctx: &Ctx,
-    f: &ManifestFile,
-    data: &File,
-    range: Range<u64>,
-    from: u64,
-    mut hasher: Option<&mut Sha256>,
-    journal: &Journal,
-    index: usize,
-) -> Result<(), FetchError> {
-    let mut at = from;
-    let mut checkpointed = at;
-    let mut backoff = Backoff::new(ctx.max_attempts, ctx.deadline)
-        .with_base(ctx.retry_base, Duration::from_secs(10));
-    let partial = ctx.partial_dir.join(format!("{}.part", f.sha256));
-    let url = || ctx.source.url(&ctx.model, &ctx.version, &f.path);
-    loop {
-        ctx.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let before = at;
-        let mut buf: Vec<u8> = Vec::with_capacity(256 * 1024);
-        // Write what is buffered at `at`, feed the hasher, checkpoint.
-        let mut flush = |buf: &mut Vec<u8>, at: &mut u64| -> std::io::Result<()> {
-            if buf.is_empty() {
-                return Ok(());
-            }
-            data.write_all_at(buf, *at)?;
-            if let Some(h) = hasher.as_deref_mut() {
-                h.update(buf);
-            }
-            ctx.counters
-                .done
-                .fetch_add(buf.len() as u64, Ordering::Relaxed);
-            *at += buf.len() as u64;
-            buf.clear();
-            // Recorded only after the bytes are written: after a kill the
-            // journal never claims bytes that are not in the file.
-            if *at - checkpointed >= CHECKPOINT || *at == range.end {
-                journal.record(index, *at)?;
-                checkpointed = *at;
-            }
-            Ok(())
-        };
-        let mut write_error = None;
-        let outcome: Result<(), SourceError> = async {
-            let mut body = ctx
-                .source
-                .get(&ctx.model, &ctx.version, &f.path, Some(at..range.end))
-                .await?;
-            loop {
-                let next = tokio::time::timeout(ctx.idle, body.next())
-                    .await
-                    .map_err(|_| SourceError {
-                        failure: Failure::Transient,
-                        url: url(),
-                        detail: format!("no data for {} s", ctx.idle.as_secs()),
-                    })?;
-                let Some(chunk) = next else { break };
-                let chunk = chunk?;
-                if at + (buf.len() + chunk.len()) as u64 > range.end {
-                    return Err(SourceError {
-                        failure: Failure::Transient,
-                        url: url(),
-                        detail: "the body is longer than the range asked for".into(),
-                    });
-                }
-                buf.extend_from_slice(&chunk);
-                if buf.len() >= 256 * 1024
-                    && let Err(e) = flush(&mut buf, &mut at)
-                {
-                    write_error = Some(e);
-                    break;
-                }
-            }
-            Ok(())
-        }
-        .await;
-        if let Some(e) = write_error {
-            return Err(io_err("write", &partial)(e));
-        }
-        // Whatever arrived before a failure is kept.
-        flush(&mut buf, &mut at).map_err(io_err("write", &partial))?;
-        let error = match outcome {
-            Ok(()) if at == range.end => return Ok(()),
-            Ok(()) => SourceError {
-                failure: Failure::Transient,
-                url: url(),
-                detail: format!("the body ended {} bytes early", range.end - at),
-            },
-            Err(e) => e,
-        };
-        if error.failure != Failure::Transient {
-            return Err(FetchError::Source {
-                file: f.path.clone(),
-                source: error,
-            });
-        }
-        if at > before {
-            // Progress: a fresh budget for the rest of the range.
-            backoff.reset();
-        }
-        ctx.counters.retries.fetch_add(1, Ordering::Relaxed);
-        match backoff.next_delay() {
-            Some(delay) => {
-                tracing::debug!(file = %f.path, url = %error.url, offset = at,
-                    "retrying in {} ms: {}", delay.as_millis(), error.detail);
-                tokio::time::sleep(delay).await;
-            }
-            None => {
-                return Err(FetchError::Source {
-                    file: f.path.clone(),
-                    source: error,
-                });
-            }
-        }
-    }
-}
-
-/// The journal of a partial file: for each part, how far it is written.
-/// Lines are `<part> <offset>`, appended after the bytes are in the file.
-struct Journal(File);
-
-impl Journal {
-    /// Open the journal, or start the file over when the journal is missing or
-    /// was made for another size or part size.
-    fn open(
-        journal: &Path,
-        partial: &Path,
-        size: u64,
-        part: u64,
-    ) -> Result<(BTreeMap<usize, u64>, Journal), FetchError> {
-        let header = format!("modelcache-parts v2 size={size} part={part}");
-        let count = parts(size, part).len();
-        let usable = std::fs::read_to_string(journal).ok().and_then(|text| {
-            let mut lines = text.lines();
-            (lines.next() == Some(header.as_str())).then(|| {
-                let mut written = BTreeMap::new();
-                // A line torn by a kill holds a prefix of the offset's digits,
-                // hence a smaller offset: safe to use.
-                for line in lines {
-                    let Some((i, at)) = line.split_once(' ') else {
-                        continue;
-                    };
-                    if let (Ok(i), Ok(at)) = (i.parse::<usize>(), at.parse::<u64>())
-                        && i < count
-                        && at <= size
-                    {
-                        let e = written.entry(i).or_insert(0);
-                        *e = (*e).max(at);
-                    }
-                }
-                written
-            })
-        });
-        let partial_ok = std::fs::metadata(partial).is_ok_and(|m| m.len() == size);
-        let written = match usable {
-            Some(written) if partial_ok => written,
-            _ => {
-                let f = File::create(partial).map_err(io_err("create", partial))?;
-                f.set_len(size).map_err(io_err("allocate", partial))?;
-                write_atomic(journal, format!("{header}\n").as_bytes())
-                    .map_err(io_err("write", journal))?;
-                BTreeMap::new()
-            }
-        };
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(journal)
-            .map_err(io_err("open", journal))?;
-        Ok((written, Journal(file)))
-    }
-
-    fn record(&self, part: usize, offset: u64) -> std::io::Result<()> {
-        // One short O_APPEND write: lines from parallel parts never interleave.
-        (&self.0).write_all(format!("{part} {offset}\n").as_bytes())
-    }
 }
 
 fn verified_at(path: &Path, size: u64) -> bool {
@@ -1156,46 +803,6 @@ fn read_local_manifest(state: &Path, digest: &str) -> Option<VerifiedManifest> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn part_sizes_adapt_to_the_file_within_bounds() {
-        assert_eq!(part_size(1 << 30, 16, None), 64 * MIB);
-        assert_eq!(part_size(8 << 30, 16, None), 256 * MIB);
-        assert_eq!(part_size(256 * MIB, 16, None), 16 * MIB);
-        assert_eq!(part_size(10 * MIB, 16, None), 8 * MIB);
-        assert_eq!(part_size(100 * MIB, 16, Some(5 * MIB)), 5 * MIB);
-        assert_eq!(part_size(100, 16, Some(1)), MIB, "never below 1 MiB");
-    }
-
-    #[test]
-    fn parts_cover_the_file_exactly() {
-        assert_eq!(parts(10, 4), vec![0..4, 4..8, 8..10]);
-        assert_eq!(parts(8, 4), vec![0..4, 4..8]);
-        assert_eq!(parts(0, 4), vec![0..0]);
-    }
-
-    #[test]
-    fn journals_resume_only_when_they_match() {
-        let dir = tempfile::tempdir().unwrap();
-        let j = dir.path().join("x.parts");
-        let p = dir.path().join("x.part");
-        let (written, journal) = Journal::open(&j, &p, 100, 10).unwrap();
-        assert!(written.is_empty());
-        assert_eq!(std::fs::metadata(&p).unwrap().len(), 100);
-        journal.record(3, 35).unwrap();
-        journal.record(3, 40).unwrap();
-        journal.record(7, 80).unwrap();
-        // A line torn by a kill is a prefix of "1 20": fewer digits, so never
-        // more than was written; below the part's start it means nothing.
-        (&journal.0).write_all(b"1 2").unwrap();
-        drop(journal);
-        let (written, _) = Journal::open(&j, &p, 100, 10).unwrap();
-        assert_eq!(written.get(&3), Some(&40), "the furthest checkpoint wins");
-        assert_eq!(written.get(&7), Some(&80));
-        assert_eq!(written.get(&1), Some(&2));
-        let (written, _) = Journal::open(&j, &p, 100, 20).unwrap();
-        assert!(written.is_empty(), "another part size starts over");
-    }
 
     #[test]
     fn placed_entries_round_trip_paths_with_spaces() {

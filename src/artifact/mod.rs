@@ -17,6 +17,28 @@ pub mod progress;
 pub mod publish;
 pub mod retry;
 pub mod source;
+pub mod transfer;
+
+/// A model or version name that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {value:?} is not valid: {why}")]
+pub struct NameError {
+    pub what: &'static str,
+    pub value: String,
+    pub why: &'static str,
+}
+
+/// Check a model and a version name.
+pub fn check_names(model: &str, version: &str) -> Result<(), NameError> {
+    for (what, value) in [("model", model), ("version", version)] {
+        check_name(value).map_err(|why| NameError {
+            what,
+            value: value.into(),
+            why,
+        })?;
+    }
+    Ok(())
+}
 
 /// Why a model or version name cannot be used, if it cannot: they are path
 /// components at every source, so only `[A-Za-z0-9._-]`, and never `.`/`..`.

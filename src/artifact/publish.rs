@@ -44,12 +44,8 @@ pub struct PublishSummary {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("failed to publish: {what} {value:?} is not valid: {why}")]
-    Name {
-        what: &'static str,
-        value: String,
-        why: &'static str,
-    },
+    #[error("failed to publish: {0}")]
+    Name(#[from] super::NameError),
     #[error("failed to build the manifest of {dir}")]
     Build {
         dir: PathBuf,
@@ -82,7 +78,7 @@ impl PublishError {
     /// 2 bad input, 3 the version exists with other content, 4 the store refused.
     pub fn exit_code(&self) -> u8 {
         match self {
-            PublishError::Name { .. }
+            PublishError::Name(_)
             | PublishError::Build { .. }
             | PublishError::Unsupported { .. } => 2,
             PublishError::Exists { .. } => 3,
@@ -93,13 +89,7 @@ impl PublishError {
 
 pub async fn publish(opts: PublishOptions) -> Result<PublishSummary, PublishError> {
     let started = Instant::now();
-    for (what, value) in [("model", &opts.model), ("version", &opts.version)] {
-        super::check_name(value).map_err(|why| PublishError::Name {
-            what,
-            value: value.clone(),
-            why,
-        })?;
-    }
+    super::check_names(&opts.model, &opts.version)?;
     let dir = opts.dir.clone();
     let (model, version) = (opts.model.clone(), opts.version.clone());
     let built = tokio::task::spawn_blocking(move || manifest::build(&dir, &model, &version))

@@ -1,0 +1,728 @@
+//! The download engine of `modelcache fetch`: every file is a set of byte
+//! ranges that `--concurrency` workers download in place, with adaptive
+//! splitting.
+//!
+//! A worker takes a range nobody holds (a whole file at first); when none is
+//! left it splits the in-flight range with the longest time still to go, if
+//! that time is well above what a new request costs (the measured time to
+//! first byte). So a store that is fast per connection but slow to start a
+//! request (moto reads the whole object for every range) gets one GET per
+//! file, and one that caps each connection (S3, CDNs) gets as many parallel
+//! ranges as there are connections. With `--part-size`, files are cut into
+//! fixed parts up front instead, and nothing is split.
+//!
+//! What is written is journaled (`<start> <offset>` lines after the bytes are
+//! in the file, every 8 MiB), so after a kill the next run downloads only the
+//! gaps. Ranges that a split made overlap by at most a chunk; both writers
+//! write the same bytes. Each file is hashed in order by a blocking task that
+//! follows the written prefix from offset 0, reading it back from the page
+//! cache (a memcpy, cheap next to SHA-256): memory stays bounded whatever the
+//! model's size.
+
+use std::fs::File;
+use std::io::Write as _;
+use std::ops::Range;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+
+use super::manifest::ManifestFile;
+use super::progress::Counters;
+use super::retry::Backoff;
+use super::source::{Failure, Source, SourceError};
+use crate::digest::Sha256;
+
+const MIB: u64 = 1 << 20;
+
+/// Bytes between two journal checkpoints of a range: at most this much is
+/// downloaded again after a kill.
+const CHECKPOINT: u64 = 8 * MIB;
+
+/// No range is split below this.
+const MIN_SPLIT: u64 = 4 * MIB;
+
+/// Split only when the time left on a range is this many times what a new
+/// request costs to start.
+const SPLIT_FACTOR: f64 = 4.0;
+
+/// What the workers share.
+pub struct Engine {
+    pub source: Source,
+    pub model: String,
+    pub version: String,
+    pub counters: Arc<Counters>,
+    pub deadline: Instant,
+    pub max_attempts: u32,
+    pub retry_base: Duration,
+    pub idle: Duration,
+    /// Fixed part size (no splitting), or adaptive when `None`.
+    pub part_size: Option<u64>,
+    /// Time to first byte, smoothed; `None` until a response arrived.
+    ttfb: Mutex<Option<f64>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("failed to fetch {file}")]
+    Source {
+        file: String,
+        #[source]
+        source: SourceError,
+    },
+    #[error("failed to {what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> TransferError + 'a {
+    move |source| TransferError::Io {
+        what,
+        path: path.into(),
+        source,
+    }
+}
+
+/// A range in flight. Its end may move down when another worker takes the
+/// second half.
+struct Segment {
+    /// Where it started: the first field of its journal lines.
+    start: u64,
+    at: AtomicU64,
+    end: AtomicU64,
+    /// Bytes received and when the first arrived, for its rate.
+    received: AtomicU64,
+    first_byte: Mutex<Option<Instant>>,
+}
+
+impl Segment {
+    fn new(range: Range<u64>) -> Arc<Segment> {
+        Arc::new(Segment {
+            start: range.start,
+            at: AtomicU64::new(range.start),
+            end: AtomicU64::new(range.end),
+            received: AtomicU64::new(0),
+            first_byte: Mutex::new(None),
+        })
+    }
+
+    fn remaining(&self) -> u64 {
+        self.end
+            .load(Ordering::Acquire)
+            .saturating_sub(self.at.load(Ordering::Acquire))
+    }
+
+    /// Seconds until it ends at its current rate, once that is known.
+    fn time_left(&self, now: Instant) -> Option<f64> {
+        let first = (*self.first_byte.lock().expect("segment lock"))?;
+        let elapsed = now.duration_since(first).as_secs_f64();
+        let received = self.received.load(Ordering::Relaxed);
+        if elapsed < 0.05 || received == 0 {
+            return None;
+        }
+        Some(self.remaining() as f64 / (received as f64 / elapsed))
+    }
+}
+
+/// One file being downloaded.
+pub struct Transfer {
+    pub file: ManifestFile,
+    partial: PathBuf,
+    data: File,
+    journal: Journal,
+    state: Mutex<State>,
+    /// Notified when the file's digest is known.
+    hashed: tokio::sync::Notify,
+}
+
+struct State {
+    /// Written bytes: sorted, merged.
+    covered: Vec<Range<u64>>,
+    /// Ranges nobody holds yet.
+    pending: Vec<Range<u64>>,
+    segments: Vec<Arc<Segment>>,
+    /// Bytes hashed so far, and the hasher when no task holds it.
+    hashed: u64,
+    hasher: Option<Sha256>,
+    digest: Option<Result<String, String>>,
+    /// Bytes found written by an earlier run.
+    resumed: u64,
+}
+
+impl Transfer {
+    /// Open or resume the partial file of `file` in `partial_dir`.
+    pub fn open(
+        partial_dir: &Path,
+        file: &ManifestFile,
+        part_size: Option<u64>,
+    ) -> Result<Arc<Transfer>, TransferError> {
+        let partial = partial_dir.join(format!("{}.part", file.sha256));
+        let journal_path = partial_dir.join(format!("{}.parts", file.sha256));
+        let (covered, journal) = Journal::open(&journal_path, &partial, file.size)?;
+        let data = File::options()
+            .read(true)
+            .write(true)
+            .open(&partial)
+            .map_err(io_err("open", &partial))?;
+        let resumed = covered.iter().map(|r| r.end - r.start).sum();
+        let mut pending = gaps(&covered, file.size);
+        if let Some(part) = part_size {
+            pending = pending
+                .into_iter()
+                .flat_map(|g| {
+                    (g.start..g.end)
+                        .step_by(part.max(MIB) as usize)
+                        .map(move |s| s..(s + part.max(MIB)).min(g.end))
+                })
+                .collect();
+        }
+        let transfer = Arc::new(Transfer {
+            file: file.clone(),
+            partial,
+            data,
+            journal,
+            state: Mutex::new(State {
+                covered,
+                pending,
+                segments: Vec::new(),
+                hashed: 0,
+                hasher: Some(Sha256::default()),
+                digest: None,
+                resumed,
+            }),
+            hashed: tokio::sync::Notify::new(),
+        });
+        transfer.written(0..0);
+        Ok(transfer)
+    }
+
+    pub fn resumed(&self) -> u64 {
+        self.state.lock().expect("transfer lock").resumed
+    }
+
+    /// Remove the partial file and its journal (after a mismatch, or once the
+    /// verified file has been moved).
+    pub fn discard(&self) {
+        let _ = std::fs::remove_file(&self.partial);
+        let _ = std::fs::remove_file(self.journal_path());
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.partial.with_extension("parts")
+    }
+
+    pub fn partial_path(&self) -> &Path {
+        &self.partial
+    }
+
+    pub fn sync(&self) -> Result<(), TransferError> {
+        self.data.sync_data().map_err(io_err("sync", &self.partial))
+    }
+
+    /// Record `range` as written, and hash what that makes contiguous (an
+    /// empty range only checks: a resumed file may be contiguous already).
+    fn written(self: &Arc<Self>, range: Range<u64>) {
+        let start_hashing = {
+            let mut st = self.state.lock().expect("transfer lock");
+            insert_merged(&mut st.covered, range);
+            st.hasher.is_some()
+                && st
+                    .covered
+                    .first()
+                    .is_some_and(|r| r.start == 0 && r.end > st.hashed)
+        };
+        if start_hashing {
+            let t = self.clone();
+            tokio::task::spawn_blocking(move || t.hash_available());
+        }
+    }
+
+    /// Hash the contiguous written prefix; whoever holds the hasher works
+    /// until nothing more is contiguous, then puts it back.
+    fn hash_available(&self) {
+        let mut buf = vec![0u8; MIB as usize];
+        let Some(mut hasher) = self.state.lock().expect("transfer lock").hasher.take() else {
+            return;
+        };
+        loop {
+            let (from, to) = {
+                let mut st = self.state.lock().expect("transfer lock");
+                let to = st
+                    .covered
+                    .first()
+                    .filter(|r| r.start == 0)
+                    .map_or(0, |r| r.end);
+                if to <= st.hashed {
+                    if st.hashed == self.file.size && st.digest.is_none() {
+                        st.digest = Some(Ok(hasher.finish_hex()));
+                        drop(st);
+                        self.hashed.notify_waiters();
+                        self.hashed.notify_one();
+                    } else {
+                        st.hasher = Some(hasher);
+                    }
+                    return;
+                }
+                (st.hashed, to)
+            };
+            let mut at = from;
+            while at < to {
+                let n = ((to - at) as usize).min(buf.len());
+                if let Err(e) = self.data.read_exact_at(&mut buf[..n], at) {
+                    let mut st = self.state.lock().expect("transfer lock");
+                    st.digest = Some(Err(e.to_string()));
+                    drop(st);
+                    self.hashed.notify_waiters();
+                    self.hashed.notify_one();
+                    return;
+                }
+                hasher.update(&buf[..n]);
+                at += n as u64;
+            }
+            self.state.lock().expect("transfer lock").hashed = to;
+        }
+    }
+
+    /// The digest of the whole file, once every byte is written and hashed.
+    pub async fn digest(self: &Arc<Self>) -> Result<String, TransferError> {
+        if self.file.size == 0 {
+            return Ok(crate::digest::sha256_hex(b""));
+        }
+        loop {
+            let notified = self.hashed.notified();
+            if let Some(d) = self.state.lock().expect("transfer lock").digest.clone() {
+                return d.map_err(|e| io_err("read back", &self.partial)(std::io::Error::other(e)));
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Engine {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        source: Source,
+        model: String,
+        version: String,
+        counters: Arc<Counters>,
+        deadline: Instant,
+        max_attempts: u32,
+        retry_base: Duration,
+        idle: Duration,
+        part_size: Option<u64>,
+    ) -> Engine {
+        Engine {
+            source,
+            model,
+            version,
+            counters,
+            deadline,
+            max_attempts,
+            retry_base,
+            idle,
+            part_size,
+            ttfb: Mutex::new(None),
+        }
+    }
+
+    /// Download every transfer with `workers` requests in flight at most.
+    pub async fn run(
+        self: &Arc<Self>,
+        transfers: &[Arc<Transfer>],
+        workers: usize,
+    ) -> Result<(), TransferError> {
+        // Largest first: the long pole starts early, small files fill the gaps.
+        let mut order: Vec<Arc<Transfer>> = transfers.to_vec();
+        order.sort_by(|a, b| {
+            b.file
+                .size
+                .cmp(&a.file.size)
+                .then(a.file.path.cmp(&b.file.path))
+        });
+        let order = Arc::new(order);
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..workers.max(1) {
+            let (engine, order, changed) = (self.clone(), order.clone(), changed.clone());
+            tasks.spawn(async move {
+                loop {
+                    match engine.next_work(&order) {
+                        Work::Range(t, seg) => {
+                            let result = engine.download(&t, &seg).await;
+                            t.state
+                                .lock()
+                                .expect("transfer lock")
+                                .segments
+                                .retain(|s| !Arc::ptr_eq(s, &seg));
+                            changed.notify_waiters();
+                            result?;
+                        }
+                        Work::Wait => {
+                            let _ =
+                                tokio::time::timeout(Duration::from_millis(25), changed.notified())
+                                    .await;
+                        }
+                        Work::Done => return Ok::<(), TransferError>(()),
+                    }
+                }
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            joined.expect("download worker panicked")?;
+        }
+        Ok(())
+    }
+
+    fn next_work(&self, order: &[Arc<Transfer>]) -> Work {
+        for t in order {
+            let mut st = t.state.lock().expect("transfer lock");
+            if !st.pending.is_empty() {
+                let range = st.pending.remove(0);
+                let seg = Segment::new(range);
+                st.segments.push(seg.clone());
+                return Work::Range(t.clone(), seg);
+            }
+        }
+        let mut in_flight = false;
+        let now = Instant::now();
+        let mut best: Option<(f64, Arc<Transfer>, Arc<Segment>)> = None;
+        for t in order {
+            let st = t.state.lock().expect("transfer lock");
+            for seg in &st.segments {
+                in_flight = true;
+                if seg.remaining() < 2 * MIN_SPLIT {
+                    continue;
+                }
+                if let Some(left) = seg.time_left(now)
+                    && best.as_ref().is_none_or(|(b, _, _)| left > *b)
+                {
+                    best = Some((left, t.clone(), seg.clone()));
+                }
+            }
+        }
+        if !in_flight {
+            return Work::Done;
+        }
+        if self.part_size.is_some() {
+            return Work::Wait;
+        }
+        let Some(ttfb) = *self.ttfb.lock().expect("ttfb lock") else {
+            return Work::Wait;
+        };
+        match best {
+            Some((left, t, seg)) if left > SPLIT_FACTOR * ttfb + 0.05 => {
+                let mut st = t.state.lock().expect("transfer lock");
+                let (at, end) = (
+                    seg.at.load(Ordering::Acquire),
+                    seg.end.load(Ordering::Acquire),
+                );
+                if end.saturating_sub(at) < 2 * MIN_SPLIT {
+                    return Work::Wait;
+                }
+                let mid = (at + (end - at) / 2).div_ceil(MIB) * MIB;
+                seg.end.store(mid, Ordering::Release);
+                let second = Segment::new(mid..end);
+                st.segments.push(second.clone());
+                Work::Range(t.clone(), second)
+            }
+            _ => Work::Wait,
+        }
+    }
+
+    /// Download a segment, retrying transient failures from where the last
+    /// attempt stopped, until it reaches its (possibly moved) end.
+    async fn download(&self, t: &Arc<Transfer>, seg: &Segment) -> Result<(), TransferError> {
+        let f = &t.file;
+        let mut backoff = Backoff::new(self.max_attempts, self.deadline)
+            .with_base(self.retry_base, Duration::from_secs(10));
+        let url = || self.source.url(&self.model, &self.version, &f.path);
+        let mut checkpointed = seg.at.load(Ordering::Acquire);
+        loop {
+            let from = seg.at.load(Ordering::Acquire);
+            let to = seg.end.load(Ordering::Acquire);
+            if from >= to {
+                return Ok(());
+            }
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            let mut buf: Vec<u8> = Vec::with_capacity(256 * 1024);
+            // Write what is buffered at the segment's offset, record it.
+            let flush = |buf: &mut Vec<u8>, checkpointed: &mut u64| -> std::io::Result<()> {
+                if buf.is_empty() {
+                    return Ok(());
+                }
+                let at = seg.at.load(Ordering::Acquire);
+                t.data.write_all_at(buf, at)?;
+                let next = at + buf.len() as u64;
+                seg.at.store(next, Ordering::Release);
+                self.counters
+                    .done
+                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                buf.clear();
+                t.written(at..next);
+                // Journaled only after the bytes are written: after a kill the
+                // journal never claims bytes that are not in the file.
+                if next - *checkpointed >= CHECKPOINT || next >= seg.end.load(Ordering::Acquire) {
+                    t.journal.record(seg.start, next)?;
+                    *checkpointed = next;
+                }
+                Ok(())
+            };
+            let mut write_error = None;
+            let sent = Instant::now();
+            let outcome: Result<(), SourceError> = async {
+                let mut body = self
+                    .source
+                    .get(&self.model, &self.version, &f.path, Some(from..to))
+                    .await?;
+                self.observe_ttfb(sent.elapsed().as_secs_f64());
+                seg.first_byte
+                    .lock()
+                    .expect("segment lock")
+                    .get_or_insert_with(Instant::now);
+                let mut requested_end = from;
+                loop {
+                    let next =
+                        tokio::time::timeout(self.idle, body.next())
+                            .await
+                            .map_err(|_| SourceError {
+                                failure: Failure::Transient,
+                                url: url(),
+                                detail: format!("no data for {} s", self.idle.as_secs()),
+                            })?;
+                    let Some(chunk) = next else { break };
+                    let chunk = chunk?;
+                    requested_end += chunk.len() as u64;
+                    if requested_end > to {
+                        return Err(SourceError {
+                            failure: Failure::Transient,
+                            url: url(),
+                            detail: "the body is longer than the range asked for".into(),
+                        });
+                    }
+                    seg.received
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    buf.extend_from_slice(&chunk);
+                    let reached = seg.at.load(Ordering::Acquire) + buf.len() as u64
+                        >= seg.end.load(Ordering::Acquire);
+                    if buf.len() >= 256 * 1024 || reached {
+                        if let Err(e) = flush(&mut buf, &mut checkpointed) {
+                            write_error = Some(e);
+                            break;
+                        }
+                        if reached {
+                            // Another worker took the rest: stop reading.
+                            break;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            if let Some(e) = write_error {
+                return Err(io_err("write", &t.partial)(e));
+            }
+            // Whatever arrived before a failure is kept.
+            flush(&mut buf, &mut checkpointed).map_err(io_err("write", &t.partial))?;
+            let at = seg.at.load(Ordering::Acquire);
+            let error = match outcome {
+                Ok(()) if at >= seg.end.load(Ordering::Acquire) => return Ok(()),
+                Ok(()) => SourceError {
+                    failure: Failure::Transient,
+                    url: url(),
+                    detail: format!("the body ended {} bytes early", to.saturating_sub(at)),
+                },
+                Err(e) => e,
+            };
+            if error.failure != Failure::Transient {
+                return Err(TransferError::Source {
+                    file: f.path.clone(),
+                    source: error,
+                });
+            }
+            if at > from {
+                // Progress: a fresh budget for the rest of the range.
+                backoff.reset();
+            }
+            self.counters.retries.fetch_add(1, Ordering::Relaxed);
+            match backoff.next_delay() {
+                Some(delay) => {
+                    tracing::debug!(file = %f.path, url = %error.url, offset = at,
+                        "retrying in {} ms: {}", delay.as_millis(), error.detail);
+                    tokio::time::sleep(delay).await;
+                }
+                None => {
+                    return Err(TransferError::Source {
+                        file: f.path.clone(),
+                        source: error,
+                    });
+                }
+            }
+        }
+    }
+
+    fn observe_ttfb(&self, seconds: f64) {
+        let mut ttfb = self.ttfb.lock().expect("ttfb lock");
+        *ttfb = Some(match *ttfb {
+            None => seconds,
+            Some(old) => 0.7 * old + 0.3 * seconds,
+        });
+    }
+}
+
+enum Work {
+    Range(Arc<Transfer>, Arc<Segment>),
+    Wait,
+    Done,
+}
+
+/// Insert `r` into sorted, merged ranges, merging what touches it.
+fn insert_merged(ranges: &mut Vec<Range<u64>>, r: Range<u64>) {
+    if r.is_empty() {
+        return;
+    }
+    let i = ranges.partition_point(|x| x.end < r.start);
+    let mut merged = r;
+    while i < ranges.len() && ranges[i].start <= merged.end {
+        let x = ranges.remove(i);
+        merged = merged.start.min(x.start)..merged.end.max(x.end);
+    }
+    ranges.insert(i, merged);
+}
+
+/// What `covered` leaves of `0..size`.
+fn gaps(covered: &[Range<u64>], size: u64) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for r in covered {
+        if r.start > at {
+            out.push(at..r.start.min(size));
+        }
+        at = at.max(r.end);
+    }
+    if at < size {
+        out.push(at..size);
+    }
+    out
+}
+
+/// The journal of a partial file: lines `<start> <offset>`, each saying that
+/// `start..offset` is in the file.
+struct Journal(File);
+
+impl Journal {
+    /// Open the journal and return what it says is written, or start the file
+    /// over when the journal is missing or was made for another size.
+    fn open(
+        journal: &Path,
+        partial: &Path,
+        size: u64,
+    ) -> Result<(Vec<Range<u64>>, Journal), TransferError> {
+        let header = format!("modelcache-ranges v1 size={size}");
+        let usable = std::fs::read_to_string(journal).ok().and_then(|text| {
+            let mut lines = text.lines();
+            (lines.next() == Some(header.as_str())).then(|| {
+                let mut covered = Vec::new();
+                for line in lines {
+                    // A line torn by a kill holds a prefix of the offset's
+                    // digits, hence a smaller offset: never more than was written.
+                    let Some((start, at)) = line.split_once(' ') else {
+                        continue;
+                    };
+                    if let (Ok(start), Ok(at)) = (start.parse::<u64>(), at.parse::<u64>()) {
+                        insert_merged(&mut covered, start..at.min(size));
+                    }
+                }
+                covered
+            })
+        });
+        let partial_ok = std::fs::metadata(partial).is_ok_and(|m| m.len() == size);
+        let covered = match usable {
+            Some(covered) if partial_ok => covered,
+            _ => {
+                let f = File::create(partial).map_err(io_err("create", partial))?;
+                f.set_len(size).map_err(io_err("allocate", partial))?;
+                super::disk::write_atomic(journal, format!("{header}\n").as_bytes())
+                    .map_err(io_err("write", journal))?;
+                Vec::new()
+            }
+        };
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(journal)
+            .map_err(io_err("open", journal))?;
+        Ok((covered, Journal(file)))
+    }
+
+    fn record(&self, start: u64, offset: u64) -> std::io::Result<()> {
+        // One short O_APPEND write: lines of parallel ranges never interleave.
+        (&self.0).write_all(format!("{start} {offset}\n").as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge_and_leave_gaps() {
+        let mut c = Vec::new();
+        insert_merged(&mut c, 10..20);
+        insert_merged(&mut c, 30..40);
+        insert_merged(&mut c, 0..5);
+        assert_eq!(c, vec![0..5, 10..20, 30..40]);
+        insert_merged(&mut c, 18..31);
+        assert_eq!(c, vec![0..5, 10..40]);
+        insert_merged(&mut c, 5..10);
+        assert_eq!(c, vec![0..40]);
+        assert_eq!(gaps(&[10..20, 30..40], 50), vec![0..10, 20..30, 40..50]);
+        assert_eq!(gaps(&[], 5), std::iter::once(0..5).collect::<Vec<_>>());
+        let whole = std::iter::once(0..5).collect::<Vec<_>>();
+        assert_eq!(gaps(&whole, 5), Vec::<Range<u64>>::new());
+    }
+
+    #[test]
+    fn journals_resume_only_when_they_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = dir.path().join("x.parts");
+        let p = dir.path().join("x.part");
+        let (covered, journal) = Journal::open(&j, &p, 100).unwrap();
+        assert!(covered.is_empty());
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 100);
+        journal.record(0, 20).unwrap();
+        journal.record(0, 35).unwrap();
+        journal.record(60, 80).unwrap();
+        // A line torn by a kill ("60 9" of "60 95"): a smaller offset.
+        (&journal.0).write_all(b"60 9").unwrap();
+        drop(journal);
+        let (covered, _) = Journal::open(&j, &p, 100).unwrap();
+        assert_eq!(covered, vec![0..35, 60..80]);
+        let (covered, _) = Journal::open(&j, &p, 200).unwrap();
+        assert!(covered.is_empty(), "another size starts over");
+    }
+
+    #[test]
+    fn fixed_parts_cut_the_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = ManifestFile {
+            path: "w".into(),
+            size: 5 * MIB + 1,
+            sha256: "a".repeat(64),
+        };
+        let t = Transfer::open(dir.path(), &f, Some(2 * MIB)).unwrap();
+        let st = t.state.lock().unwrap();
+        assert_eq!(
+            st.pending,
+            vec![0..2 * MIB, 2 * MIB..4 * MIB, 4 * MIB..5 * MIB + 1]
+        );
+    }
+}
