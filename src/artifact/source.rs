@@ -131,7 +131,7 @@ pub fn status_failure(status: u16) -> Failure {
 }
 
 /// Settings shared by every source.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct SourceConfig {
     /// S3-compatible endpoint, e.g. `http://127.0.0.1:9000`.
     pub endpoint: Option<String>,
@@ -145,6 +145,22 @@ pub struct SourceConfig {
     pub idle_timeout: Option<Duration>,
     /// Connections kept per host: the fetch concurrency.
     pub connections: usize,
+}
+
+impl std::fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Header values can be credentials: only their names are shown.
+        let header_names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("SourceConfig")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("path_style", &self.path_style)
+            .field("header_names", &header_names)
+            .field("signer", &self.signer)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("connections", &self.connections)
+            .finish()
+    }
 }
 
 /// A stream of body chunks.
@@ -597,6 +613,19 @@ mod tests {
         assert_eq!(
             http_url(&base, "m", "v1", "").as_str(),
             "https://cdn.example/models/m/v1/"
+        );
+    }
+
+    #[test]
+    fn debug_output_never_shows_header_values() {
+        let cfg = SourceConfig {
+            headers: vec![("Authorization".into(), "Bearer secret-token".into())],
+            ..Default::default()
+        };
+        let shown = format!("{cfg:?}");
+        assert!(
+            shown.contains("Authorization") && !shown.contains("secret-token"),
+            "{shown}"
         );
     }
 

@@ -61,8 +61,6 @@ pub struct Engine {
     pub idle: Duration,
     /// Fixed part size (no splitting), or adaptive when `None`.
     pub part_size: Option<u64>,
-    /// Time to first byte, smoothed; `None` until a response arrived.
-    ttfb: Mutex<Option<f64>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +139,10 @@ pub struct Transfer {
     data: File,
     journal: Journal,
     state: Mutex<State>,
+    /// Time to first byte of this file's requests, smoothed; `None` until a
+    /// response arrived. Per file, because some stores take longer to start
+    /// a range of a bigger object (moto copies the whole object first).
+    ttfb: Mutex<Option<f64>>,
     /// Notified when the file's digest is known.
     hashed: tokio::sync::Notify,
 }
@@ -200,6 +202,7 @@ impl Transfer {
                 digest: None,
                 resumed,
             }),
+            ttfb: Mutex::new(None),
             hashed: tokio::sync::Notify::new(),
         });
         transfer.written(0..0);
@@ -331,7 +334,6 @@ impl Engine {
             retry_base,
             idle,
             part_size,
-            ttfb: Mutex::new(None),
         }
     }
 
@@ -416,27 +418,29 @@ impl Engine {
         if self.part_size.is_some() {
             return Work::Wait;
         }
-        let Some(ttfb) = *self.ttfb.lock().expect("ttfb lock") else {
+        let Some((left, t, seg)) = best else {
             return Work::Wait;
         };
-        match best {
-            Some((left, t, seg)) if left > SPLIT_FACTOR * ttfb + 0.05 => {
-                let mut st = t.state.lock().expect("transfer lock");
-                let (at, end) = (
-                    seg.at.load(Ordering::Acquire),
-                    seg.end.load(Ordering::Acquire),
-                );
-                if end.saturating_sub(at) < 2 * MIN_SPLIT {
-                    return Work::Wait;
-                }
-                let mid = (at + (end - at) / 2).div_ceil(MIB) * MIB;
-                seg.end.store(mid, Ordering::Release);
-                let second = Segment::new(mid..end);
-                st.segments.push(second.clone());
-                Work::Range(t.clone(), second)
-            }
-            _ => Work::Wait,
+        let Some(ttfb) = *t.ttfb.lock().expect("ttfb lock") else {
+            return Work::Wait;
+        };
+        if left <= SPLIT_FACTOR * ttfb + 0.05 {
+            // Not worth a new request: it would end about when this one does.
+            return Work::Wait;
         }
+        let mut st = t.state.lock().expect("transfer lock");
+        let (at, end) = (
+            seg.at.load(Ordering::Acquire),
+            seg.end.load(Ordering::Acquire),
+        );
+        if end.saturating_sub(at) < 2 * MIN_SPLIT {
+            return Work::Wait;
+        }
+        let mid = (at + (end - at) / 2).div_ceil(MIB) * MIB;
+        seg.end.store(mid, Ordering::Release);
+        let second = Segment::new(mid..end);
+        st.segments.push(second.clone());
+        Work::Range(t.clone(), second)
     }
 
     /// Download a segment, retrying transient failures from where the last
@@ -484,7 +488,7 @@ impl Engine {
                     .source
                     .get(&self.model, &self.version, &f.path, Some(from..to))
                     .await?;
-                self.observe_ttfb(sent.elapsed().as_secs_f64());
+                observe_ttfb(&t.ttfb, sent.elapsed().as_secs_f64());
                 seg.first_byte
                     .lock()
                     .expect("segment lock")
@@ -569,14 +573,14 @@ impl Engine {
             }
         }
     }
+}
 
-    fn observe_ttfb(&self, seconds: f64) {
-        let mut ttfb = self.ttfb.lock().expect("ttfb lock");
-        *ttfb = Some(match *ttfb {
-            None => seconds,
-            Some(old) => 0.7 * old + 0.3 * seconds,
-        });
-    }
+fn observe_ttfb(ttfb: &Mutex<Option<f64>>, seconds: f64) {
+    let mut ttfb = ttfb.lock().expect("ttfb lock");
+    *ttfb = Some(match *ttfb {
+        None => seconds,
+        Some(old) => 0.7 * old + 0.3 * seconds,
+    });
 }
 
 enum Work {
