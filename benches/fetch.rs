@@ -17,7 +17,9 @@
 //! caps each connection's bandwidth, the way S3 caps a single connection.
 //! Ratios are against modelcache in the same run. Environment:
 //! MODELCACHE_BENCH_BIG_FILES (2), MODELCACHE_BENCH_BIG_MIB (2048),
-//! MODELCACHE_BENCH_RTT_MS (10), MODELCACHE_BENCH_CONN_MIBPS (32).
+//! MODELCACHE_BENCH_RTT_MS (10), MODELCACHE_BENCH_CONN_MIBPS (32),
+//! MODELCACHE_BENCH_MODES (`loopback,shaped`), MODELCACHE_BENCH_PROTOCOLS
+//! (`s3,http`), MODELCACHE_BENCH_FETCH_ARGS (extra `modelcache fetch` flags).
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -270,8 +272,18 @@ fn main() {
     let out = work.path().join("out");
     let objects: Vec<String> = walk(&src);
 
+    let modes = std::env::var("MODELCACHE_BENCH_MODES").unwrap_or("loopback,shaped".into());
+    let protocols = std::env::var("MODELCACHE_BENCH_PROTOCOLS").unwrap_or("s3,http".into());
+    let extra: Vec<String> = std::env::var("MODELCACHE_BENCH_FETCH_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
     for shaped in [false, true] {
         let mode = if shaped { "shaped" } else { "loopback" };
+        if !modes.contains(mode) {
+            continue;
+        }
         let shaping = ProxyConfig {
             rtt: Some(rtt),
             bandwidth: Some(conn_mibps << 20),
@@ -317,145 +329,151 @@ fn main() {
             });
         };
 
-        // S3 null clients: sixteenths of each object, 16 in flight; one GET per
-        // object, all at once. No disk, no hashing.
-        let _ = std::fs::remove_dir_all(&out);
-        let null_cfg = modelcache::artifact::source::SourceConfig {
-            endpoint: Some(s3_endpoint.clone()),
-            ..s3_cfg.clone()
-        };
-        for whole in [false, true] {
-            let t = Instant::now();
-            let got = rt.block_on(null_s3(&null_cfg, &src, &objects, whole));
-            assert_eq!(got, total);
-            let name = if whole {
-                "null, GET per object"
-            } else {
-                "null, ranged (ceiling)"
+        if protocols.contains("s3") {
+            // S3 null clients: sixteenths of each object, 16 in flight; one GET per
+            // object, all at once. No disk, no hashing.
+            let _ = std::fs::remove_dir_all(&out);
+            let null_cfg = modelcache::artifact::source::SourceConfig {
+                endpoint: Some(s3_endpoint.clone()),
+                ..s3_cfg.clone()
             };
-            record(
+            for whole in [false, true] {
+                let t = Instant::now();
+                let got = rt.block_on(null_s3(&null_cfg, &src, &objects, whole));
+                assert_eq!(got, total);
+                let name = if whole {
+                    "null, GET per object"
+                } else {
+                    "null, ranged (ceiling)"
+                };
+                record(
+                    "s3",
+                    name,
+                    Measured {
+                        seconds: t.elapsed().as_secs_f64(),
+                        peak_rss_mib: None,
+                    },
+                    false,
+                );
+            }
+
+            let mut c = with_creds(Command::new(BIN));
+            c.args([
+                "fetch",
+                "--source",
+                "s3://models/prod",
+                "--model",
+                "m",
+                "--version",
+                "v1",
+                "--dest",
+                out.to_str().unwrap(),
+            ])
+            .args([
+                "--endpoint",
+                &s3_endpoint,
+                "--path-style",
+                "--progress",
+                "off",
+            ])
+            .args(&extra);
+            record("s3", "modelcache (verified)", measure(c), true);
+
+            let mut c = with_creds(Command::new(&s5cmd));
+            c.args([
+                "--endpoint-url",
+                &s3_endpoint,
+                "cp",
+                "s3://models/prod/m/v1/*",
+                &format!("{}/", out.display()),
+            ]);
+            record("s3", "s5cmd", measure(c), true);
+
+            let mut c = with_creds(Command::new(scripts.join("rclone")));
+            c.args(["copy", ":s3:models/prod/m/v1", out.to_str().unwrap()])
+                .args([
+                    "--s3-provider",
+                    "Other",
+                    "--s3-endpoint",
+                    &s3_endpoint,
+                    "--s3-force-path-style=true",
+                    "--s3-env-auth",
+                ]);
+            record("s3", "rclone", measure(c), true);
+
+            let mut c = with_creds(Command::new(scripts.join("aws")));
+            c.args([
                 "s3",
-                name,
+                "cp",
+                "--recursive",
+                "--only-show-errors",
+                "s3://models/prod/m/v1/",
+                out.to_str().unwrap(),
+            ])
+            .args(["--endpoint-url", &s3_endpoint]);
+            record("s3", "aws s3 cp --recursive", measure(c), true);
+        }
+
+        if protocols.contains("http") {
+            // HTTP null client: sixteenths of each object, 16 in flight.
+            let t = Instant::now();
+            let got = rt.block_on(null_http(&http_base, &src, &objects));
+            assert_eq!(got, total);
+            record(
+                "http",
+                "null, ranged (ceiling)",
                 Measured {
                     seconds: t.elapsed().as_secs_f64(),
                     peak_rss_mib: None,
                 },
                 false,
             );
-        }
 
-        let mut c = with_creds(Command::new(BIN));
-        c.args([
-            "fetch",
-            "--source",
-            "s3://models/prod",
-            "--model",
-            "m",
-            "--version",
-            "v1",
-            "--dest",
-            out.to_str().unwrap(),
-        ])
-        .args([
-            "--endpoint",
-            &s3_endpoint,
-            "--path-style",
-            "--progress",
-            "off",
-        ]);
-        record("s3", "modelcache (verified)", measure(c), true);
+            let mut c = Command::new(BIN);
+            c.args([
+                "fetch",
+                "--source",
+                &http_base,
+                "--model",
+                "m",
+                "--version",
+                "v1",
+                "--dest",
+                out.to_str().unwrap(),
+                "--progress",
+                "off",
+            ])
+            .args(&extra);
+            record("http", "modelcache (verified)", measure(c), true);
 
-        let mut c = with_creds(Command::new(&s5cmd));
-        c.args([
-            "--endpoint-url",
-            &s3_endpoint,
-            "cp",
-            "s3://models/prod/m/v1/*",
-            &format!("{}/", out.display()),
-        ]);
-        record("s3", "s5cmd", measure(c), true);
-
-        let mut c = with_creds(Command::new(scripts.join("rclone")));
-        c.args(["copy", ":s3:models/prod/m/v1", out.to_str().unwrap()])
+            let list = work.path().join("aria2-input.txt");
+            let input: String = objects
+                .iter()
+                .map(|o| format!("{http_base}/m/v1/{o}\n  out={o}\n"))
+                .collect();
+            std::fs::write(&list, input).unwrap();
+            let mut c = Command::new("aria2c");
+            c.args([
+                "-x",
+                "16",
+                "-s",
+                "16",
+                "-j",
+                "5",
+                "--file-allocation=none",
+                "--console-log-level=warn",
+            ])
             .args([
-                "--s3-provider",
-                "Other",
-                "--s3-endpoint",
-                &s3_endpoint,
-                "--s3-force-path-style=true",
-                "--s3-env-auth",
-            ]);
-        record("s3", "rclone", measure(c), true);
-
-        let mut c = with_creds(Command::new(scripts.join("aws")));
-        c.args([
-            "s3",
-            "cp",
-            "--recursive",
-            "--only-show-errors",
-            "s3://models/prod/m/v1/",
-            out.to_str().unwrap(),
-        ])
-        .args(["--endpoint-url", &s3_endpoint]);
-        record("s3", "aws s3 cp --recursive", measure(c), true);
-
-        // HTTP null client: sixteenths of each object, 16 in flight.
-        let t = Instant::now();
-        let got = rt.block_on(null_http(&http_base, &src, &objects));
-        assert_eq!(got, total);
-        record(
-            "http",
-            "null, ranged (ceiling)",
-            Measured {
-                seconds: t.elapsed().as_secs_f64(),
-                peak_rss_mib: None,
-            },
-            false,
-        );
-
-        let mut c = Command::new(BIN);
-        c.args([
-            "fetch",
-            "--source",
-            &http_base,
-            "--model",
-            "m",
-            "--version",
-            "v1",
-            "--dest",
-            out.to_str().unwrap(),
-            "--progress",
-            "off",
-        ]);
-        record("http", "modelcache (verified)", measure(c), true);
-
-        let list = work.path().join("aria2-input.txt");
-        let input: String = objects
-            .iter()
-            .map(|o| format!("{http_base}/m/v1/{o}\n  out={o}\n"))
-            .collect();
-        std::fs::write(&list, input).unwrap();
-        let mut c = Command::new("aria2c");
-        c.args([
-            "-x",
-            "16",
-            "-s",
-            "16",
-            "-j",
-            "5",
-            "--file-allocation=none",
-            "--console-log-level=warn",
-        ])
-        .args([
-            "--summary-interval=0",
-            "--allow-overwrite=true",
-            "--auto-file-renaming=false",
-            "-d",
-        ])
-        .arg(&out)
-        .arg("-i")
-        .arg(&list);
-        record("http", "aria2c -x16 -s16", measure(c), true);
+                "--summary-interval=0",
+                "--allow-overwrite=true",
+                "--auto-file-renaming=false",
+                "-d",
+            ])
+            .arg(&out)
+            .arg("-i")
+            .arg(&list);
+            record("http", "aria2c -x16 -s16", measure(c), true);
+        }
     }
 
     println!();
