@@ -78,8 +78,48 @@ enum Command {
     /// 1 failed; 2 bad input; 3 the version exists with different content; 4
     /// the store refused an upload.
     Publish(PublishArgs),
+    /// Exact KV-cache size for a model: 2 × layers × KV heads × head dim ×
+    /// bytes per element × tokens × batch, from config.json, GGUF metadata
+    /// or flags (flags win). Exit codes: 0; 2 bad input.
+    KvSize(KvSizeArgs),
+    /// Report NVIDIA GPUs: name, compute capability, total and free memory.
+    /// Without a driver it says so and exits 0. Exit codes: 0; 1 the driver
+    /// failed.
+    Gpu {
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the version and the API version served.
     Version,
+}
+
+#[derive(clap::Args)]
+struct KvSizeArgs {
+    /// A Hugging Face config.json.
+    #[arg(long, conflicts_with = "gguf")]
+    config: Option<PathBuf>,
+    /// A GGUF model file (only its metadata is read).
+    #[arg(long)]
+    gguf: Option<PathBuf>,
+    #[arg(long)]
+    layers: Option<u64>,
+    /// Key/value heads (fewer than attention heads under grouped-query attention).
+    #[arg(long)]
+    kv_heads: Option<u64>,
+    #[arg(long)]
+    head_dim: Option<u64>,
+    /// Tokens per sequence (context length).
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
+    tokens: u64,
+    /// Sequences held at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    batch: u64,
+    /// Element type of the cache.
+    #[arg(long, value_enum, default_value = "f16")]
+    dtype: modelcache::model::kv_size::KvDtype,
+    /// Print JSON instead of the formula.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -331,6 +371,16 @@ fn init_logging(json: bool) {
 fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Fetch(args) => fetch(*args),
+        Command::KvSize(args) => kv_size(args),
+        Command::Gpu { json } => {
+            let report = modelcache::gpu::probe()?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", report.describe());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Publish(args) => publish(args),
         Command::Controller(args) => {
             let identity = args
@@ -676,4 +726,56 @@ fn publish(args: PublishArgs) -> Result<ExitCode> {
     };
     let result = runtime()?.block_on(publish::publish(opts));
     summary_or_exit(result, |e| e.exit_code())
+}
+
+fn kv_size(args: KvSizeArgs) -> Result<ExitCode> {
+    use modelcache::model::{gguf, kv_size};
+    let bad = |e: anyhow::Error| {
+        eprintln!("error: {e:#}");
+        Ok(ExitCode::from(2))
+    };
+    let base = if let Some(path) = &args.config {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                return bad(
+                    anyhow::Error::new(e).context(format!("failed to read {}", path.display()))
+                );
+            }
+        };
+        let json: serde_json::Value = match serde_json::from_str(&text) {
+            Ok(j) => j,
+            Err(e) => {
+                return bad(anyhow::Error::new(e)
+                    .context(format!("failed to parse {} as JSON", path.display())));
+            }
+        };
+        match kv_size::shape_from_config(&json) {
+            Ok(s) => Some(s),
+            Err(e) => return bad(e.into()),
+        }
+    } else if let Some(path) = &args.gguf {
+        match gguf::read(path)
+            .map_err(anyhow::Error::new)
+            .and_then(|m| Ok(kv_size::shape_from_gguf(&m)?))
+        {
+            Ok(s) => Some(s),
+            Err(e) => return bad(e),
+        }
+    } else {
+        None
+    };
+    let size = kv_size::with_overrides(base, args.layers, args.kv_heads, args.head_dim)
+        .and_then(|shape| kv_size::kv_size(shape, args.dtype, args.tokens, args.batch));
+    match size {
+        Ok(size) if args.json => {
+            println!("{}", serde_json::to_string(&size)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(size) => {
+            println!("{}", size.explain());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => bad(e.into()),
+    }
 }

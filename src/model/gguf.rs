@@ -1,0 +1,264 @@
+//! The metadata of a GGUF file (<https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>):
+//! header and key/value pairs, read as plain data. Tensor data is not read.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// One metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    /// An unsigned integer of any width (negative values are not).
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v.into()),
+            Value::U16(v) => Some(v.into()),
+            Value::U32(v) => Some(v.into()),
+            Value::U64(v) => Some(v),
+            Value::I8(v) => u64::try_from(v).ok(),
+            Value::I16(v) => u64::try_from(v).ok(),
+            Value::I32(v) => u64::try_from(v).ok(),
+            Value::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// A GGUF file's header and metadata.
+#[derive(Debug, Clone)]
+pub struct Metadata {
+    pub version: u32,
+    pub tensor_count: u64,
+    pub values: BTreeMap<String, Value>,
+}
+
+impl Metadata {
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.values.get(key)
+    }
+
+    /// `general.architecture`, e.g. `llama`.
+    pub fn architecture(&self) -> Option<&str> {
+        self.get("general.architecture").and_then(Value::as_str)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("failed to read GGUF file {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to parse GGUF file {path}: {why}; is it a GGUF model (version 2 or 3)?")]
+    Format { path: PathBuf, why: String },
+}
+
+/// Strings and arrays longer than this are refused: no real key, value or
+/// vocabulary comes close, and a corrupt length must not allocate gigabytes.
+const MAX_LEN: u64 = 64 << 20;
+
+/// Read the metadata of the GGUF file at `path`.
+pub fn read(path: &Path) -> Result<Metadata, GgufError> {
+    let file = std::fs::File::open(path).map_err(|source| GgufError::Io {
+        path: path.into(),
+        source,
+    })?;
+    parse(std::io::BufReader::with_capacity(1 << 20, file)).map_err(|e| match e {
+        ParseError::Io(source) if source.kind() != std::io::ErrorKind::UnexpectedEof => {
+            GgufError::Io {
+                path: path.into(),
+                source,
+            }
+        }
+        ParseError::Io(_) => GgufError::Format {
+            path: path.into(),
+            why: "it ends inside its metadata".into(),
+        },
+        ParseError::Format(why) => GgufError::Format {
+            path: path.into(),
+            why,
+        },
+    })
+}
+
+#[derive(Debug)]
+enum ParseError {
+    Io(std::io::Error),
+    Format(String),
+}
+
+impl From<std::io::Error> for ParseError {
+    fn from(e: std::io::Error) -> Self {
+        ParseError::Io(e)
+    }
+}
+
+fn parse(mut r: impl Read) -> Result<Metadata, ParseError> {
+    let mut magic = [0u8; 4];
+    r.read_exact(&mut magic)?;
+    if &magic != b"GGUF" {
+        return Err(ParseError::Format("the magic bytes are not `GGUF`".into()));
+    }
+    let version = u32::from_le_bytes(bytes(&mut r)?);
+    if !(2..=3).contains(&version) {
+        return Err(ParseError::Format(format!(
+            "version {version} is not 2 or 3"
+        )));
+    }
+    let tensor_count = u64::from_le_bytes(bytes(&mut r)?);
+    let kv_count = u64::from_le_bytes(bytes(&mut r)?);
+    if kv_count > MAX_LEN {
+        return Err(ParseError::Format(format!("{kv_count} metadata entries")));
+    }
+    let mut values = BTreeMap::new();
+    for _ in 0..kv_count {
+        let key = string(&mut r)?;
+        let kind = u32::from_le_bytes(bytes(&mut r)?);
+        let value = value(&mut r, kind, 0)?;
+        values.insert(key, value);
+    }
+    Ok(Metadata {
+        version,
+        tensor_count,
+        values,
+    })
+}
+
+fn bytes<const N: usize>(r: &mut impl Read) -> Result<[u8; N], ParseError> {
+    let mut b = [0u8; N];
+    r.read_exact(&mut b)?;
+    Ok(b)
+}
+
+fn length(r: &mut impl Read) -> Result<u64, ParseError> {
+    let n = u64::from_le_bytes(bytes(r)?);
+    if n > MAX_LEN {
+        return Err(ParseError::Format(format!("a length of {n}")));
+    }
+    Ok(n)
+}
+
+fn string(r: &mut impl Read) -> Result<String, ParseError> {
+    let n = length(r)? as usize;
+    let mut buf = vec![0u8; n];
+    r.read_exact(&mut buf)?;
+    String::from_utf8(buf).map_err(|_| ParseError::Format("a string is not UTF-8".into()))
+}
+
+fn value(r: &mut impl Read, kind: u32, depth: u32) -> Result<Value, ParseError> {
+    Ok(match kind {
+        0 => Value::U8(u8::from_le_bytes(bytes(r)?)),
+        1 => Value::I8(i8::from_le_bytes(bytes(r)?)),
+        2 => Value::U16(u16::from_le_bytes(bytes(r)?)),
+        3 => Value::I16(i16::from_le_bytes(bytes(r)?)),
+        4 => Value::U32(u32::from_le_bytes(bytes(r)?)),
+        5 => Value::I32(i32::from_le_bytes(bytes(r)?)),
+        6 => Value::F32(f32::from_le_bytes(bytes(r)?)),
+        7 => Value::Bool(u8::from_le_bytes(bytes(r)?) != 0),
+        8 => Value::String(string(r)?),
+        9 => {
+            if depth > 2 {
+                return Err(ParseError::Format("arrays nested too deep".into()));
+            }
+            let inner = u32::from_le_bytes(bytes(r)?);
+            let n = length(r)?;
+            let mut items = Vec::with_capacity(n.min(1 << 16) as usize);
+            for _ in 0..n {
+                items.push(value(r, inner, depth + 1)?);
+            }
+            Value::Array(items)
+        }
+        10 => Value::U64(u64::from_le_bytes(bytes(r)?)),
+        11 => Value::I64(i64::from_le_bytes(bytes(r)?)),
+        12 => Value::F64(f64::from_le_bytes(bytes(r)?)),
+        other => return Err(ParseError::Format(format!("unknown value type {other}"))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(kv: u64) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        b.extend(kv.to_le_bytes());
+        b
+    }
+
+    fn key(b: &mut Vec<u8>, k: &str, kind: u32) {
+        b.extend((k.len() as u64).to_le_bytes());
+        b.extend(k.as_bytes());
+        b.extend(kind.to_le_bytes());
+    }
+
+    #[test]
+    fn parses_scalars_strings_and_arrays() {
+        let mut b = header(3);
+        key(&mut b, "general.architecture", 8);
+        b.extend(5u64.to_le_bytes());
+        b.extend(b"llama");
+        key(&mut b, "llama.block_count", 4);
+        b.extend(30u32.to_le_bytes());
+        key(&mut b, "tokenizer.ggml.tokens", 9);
+        b.extend(8u32.to_le_bytes());
+        b.extend(2u64.to_le_bytes());
+        for t in ["a", "bc"] {
+            b.extend((t.len() as u64).to_le_bytes());
+            b.extend(t.as_bytes());
+        }
+        let m = parse(&b[..]).unwrap();
+        assert_eq!(m.architecture(), Some("llama"));
+        assert_eq!(m.get("llama.block_count").and_then(Value::as_u64), Some(30));
+        assert_eq!(
+            m.get("tokenizer.ggml.tokens"),
+            Some(&Value::Array(vec![
+                Value::String("a".into()),
+                Value::String("bc".into())
+            ]))
+        );
+    }
+
+    #[test]
+    fn refuses_what_is_not_gguf_or_is_cut_short() {
+        assert!(matches!(
+            parse(&b"GGML\x03\0\0\0"[..]),
+            Err(ParseError::Format(_))
+        ));
+        let mut b = header(1);
+        key(&mut b, "x", 8);
+        b.extend(u64::MAX.to_le_bytes());
+        assert!(
+            matches!(parse(&b[..]), Err(ParseError::Format(_))),
+            "huge lengths are refused"
+        );
+        let b = header(1);
+        assert!(matches!(parse(&b[..]), Err(ParseError::Io(_))));
+    }
+}

