@@ -17,6 +17,7 @@ pub mod digest;
 pub mod gpu;
 pub mod keys;
 pub mod model;
+pub mod prefix_cache;
 pub mod quantity;
 pub mod registry;
 pub mod store;

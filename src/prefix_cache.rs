@@ -1,0 +1,366 @@
+//! The on-disk prefix (KV) cache that `modelcache warm` fills: the KV of a
+//! token sequence in blocks of 16 tokens, each block a safetensors file named
+//! by a chained hash, so that a block's name identifies the whole prefix that
+//! led to it.
+//!
+//! ```text
+//! h(0) = sha256(salt ‖ tokens[0..16])        salt = the model version's manifest digest
+//! h(i) = sha256(h(i-1) ‖ tokens[16i..16i+16])  tokens as u32 little-endian
+//! <dir>/<hex h(i)>.safetensors               per layer `k.<l>` and `v.<l>`
+//! ```
+//!
+//! Salting with the manifest digest means KV computed by another version of
+//! the model (other weights) can never match. Each file carries the sha256 of
+//! its tensor bytes in the safetensors metadata; a block whose bytes do not
+//! match, or that cannot be parsed, is ignored (a miss) and removed. Files are
+//! written through a temporary name and a rename, so readers never see half a
+//! block. Only safetensors, plain data, is read: never a pickle.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::{hex, sha256_hex};
+
+/// Tokens per block.
+pub const BLOCK_TOKENS: usize = 16;
+
+/// Largest safetensors header accepted.
+const MAX_HEADER: u64 = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrefixCacheError {
+    #[error("failed to {what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to store a KV block: {why}")]
+    Block { why: String },
+}
+
+/// One tensor of a block: element type (`F32`, `F16`, `BF16`), shape, bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tensor {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl Tensor {
+    fn element_bytes(dtype: &str) -> Option<usize> {
+        match dtype {
+            "F32" => Some(4),
+            "F16" | "BF16" => Some(2),
+            _ => None,
+        }
+    }
+
+    fn check(&self, name: &str) -> Result<(), String> {
+        let size = Self::element_bytes(&self.dtype).ok_or_else(|| {
+            format!(
+                "{name} has dtype {:?}; expected F32, F16 or BF16",
+                self.dtype
+            )
+        })?;
+        let want = self.shape.iter().product::<usize>() * size;
+        if want != self.data.len() {
+            return Err(format!(
+                "{name} has {} bytes, its shape {:?} needs {want}",
+                self.data.len(),
+                self.shape
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The KV of one block: per layer, keys and values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockKv {
+    pub layers: Vec<(Tensor, Tensor)>,
+}
+
+/// The chained hashes of every whole block of `tokens`.
+pub fn block_hashes(salt: &str, tokens: &[u32]) -> Vec<[u8; 32]> {
+    let mut out = Vec::with_capacity(tokens.len() / BLOCK_TOKENS);
+    let mut previous: Vec<u8> = salt.as_bytes().to_vec();
+    for block in tokens.chunks_exact(BLOCK_TOKENS) {
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        ctx.update(&previous);
+        for t in block {
+            ctx.update(&t.to_le_bytes());
+        }
+        let mut h = [0u8; 32];
+        h.copy_from_slice(ctx.finish().as_ref());
+        previous = h.to_vec();
+        out.push(h);
+    }
+    out
+}
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [usize; 2],
+}
+
+/// A prefix cache directory for one model version.
+#[derive(Debug, Clone)]
+pub struct PrefixCache {
+    dir: PathBuf,
+    salt: String,
+}
+
+impl PrefixCache {
+    /// `salt` is the model version's manifest digest.
+    pub fn open(dir: &Path, salt: &str) -> Result<PrefixCache, PrefixCacheError> {
+        std::fs::create_dir_all(dir).map_err(|source| PrefixCacheError::Io {
+            what: "create",
+            path: dir.into(),
+            source,
+        })?;
+        Ok(PrefixCache {
+            dir: dir.into(),
+            salt: salt.into(),
+        })
+    }
+
+    fn path(&self, hash: &[u8; 32]) -> PathBuf {
+        self.dir.join(format!("{}.safetensors", hex(hash)))
+    }
+
+    /// Store the KV of block `index` of `tokens` (the tokens before it decide
+    /// its name).
+    pub fn put(&self, tokens: &[u32], index: usize, kv: &BlockKv) -> Result<(), PrefixCacheError> {
+        let hashes = block_hashes(&self.salt, tokens);
+        let hash = hashes.get(index).ok_or_else(|| PrefixCacheError::Block {
+            why: format!("block {index} is not whole in {} tokens", tokens.len()),
+        })?;
+        let bytes = encode(kv).map_err(|why| PrefixCacheError::Block { why })?;
+        let path = self.path(hash);
+        crate::artifact::disk::write_atomic(&path, &bytes).map_err(|source| PrefixCacheError::Io {
+            what: "write",
+            path,
+            source,
+        })
+    }
+
+    /// The longest cached prefix of `tokens`: the KV of its first blocks, as
+    /// many as are stored in a row and intact. Its length in tokens is
+    /// `blocks.len() * BLOCK_TOKENS`.
+    pub fn longest_prefix(&self, tokens: &[u32]) -> Vec<BlockKv> {
+        let mut found = Vec::new();
+        for hash in block_hashes(&self.salt, tokens) {
+            let path = self.path(&hash);
+            let Ok(bytes) = std::fs::read(&path) else {
+                break;
+            };
+            match decode(&bytes) {
+                Some(kv) => found.push(kv),
+                None => {
+                    tracing::warn!(path = %path.display(), "ignoring a corrupt KV block");
+                    let _ = std::fs::remove_file(&path);
+                    break;
+                }
+            }
+        }
+        found
+    }
+}
+
+/// safetensors bytes with the sha256 of the tensor data in the metadata.
+fn encode(kv: &BlockKv) -> Result<Vec<u8>, String> {
+    let mut header = BTreeMap::new();
+    let mut data = Vec::new();
+    for (l, (k, v)) in kv.layers.iter().enumerate() {
+        for (name, t) in [(format!("k.{l}"), k), (format!("v.{l}"), v)] {
+            t.check(&name)?;
+            let start = data.len();
+            data.extend_from_slice(&t.data);
+            header.insert(
+                name,
+                serde_json::to_value(Entry {
+                    dtype: t.dtype.clone(),
+                    shape: t.shape.clone(),
+                    data_offsets: [start, data.len()],
+                })
+                .expect("entries serialize"),
+            );
+        }
+    }
+    header.insert(
+        "__metadata__".into(),
+        serde_json::json!({"sha256": sha256_hex(&data), "layers": kv.layers.len().to_string()}),
+    );
+    let mut json = serde_json::to_vec(&header).expect("headers serialize");
+    // safetensors pads the header with spaces to a multiple of 8.
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&data);
+    Ok(out)
+}
+
+/// The block in `bytes`, or `None` when anything about it is wrong.
+fn decode(bytes: &[u8]) -> Option<BlockKv> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    if n > MAX_HEADER {
+        return None;
+    }
+    let header_end = 8usize.checked_add(n as usize)?;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(bytes.get(8..header_end)?).ok()?;
+    let data = &bytes[header_end..];
+    let meta = header.get("__metadata__")?;
+    if meta.get("sha256")?.as_str()? != sha256_hex(data) {
+        return None;
+    }
+    let layers: usize = meta.get("layers")?.as_str()?.parse().ok()?;
+    let tensor = |name: String| -> Option<Tensor> {
+        let e: Entry = serde_json::from_value(header.get(&name)?.clone()).ok()?;
+        let t = Tensor {
+            dtype: e.dtype,
+            shape: e.shape,
+            data: data.get(e.data_offsets[0]..e.data_offsets[1])?.to_vec(),
+        };
+        t.check(&name).ok()?;
+        Some(t)
+    };
+    let mut out = Vec::with_capacity(layers);
+    for l in 0..layers {
+        out.push((tensor(format!("k.{l}"))?, tensor(format!("v.{l}"))?));
+    }
+    Some(BlockKv { layers: out })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A block whose values say which block and layer they belong to.
+    fn block(tag: u8, layers: usize) -> BlockKv {
+        let t = |x: u8| Tensor {
+            dtype: "F32".into(),
+            shape: vec![3, BLOCK_TOKENS, 4],
+            data: vec![x; 3 * BLOCK_TOKENS * 4 * 4],
+        };
+        BlockKv {
+            layers: (0..layers)
+                .map(|l| (t(tag + l as u8), t(tag + 100 + l as u8)))
+                .collect(),
+        }
+    }
+
+    fn tokens(n: usize, seed: u32) -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| i.wrapping_mul(2654435761).wrapping_add(seed) % 49152)
+            .collect()
+    }
+
+    #[test]
+    fn hashes_chain_so_a_block_names_its_whole_prefix() {
+        let a = tokens(48, 1);
+        let mut b = a.clone();
+        b[3] += 1; // differs in block 0 only
+        let (ha, hb) = (block_hashes("m", &a), block_hashes("m", &b));
+        assert_eq!(ha.len(), 3);
+        assert!(
+            ha.iter().zip(&hb).all(|(x, y)| x != y),
+            "a change early changes every later block"
+        );
+        assert_eq!(block_hashes("m", &a[..40]).len(), 2, "only whole blocks");
+        assert_ne!(
+            block_hashes("other", &a)[0],
+            ha[0],
+            "the salt is in every hash"
+        );
+    }
+
+    #[test]
+    fn the_longest_cached_prefix_spans_block_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = PrefixCache::open(dir.path(), "digest-v1").unwrap();
+        let prompt = tokens(50, 7); // three whole blocks and two tokens
+        for i in 0..3 {
+            cache.put(&prompt, i, &block(i as u8 * 10, 2)).unwrap();
+        }
+        assert_eq!(cache.longest_prefix(&prompt).len(), 3);
+        // A request sharing 40 tokens: two whole blocks match.
+        let mut request = prompt[..40].to_vec();
+        request.extend(tokens(30, 99));
+        let found = cache.longest_prefix(&request);
+        assert_eq!(found, vec![block(0, 2), block(10, 2)]);
+        // Diverging inside block 1: only block 0.
+        let mut request = prompt.clone();
+        request[20] ^= 1;
+        assert_eq!(cache.longest_prefix(&request).len(), 1);
+        // Fewer than 16 tokens: nothing to match.
+        assert!(cache.longest_prefix(&prompt[..15]).is_empty());
+    }
+
+    #[test]
+    fn another_manifest_digest_never_hits() {
+        let dir = tempfile::tempdir().unwrap();
+        let prompt = tokens(32, 3);
+        let v1 = PrefixCache::open(dir.path(), "digest-v1").unwrap();
+        v1.put(&prompt, 0, &block(1, 1)).unwrap();
+        v1.put(&prompt, 1, &block(2, 1)).unwrap();
+        let v2 = PrefixCache::open(dir.path(), "digest-v2").unwrap();
+        assert!(v2.longest_prefix(&prompt).is_empty());
+        assert_eq!(v1.longest_prefix(&prompt).len(), 2);
+    }
+
+    #[test]
+    fn corrupt_blocks_are_detected_ignored_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = PrefixCache::open(dir.path(), "d").unwrap();
+        let prompt = tokens(48, 5);
+        for i in 0..3 {
+            cache.put(&prompt, i, &block(i as u8, 2)).unwrap();
+        }
+        let hashes = block_hashes("d", &prompt);
+        // Flip one byte of block 1's tensor data.
+        let p1 = cache.path(&hashes[1]);
+        let mut bytes = std::fs::read(&p1).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        std::fs::write(&p1, &bytes).unwrap();
+        assert_eq!(
+            cache.longest_prefix(&prompt),
+            vec![block(0, 2)],
+            "stops before the corrupt block"
+        );
+        assert!(!p1.exists(), "the corrupt block is removed");
+        // A truncated block and garbage are misses too.
+        let p0 = cache.path(&hashes[0]);
+        let bytes = std::fs::read(&p0).unwrap();
+        std::fs::write(&p0, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(cache.longest_prefix(&prompt).is_empty());
+        std::fs::write(
+            cache.path(&hashes[0]),
+            b"\xff\xff\xff\xff\xff\xff\xff\xffgarbage",
+        )
+        .unwrap();
+        assert!(cache.longest_prefix(&prompt).is_empty());
+    }
+
+    #[test]
+    fn blocks_are_standard_safetensors_and_bad_tensors_are_refused() {
+        let bytes = encode(&block(9, 1)).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!(n % 8, 0);
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        assert_eq!(header["k.0"]["dtype"], "F32");
+        assert_eq!(header["k.0"]["shape"], serde_json::json!([3, 16, 4]));
+        let mut bad = block(1, 1);
+        bad.layers[0].0.data.pop();
+        assert!(encode(&bad).unwrap_err().contains("k.0 has"));
+    }
+}
