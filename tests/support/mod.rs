@@ -531,3 +531,56 @@ pub fn smollm2_gguf() -> PathBuf {
     );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
+
+/// llama-cpp-python's OpenAI-compatible server on loopback, serving
+/// SmolLM2-135M (Q4_1 GGUF): a real engine with a prefix cache.
+pub struct LlamaServer {
+    pub process: Process,
+}
+
+impl LlamaServer {
+    /// On a free port, or on `port` (to restart an engine where it was).
+    pub fn start(port: Option<u16>) -> Result<Self, HarnessError> {
+        let python = find_program("python3", "MODELCACHE_PYTHON", &[])?;
+        let probe = Command::new(&python)
+            .args(["-c", "import llama_cpp.server"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !matches!(probe, Ok(s) if s.success()) {
+            return Err(HarnessError::NotInstalled {
+                program: "llama-cpp-python[server]".into(),
+                hint: "run scripts/setup.sh".into(),
+            });
+        }
+        let model = smollm2_gguf();
+        let make = |port: u16, _dir: &Path| {
+            let mut c = Command::new(&python);
+            c.args(["-m", "llama_cpp.server", "--model"])
+                .arg(&model)
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--n_ctx", "2048", "--n_threads", "2", "--verbose", "false"]);
+            Ok(c)
+        };
+        let process = match port {
+            None => start_on_free_port("llama-server", make, answers_http)?,
+            Some(port) => {
+                let dir = tempfile::Builder::new()
+                    .prefix("modelcache-llama-server-")
+                    .tempdir()
+                    .map_err(io_error("a directory for llama-server"))?;
+                let command = make(port, dir.path())?;
+                Process::spawn("llama-server", command, port, dir, answers_http)?
+            }
+        };
+        Ok(LlamaServer { process })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.process.port
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port())
+    }
+}

@@ -1,0 +1,74 @@
+//! The shared prefixes to warm, from a file: a JSON array of strings, or plain
+//! text with prompts separated by lines holding only `---` (the form a
+//! ConfigMap key is easiest to write in). Order is priority: the first prompt
+//! matters most.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PromptsError {
+    #[error("failed to read the prompts file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "failed to parse the prompts file {path}: {why}; expected a JSON array of strings, or prompts separated by lines holding only `---`"
+    )]
+    Parse { path: PathBuf, why: String },
+}
+
+pub fn load(path: &Path) -> Result<Vec<String>, PromptsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PromptsError::Read {
+        path: path.into(),
+        source,
+    })?;
+    parse(&text).map_err(|why| PromptsError::Parse {
+        path: path.into(),
+        why,
+    })
+}
+
+pub fn parse(text: &str) -> Result<Vec<String>, String> {
+    let prompts: Vec<String> = if text.trim_start().starts_with('[') {
+        serde_json::from_str::<Vec<String>>(text).map_err(|e| e.to_string())?
+    } else {
+        let mut out = vec![String::new()];
+        for line in text.split_inclusive('\n') {
+            if line.trim_end_matches(['\n', '\r']) == "---" {
+                out.push(String::new());
+            } else {
+                out.last_mut().expect("never empty").push_str(line);
+            }
+        }
+        out.into_iter()
+            .map(|p| p.strip_suffix('\n').map(str::to_string).unwrap_or(p))
+            .collect()
+    };
+    let prompts: Vec<String> = prompts
+        .into_iter()
+        .filter(|p| !p.trim().is_empty())
+        .collect();
+    if prompts.is_empty() {
+        return Err("it holds no prompt".into());
+    }
+    Ok(prompts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_and_separated_text_both_work() {
+        assert_eq!(parse(r#"["a", "b c"]"#).unwrap(), vec!["a", "b c"]);
+        assert_eq!(
+            parse("You are a bot.\nBe brief.\n---\nSecond prompt\n").unwrap(),
+            vec!["You are a bot.\nBe brief.", "Second prompt"]
+        );
+        assert_eq!(parse("only one").unwrap(), vec!["only one"]);
+        assert!(parse("---\n\n---\n").unwrap_err().contains("no prompt"));
+        assert!(parse("[1, 2]").is_err());
+    }
+}
