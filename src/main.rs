@@ -637,6 +637,12 @@ fn parse_header(line: &str) -> Result<(String, String)> {
     Ok((name.trim().to_string(), value.trim().to_string()))
 }
 
+/// Bad input: the error with its causes, and exit code 2.
+fn usage(e: anyhow::Error) -> Result<ExitCode> {
+    eprintln!("error: {e:#}");
+    Ok(ExitCode::from(2))
+}
+
 /// The JSON summary on stdout, or the error (with its causes) on stderr and
 /// the command's exit code for it.
 fn summary_or_exit<T: serde::Serialize, E: std::error::Error + Send + Sync + 'static>(
@@ -658,10 +664,6 @@ fn summary_or_exit<T: serde::Serialize, E: std::error::Error + Send + Sync + 'st
 
 fn fetch(args: FetchArgs) -> Result<ExitCode> {
     use modelcache::artifact::{cloudfront, fetch};
-    let usage = |e: anyhow::Error| -> Result<ExitCode> {
-        eprintln!("error: {e:#}");
-        Ok(ExitCode::from(2))
-    };
     let location = match args.source.parse() {
         Ok(l) => l,
         Err(e) => return usage(anyhow::Error::new(e)),
@@ -746,10 +748,7 @@ fn publish(args: PublishArgs) -> Result<ExitCode> {
     use modelcache::artifact::publish;
     let location = match args.to.parse() {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: {:#}", anyhow::Error::new(e));
-            return Ok(ExitCode::from(2));
-        }
+        Err(e) => return usage(anyhow::Error::new(e)),
     };
     let opts = publish::PublishOptions {
         dir: args.dir,
@@ -765,29 +764,27 @@ fn publish(args: PublishArgs) -> Result<ExitCode> {
 
 fn kv_size(args: KvSizeArgs) -> Result<ExitCode> {
     use modelcache::model::{gguf, kv_size};
-    let bad = |e: anyhow::Error| {
-        eprintln!("error: {e:#}");
-        Ok(ExitCode::from(2))
-    };
     let base = if let Some(path) = &args.config {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) => {
-                return bad(
-                    anyhow::Error::new(e).context(format!("failed to read {}", path.display()))
+                return usage(
+                    anyhow::Error::new(e).context(format!("failed to read {}", path.display())),
                 );
             }
         };
         let json: serde_json::Value = match serde_json::from_str(&text) {
             Ok(j) => j,
             Err(e) => {
-                return bad(anyhow::Error::new(e)
-                    .context(format!("failed to parse {} as JSON", path.display())));
+                return usage(
+                    anyhow::Error::new(e)
+                        .context(format!("failed to parse {} as JSON", path.display())),
+                );
             }
         };
         match kv_size::shape_from_config(&json) {
             Ok(s) => Some(s),
-            Err(e) => return bad(e.into()),
+            Err(e) => return usage(e.into()),
         }
     } else if let Some(path) = &args.gguf {
         match gguf::read(path)
@@ -795,7 +792,7 @@ fn kv_size(args: KvSizeArgs) -> Result<ExitCode> {
             .and_then(|m| Ok(kv_size::shape_from_gguf(&m)?))
         {
             Ok(s) => Some(s),
-            Err(e) => return bad(e),
+            Err(e) => return usage(e),
         }
     } else {
         None
@@ -811,7 +808,7 @@ fn kv_size(args: KvSizeArgs) -> Result<ExitCode> {
             println!("{}", size.explain());
             Ok(ExitCode::SUCCESS)
         }
-        Err(e) => bad(e.into()),
+        Err(e) => usage(e.into()),
     }
 }
 
@@ -819,10 +816,7 @@ fn warm(args: WarmArgs) -> Result<ExitCode> {
     use modelcache::warm::{engine, prompts};
     let prompts = match prompts::load(&args.prompts) {
         Ok(p) => p,
-        Err(e) => {
-            eprintln!("error: {:#}", anyhow::Error::new(e));
-            return Ok(ExitCode::from(2));
-        }
+        Err(e) => return usage(anyhow::Error::new(e)),
     };
     let warmer = engine::EngineWarmer::new(
         &args.engine_url,

@@ -169,6 +169,32 @@ async fn sweep_with_checkpoint(
     Ok(report)
 }
 
+/// SCAN every key matching `pattern`, `batch` at a time, handing each batch
+/// to `each`.
+async fn scan_all(
+    conn: &mut MultiplexedConnection,
+    pattern: &str,
+    batch: u64,
+    mut each: impl FnMut(Vec<Vec<u8>>),
+) -> Result<(), redis::RedisError> {
+    let mut cursor = 0u64;
+    loop {
+        let (next, found): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(batch.max(1))
+            .query_async(conn)
+            .await?;
+        each(found);
+        cursor = next;
+        if cursor == 0 {
+            return Ok(());
+        }
+    }
+}
+
 /// Counts a version's keys without deleting them (for `--dry-run`).
 pub async fn count_version(
     conn: &mut MultiplexedConnection,
@@ -176,33 +202,26 @@ pub async fn count_version(
     version: &str,
     batch: u64,
 ) -> Result<u64, SweepError> {
-    let pattern = keys::version_pattern(model, version);
-    let mut cursor = 0u64;
     let mut count = 0;
-    loop {
-        let (next, found): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(batch.max(1))
-            .query_async(conn)
-            .await
-            .map_err(|source| SweepError::Redis {
-                action: "scan",
-                model: model.to_owned(),
-                version: version.to_owned(),
-                source,
-            })?;
-        count += found
-            .iter()
-            .filter(|k| keys::belongs_to(k, model, version))
-            .count() as u64;
-        cursor = next;
-        if cursor == 0 {
-            return Ok(count);
-        }
-    }
+    scan_all(
+        conn,
+        &keys::version_pattern(model, version),
+        batch,
+        |found| {
+            count += found
+                .iter()
+                .filter(|k| keys::belongs_to(k, model, version))
+                .count() as u64;
+        },
+    )
+    .await
+    .map_err(|source| SweepError::Redis {
+        action: "scan",
+        model: model.to_owned(),
+        version: version.to_owned(),
+        source,
+    })?;
+    Ok(count)
 }
 
 /// The versions of `model` that have keys, found by one SCAN of the model's
@@ -214,21 +233,8 @@ pub async fn versions_with_keys(
 ) -> Result<BTreeSet<String>, SweepError> {
     let prefix = keys::model_prefix(model);
     let pattern = format!("{}*", keys::glob_escape(&prefix));
-    let mut cursor = 0u64;
     let mut versions = BTreeSet::new();
-    loop {
-        let (next, found): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(batch.max(1))
-            .query_async(conn)
-            .await
-            .map_err(|source| SweepError::Discover {
-                model: model.to_owned(),
-                source,
-            })?;
+    scan_all(conn, &pattern, batch, |found| {
         for key in found {
             let rest = &key[prefix.len()..];
             if let Some(end) = rest.iter().position(|b| *b == b':')
@@ -237,11 +243,13 @@ pub async fn versions_with_keys(
                 versions.insert(version);
             }
         }
-        cursor = next;
-        if cursor == 0 {
-            return Ok(versions);
-        }
-    }
+    })
+    .await
+    .map_err(|source| SweepError::Discover {
+        model: model.to_owned(),
+        source,
+    })?;
+    Ok(versions)
 }
 
 /// `FLUSHDB ASYNC`, for a Redis that serves this model alone. It refuses when

@@ -756,25 +756,20 @@ fn missing_versions_and_bad_arguments_exit_with_their_codes() {
 
 /// The signature over a policy as openssl computes it, in CloudFront's base64.
 fn openssl_signature(key: &Path, policy: &str) -> String {
-    let mut child = Command::new("openssl")
-        .args(["dgst", "-sha1", "-sign"])
-        .arg(key)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("openssl runs");
-    use std::io::Write as _;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(policy.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
+    let signature = support::run_with_input(
+        "openssl",
+        &[
+            "dgst".as_ref(),
+            "-sha1".as_ref(),
+            "-sign".as_ref(),
+            key.as_os_str(),
+        ],
+        policy.as_bytes(),
+        "openssl dgst -sign",
+    );
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD
-        .encode(out.stdout)
+        .encode(signature)
         .replace('+', "-")
         .replace('=', "_")
         .replace('/', "~")

@@ -2,10 +2,10 @@
 //! reference implementation (PyPI `safetensors`, numpy backend) loads them
 //! with the names, dtypes, shapes and values written.
 
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+mod support;
 
 use modelcache::prefix_cache::{BLOCK_TOKENS, BlockKv, PrefixCache, Tensor, block_hashes};
+use support::run_python;
 
 #[test]
 fn blocks_load_in_the_reference_safetensors_reader() {
@@ -51,26 +51,12 @@ print(json.dumps({
     "layers": meta["layers"],
 }))
 "#;
-    let mut child = Command::new("python3")
-        .args(["-", path.to_str().unwrap()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the safetensors reader failed (pip package safetensors; run scripts/setup.sh): {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_python(
+        &["-".as_ref(), path.as_os_str()],
+        script.as_bytes(),
+        "the safetensors reader (safetensors, numpy)",
     );
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(
         got["names"],
         serde_json::json!(["k.0", "k.1", "v.0", "v.1"])

@@ -6,37 +6,20 @@
 
 mod support;
 
-use std::io::Write as _;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
 
 use modelcache::model::{gguf, tokenizer::ByteLevelBpe};
-use support::smollm2_gguf;
+use support::{run_python, smollm2_gguf};
 
-fn reference(gguf: &PathBuf, texts: &[&str]) -> Vec<Vec<u32>> {
+fn reference(gguf: &Path, texts: &[&str]) -> Vec<Vec<u32>> {
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference_tokenizer.py");
-    let mut child = Command::new("python3")
-        .arg(script)
-        .arg(gguf)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(serde_json::to_string(texts).unwrap().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the reference tokenizer failed (pip packages tokenizers and gguf; run scripts/setup.sh): {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_python(
+        &[script.as_os_str(), gguf.as_os_str()],
+        serde_json::to_string(texts).unwrap().as_bytes(),
+        "the reference tokenizer (tokenizers, gguf)",
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_slice(&out).unwrap()
 }
 
 const TEXTS: &[&str] = &[

@@ -16,6 +16,20 @@ pub fn available_bytes(path: &Path) -> std::io::Result<u64> {
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
+/// Open (creating) the lock file at `path` without taking the lock.
+pub fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+}
+
+/// A regular file of exactly `size` bytes is at `path`.
+pub fn is_file_of_size(path: &Path, size: u64) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == size)
+}
+
 /// Write `bytes` to `path` through a temporary file in the same directory and
 /// a rename, so readers see the old content or the new, never a part.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -254,9 +254,7 @@ struct Ctx {
     engine: Arc<Engine>,
     partial_dir: PathBuf,
     cache: Option<NodeCache>,
-    counters: Arc<Counters>,
     concurrency: usize,
-    part_size: Option<u64>,
 }
 
 impl Ctx {
@@ -326,17 +324,17 @@ pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
     cfg.connections = cfg.connections.max(opts.concurrency);
     let source = Source::connect(&opts.location, &cfg).await?;
     let counters = Arc::new(Counters::default());
-    let engine = Arc::new(Engine::new(
+    let engine = Arc::new(Engine {
         source,
-        opts.model.clone(),
-        opts.version.clone(),
-        counters.clone(),
-        started + opts.deadline,
-        opts.max_attempts.max(1),
-        opts.retry_base,
-        cfg.idle_timeout.unwrap_or(Duration::from_secs(30)),
-        opts.part_size,
-    ));
+        model: opts.model.clone(),
+        version: opts.version.clone(),
+        counters: counters.clone(),
+        deadline: started + opts.deadline,
+        max_attempts: opts.max_attempts.max(1),
+        retry_base: opts.retry_base,
+        idle: cfg.idle_timeout.unwrap_or(Duration::from_secs(30)),
+        part_size: opts.part_size,
+    });
     let ctx = Ctx {
         engine: engine.clone(),
         partial_dir: match &cache {
@@ -344,9 +342,7 @@ pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
             None => partial_in_dest.clone(),
         },
         cache: cache.clone(),
-        counters: counters.clone(),
         concurrency: opts.concurrency.max(1),
-        part_size: opts.part_size,
     };
 
     // The manifest: from the node cache when another pod fetched this version
@@ -383,7 +379,9 @@ pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
         .map(|f| {
             if still_placed(&dest, &placed, f) {
                 Plan::Reused
-            } else if cache.is_none() && verified_at(&ctx.verified_path(&f.sha256), f.size) {
+            } else if cache.is_none()
+                && super::disk::is_file_of_size(&ctx.verified_path(&f.sha256), f.size)
+            {
                 Plan::Verified
             } else if cache
                 .as_ref()
@@ -586,12 +584,7 @@ fn same_filesystem(a: &Path, b: &Path) -> bool {
 
 async fn lock_file(path: PathBuf) -> Result<File, FetchError> {
     tokio::task::spawn_blocking(move || {
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err("open the lock", &path))?;
+        let file = super::disk::lock_file(&path).map_err(io_err("open the lock", &path))?;
         file.lock().map_err(io_err("lock", &path))?;
         Ok(file)
     })
@@ -604,7 +597,7 @@ async fn get_manifest(ctx: &Ctx) -> Result<Vec<u8>, FetchError> {
     let mut backoff = Backoff::new(engine.max_attempts, engine.deadline)
         .with_base(engine.retry_base, Duration::from_secs(10));
     loop {
-        ctx.counters.requests.fetch_add(1, Ordering::Relaxed);
+        ctx.engine.counters.requests.fetch_add(1, Ordering::Relaxed);
         let result = engine
             .source
             .get_all(
@@ -617,7 +610,7 @@ async fn get_manifest(ctx: &Ctx) -> Result<Vec<u8>, FetchError> {
         match result {
             Ok(bytes) => return Ok(bytes),
             Err(e) if e.failure == Failure::Transient => {
-                ctx.counters.retries.fetch_add(1, Ordering::Relaxed);
+                ctx.engine.counters.retries.fetch_add(1, Ordering::Relaxed);
                 match backoff.next_delay() {
                     Some(delay) => {
                         tracing::warn!(url = %e.url, "retrying the manifest: {}", e.detail);
@@ -652,11 +645,14 @@ async fn download(
     while !files.is_empty() {
         let transfers = files
             .iter()
-            .map(|f| Transfer::open(&ctx.partial_dir, f, ctx.part_size))
+            .map(|f| Transfer::open(&ctx.partial_dir, f, ctx.engine.part_size))
             .collect::<Result<Vec<_>, _>>()?;
         for t in &transfers {
             *resumed += t.resumed();
-            ctx.counters.total.fetch_sub(t.resumed(), Ordering::Relaxed);
+            ctx.engine
+                .counters
+                .total
+                .fetch_sub(t.resumed(), Ordering::Relaxed);
         }
         ctx.engine.run(&transfers, ctx.concurrency).await?;
         files.clear();
@@ -689,15 +685,14 @@ async fn download(
             }
             tracing::warn!(file = %f.path, %url, expected = %f.sha256, %actual,
                 "digest mismatch; downloading the file once more");
-            ctx.counters.total.fetch_add(f.size, Ordering::Relaxed);
+            ctx.engine
+                .counters
+                .total
+                .fetch_add(f.size, Ordering::Relaxed);
             files.push(f.clone());
         }
     }
     Ok(())
-}
-
-fn verified_at(path: &Path, size: u64) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == size)
 }
 
 /// The final path of a file, with its parent directories created, refusing

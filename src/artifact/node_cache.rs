@@ -26,7 +26,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::disk::write_atomic;
+use super::disk::{is_file_of_size, lock_file, write_atomic};
 use super::manifest::{self, VerifiedManifest};
 use crate::digest::sha256_hex;
 
@@ -99,7 +99,7 @@ impl NodeCache {
     /// A blob of the right size is present. Blobs enter only after their
     /// digest matched, so size is the check at hit time.
     pub fn has_blob(&self, sha256: &str, size: u64) -> bool {
-        std::fs::metadata(self.blob_path(sha256)).is_ok_and(|m| m.is_file() && m.len() == size)
+        is_file_of_size(&self.blob_path(sha256), size)
     }
 
     /// The key of one version at one source.
@@ -109,13 +109,8 @@ impl NodeCache {
 
     /// Block until this process is the only fetcher of the version on the node.
     pub fn lock_version(&self, id: &str) -> Result<File, NodeCacheError> {
-        let path = self.root.join("locks").join(format!("{id}.lock"));
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io(&path))?;
+        let path = self.lock_path(id);
+        let file = lock_file(&path).map_err(io(&path))?;
         file.lock().map_err(io(&path))?;
         Ok(file)
     }
@@ -186,12 +181,7 @@ impl NodeCache {
         if report.used_bytes + incoming <= quota {
             return report;
         }
-        let Ok(evict_lock) = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.root.join("evict.lock"))
-        else {
+        let Ok(evict_lock) = lock_file(&self.root.join("evict.lock")) else {
             return report;
         };
         if evict_lock.try_lock().is_err() {
@@ -214,13 +204,7 @@ impl NodeCache {
             if id == keep || self.pinned(&id) {
                 continue;
             }
-            let lock_path = self.root.join("locks").join(format!("{id}.lock"));
-            let Ok(lock) = File::options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&lock_path)
-            else {
+            let Ok(lock) = lock_file(&self.lock_path(&id)) else {
                 continue;
             };
             if lock.try_lock().is_err() {
@@ -245,16 +229,9 @@ impl NodeCache {
             .flatten()
             .flatten()
         {
-            let Ok(bytes) = std::fs::read(entry.path()) else {
-                continue;
-            };
-            let Ok(record) = serde_json::from_slice::<VersionRecord>(&bytes) else {
-                continue;
-            };
-            digests.insert(record.manifest_digest.clone());
-            if let Ok(m) = std::fs::read(self.manifest_path(&record.manifest_digest))
-                && let Ok(m) = serde_json::from_slice::<manifest::Manifest>(&m)
-            {
+            // A record whose manifest is gone or unreadable references nothing.
+            if let Some((record, m)) = self.read_record(&entry.path()) {
+                digests.insert(record.manifest_digest);
                 referenced.extend(m.files.into_iter().map(|f| f.sha256));
             }
         }
@@ -287,21 +264,25 @@ impl NodeCache {
     }
 
     fn pinned(&self, id: &str) -> bool {
-        let Some(record) = std::fs::read(self.record_path(id))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<VersionRecord>(&b).ok())
-        else {
-            return false;
-        };
-        let Some(m) = std::fs::read(self.manifest_path(&record.manifest_digest))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<manifest::Manifest>(&b).ok())
-        else {
-            return false;
-        };
-        m.files.iter().any(|f| {
-            std::fs::metadata(self.blob_path(&f.sha256)).is_ok_and(|meta| meta.nlink() > 1)
-        })
+        self.read_record(&self.record_path(id))
+            .is_some_and(|(_, m)| {
+                m.files.iter().any(|f| {
+                    std::fs::metadata(self.blob_path(&f.sha256)).is_ok_and(|meta| meta.nlink() > 1)
+                })
+            })
+    }
+
+    fn lock_path(&self, id: &str) -> PathBuf {
+        self.root.join("locks").join(format!("{id}.lock"))
+    }
+
+    /// The record at `path` and the manifest it names, as stored (unchecked:
+    /// for eviction's bookkeeping, not for serving).
+    fn read_record(&self, path: &Path) -> Option<(VersionRecord, manifest::Manifest)> {
+        let record: VersionRecord = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+        let bytes = std::fs::read(self.manifest_path(&record.manifest_digest)).ok()?;
+        let m = serde_json::from_slice(&bytes).ok()?;
+        Some((record, m))
     }
 
     fn record_path(&self, id: &str) -> PathBuf {

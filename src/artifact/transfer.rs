@@ -42,6 +42,9 @@ const MIB: u64 = 1 << 20;
 /// downloaded again after a kill.
 const CHECKPOINT: u64 = 8 * MIB;
 
+/// Contiguous bytes that start a hashing task (the last bytes of a file always do).
+const HASH_BATCH: u64 = 4 * MIB;
+
 /// No range is split below this.
 const MIN_SPLIT: u64 = 4 * MIB;
 
@@ -238,11 +241,16 @@ impl Transfer {
         let start_hashing = {
             let mut st = self.state.lock().expect("transfer lock");
             insert_merged(&mut st.covered, range);
+            // Writes come every 256 KiB: a hashing task for each would cost
+            // more than it hashes, so wait for a batch, or for the end.
+            let prefix = st
+                .covered
+                .first()
+                .filter(|r| r.start == 0)
+                .map_or(0, |r| r.end);
             st.hasher.is_some()
-                && st
-                    .covered
-                    .first()
-                    .is_some_and(|r| r.start == 0 && r.end > st.hashed)
+                && prefix > st.hashed
+                && (prefix - st.hashed >= HASH_BATCH || prefix == self.file.size)
         };
         if start_hashing {
             let t = self.clone();
@@ -253,10 +261,10 @@ impl Transfer {
     /// Hash the contiguous written prefix; whoever holds the hasher works
     /// until nothing more is contiguous, then puts it back.
     fn hash_available(&self) {
-        let mut buf = vec![0u8; MIB as usize];
         let Some(mut hasher) = self.state.lock().expect("transfer lock").hasher.take() else {
             return;
         };
+        let mut buf = vec![0u8; MIB as usize];
         loop {
             let (from, to) = {
                 let mut st = self.state.lock().expect("transfer lock");
@@ -312,31 +320,6 @@ impl Transfer {
 }
 
 impl Engine {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        source: Source,
-        model: String,
-        version: String,
-        counters: Arc<Counters>,
-        deadline: Instant,
-        max_attempts: u32,
-        retry_base: Duration,
-        idle: Duration,
-        part_size: Option<u64>,
-    ) -> Engine {
-        Engine {
-            source,
-            model,
-            version,
-            counters,
-            deadline,
-            max_attempts,
-            retry_base,
-            idle,
-            part_size,
-        }
-    }
-
     /// Download every transfer with `workers` requests in flight at most.
     pub async fn run(
         self: &Arc<Self>,

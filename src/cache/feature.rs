@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 
-use super::codec::{self, canonical_json, sha256_hex};
+use super::codec;
 use super::{CacheError, SharedStats, StatsSnapshot, Versions, entity};
-use crate::keys::{self, Layer};
+use crate::keys::Layer;
 
 /// Features of one model's entities.
 ///
@@ -47,22 +47,11 @@ impl FeatureCache {
 
     fn key(&self, version: &str, entity: &str, generation: u64, feature: &str) -> String {
         let subject = json!([entity, generation, feature]);
-        keys::entry(
-            &self.model,
-            version,
-            Layer::Feature,
-            &sha256_hex(canonical_json(&subject).as_bytes()),
-        )
+        super::entry_key(&self.model, version, Layer::Feature, &subject)
     }
 
     fn redis_error(&self, action: &'static str) -> impl FnOnce(redis::RedisError) -> CacheError {
-        let model = self.model.clone();
-        move |source| CacheError::Redis {
-            action,
-            layer: "feature",
-            model,
-            source,
-        }
+        super::redis_error(&self.model, "feature", action)
     }
 
     async fn keys_for<'a>(

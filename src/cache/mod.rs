@@ -26,6 +26,37 @@ use crate::registry::RegistryState;
 pub use feature::FeatureCache;
 pub use result::ResultCache;
 
+/// The key of an entry: the sha256 of the subject's canonical JSON, under
+/// the model, version and layer.
+fn entry_key(
+    model: &str,
+    version: &str,
+    layer: crate::keys::Layer,
+    subject: &serde_json::Value,
+) -> String {
+    crate::keys::entry(
+        model,
+        version,
+        layer,
+        &codec::sha256_hex(codec::canonical_json(subject).as_bytes()),
+    )
+}
+
+/// Wrap a Redis error of `action` in `layer`'s cache of `model`.
+fn redis_error(
+    model: &str,
+    layer: &'static str,
+    action: &'static str,
+) -> impl FnOnce(RedisError) -> CacheError {
+    let model = model.to_owned();
+    move |source| CacheError::Redis {
+        action,
+        layer,
+        model,
+        source,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("failed to {action} in the {layer} cache of model {model:?}")]

