@@ -16,6 +16,10 @@
 # - starts a real engine (llama-cpp-python's server with SmolLM2-135M from its
 #   PyPI package) and warms its prefix cache with modelcache warm: the TTFT
 #   of the shared prefixes before and after, and what the engine retained;
+# - warms SmolLM2 in process: published and fetched like any model, each
+#   prefix's KV computed with candle and stored in 16-token blocks salted by
+#   the version's manifest digest; the TTFT of a request sharing a prefix
+#   before and after, and a second pod reusing the blocks;
 # - lints the Helm chart and validates what it renders.
 # Later capabilities extend it.
 set -euo pipefail
@@ -157,6 +161,28 @@ PY
   --concurrency 1 --wait 120 2>/dev/null >"$work/warm.json"
 python3 "$work/show_warm.py" <"$work/warm.json"
 
+step "In-process warm-up: SmolLM2 published and fetched like any model, then its prefixes' KV computed with candle into the pod's prefix cache"
+mkdir -p "$work/smollm2"
+cp "$gguf" "$work/smollm2/"
+"$bin" publish --dir "$work/smollm2" --to s3://models/prod --model smollm2-135m --version v1 "${s3[@]}" >/dev/null
+"$bin" fetch --source s3://models/prod --model smollm2-135m --version v1 "${s3[@]}" \
+  --dest "$work/pod-d/model" --progress off >/dev/null
+echo "  fetched; the version's manifest digest salts the prefix cache: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["manifestDigest"])' "$work/pod-d/model/.modelcache/complete")"
+cat >"$work/show_in_process.py" <<'PY'
+import json, sys
+r = json.load(sys.stdin)
+for p in r["prefixes"]:
+    ratio = p["warmedSeconds"] / p["prefillSeconds"]
+    print(f"  prefix {p['index']}: {p['tokens']} tokens, {p['reusedTokens']} from the cache, {p['storedBlocks']} blocks stored; "
+          f"prefill {p['prefillSeconds'] * 1e3:.0f} ms, a request sharing it {p['warmedSeconds'] * 1e3:.0f} ms ({ratio:.2f}x)")
+PY
+in_process=(warm --weights "$work/pod-d/model/$(basename "$gguf")" --prompts "$work/prompts.txt"
+  --prefix-cache "$work/pod-d/prefix-cache")
+"$bin" "${in_process[@]}" 2>/dev/null | python3 "$work/show_in_process.py"
+echo "  $(ls "$work/pod-d/prefix-cache" | wc -l) KV blocks (safetensors) in the pod's prefix cache"
+echo "  the next pod of this version finds them:"
+"$bin" "${in_process[@]}" 2>/dev/null | python3 "$work/show_in_process.py"
+
 step "Linting the Helm chart and validating what it renders"
 helm="${MODELCACHE_TOOLS:-$HOME/.cache/modelcache/tools}/bin/helm"
 "$helm" lint --strict charts/modelcache | grep -E "linted"
@@ -166,4 +192,4 @@ for version in 1.30.0 1.37.0; do
   echo "  Kubernetes $version: every rendered object passes"
 done
 
-step "Done: CRDs and examples valid, bad resources rejected, Redis configured as a cache and drift repaired, a rollout swept the retired version, a real model published and fetched verified (second pod from the node cache, a damaged object refused), a real engine's prefix cache warmed, chart valid"
+step "Done: CRDs and examples valid, bad resources rejected, Redis configured as a cache and drift repaired, a rollout swept the retired version, a real model published and fetched verified (second pod from the node cache, a damaged object refused), a real engine's prefix cache warmed, the same model's KV warmed in process and reused, chart valid"

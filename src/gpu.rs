@@ -72,15 +72,44 @@ pub enum GpuError {
     },
 }
 
+#[cfg(all(feature = "gpu-probe", feature = "cuda"))]
+compile_error!(
+    "the `cuda` feature links CUDA, which cannot sit beside the run-time loading of `gpu-probe`: build with `--no-default-features --features cuda`"
+);
+
 /// Probe the machine. No driver is a report, not an error.
 pub fn probe() -> Result<GpuReport, GpuError> {
-    // SAFETY: only tries to load libcuda; nothing is called through it.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !driver_present() {
         return Ok(GpuReport {
             driver_present: false,
             devices: Vec::new(),
         });
     }
+    devices().map(|devices| GpuReport {
+        driver_present: true,
+        devices,
+    })
+}
+
+#[cfg(feature = "gpu-probe")]
+fn driver_present() -> bool {
+    // SAFETY: only tries to load libcuda; nothing is called through it.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// The `cuda` build links libcuda: it does not start without the driver.
+#[cfg(all(feature = "cuda", not(feature = "gpu-probe")))]
+fn driver_present() -> bool {
+    true
+}
+
+#[cfg(not(any(feature = "gpu-probe", feature = "cuda")))]
+fn driver_present() -> bool {
+    false
+}
+
+#[cfg(any(feature = "gpu-probe", feature = "cuda"))]
+fn devices() -> Result<Vec<GpuDevice>, GpuError> {
     let driver = |ordinal: usize| {
         move |e: cudarc::driver::DriverError| GpuError::Driver {
             ordinal,
@@ -101,10 +130,12 @@ pub fn probe() -> Result<GpuReport, GpuError> {
             free_bytes: free as u64,
         });
     }
-    Ok(GpuReport {
-        driver_present: true,
-        devices,
-    })
+    Ok(devices)
+}
+
+#[cfg(not(any(feature = "gpu-probe", feature = "cuda")))]
+fn devices() -> Result<Vec<GpuDevice>, GpuError> {
+    Ok(Vec::new())
 }
 
 /// Refuse a warm-up whose weights plus planned KV cache exceed the free memory

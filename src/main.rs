@@ -89,20 +89,49 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Fill an OpenAI-compatible engine's prefix cache (vLLM, SGLang,
-    /// llama.cpp's server) as a native sidecar: /readyz turns 200 only once
-    /// the prompts are warm, and again after the engine restarts. Exit codes
-    /// (--once): 0 warm; 2 bad input; 3 engine unreachable; 4 engine refused.
+    /// Warm the prefix cache. Engine mode (--engine-url): fill an
+    /// OpenAI-compatible engine's prefix cache (vLLM, SGLang, llama.cpp's
+    /// server) as a native sidecar: /readyz turns 200 only once the prompts
+    /// are warm, and again after the engine restarts. Exit codes (--once): 0
+    /// warm; 2 bad input; 3 engine unreachable; 4 engine refused.
+    ///
+    /// In-process mode (--weights): prefill each prompt with candle and store
+    /// its KV in 16-token blocks under --prefix-cache, salted by the version's
+    /// manifest digest; prints a JSON report and exits. Exit codes: 0 warm; 1
+    /// failed (I/O); 2 bad input (model, tokenizer, prompts, digest, device);
+    /// 3 the GPU lacks the memory.
     Warm(WarmArgs),
     /// Print the version and the API version served.
     Version,
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["engine_url", "weights"])))]
 struct WarmArgs {
-    /// The engine's base URL, e.g. http://127.0.0.1:8000.
+    /// Engine mode: the engine's base URL, e.g. http://127.0.0.1:8000.
     #[arg(long, env = "MODELCACHE_ENGINE_URL")]
-    engine_url: String,
+    engine_url: Option<String>,
+    /// In-process mode: a Llama-family `.gguf` file, or a directory with
+    /// config.json, *.safetensors and tokenizer.json.
+    #[arg(long, env = "MODELCACHE_WEIGHTS")]
+    weights: Option<PathBuf>,
+    /// In-process: dequantize GGUF weights to f32 at load (exact, more memory).
+    #[arg(long, requires = "weights")]
+    dequantize: bool,
+    /// In-process: a tokenizer.json; by default the one beside the weights,
+    /// else (GGUF) the vocabulary and merges in the GGUF.
+    #[arg(long, env = "MODELCACHE_TOKENIZER", requires = "weights")]
+    tokenizer: Option<PathBuf>,
+    /// In-process: where the KV blocks go (the pod's shared volume).
+    #[arg(long, env = "MODELCACHE_PREFIX_CACHE", requires = "weights")]
+    prefix_cache: Option<PathBuf>,
+    /// In-process: the version's manifest digest; by default read from the
+    /// `.modelcache/complete` marker `modelcache fetch` wrote beside the weights.
+    #[arg(long, env = "MODELCACHE_MANIFEST_DIGEST", requires = "weights", value_parser = digest_arg)]
+    manifest_digest: Option<String>,
+    /// In-process: `cpu`, or `cuda:N` (builds with the `cuda` feature).
+    #[arg(long, env = "MODELCACHE_DEVICE", default_value = "cpu")]
+    device: String,
     /// The shared prefixes: a JSON array of strings, or prompts separated by
     /// lines holding only `---`. First is most important.
     #[arg(long, env = "MODELCACHE_PROMPTS")]
@@ -812,18 +841,42 @@ fn kv_size(args: KvSizeArgs) -> Result<ExitCode> {
     }
 }
 
+fn digest_arg(s: &str) -> std::result::Result<String, String> {
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err("expected 64 hex digits (the sha256 of the version's manifest)".into())
+    }
+}
+
 fn warm(args: WarmArgs) -> Result<ExitCode> {
-    use modelcache::warm::{engine, prompts};
+    use modelcache::warm::{engine, in_process, prompts};
     let prompts = match prompts::load(&args.prompts) {
         Ok(p) => p,
         Err(e) => return usage(anyhow::Error::new(e)),
     };
-    let warmer = engine::EngineWarmer::new(
-        &args.engine_url,
-        args.model,
-        prompts,
-        args.concurrency as usize,
-    );
+    let Some(engine_url) = args.engine_url else {
+        let (Some(weights_path), Some(prefix_cache)) = (args.weights, args.prefix_cache) else {
+            return usage(anyhow::anyhow!(
+                "--weights needs --prefix-cache, the directory the KV blocks go to"
+            ));
+        };
+        let opts = in_process::InProcessOptions {
+            weights_path,
+            weights: if args.dequantize {
+                modelcache::model::llama::Weights::Dequantized
+            } else {
+                modelcache::model::llama::Weights::Quantized
+            },
+            tokenizer: args.tokenizer,
+            prefix_cache,
+            manifest_digest: args.manifest_digest,
+            device: args.device,
+        };
+        return summary_or_exit(in_process::run(&opts, &prompts), |e| e.exit_code());
+    };
+    let warmer =
+        engine::EngineWarmer::new(&engine_url, args.model, prompts, args.concurrency as usize);
     let rt = runtime()?;
     if args.once {
         let result = rt.block_on(async {

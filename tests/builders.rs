@@ -59,6 +59,9 @@ fn render_case(case: &str) {
         &yaml(&builders::stateful_set(&mc, &settings, "secret-uid-1")),
     );
     check_golden(case, "service.yaml", &yaml(&builders::service(&mc)));
+    if let Some(prompts) = builders::warmup_config_map(&mc) {
+        check_golden(case, "warmup-configmap.yaml", &yaml(&prompts));
+    }
     check_golden(
         case,
         "secret.yaml",
@@ -83,6 +86,31 @@ fn chat_with_a_policy_and_a_2gi_limit() {
     // The reference design's figure, exact: 0.8 x 2Gi.
     let conf = std::fs::read_to_string(case_dir("chat").join("expected/configmap.yaml")).unwrap();
     assert!(conf.contains("maxmemory 1717986918"), "{conf}");
+}
+
+#[test]
+fn inline_warmup_prompts_reach_the_pods_as_jsonl() {
+    let mc: ModelCache = serde_saphyr::from_str(
+        &std::fs::read_to_string(case_dir("chat").join("modelcache.yaml")).unwrap(),
+    )
+    .unwrap();
+    let cm = builders::warmup_config_map(&mc).expect("inline prompts make a ConfigMap");
+    assert_eq!(cm.metadata.name.as_deref(), Some("chat-warmup"));
+    let jsonl = &cm.data.unwrap()[builders::WARMUP_PROMPTS_KEY];
+    // What `modelcache warm --prompts` reads back is what the spec says.
+    assert_eq!(
+        modelcache::warm::prompts::parse(jsonl).unwrap(),
+        mc.spec.warmup.unwrap().prompts
+    );
+}
+
+#[test]
+fn no_inline_prompts_no_warmup_config_map() {
+    let mc: ModelCache = serde_saphyr::from_str(
+        &std::fs::read_to_string(case_dir("defaults").join("modelcache.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert!(builders::warmup_config_map(&mc).is_none());
 }
 
 #[test]

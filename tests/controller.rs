@@ -674,3 +674,27 @@ async fn a_rollback_cancels_the_pending_sweep() {
         .unwrap();
     assert_eq!(state.active.as_deref(), Some("v1"));
 }
+
+#[tokio::test]
+async fn inline_warmup_prompts_are_applied_as_a_config_map_for_the_pods() {
+    let (client, api) = FakeApiServer::start();
+    let mut mc = model_cache(None);
+    mc["spec"]["warmup"] = json!({"prompts": ["You are a bot.\nBe brief.", "Second"]});
+    api.insert(MC, mc);
+    let closed = format!("redis://127.0.0.1:{}", free_port());
+    reconcile_stored(&api, &context(&client, closed)).await;
+    let requests = api.take_requests();
+    let path = "/api/v1/namespaces/ml/configmaps/chat-warmup";
+    assert!(
+        lines(&requests).contains(&format!("PATCH {path}")),
+        "{:?}",
+        lines(&requests)
+    );
+    let cm = body_of(&requests, "PATCH", path);
+    assert_eq!(cm["metadata"]["ownerReferences"][0]["uid"], "mc-uid-1");
+    let jsonl = cm["data"]["prompts.jsonl"].as_str().unwrap();
+    assert_eq!(
+        modelcache::warm::prompts::parse(jsonl).unwrap(),
+        vec!["You are a bot.\nBe brief.", "Second"]
+    );
+}

@@ -789,6 +789,11 @@ fn read_marker(path: &Path) -> Option<CompleteMarker> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
+/// The marker of a complete fetch into `dest`, if there is one.
+pub fn complete_marker(dest: &Path) -> Option<CompleteMarker> {
+    read_marker(&dest.join(STATE_DIR).join("complete"))
+}
+
 fn read_local_manifest(state: &Path, digest: &str) -> Option<VerifiedManifest> {
     let bytes = std::fs::read(state.join(MANIFEST_NAME)).ok()?;
     let verified = manifest::parse("the destination", bytes, None).ok()?;

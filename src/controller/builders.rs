@@ -42,13 +42,19 @@ pub struct Names {
     /// Secret, StatefulSet and Service.
     pub redis: String,
     pub config_map: String,
+    /// The inline warm-up prompts, for model pods to mount.
+    pub warmup: String,
 }
+
+/// The key of the warm-up ConfigMap that holds the prompts.
+pub const WARMUP_PROMPTS_KEY: &str = "prompts.jsonl";
 
 pub fn names(mc: &ModelCache) -> Names {
     let base = mc.metadata.name.clone().unwrap_or_default();
     Names {
         redis: format!("{base}-redis"),
         config_map: format!("{base}-redis-config"),
+        warmup: format!("{base}-warmup"),
     }
 }
 
@@ -114,6 +120,29 @@ pub fn config_map(mc: &ModelCache, settings: &RedisSettings) -> ConfigMap {
         )])),
         ..Default::default()
     }
+}
+
+/// The ConfigMap that carries a ModelCache's inline warm-up prompts as JSONL
+/// (`prompts.jsonl`), which the model pods' `modelcache warm` mounts and reads
+/// with `--prompts`. `None` without inline prompts: prompts from
+/// `promptsConfigMapRef` are mounted from the user's own ConfigMap.
+pub fn warmup_config_map(mc: &ModelCache) -> Option<ConfigMap> {
+    let warmup = mc.spec.warmup.as_ref()?;
+    if warmup.prompts.is_empty() {
+        return None;
+    }
+    let mut metadata = meta(mc, &names(mc).warmup);
+    let labels = metadata.labels.get_or_insert_with(Default::default);
+    labels.insert("app.kubernetes.io/name".into(), "modelcache".into());
+    labels.insert("app.kubernetes.io/component".into(), "warmup".into());
+    Some(ConfigMap {
+        metadata,
+        data: Some(BTreeMap::from([(
+            WARMUP_PROMPTS_KEY.into(),
+            crate::warm::prompts::to_jsonl(&warmup.prompts),
+        )])),
+        ..Default::default()
+    })
 }
 
 /// A command that pings Redis with the password from the environment, so the

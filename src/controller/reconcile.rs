@@ -185,6 +185,9 @@ async fn reconcile_steps(
     };
 
     // 3 and 4. Build the desired objects and apply them.
+    if let Some(prompts) = builders::warmup_config_map(mc) {
+        apply(&client, &namespace, &prompts, "ConfigMap").await?;
+    }
     let threshold = plan.policy.fragmentation_threshold;
     let (target, desired, enforce) = match &plan.redis {
         RedisPlan::Provisioned(settings) => {

@@ -32,6 +32,51 @@ pub enum TokenizerError {
         "failed to build a tokenizer from the GGUF metadata: merge {merge:?} is not two tokens"
     )]
     Merge { merge: String },
+    #[error("failed to read the GGUF metadata for its tokenizer")]
+    Gguf(#[from] super::gguf::GgufError),
+    #[error("failed to load the tokenizer {path}: {why}; expected a Hugging Face tokenizer.json")]
+    Json {
+        path: std::path::PathBuf,
+        why: String,
+    },
+    #[error("failed to tokenize: {why}")]
+    Encode { why: String },
+}
+
+/// A model's tokenizer: its tokenizer.json, or for a GGUF without one, the
+/// byte-level BPE rebuilt from the GGUF.
+pub enum Tokenizer {
+    Json(Box<tokenizers::Tokenizer>),
+    Gguf(Box<ByteLevelBpe>),
+}
+
+impl Tokenizer {
+    /// A tokenizer.json (JSON only: nothing in it runs).
+    pub fn from_json(path: &std::path::Path) -> Result<Tokenizer, TokenizerError> {
+        tokenizers::Tokenizer::from_file(path)
+            .map(|t| Tokenizer::Json(Box::new(t)))
+            .map_err(|e| TokenizerError::Json {
+                path: path.into(),
+                why: e.to_string(),
+            })
+    }
+
+    pub fn from_gguf_file(path: &std::path::Path) -> Result<Tokenizer, TokenizerError> {
+        let meta = super::gguf::read(path)?;
+        Ok(Tokenizer::Gguf(Box::new(ByteLevelBpe::from_gguf(&meta)?)))
+    }
+
+    /// Token ids of `text`, without added special tokens (a prefix is
+    /// cached exactly as the serving code tokenizes it).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        match self {
+            Tokenizer::Gguf(bpe) => Ok(bpe.encode(text)),
+            Tokenizer::Json(t) => t
+                .encode(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| TokenizerError::Encode { why: e.to_string() }),
+        }
+    }
 }
 
 /// GPT-2's pre-tokenizer pattern.

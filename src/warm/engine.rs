@@ -74,6 +74,27 @@ pub struct WarmReport {
     pub seconds: f64,
 }
 
+/// The prefix-cache series of a Prometheus exposition: vLLM's
+/// `vllm:prefix_cache_queries_total` and `vllm:prefix_cache_hits_total`,
+/// SGLang's `sglang:cache_hit_rate`. A sample is `name{labels} value
+/// [timestamp]`; label values may hold spaces.
+pub fn prefix_cache_counters(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let split = match l.rfind('}') {
+                Some(end) => end + 1,
+                None => l.find(' ')?,
+            };
+            let (name, rest) = l.split_at(split);
+            let value = rest.split_whitespace().next()?.parse().ok()?;
+            let base = name.split('{').next().unwrap_or(name);
+            (base.contains("prefix_cache") || base.contains("cache_hit"))
+                .then(|| (name.trim().to_string(), value))
+        })
+        .collect()
+}
+
 /// A probe counts as warm below this share of the cold time.
 const WARM_SHARE: f64 = 0.5;
 
@@ -177,16 +198,7 @@ impl EngineWarmer {
         else {
             return Vec::new();
         };
-        let text = r.text().await.unwrap_or_default();
-        text.lines()
-            .filter(|l| {
-                !l.starts_with('#') && (l.contains("prefix_cache") || l.contains("cache_hit"))
-            })
-            .filter_map(|l| {
-                let (name, value) = l.rsplit_once(' ')?;
-                Some((name.to_string(), value.parse().ok()?))
-            })
-            .collect()
+        prefix_cache_counters(&r.text().await.unwrap_or_default())
     }
 
     /// Warm every prompt, measure, check retention, and re-warm in priority
@@ -358,4 +370,32 @@ pub fn router(state: Arc<SidecarState>) -> axum::Router {
                 }
             }),
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vllm_and_sglang_prefix_cache_series_are_read() {
+        let text = r#"# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 1024.0
+vllm:prefix_cache_hits_total{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 768.0
+vllm:num_requests_running{engine="0",model_name="m"} 1.0
+sglang:cache_hit_rate{model_name="a model with spaces"} 0.5 1732780800000
+sglang:num_running_reqs{model_name="m"} 0.0
+"#;
+        let got = prefix_cache_counters(text);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0].1, 1024.0);
+        assert!(got[1].0.starts_with("vllm:prefix_cache_hits_total{"));
+        assert_eq!(
+            got[2],
+            (
+                r#"sglang:cache_hit_rate{model_name="a model with spaces"}"#.to_string(),
+                0.5
+            )
+        );
+    }
 }

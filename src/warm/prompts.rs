@@ -1,7 +1,8 @@
-//! The shared prefixes to warm, from a file: a JSON array of strings, or plain
-//! text with prompts separated by lines holding only `---` (the form a
-//! ConfigMap key is easiest to write in). Order is priority: the first prompt
-//! matters most.
+//! The shared prefixes to warm, from a file: a JSON array of strings; JSONL,
+//! one JSON string per line (what the controller writes for a ModelCache's
+//! inline `warmup.prompts`, and what `warmup.promptsConfigMapRef` keys hold);
+//! or plain text with prompts separated by lines holding only `---`. Order is
+//! priority: the first prompt matters most.
 
 use std::path::{Path, PathBuf};
 
@@ -14,7 +15,7 @@ pub enum PromptsError {
         source: std::io::Error,
     },
     #[error(
-        "failed to parse the prompts file {path}: {why}; expected a JSON array of strings, or prompts separated by lines holding only `---`"
+        "failed to parse the prompts file {path}: {why}; expected a JSON array of strings, one JSON string per line (JSONL), or prompts separated by lines holding only `---`"
     )]
     Parse { path: PathBuf, why: String },
 }
@@ -31,8 +32,17 @@ pub fn load(path: &Path) -> Result<Vec<String>, PromptsError> {
 }
 
 pub fn parse(text: &str) -> Result<Vec<String>, String> {
-    let prompts: Vec<String> = if text.trim_start().starts_with('[') {
+    let start = text.trim_start();
+    let prompts: Vec<String> = if start.starts_with('[') {
         serde_json::from_str::<Vec<String>>(text).map_err(|e| e.to_string())?
+    } else if start.starts_with('"') {
+        text.lines()
+            .enumerate()
+            .filter(|(_, line)| !line.trim().is_empty())
+            .map(|(i, line)| {
+                serde_json::from_str::<String>(line).map_err(|e| format!("line {}: {e}", i + 1))
+            })
+            .collect::<Result<_, _>>()?
     } else {
         let mut out = vec![String::new()];
         for line in text.split_inclusive('\n') {
@@ -56,6 +66,14 @@ pub fn parse(text: &str) -> Result<Vec<String>, String> {
     Ok(prompts)
 }
 
+/// Prompts as JSONL: one JSON string per line, newlines escaped.
+pub fn to_jsonl(prompts: &[String]) -> String {
+    prompts
+        .iter()
+        .map(|p| serde_json::to_string(p).expect("a string serializes") + "\n")
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,5 +88,16 @@ mod tests {
         assert_eq!(parse("only one").unwrap(), vec!["only one"]);
         assert!(parse("---\n\n---\n").unwrap_err().contains("no prompt"));
         assert!(parse("[1, 2]").is_err());
+    }
+
+    #[test]
+    fn jsonl_round_trips_what_the_controller_writes() {
+        let prompts = vec![
+            "You are a bot.\nBe brief.".to_string(),
+            "---\n\"quoted\"".into(),
+        ];
+        assert_eq!(parse(&to_jsonl(&prompts)).unwrap(), prompts);
+        let err = parse("\"ok\"\nnot json\n").unwrap_err();
+        assert!(err.starts_with("line 2:"), "{err}");
     }
 }
