@@ -8,6 +8,7 @@
 //! mc:~{<model>}:live                         live versions (set)
 //! mc:~{<model>}:events                       registry event log (stream) and channel
 //! mc:~{<model>}:entity-events                entity invalidation events (stream)
+//! mc:~{<model>}:semantic-events              semantic-cache entry events (stream)
 //! mc:~{<model>}:sweep:<version>              sweep checkpoint (hash)
 //! mc:~{~n<i>}:sweep:<model>:<version>:<node> sweep checkpoint of one cluster primary
 //! ```
@@ -148,6 +149,12 @@ pub fn events(model: &str) -> String {
 /// Stream of entity invalidation events.
 pub fn entity_events(model: &str) -> String {
     format!("{}entity-events", model_meta(model))
+}
+
+/// Stream of semantic-cache entry events (put, del), which every replica's
+/// index follows.
+pub fn semantic_events(model: &str) -> String {
+    format!("{}semantic-events", model_meta(model))
 }
 
 /// Checkpoint of the sweep of one version.

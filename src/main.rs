@@ -82,6 +82,12 @@ enum Command {
     /// bytes per element × tokens × batch, from config.json, GGUF metadata
     /// or flags (flags win). Exit codes: 0; 2 bad input.
     KvSize(KvSizeArgs),
+    /// Pick the semantic-cache threshold from labeled pairs (JSONL, gzip
+    /// allowed: a, b, equivalent): precision, recall and hit rate per
+    /// threshold, the lowest threshold whose false-hit rate meets the target
+    /// with 95% confidence, and a check on held-out pairs. Exit codes: 0
+    /// picked; 2 bad input; 3 no threshold meets the target.
+    Calibrate(CalibrateArgs),
     /// Report NVIDIA GPUs: name, compute capability, total and free memory.
     /// Without a driver it says so and exits 0. Exit codes: 0; 1 the driver
     /// failed.
@@ -154,6 +160,31 @@ struct WarmArgs {
     /// With --once: seconds to wait for the engine.
     #[arg(long, default_value_t = 600)]
     wait: u64,
+}
+
+#[derive(clap::Args)]
+struct CalibrateArgs {
+    /// Labeled pairs: JSONL with a, b and equivalent, optionally gzipped.
+    #[arg(long)]
+    pairs: PathBuf,
+    /// A sentence-transformers BERT directory (config.json,
+    /// model.safetensors, tokenizer.json), e.g. all-MiniLM-L6-v2.
+    #[arg(long, env = "MODELCACHE_EMBEDDING_MODEL")]
+    embedding_model: PathBuf,
+    /// The CachePolicy's semantic.maxFalseHitRate.
+    #[arg(long, default_value_t = 0.01)]
+    max_false_hit_rate: f64,
+    /// Use only the first N pairs.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Share of the pairs held out to check the pick.
+    #[arg(long, default_value_t = 0.25)]
+    held_out: f64,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -435,6 +466,7 @@ fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Fetch(args) => fetch(*args),
         Command::KvSize(args) => kv_size(args),
+        Command::Calibrate(args) => calibrate(args),
         Command::Warm(args) => warm(args),
         Command::Gpu { json } => {
             let report = modelcache::gpu::probe()?;
@@ -839,6 +871,86 @@ fn kv_size(args: KvSizeArgs) -> Result<ExitCode> {
         }
         Err(e) => usage(e.into()),
     }
+}
+
+fn calibrate(args: CalibrateArgs) -> Result<ExitCode> {
+    use modelcache::cache::calibrate;
+    if !(0.0..0.5).contains(&args.max_false_hit_rate) || !(0.0..1.0).contains(&args.held_out) {
+        return usage(anyhow::anyhow!(
+            "--max-false-hit-rate must be in [0, 0.5) and --held-out in [0, 1)"
+        ));
+    }
+    let mut pairs = match calibrate::read_pairs(&args.pairs) {
+        Ok(p) => p,
+        Err(e) => return usage(anyhow::Error::new(e)),
+    };
+    if let Some(limit) = args.limit {
+        pairs.truncate(limit);
+    }
+    let embedder = match modelcache::model::bert::SentenceEmbedder::load(
+        &args.embedding_model,
+        &candle_core::Device::Cpu,
+    ) {
+        Ok(e) => e,
+        Err(e) => return usage(anyhow::Error::new(e)),
+    };
+    let result = calibrate::calibrate(
+        &embedder,
+        &pairs,
+        args.max_false_hit_rate,
+        args.held_out,
+        args.seed,
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!(
+            "{} pairs: {} to calibrate, {} held out; {} sentences embedded in {:.1} s",
+            pairs.len(),
+            result.calibration_pairs,
+            result.held_out_pairs,
+            result.sentences,
+            result.embed_seconds
+        );
+        println!("threshold  hits  false  precision  recall  hit rate  false-hit rate (95% upper)");
+        let line = |r: &calibrate::ThresholdRow| {
+            format!(
+                "{:>9.4}  {:>4}  {:>5}  {:>9.4}  {:>6.4}  {:>8.4}  {:.4} ({:.4})",
+                r.threshold,
+                r.hits,
+                r.false_hits,
+                r.precision,
+                r.recall,
+                r.hit_rate,
+                r.false_hit_rate,
+                r.false_hit_rate_upper
+            )
+        };
+        for r in result.rows.iter().step_by(5) {
+            println!("{}", line(r));
+        }
+        if let Some(p) = &result.picked {
+            println!("picked: {}", line(p));
+            if let Some(h) = &result.held_out {
+                println!("held out: {}", line(h));
+            }
+            if let Some(r) = &result.reference_092 {
+                println!("static 0.92 held out: {}", line(r));
+            }
+            println!(
+                "CachePolicy: semantic: {{threshold: {:.4}, maxFalseHitRate: {}}}",
+                p.threshold, args.max_false_hit_rate
+            );
+        }
+    }
+    if result.picked.is_none() {
+        eprintln!(
+            "error: no threshold keeps the false-hit rate at or below {} with 95% confidence on {} pairs; give more labeled pairs, or a higher --max-false-hit-rate",
+            args.max_false_hit_rate, result.calibration_pairs
+        );
+        return Ok(ExitCode::from(3));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn digest_arg(s: &str) -> std::result::Result<String, String> {

@@ -148,6 +148,26 @@ pub async fn read(
 /// of id and field-value pairs.
 pub type StreamReply = Vec<(String, Vec<(String, Vec<(String, String)>)>)>;
 
+/// The id of the newest entry of a stream (`0-0` when it is empty): read it
+/// before a snapshot, then follow from it, and nothing in between is missed.
+pub(crate) async fn last_stream_id(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+) -> Result<String, redis::RedisError> {
+    let last: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        .arg(stream)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    Ok(last
+        .first()
+        .map(|(id, _)| id.clone())
+        .unwrap_or_else(|| "0-0".into()))
+}
+
 /// Follows a model's registry in the background.
 pub struct Follower {
     rx: watch::Receiver<RegistryState>,
@@ -231,19 +251,9 @@ async fn follow_once(
         .map_err(err("connect to"))?;
     // The last event id before the read: any transition after it is seen by
     // XREAD, any before it is in the state we read.
-    let last: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
-        .arg(keys::events(model))
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(&mut conn)
+    let mut last_id = last_stream_id(&mut conn, &keys::events(model))
         .await
         .map_err(err("read the event log of"))?;
-    let mut last_id = last
-        .first()
-        .map(|(id, _)| id.clone())
-        .unwrap_or_else(|| "0-0".into());
     tx.send_replace(read(&mut conn, model).await?);
     loop {
         if tx.is_closed() {

