@@ -33,8 +33,14 @@ fn embed(text: &str) -> Vec<f32> {
     embedder().embed(&[text]).unwrap().remove(0)
 }
 
+/// The shared labeled pairs beside the checkout (`../shared/data/`), or
+/// `MODELCACHE_QQP_PAIRS`.
 fn qqp() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/qqp-pairs.jsonl.gz")
+    std::env::var_os("MODELCACHE_QQP_PAIRS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/qqp-pairs.jsonl.gz")
+        })
 }
 
 /// Pairs used by the calibration tests, small enough for a debug build.

@@ -56,6 +56,32 @@ pub struct SemanticConfig {
     pub max_entries: usize,
 }
 
+impl SemanticConfig {
+    /// The config a CachePolicy asks for. Its `semantic.threshold` must be
+    /// set (from `modelcache calibrate`): a guessed default is how the
+    /// reference design's 0.92 came to serve one wrong answer in six on
+    /// Quora pairs.
+    pub fn from_policy(
+        policy: &crate::crd::CachePolicySpec,
+        max_entries: usize,
+    ) -> Result<SemanticConfig, String> {
+        let threshold = policy.semantic.threshold.ok_or_else(|| {
+            format!(
+                "the CachePolicy sets no semantic.threshold; run `modelcache calibrate` on labeled pairs for maxFalseHitRate {} and set the threshold it picks",
+                policy.semantic.max_false_hit_rate
+            )
+        })?;
+        if policy.semantic.mode == crate::crd::cache_policy::SemanticMode::PerEntry {
+            return Err("semantic.mode PerEntry is not supported yet; use Static".into());
+        }
+        Ok(SemanticConfig {
+            threshold: threshold as f32,
+            ttl_seconds: policy.ttl_seconds.semantic,
+            max_entries,
+        })
+    }
+}
+
 /// A served answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SemanticHit {
@@ -615,6 +641,18 @@ mod tests {
         assert!(!guard_allows("Why can't I log in?", "Why can I log in?"));
         assert!(guard_allows("Why can't I log in?", "Why cannot I log in?"));
         assert!(guard_allows("Is it not unsafe?", "Isn't it unsafe?"));
+    }
+
+    #[test]
+    fn a_policy_without_a_threshold_is_refused_with_what_to_do() {
+        let mut policy: crate::crd::CachePolicySpec =
+            serde_json::from_value(serde_json::json!({})).unwrap();
+        let err = SemanticConfig::from_policy(&policy, 10).unwrap_err();
+        assert!(err.contains("modelcache calibrate"), "{err}");
+        policy.semantic.threshold = Some(0.91);
+        let config = SemanticConfig::from_policy(&policy, 10).unwrap();
+        assert_eq!(config.threshold, 0.91);
+        assert_eq!(config.ttl_seconds, policy.ttl_seconds.semantic);
     }
 
     #[test]
