@@ -26,7 +26,9 @@ pub const Z95: f64 = 1.645;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CalibrateError {
-    #[error("failed to read the pairs file {path}")]
+    #[error(
+        "failed to read the pairs file {path}; expected JSONL (optionally gzipped) with fields a, b and equivalent"
+    )]
     Read {
         path: PathBuf,
         #[source]

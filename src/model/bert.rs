@@ -13,7 +13,9 @@ use super::llama::brief;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
-    #[error("failed to read {path}")]
+    #[error(
+        "failed to read {path}; expected a sentence-transformers BERT directory (config.json, model.safetensors, tokenizer.json)"
+    )]
     Read {
         path: PathBuf,
         #[source]
