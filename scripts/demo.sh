@@ -175,9 +175,12 @@ cat >"$work/show_in_process.py" <<'PY'
 import json, sys
 r = json.load(sys.stdin)
 for p in r["prefixes"]:
-    ratio = p["warmedSeconds"] / p["prefillSeconds"]
-    print(f"  prefix {p['index']}: {p['tokens']} tokens, {p['reusedTokens']} from the cache, {p['storedBlocks']} blocks stored; "
-          f"prefill {p['prefillSeconds'] * 1e3:.0f} ms, a request sharing it {p['warmedSeconds'] * 1e3:.0f} ms ({ratio:.2f}x)")
+    head = f"  prefix {p['index']}: {p['tokens']} tokens, {p['reusedTokens']} from the cache, {p['storedBlocks']} blocks stored; "
+    if p["reusedTokens"] == 0:
+        ratio = p["warmedSeconds"] / p["prefillSeconds"]
+        print(head + f"cold prefill {p['prefillSeconds'] * 1e3:.0f} ms, then a request sharing it {p['warmedSeconds'] * 1e3:.0f} ms ({ratio:.2f}x)")
+    else:
+        print(head + f"prefill resumed from the cache in {p['prefillSeconds'] * 1e3:.0f} ms")
 PY
 in_process=(warm --weights "$work/pod-d/model/$(basename "$gguf")" --prompts "$work/prompts.txt"
   --prefix-cache "$work/pod-d/prefix-cache")
