@@ -521,3 +521,63 @@ fn scored_pairs_are_symmetric_in_a_and_b() {
     let d = |s: &[Scored]| s[0].similarity;
     assert!((d(&x) - d(&y)).abs() < 1e-6);
 }
+
+/// A replica whose follower loses its connection rebuilds from Redis when it
+/// is back, so entries whose events were trimmed from the stream meanwhile
+/// are still found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_reconnects_rebuilds_and_misses_nothing_trimmed() {
+    let redis = RedisServer::start().unwrap();
+    let a = replica(&redis, "v1", 100).await;
+    let b = replica(&redis, "v1", 100).await;
+    let q = "How do I renew my passport?";
+    let v = embed(q);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // Find b's follower: the connection blocked in XREAD (a's is too; kill
+    // both, a rebuilding as well is harmless).
+    let mut killed = 0;
+    for _ in 0..50 {
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for line in list.lines().filter(|l| l.contains("cmd=xread")) {
+            let id = line
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("id="))
+                .unwrap();
+            let _: () = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(id)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            killed += 1;
+        }
+        if killed >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(killed >= 2, "followers not found in CLIENT LIST");
+    // While they reconnect (100 ms backoff): an entry stored, and its event
+    // trimmed away.
+    a.put(q, &v, &json!("Apply online."), &json!({}))
+        .await
+        .unwrap();
+    let _: () = redis::cmd("XTRIM")
+        .arg(modelcache::keys::semantic_events("chat"))
+        .arg("MAXLEN")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        eventually(|| async { b.indexed() == 1 }).await,
+        "b never rebuilt after reconnecting"
+    );
+    assert!(b.get(q, &v).await.unwrap().is_some());
+}

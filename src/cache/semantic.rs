@@ -270,6 +270,9 @@ impl SemanticCache {
                     Ok(()) => return,
                     Err(e) => {
                         tracing::warn!(error = %crate::controller::plan::error_chain(&e), "semantic cache follower reconnecting");
+                        // Events trimmed from the stream while away would be
+                        // lost: rebuild from Redis once connected again.
+                        core.state.write().expect("not poisoned").version = None;
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(5));
                     }
