@@ -581,3 +581,53 @@ async fn a_follower_that_reconnects_rebuilds_and_misses_nothing_trimmed() {
     );
     assert!(b.get(q, &v).await.unwrap().is_some());
 }
+
+/// After the registry moves to another version, lookups miss at once while
+/// the index is rebuilt in the background, instead of waiting for it, and
+/// hit once it is built.
+#[tokio::test]
+async fn a_version_switch_never_makes_a_lookup_wait_for_the_rebuild() {
+    let redis = RedisServer::start().unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&support::patient())
+        .await
+        .unwrap();
+    let state = |active: &str| modelcache::registry::RegistryState {
+        active: Some(active.into()),
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::watch::channel(state("v1"));
+    let cache = SemanticCache::new(
+        conn.clone(),
+        "chat",
+        Versions::Registry(rx),
+        384,
+        config(100),
+    );
+    cache.start(client.clone()).await.unwrap();
+    // v2 already has an entry (written by replicas that serve it).
+    let v2 = replica(&redis, "v2", 100).await;
+    let q = "What is the refund window?";
+    let v = embed(q);
+    v2.put(q, &v, &json!("14 days (v2)"), &json!({}))
+        .await
+        .unwrap();
+    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+
+    // The switch and the lookup without yielding in between (current-thread
+    // runtime): the index is still v1's, so the lookup must not wait.
+    tx.send_replace(state("v2"));
+    assert!(cache.get(q, &v).await.unwrap().is_none());
+    assert_eq!(
+        cache
+            .stats()
+            .rebuilding
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert!(
+        eventually(|| async { cache.get(q, &v).await.unwrap().is_some() }).await,
+        "the rebuild never brought v2's entry in"
+    );
+}

@@ -103,6 +103,9 @@ pub struct SemanticStats {
     pub evicted: AtomicU64,
     /// Candidates above the threshold refused by [`guard_allows`].
     pub guarded: AtomicU64,
+    /// Lookups and stores made while the index was being rebuilt for a new
+    /// version (lookups count as misses too).
+    pub rebuilding: AtomicU64,
 }
 
 struct State {
@@ -464,8 +467,31 @@ impl Core {
         Ok(version)
     }
 
+    /// The version the index is current for, when it is `version`;
+    /// otherwise the index is rebuilt in the background and `None` returned,
+    /// so that no request waits for a rebuild (tens of seconds at 100k).
+    fn indexed_or_rebuild(&self, version: &str) -> bool {
+        if self.state.read().expect("not poisoned").version.as_deref() == Some(version) {
+            return true;
+        }
+        if self.rebuild.try_lock().is_ok() {
+            let core = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = core.ensure_version().await {
+                    tracing::warn!(error = %crate::controller::plan::error_chain(&e), "semantic index rebuild failed");
+                }
+            });
+        }
+        self.stats.rebuilding.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
     async fn get(&self, text: &str, vector: &[f32]) -> Result<Option<SemanticHit>, CacheError> {
-        let version = self.ensure_version().await?;
+        let version = self.versions.require(&self.model)?;
+        if !self.indexed_or_rebuild(&version) {
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
         let candidates = self
             .state
             .read()
@@ -519,7 +545,8 @@ impl Core {
         answer: &Value,
         metadata: &Value,
     ) -> Result<(), CacheError> {
-        let version = self.ensure_version().await?;
+        let version = self.versions.require(&self.model)?;
+        let indexed = self.indexed_or_rebuild(&version);
         let dim = self.state.read().expect("not poisoned").index.dim();
         assert_eq!(vector.len(), dim, "vector of the wrong dimension");
         let id = entry_id(query);
@@ -546,6 +573,11 @@ impl Core {
         pipe.query_async::<()>(&mut conn)
             .await
             .map_err(self.redis_error("write"))?;
+        // While the index is rebuilt for this version, the rebuild's scan or
+        // the event just announced brings the entry in.
+        if !indexed {
+            return Ok(());
+        }
         let evicted = {
             let mut state = self.state.write().expect("not poisoned");
             state.index.insert(&id, vector);
