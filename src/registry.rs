@@ -168,6 +168,26 @@ pub(crate) async fn last_stream_id(
         .unwrap_or_else(|| "0-0".into()))
 }
 
+/// Run `attempt` until it returns `Ok`, after each failure logging it,
+/// calling `on_error`, and waiting with exponential backoff (100 ms to 5 s):
+/// the loop of every background follower of a Redis stream.
+pub(crate) async fn reconnecting<E, F>(
+    what: &str,
+    mut attempt: impl FnMut() -> F,
+    mut on_error: impl FnMut(),
+) where
+    E: std::error::Error,
+    F: std::future::Future<Output = Result<(), E>>,
+{
+    let mut delay = Duration::from_millis(100);
+    while let Err(e) = attempt().await {
+        tracing::warn!(error = %crate::controller::plan::error_chain(&e), "{what} reconnecting");
+        on_error();
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// Follows a model's registry in the background.
 pub struct Follower {
     rx: watch::Receiver<RegistryState>,
@@ -181,17 +201,8 @@ impl Follower {
         let (tx, rx) = watch::channel(RegistryState::default());
         let model = model.to_owned();
         let task = tokio::spawn(async move {
-            let mut delay = Duration::from_millis(100);
-            loop {
-                match follow_once(&client, &model, &tx).await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::warn!(model = %model, error = %crate::controller::plan::error_chain(&e), "registry follower reconnecting");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
+            let what = format!("registry follower of model {model:?}");
+            reconnecting(&what, || follow_once(&client, &model, &tx), || {}).await
         });
         Follower { rx, task }
     }

@@ -60,7 +60,8 @@ pub struct Index {
     pub ef_search: usize,
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// Dot product; for unit vectors, their cosine similarity.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight lanes so that the compiler vectorizes the loop.
     let mut acc = [0f32; 8];
     let chunks = a.len() / 8 * 8;

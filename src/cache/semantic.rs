@@ -28,7 +28,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use serde_json::Value;
@@ -133,6 +132,14 @@ impl State {
         if let Some(t) = self.ticks.remove(id) {
             self.by_tick.remove(&t);
         }
+    }
+
+    /// Drop the least recently used entry from the index and return its id.
+    fn evict_lru(&mut self) -> Option<String> {
+        let (_, id) = self.by_tick.pop_first()?;
+        self.ticks.remove(&id);
+        self.index.remove(&id);
+        Some(id)
     }
 }
 
@@ -267,20 +274,15 @@ impl SemanticCache {
         self.core.ensure_version().await?;
         let core = self.core.clone();
         let task = tokio::spawn(async move {
-            let mut delay = Duration::from_millis(100);
-            loop {
-                match core.follow(&client).await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::warn!(error = %crate::controller::plan::error_chain(&e), "semantic cache follower reconnecting");
-                        // Events trimmed from the stream while away would be
-                        // lost: rebuild from Redis once connected again.
-                        core.state.write().expect("not poisoned").version = None;
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
+            let what = format!("semantic cache follower of model {:?}", core.model);
+            crate::registry::reconnecting(
+                &what,
+                || core.follow(&client),
+                // Events trimmed from the stream while away would be lost:
+                // rebuild from Redis once connected again.
+                || core.state.write().expect("not poisoned").version = None,
+            )
+            .await
         });
         *self.follower.0.lock().expect("not poisoned") = Some(task);
         Ok(())
@@ -391,13 +393,7 @@ impl Core {
                 // well. Only when that announcement is long overdue does the
                 // follower drop entries itself, from its index alone.
                 let slack = self.config.max_entries + self.config.max_entries / 10 + 16;
-                while state.index.len() > slack {
-                    let Some((_, old)) = state.by_tick.pop_first() else {
-                        break;
-                    };
-                    state.ticks.remove(&old);
-                    state.index.remove(&old);
-                }
+                while state.index.len() > slack && state.evict_lru().is_some() {}
             }
             "del" => self.state.write().expect("not poisoned").forget(id),
             _ => {}
@@ -595,11 +591,9 @@ impl Core {
     fn enforce_bound(&self, mut state: std::sync::RwLockWriteGuard<'_, State>) -> Vec<String> {
         let mut out = Vec::new();
         while state.index.len() > self.config.max_entries {
-            let Some((_, id)) = state.by_tick.pop_first() else {
+            let Some(id) = state.evict_lru() else {
                 break;
             };
-            state.ticks.remove(&id);
-            state.index.remove(&id);
             self.stats.evicted.fetch_add(1, Ordering::Relaxed);
             out.push(id);
         }

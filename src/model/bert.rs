@@ -301,5 +301,5 @@ impl SentenceEmbedder {
 
 /// Dot product of two unit vectors: their cosine similarity.
 pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    crate::cache::index::dot(a, b)
 }

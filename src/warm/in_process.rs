@@ -85,8 +85,8 @@ pub fn run(opts: &InProcessOptions, prompts: &[String]) -> Result<InProcessRepor
         }
     };
     let device = device(&opts.device).map_err(InProcessError::Device)?;
-    if let Device::Cuda(_) = device {
-        check_gpu_fits(opts, prompts)?;
+    if let Some(ordinal) = cuda_ordinal(&opts.device).map_err(InProcessError::Device)? {
+        check_gpu_fits(ordinal, opts, prompts)?;
     }
     let (model, tokenizer) = load(
         &opts.weights_path,
@@ -113,13 +113,11 @@ pub fn run(opts: &InProcessOptions, prompts: &[String]) -> Result<InProcessRepor
 
 /// Refuse a GPU warm-up whose weights plus the KV of the longest prompt do
 /// not fit the device's free memory, before anything is loaded onto it.
-fn check_gpu_fits(opts: &InProcessOptions, prompts: &[String]) -> Result<(), InProcessError> {
-    let ordinal = opts
-        .device
-        .rsplit(':')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0usize);
+fn check_gpu_fits(
+    ordinal: usize,
+    opts: &InProcessOptions,
+    prompts: &[String],
+) -> Result<(), InProcessError> {
     let report = crate::gpu::probe()?;
     let gpu = report
         .devices
@@ -444,8 +442,16 @@ pub fn blocks_to_kv(blocks: &[BlockKv], model: &Llama) -> Result<Kv, String> {
 
 /// `cpu`, or `cuda:N` in a build with the `cuda` feature.
 pub fn device(spec: &str) -> Result<Device, String> {
+    match cuda_ordinal(spec)? {
+        None => Ok(Device::Cpu),
+        Some(ordinal) => cuda_device(ordinal),
+    }
+}
+
+/// `None` for `cpu`, the ordinal for `cuda` (0) or `cuda:N`.
+fn cuda_ordinal(spec: &str) -> Result<Option<usize>, String> {
     if spec == "cpu" {
-        return Ok(Device::Cpu);
+        return Ok(None);
     }
     let ordinal = spec
         .strip_prefix("cuda")
@@ -458,7 +464,7 @@ pub fn device(spec: &str) -> Result<Device, String> {
             }
         });
     match ordinal {
-        Some(Ok(ordinal)) => cuda_device(ordinal),
+        Some(Ok(ordinal)) => Ok(Some(ordinal)),
         _ => Err(format!(
             "device {spec:?} is not understood; expected `cpu`, `cuda` or `cuda:N`"
         )),
