@@ -76,6 +76,7 @@ async fn main() -> anyhow::Result<()> {
     let embedder = SentenceEmbedder::load(model_dir.as_ref(), &candle_core::Device::Cpu)?;
     let config = SemanticConfig {
         threshold,
+        per_entry: None,
         ttl_seconds: 3600,
         max_entries: 10_000,
     };

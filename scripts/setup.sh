@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the tests and the main job need on a fresh Debian machine
-# with Rust: the pinned toolchain, redis-server and nginx (apt), moto's S3
+# with Rust: the pinned toolchain, redis-server, nginx and lua5.4 (apt), moto's S3
 # server and kubernetes-validate (pip), and s3s-fs (cargo). Idempotent: when
 # everything is present it only checks, in about a second.
 set -euo pipefail
@@ -25,12 +25,14 @@ fi
 
 # Debian packages: a real Redis for the caches, nginx as a static HTTP origin
 # with Range support for the fetch tests, openssl for the CloudFront known
-# answers, aria2c for the fetch benchmark.
+# answers, aria2c for the fetch benchmark, lua5.4 for the Argo CD health
+# check's tests.
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v aria2c >/dev/null 2>&1 || missing+=(aria2)
+command -v lua5.4 >/dev/null 2>&1 || missing+=(lua5.4)
 if [ ${#missing[@]} -gt 0 ]; then
   log "apt-get install ${missing[*]}"
   as_root apt-get update -qq

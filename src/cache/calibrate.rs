@@ -278,9 +278,20 @@ pub struct Calibration {
     pub held_out: Option<ThresholdRow>,
     /// The reference design's static 0.92 on the held-out part.
     pub reference_092: Option<ThresholdRow>,
+    /// The model per-entry thresholds start from, fitted on the
+    /// calibration part where candidates occur (similarity ≥ 0.5).
+    pub prior: Option<super::per_entry::Prior>,
     pub sentences: usize,
     pub embed_seconds: f64,
 }
+
+/// Similarity from which the per-entry prior is fitted: below it a pair is
+/// not a candidate of any useful threshold, and the curve there would
+/// only bend the fit.
+pub const PRIOR_FROM: f32 = 0.5;
+/// The spread of entries' midpoints the prior assumes (see the README's
+/// semantic-cache benchmark for its effect).
+pub const PRIOR_SPREAD: f64 = 0.1;
 
 /// Similarities of `pairs`, embedding each distinct sentence once; pairs
 /// the cache's guard refuses ([`super::semantic::guard_allows`]) score -1.
@@ -328,14 +339,27 @@ pub fn calibrate(
     let started = std::time::Instant::now();
     let (scored, sentences) = score(embedder, pairs)?;
     let embed_seconds = started.elapsed().as_secs_f64();
-    let (fit, held) = split(&scored, seed, held_out_share);
+    let mut out = calibrate_scored(&scored, max_false_hit_rate, held_out_share, seed);
+    out.sentences = sentences;
+    out.embed_seconds = embed_seconds;
+    Ok(out)
+}
+
+/// [`calibrate`] on pairs already scored (embedding counts left at zero).
+pub fn calibrate_scored(
+    scored: &[Scored],
+    max_false_hit_rate: f64,
+    held_out_share: f64,
+    seed: u64,
+) -> Calibration {
+    let (fit, held) = split(scored, seed, held_out_share);
     let grid: Vec<f64> = (50..100).map(|i| f64::from(i) / 100.0).collect();
     let picked = pick(&fit, max_false_hit_rate);
     let held_out = picked
         .filter(|_| !held.is_empty())
         .map(|p| evaluate(&held, &[p.threshold])[0]);
     let reference_092 = (!held.is_empty()).then(|| evaluate(&held, &[0.92])[0]);
-    Ok(Calibration {
+    Calibration {
         max_false_hit_rate,
         calibration_pairs: fit.len(),
         held_out_pairs: held.len(),
@@ -343,7 +367,8 @@ pub fn calibrate(
         picked,
         held_out,
         reference_092,
-        sentences,
-        embed_seconds,
-    })
+        prior: super::per_entry::fit(&fit, PRIOR_FROM, PRIOR_SPREAD),
+        sentences: 0,
+        embed_seconds: 0.0,
+    }
 }

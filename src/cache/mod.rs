@@ -18,6 +18,7 @@ pub mod codec;
 pub mod entity;
 pub mod feature;
 pub mod index;
+pub mod per_entry;
 pub mod result;
 pub mod semantic;
 

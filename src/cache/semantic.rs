@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! mc:<model>:<version>:semantic:<sha256(query)>   hash: v (f32 LE vector), q (query),
-//!                                                 r (answer, codec JSON), m (metadata JSON)
+//!                                                 r (answer, codec JSON), m (metadata JSON),
+//!                                                 o (per-entry mode: verified outcomes)
 //! mc:~{<model>}:semantic-events                   stream: op (put|del), version, id
 //! ```
 //!
@@ -34,6 +35,7 @@ use serde_json::Value;
 
 use super::codec;
 use super::index::Index;
+use super::per_entry::{self, Observation, Prior};
 use super::{CacheError, Versions};
 use crate::keys::{self, Layer};
 
@@ -48,7 +50,11 @@ const CANDIDATES: usize = 4;
 pub struct SemanticConfig {
     /// Cosine similarity at or above which an answer is served: from
     /// `modelcache calibrate` (the CachePolicy's `semantic.threshold`).
+    /// With `per_entry`, the similarity from which a candidate is considered
+    /// at all (served if its outcomes allow, else offered for verification).
     pub threshold: f32,
+    /// Per-entry thresholds learned from verified outcomes, instead of one.
+    pub per_entry: Option<PerEntryConfig>,
     /// Seconds an entry lives (`ttlSeconds.semantic`); 0 for none.
     pub ttl_seconds: i64,
     /// Entries one replica indexes, and the cache holds, at most.
@@ -64,21 +70,60 @@ impl SemanticConfig {
         policy: &crate::crd::CachePolicySpec,
         max_entries: usize,
     ) -> Result<SemanticConfig, String> {
+        if policy.semantic.mode == crate::crd::cache_policy::SemanticMode::PerEntry {
+            return Self::from_per_entry_policy(policy, max_entries);
+        }
         let threshold = policy.semantic.threshold.ok_or_else(|| {
             format!(
                 "the CachePolicy sets no semantic.threshold; run `modelcache calibrate` on labeled pairs for maxFalseHitRate {} and set the threshold it picks",
                 policy.semantic.max_false_hit_rate
             )
         })?;
-        if policy.semantic.mode == crate::crd::cache_policy::SemanticMode::PerEntry {
-            return Err("semantic.mode PerEntry is not supported yet; use Static".into());
-        }
         Ok(SemanticConfig {
             threshold: threshold as f32,
+            per_entry: None,
             ttl_seconds: policy.ttl_seconds.semantic,
             max_entries,
         })
     }
+
+    fn from_per_entry_policy(
+        policy: &crate::crd::CachePolicySpec,
+        max_entries: usize,
+    ) -> Result<SemanticConfig, String> {
+        let p = policy.semantic.prior.as_ref().ok_or_else(|| {
+            "the CachePolicy sets semantic.mode PerEntry but no semantic.prior; run `modelcache calibrate` on labeled pairs and copy the prior it prints (steepness, midpoint)".to_string()
+        })?;
+        let prior = Prior {
+            steepness: p.steepness,
+            midpoint: p.midpoint,
+            spread: p.spread,
+        };
+        Ok(SemanticConfig {
+            // Below the similarity where the prior gives a right answer one
+            // chance in ten, a verification would almost always be wasted.
+            threshold: policy
+                .semantic
+                .threshold
+                .unwrap_or(prior.midpoint - 9f64.ln() / prior.steepness)
+                as f32,
+            per_entry: Some(PerEntryConfig {
+                prior,
+                max_false_hit_rate: policy.semantic.max_false_hit_rate,
+            }),
+            ttl_seconds: policy.ttl_seconds.semantic,
+            max_entries,
+        })
+    }
+}
+
+/// Per-entry thresholds ([`super::per_entry`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PerEntryConfig {
+    pub prior: Prior,
+    /// The CachePolicy's `maxFalseHitRate`: an entry serves a query only
+    /// when its answer is right with at least one minus this chance.
+    pub max_false_hit_rate: f64,
 }
 
 /// A served answer.
@@ -89,6 +134,29 @@ pub struct SemanticHit {
     pub query: String,
     pub similarity: f32,
     pub metadata: Value,
+}
+
+/// What a lookup found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookup {
+    Hit(SemanticHit),
+    /// Per-entry mode: the nearest entry is not yet trusted at this
+    /// similarity. Call the LLM, compare its answer with the candidate's,
+    /// and report with [`SemanticCache::record`]: that is how the entry
+    /// learns its threshold.
+    Verify(Candidate),
+    Miss,
+}
+
+/// An entry offered for verification.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// The entry's answer, question, similarity and metadata.
+    pub entry: SemanticHit,
+    /// The chance, given its outcomes so far, that its answer is right.
+    pub p_correct: f64,
+    version: String,
+    id: String,
 }
 
 /// Counters of one cache.
@@ -105,6 +173,10 @@ pub struct SemanticStats {
     /// Lookups and stores made while the index was being rebuilt for a new
     /// version (lookups count as misses too).
     pub rebuilding: AtomicU64,
+    /// Per-entry mode: candidates offered for verification (counted as
+    /// misses too), and outcomes recorded.
+    pub verify: AtomicU64,
+    pub recorded: AtomicU64,
 }
 
 struct State {
@@ -296,7 +368,23 @@ impl SemanticCache {
         query: &str,
         vector: &[f32],
     ) -> Result<Option<SemanticHit>, CacheError> {
-        self.core.get(query, vector).await
+        Ok(match self.core.lookup(query, vector).await? {
+            Lookup::Hit(hit) => Some(hit),
+            Lookup::Verify(_) | Lookup::Miss => None,
+        })
+    }
+
+    /// Like [`SemanticCache::get`], and in per-entry mode also the
+    /// candidate to verify when the nearest entry is not trusted yet.
+    pub async fn lookup(&self, query: &str, vector: &[f32]) -> Result<Lookup, CacheError> {
+        self.core.lookup(query, vector).await
+    }
+
+    /// Record whether `candidate`'s answer was right for the query it was
+    /// offered for. The outcome is kept with the entry in Redis, so every
+    /// replica decides with it; an entry gone meanwhile is left gone.
+    pub async fn record(&self, candidate: &Candidate, correct: bool) -> Result<(), CacheError> {
+        self.core.record(candidate, correct).await
     }
 
     /// Store `answer` for `query` (embedded as `vector`) under the current
@@ -482,11 +570,11 @@ impl Core {
         false
     }
 
-    async fn get(&self, text: &str, vector: &[f32]) -> Result<Option<SemanticHit>, CacheError> {
+    async fn lookup(&self, text: &str, vector: &[f32]) -> Result<Lookup, CacheError> {
         let version = self.versions.require(&self.model)?;
         if !self.indexed_or_rebuild(&version) {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
-            return Ok(None);
+            return Ok(Lookup::Miss);
         }
         let candidates = self
             .state
@@ -499,15 +587,21 @@ impl Core {
             if c.similarity < self.config.threshold {
                 break;
             }
-            let (query, answer, metadata): (Option<String>, Option<Vec<u8>>, Option<String>) =
-                redis::cmd("HMGET")
-                    .arg(self.key(&version, &c.id))
-                    .arg("q")
-                    .arg("r")
-                    .arg("m")
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(self.redis_error("read"))?;
+            type Fields = (
+                Option<String>,
+                Option<Vec<u8>>,
+                Option<String>,
+                Option<Vec<u8>>,
+            );
+            let (query, answer, metadata, outcomes): Fields = redis::cmd("HMGET")
+                .arg(self.key(&version, &c.id))
+                .arg("q")
+                .arg("r")
+                .arg("m")
+                .arg("o")
+                .query_async(&mut conn)
+                .await
+                .map_err(self.redis_error("read"))?;
             let (Some(query), Some(answer)) = (query, answer.as_deref().and_then(codec::decode))
             else {
                 // Expired or evicted in Redis: never a hit, and gone here too.
@@ -519,19 +613,63 @@ impl Core {
                 self.stats.guarded.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            self.state.write().expect("not poisoned").touch(&c.id);
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(Some(SemanticHit {
+            let entry = SemanticHit {
                 answer,
                 query,
                 similarity: c.similarity,
                 metadata: metadata
                     .and_then(|m| serde_json::from_str(&m).ok())
                     .unwrap_or(Value::Null),
-            }));
+            };
+            if let Some(learned) = &self.config.per_entry {
+                let seen = per_entry::decode(outcomes.as_deref().unwrap_or_default());
+                let p = per_entry::p_correct(&learned.prior, &seen, c.similarity);
+                if p < 1.0 - learned.max_false_hit_rate {
+                    // The nearest allowed entry decides: a farther one is
+                    // not more likely right.
+                    self.stats.verify.fetch_add(1, Ordering::Relaxed);
+                    self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Lookup::Verify(Candidate {
+                        entry,
+                        p_correct: p,
+                        version,
+                        id: c.id,
+                    }));
+                }
+            }
+            self.state.write().expect("not poisoned").touch(&c.id);
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Lookup::Hit(entry));
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        Ok(None)
+        Ok(Lookup::Miss)
+    }
+
+    async fn record(&self, candidate: &Candidate, correct: bool) -> Result<(), CacheError> {
+        // Appended in Redis in one step, so outcomes from replicas racing on
+        // the same entry are all kept, and only while the entry exists: an
+        // evicted entry is not brought back as a hash of outcomes alone.
+        const APPEND: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local o = (redis.call('HGET', KEYS[1], 'o') or '') .. ARGV[1]
+local keep = tonumber(ARGV[2])
+if #o > keep then o = string.sub(o, #o - keep + 1) end
+redis.call('HSET', KEYS[1], 'o', o)
+return 1";
+        let bytes = per_entry::encode(Observation {
+            similarity: candidate.entry.similarity,
+            correct,
+        });
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::Script::new(APPEND)
+            .key(self.key(&candidate.version, &candidate.id))
+            .arg(&bytes[..])
+            .arg(per_entry::MAX_OBSERVATIONS * bytes.len())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(self.redis_error("record an outcome in"))?;
+        self.stats.recorded.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn put(
@@ -682,6 +820,34 @@ mod tests {
         let config = SemanticConfig::from_policy(&policy, 10).unwrap();
         assert_eq!(config.threshold, 0.91);
         assert_eq!(config.ttl_seconds, policy.ttl_seconds.semantic);
+        assert_eq!(config.per_entry, None);
+    }
+
+    #[test]
+    fn a_per_entry_policy_needs_the_prior_calibrate_prints() {
+        let mut policy: crate::crd::CachePolicySpec = serde_json::from_value(serde_json::json!({
+            "semantic": {"mode": "PerEntry", "maxFalseHitRate": 0.05}
+        }))
+        .unwrap();
+        let err = SemanticConfig::from_policy(&policy, 10).unwrap_err();
+        assert!(
+            err.contains("semantic.prior") && err.contains("calibrate"),
+            "{err}"
+        );
+        policy.semantic.prior = serde_json::from_value(serde_json::json!({
+            "steepness": 11.0, "midpoint": 0.81
+        }))
+        .unwrap();
+        let config = SemanticConfig::from_policy(&policy, 10).unwrap();
+        let learned = config.per_entry.unwrap();
+        assert_eq!(learned.max_false_hit_rate, 0.05);
+        assert_eq!(learned.prior.spread, 0.1);
+        // Considered from where the prior gives one chance in ten: 0.81 - ln 9 / 11.
+        assert!(
+            (config.threshold - 0.6103).abs() < 1e-3,
+            "{}",
+            config.threshold
+        );
     }
 
     #[test]

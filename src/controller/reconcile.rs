@@ -466,13 +466,13 @@ pub async fn observe(
     obs
 }
 
-/// Pods serving each version, from the workload's pods; `Err(Invalid)` when
-/// the named workload does not exist.
+/// Pods serving each version, and those of them that are ready, from the
+/// workload's pods; `Err(Invalid)` when the named workload does not exist.
 async fn pods_by_version(
     client: &Client,
     namespace: &str,
     workload: &WorkloadRef,
-) -> Result<Result<BTreeMap<String, i32>, Invalid>, ReconcileError> {
+) -> Result<Result<PodsByVersion, Invalid>, ReconcileError> {
     use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::ListParams;
@@ -510,14 +510,14 @@ async fn pods_by_version(
             }
         }
         (None, Some(selector)) => selector.clone(),
-        (None, None) => return Ok(Ok(BTreeMap::new())),
+        (None, None) => return Ok(Ok(PodsByVersion::default())),
     };
     let selector = label_selector(&selector);
     let pods = Api::<Pod>::namespaced(client.clone(), namespace)
         .list(&ListParams::default().labels(&selector))
         .await
         .map_err(kube_error("list", "Pods", namespace, &selector))?;
-    let mut versions = BTreeMap::new();
+    let mut versions = PodsByVersion::default();
     for pod in pods {
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
         if matches!(phase, Some("Succeeded" | "Failed")) {
@@ -531,10 +531,24 @@ async fn pods_by_version(
             .and_then(|l| l.get(label))
             .or_else(|| pod.metadata.annotations.as_ref().and_then(|a| a.get(label)));
         if let Some(v) = version {
-            *versions.entry(v.clone()).or_insert(0) += 1;
+            *versions.pods.entry(v.clone()).or_insert(0) += 1;
+            let ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            *versions.ready.entry(v.clone()).or_insert(0) += i32::from(ready);
         }
     }
     Ok(Ok(versions))
+}
+
+/// Pods of each version, and the ready ones among them (the others are
+/// still fetching weights or warming, or failing).
+#[derive(Debug, Default)]
+struct PodsByVersion {
+    pods: BTreeMap<String, i32>,
+    ready: BTreeMap<String, i32>,
 }
 
 /// A label selector in the API's query syntax.
@@ -570,12 +584,12 @@ async fn follow_rollout(
     cluster: bool,
 ) -> Result<Result<RolloutPlan, Invalid>, ReconcileError> {
     let client = &ctx.client;
-    let pods = match &mc.spec.workload {
+    let (pods, ready_pods) = match &mc.spec.workload {
         Some(w) => match pods_by_version(client, namespace, w).await? {
-            Ok(p) => p,
+            Ok(p) => (p.pods, Some(p.ready)),
             Err(invalid) => return Ok(Err(invalid)),
         },
-        None => BTreeMap::new(),
+        None => (BTreeMap::new(), None),
     };
     let prefix = format!("{}/", key(mc));
     let mut finished = BTreeMap::new();
@@ -614,6 +628,7 @@ async fn follow_rollout(
     let mut plan = plan_rollout(&RolloutInput {
         desired: &mc.spec.version,
         pods: &pods,
+        ready_pods: ready_pods.as_ref(),
         previous: &previous,
         grace_period_seconds: policy.invalidation.grace_period_seconds,
         strategy,

@@ -26,6 +26,8 @@ pub struct RolloutInput<'a> {
     pub desired: &'a str,
     /// Pods serving each version, from the workload's pods.
     pub pods: &'a BTreeMap<String, i32>,
+    /// The ready ones among them; `None` when no workload is followed.
+    pub ready_pods: Option<&'a BTreeMap<String, i32>>,
     pub previous: &'a [VersionStatus],
     pub grace_period_seconds: i64,
     pub strategy: InvalidationStrategy,
@@ -127,6 +129,7 @@ pub fn plan_rollout(input: &RolloutInput) -> RolloutPlan {
                 since.unwrap_or(input.now)
             })),
             pods,
+            ready_pods: input.ready_pods.map(|r| r.get(name).copied().unwrap_or(0)),
             keys,
         });
     }
@@ -166,6 +169,7 @@ mod tests {
         plan_rollout(&RolloutInput {
             desired,
             pods: &pods,
+            ready_pods: None,
             previous,
             grace_period_seconds: 300,
             strategy: InvalidationStrategy::VersionKeyed,
@@ -241,6 +245,31 @@ mod tests {
     }
 
     #[test]
+    fn ready_pods_are_reported_only_where_a_workload_is_followed() {
+        let pods = BTreeMap::from([("v1".to_string(), 2), ("v2".to_string(), 3)]);
+        let ready = BTreeMap::from([("v1".to_string(), 2), ("v2".to_string(), 1)]);
+        let mut input = RolloutInput {
+            desired: "v2",
+            pods: &pods,
+            ready_pods: Some(&ready),
+            previous: &[],
+            grace_period_seconds: 0,
+            strategy: InvalidationStrategy::VersionKeyed,
+            finished_sweeps: &BTreeMap::new(),
+            now: at(0),
+        };
+        let counts = |p: &RolloutPlan| -> Vec<(i32, Option<i32>)> {
+            p.versions.iter().map(|v| (v.pods, v.ready_pods)).collect()
+        };
+        assert_eq!(
+            counts(&plan_rollout(&input)),
+            vec![(2, Some(2)), (3, Some(1))]
+        );
+        input.ready_pods = None;
+        assert_eq!(counts(&plan_rollout(&input)), vec![(2, None), (3, None)]);
+    }
+
+    #[test]
     fn ttl_only_never_sweeps_and_history_is_bounded() {
         let pods = BTreeMap::from([("v9".to_string(), 1)]);
         let previous: Vec<VersionStatus> = (0..8)
@@ -253,12 +282,14 @@ mod tests {
                 },
                 since: Some(Time(at(i))),
                 pods: 0,
+                ready_pods: None,
                 keys: None,
             })
             .collect();
         let p = plan_rollout(&RolloutInput {
             desired: "v9",
             pods: &pods,
+            ready_pods: None,
             previous: &previous,
             grace_period_seconds: 0,
             strategy: InvalidationStrategy::TtlOnly,

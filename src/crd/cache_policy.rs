@@ -195,9 +195,36 @@ pub struct SemanticSettings {
     pub max_false_hit_rate: f64,
 
     /// `Static` uses one threshold; `PerEntry` learns a threshold per entry
-    /// from verified outcomes, under maxFalseHitRate.
+    /// from verified outcomes, under maxFalseHitRate. In `PerEntry` mode,
+    /// `threshold` is where candidates start to be considered.
     #[serde(default)]
     pub mode: SemanticMode,
+
+    /// The model per-entry thresholds start from, as `modelcache calibrate`
+    /// prints it. Required for `PerEntry`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prior: Option<SemanticPrior>,
+}
+
+/// P(right answer | similarity s) = 1 / (1 + exp(-steepness · (s - midpoint))),
+/// with each entry's midpoint learned around this one.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SemanticPrior {
+    /// How fast the chance of a right answer rises with similarity.
+    #[schemars(range(min = 0.0))]
+    pub steepness: f64,
+    /// Similarity at which a new entry's answer is as likely right as wrong.
+    #[schemars(range(min = -1.0, max = 2.0))]
+    pub midpoint: f64,
+    /// Standard deviation of entries' midpoints around `midpoint`.
+    #[serde(default = "default_prior_spread")]
+    #[schemars(range(min = 0.001, max = 1.0))]
+    pub spread: f64,
+}
+
+fn default_prior_spread() -> f64 {
+    0.1
 }
 
 fn default_max_false_hit_rate() -> f64 {
@@ -210,6 +237,7 @@ impl Default for SemanticSettings {
             threshold: None,
             max_false_hit_rate: default_max_false_hit_rate(),
             mode: SemanticMode::default(),
+            prior: None,
         }
     }
 }

@@ -435,6 +435,10 @@ pub struct VersionStatus {
     /// Pods that serve this version.
     #[serde(default)]
     pub pods: i32,
+    /// The ready ones among them (the others still fetch weights or warm
+    /// the prefix cache). Reported where `spec.workload` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_pods: Option<i32>,
     /// Keys of this version found by the last count or sweep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<i64>,
