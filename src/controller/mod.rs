@@ -8,6 +8,7 @@
 pub mod builders;
 pub mod check;
 pub mod http;
+pub mod inject;
 pub mod leader;
 pub mod metrics;
 pub mod plan;

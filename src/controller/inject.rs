@@ -1,0 +1,506 @@
+//! Pod injection, as pure functions: what the mutating admission webhook adds
+//! to a pod annotated `modelcache.dev/inject: <ModelCache name>`, and its
+//! answer to an AdmissionReview.
+//!
+//! A pod gets the `modelcache-fetch` init container (the version's weights
+//! into the shared volume `/models`, verified), the `modelcache-warm` native
+//! sidecar when the ModelCache configures warm-up (the pod turns ready only
+//! once the engine's prefix cache is warm), the volumes they share, and in
+//! every app container the environment that serving code reads to reach the
+//! cache: `MODELCACHE_REDIS_URL`, `MODELCACHE_REDIS_PASSWORD` (from the
+//! Secret), `MODELCACHE_MODEL`, and `MODELCACHE_VERSION` from the pod's own
+//! version annotation through the downward API.
+//!
+//! Pods without the annotation are never touched, and a pod that already has
+//! the fetch container (injected before, or written by hand) is left as is,
+//! so a second pass changes nothing.
+
+use k8s_openapi::api::core::v1::{
+    ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, Pod, Probe, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::{Value, json};
+
+use super::builders;
+use crate::crd::model_cache::{DEFAULT_VERSION_LABEL, ModelCache};
+
+/// The annotation that asks for injection; its value names the ModelCache.
+pub const INJECT_ANNOTATION: &str = "modelcache.dev/inject";
+pub const FETCH_CONTAINER: &str = "modelcache-fetch";
+pub const WARM_CONTAINER: &str = "modelcache-warm";
+pub const WEIGHTS_VOLUME: &str = "modelcache-weights";
+/// Where the weights are, in every container of the pod.
+pub const WEIGHTS_PATH: &str = "/models";
+const WARMUP_VOLUME: &str = "modelcache-warmup";
+const WARMUP_PATH: &str = "/etc/modelcache/warmup";
+const SIGNING_VOLUME: &str = "modelcache-cloudfront-key";
+const SIGNING_PATH: &str = "/etc/modelcache/cloudfront";
+const WARM_PORT: i32 = 8089;
+
+/// What a webhook does when a pod names a ModelCache it cannot inject from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Refuse the pod, with the reason: a model pod without its weights
+    /// would start and fail later, further from the cause.
+    Fail,
+    /// Admit the pod unchanged, with a warning.
+    Ignore,
+}
+
+/// How pods are injected.
+#[derive(Debug, Clone)]
+pub struct InjectConfig {
+    /// The modelcache image (the same binary runs fetch and warm).
+    pub image: String,
+    pub failure_policy: FailurePolicy,
+}
+
+/// What to do with one pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// No annotation: not ours.
+    NotAnnotated,
+    /// Already has the fetch container.
+    AlreadyInjected,
+    /// JSON Patch operations (RFC 6902).
+    Patch(Vec<Value>),
+    /// The annotation names no usable ModelCache.
+    Refuse(String),
+}
+
+/// The ModelCache a pod asks for, if any.
+pub fn requested(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(INJECT_ANNOTATION)
+        .map(String::as_str)
+}
+
+/// Decide for `pod` in `namespace`, given the ModelCache its annotation
+/// names as found there (`None`: not found).
+pub fn decide(
+    pod: &Pod,
+    namespace: &str,
+    found: Option<&ModelCache>,
+    config: &InjectConfig,
+) -> Decision {
+    let Some(name) = requested(pod) else {
+        return Decision::NotAnnotated;
+    };
+    let spec = pod.spec.as_ref();
+    let has = |n: &str| {
+        spec.is_some_and(|s| {
+            s.init_containers.iter().flatten().any(|c| c.name == n)
+                || s.containers.iter().any(|c| c.name == n)
+        })
+    };
+    if has(FETCH_CONTAINER) {
+        return Decision::AlreadyInjected;
+    }
+    let Some(mc) = found else {
+        return Decision::Refuse(format!(
+            "failed to inject modelcache into the pod: annotation {INJECT_ANNOTATION}={name:?} names no ModelCache in namespace {namespace}; create it, or fix the annotation"
+        ));
+    };
+    Decision::Patch(patch(pod, mc, &config.image))
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The label or annotation that holds a pod's version.
+fn version_key(mc: &ModelCache) -> String {
+    mc.spec
+        .workload
+        .as_ref()
+        .map(|w| w.version_label.clone())
+        .unwrap_or_else(|| DEFAULT_VERSION_LABEL.to_string())
+}
+
+/// The version annotation (or label) of the pod, through the downward API.
+fn version_env(mc: &ModelCache, pod: &Pod) -> EnvVar {
+    let key = version_key(mc);
+    let in_labels = pod
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(&key));
+    let field = if in_labels { "labels" } else { "annotations" };
+    EnvVar {
+        name: "MODELCACHE_VERSION".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: format!("metadata.{field}['{key}']"),
+                api_version: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// What serving code needs to reach the cache.
+fn serving_env(mc: &ModelCache, pod: &Pod) -> Vec<EnvVar> {
+    let mut out = Vec::new();
+    match mc.spec.redis.as_ref().and_then(|r| r.external.as_ref()) {
+        Some(external) => {
+            out.push(env("MODELCACHE_REDIS_URL", &external.url));
+            if let Some(user) = &external.username {
+                out.push(env("MODELCACHE_REDIS_USERNAME", user));
+            }
+            if let Some(r) = &external.password_secret_ref {
+                out.push(secret_env("MODELCACHE_REDIS_PASSWORD", &r.name, &r.key));
+            }
+        }
+        None => {
+            out.push(env("MODELCACHE_REDIS_URL", &builders::service_url(mc)));
+            out.push(secret_env(
+                "MODELCACHE_REDIS_PASSWORD",
+                &builders::names(mc).redis,
+                builders::PASSWORD_KEY,
+            ));
+        }
+    }
+    out.push(env("MODELCACHE_MODEL", &mc.spec.model));
+    out.push(version_env(mc, pod));
+    out
+}
+
+/// Our containers run as non-root on a read-only root filesystem, with no
+/// privileges to gain; they write only to the shared volumes.
+fn locked_down() -> SecurityContext {
+    serde_json::from_value(json!({
+        "runAsNonRoot": true,
+        "runAsUser": 65532,
+        "readOnlyRootFilesystem": true,
+        "allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"}
+    }))
+    .expect("a valid SecurityContext")
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..Default::default()
+    }
+}
+
+fn fetch_container(mc: &ModelCache, pod: &Pod, image: &str) -> (Container, Vec<Volume>) {
+    let source = &mc.spec.source;
+    let mut env_vars = vec![
+        env("MODELCACHE_SOURCE", &source.uri),
+        env("MODELCACHE_MODEL", &mc.spec.model),
+        version_env(mc, pod),
+        env("MODELCACHE_DEST", WEIGHTS_PATH),
+        // Init-container logs are read after the fact: lines, not bars.
+        env("MODELCACHE_PROGRESS", "log"),
+    ];
+    if let Some(e) = &source.endpoint {
+        env_vars.push(env("MODELCACHE_S3_ENDPOINT", e));
+    }
+    if let Some(r) = &source.region {
+        env_vars.push(env("MODELCACHE_S3_REGION", r));
+    }
+    if source.path_style {
+        env_vars.push(env("MODELCACHE_S3_PATH_STYLE", "true"));
+    }
+    if let Some(secret) = &source.credentials_secret_ref {
+        for key in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+            env_vars.push(secret_env(key, &secret.name, key));
+        }
+        env_vars.push(EnvVar {
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: secret.name.clone(),
+                    key: "AWS_SESSION_TOKEN".into(),
+                    optional: Some(true),
+                }),
+                ..Default::default()
+            }),
+            ..env("AWS_SESSION_TOKEN", "")
+        });
+    }
+    let mut args = vec!["fetch".to_string()];
+    let mut mounts = vec![mount(WEIGHTS_VOLUME, WEIGHTS_PATH, false)];
+    let mut volumes = Vec::new();
+    if let Some(cdn) = &source.cdn {
+        for (k, v) in &cdn.headers {
+            args.push("--header".into());
+            args.push(format!("{k}: {v}"));
+        }
+        if let Some(signing) = &cdn.signing {
+            env_vars.push(env(
+                "MODELCACHE_CLOUDFRONT_KEY_PAIR_ID",
+                &signing.key_pair_id,
+            ));
+            env_vars.push(env(
+                "MODELCACHE_CLOUDFRONT_PRIVATE_KEY",
+                &format!("{SIGNING_PATH}/key.pem"),
+            ));
+            // The key is a file, never an environment variable, so that it
+            // shows in no process listing or crash dump.
+            volumes.push(Volume {
+                name: SIGNING_VOLUME.into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(signing.private_key_secret_ref.name.clone()),
+                    items: Some(vec![k8s_openapi::api::core::v1::KeyToPath {
+                        key: signing.private_key_secret_ref.key.clone(),
+                        path: "key.pem".into(),
+                        ..Default::default()
+                    }]),
+                    default_mode: Some(0o400),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            mounts.push(mount(SIGNING_VOLUME, SIGNING_PATH, true));
+        }
+    }
+    let container = Container {
+        name: FETCH_CONTAINER.into(),
+        image: Some(image.into()),
+        args: Some(args),
+        env: Some(env_vars),
+        volume_mounts: Some(mounts),
+        security_context: Some(locked_down()),
+        ..Default::default()
+    };
+    (container, volumes)
+}
+
+fn warm_container(mc: &ModelCache, image: &str) -> Option<(Container, Volume)> {
+    let warmup = mc.spec.warmup.as_ref()?;
+    let (config_map, key) = match &warmup.prompts_config_map_ref {
+        Some(r) => (r.name.clone(), r.key.clone()),
+        None if !warmup.prompts.is_empty() => (
+            builders::names(mc).warmup,
+            builders::WARMUP_PROMPTS_KEY.to_string(),
+        ),
+        None => return None,
+    };
+    let volume = Volume {
+        name: WARMUP_VOLUME.into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: config_map,
+            items: Some(vec![k8s_openapi::api::core::v1::KeyToPath {
+                key,
+                path: "prompts.jsonl".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let container = Container {
+        name: WARM_CONTAINER.into(),
+        image: Some(image.into()),
+        args: Some(vec!["warm".into()]),
+        env: Some(vec![
+            env("MODELCACHE_ENGINE_URL", &warmup.engine_url),
+            env(
+                "MODELCACHE_PROMPTS",
+                &format!("{WARMUP_PATH}/prompts.jsonl"),
+            ),
+            env(
+                "MODELCACHE_WARM_CONCURRENCY",
+                &warmup.concurrency.to_string(),
+            ),
+            env("MODELCACHE_WARM_ADDR", &format!("0.0.0.0:{WARM_PORT}")),
+        ]),
+        // A native sidecar: it keeps running beside the engine, and the pod
+        // is ready only when this container is, i.e. once the prefix cache
+        // is warm (and while the engine stays up).
+        restart_policy: Some("Always".into()),
+        ports: Some(vec![ContainerPort {
+            name: Some("warm".into()),
+            container_port: WARM_PORT,
+            ..Default::default()
+        }]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/readyz".into()),
+                port: IntOrString::String("warm".into()),
+                ..Default::default()
+            }),
+            period_seconds: Some(2),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![mount(WARMUP_VOLUME, WARMUP_PATH, true)]),
+        security_context: Some(locked_down()),
+        ..Default::default()
+    };
+    Some((container, volume))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).expect("Kubernetes objects serialize")
+}
+
+/// The JSON Patch that injects `mc` into `pod`.
+pub fn patch(pod: &Pod, mc: &ModelCache, image: &str) -> Vec<Value> {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let mut ops = Vec::new();
+
+    // A pod that names no version gets the ModelCache's current one, so
+    // that it fetches, serves and is counted as that version. Put the
+    // version in the pod template instead, to roll pods on a bump.
+    let key = version_key(mc);
+    let has = |m: &Option<std::collections::BTreeMap<String, String>>| {
+        m.as_ref().is_some_and(|m| m.contains_key(&key))
+    };
+    if !has(&pod.metadata.labels) && !has(&pod.metadata.annotations) {
+        let pointer = key.replace('~', "~0").replace('/', "~1");
+        ops.push(json!({"op": "add", "path": format!("/metadata/annotations/{pointer}"), "value": mc.spec.version}));
+    }
+
+    let (fetch, mut volumes) = fetch_container(mc, pod, image);
+    volumes.insert(
+        0,
+        Volume {
+            name: WEIGHTS_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        },
+    );
+    // Fetch first, then the warm sidecar: init containers start in order,
+    // and the weights must be complete before anything else runs.
+    let mut init = vec![fetch];
+    if let Some((warm, volume)) = warm_container(mc, image) {
+        init.push(warm);
+        volumes.push(volume);
+    }
+    match spec.init_containers.as_deref() {
+        None | Some([]) => {
+            ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": to_json(&init)}))
+        }
+        Some(_) => {
+            for (i, c) in init.iter().enumerate() {
+                ops.push(json!({"op": "add", "path": format!("/spec/initContainers/{i}"), "value": to_json(c)}));
+            }
+        }
+    }
+    let taken: Vec<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    let volumes: Vec<Volume> = volumes
+        .into_iter()
+        .filter(|v| !taken.contains(&v.name.as_str()))
+        .collect();
+    if spec.volumes.is_none() {
+        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": to_json(&volumes)}));
+    } else {
+        for v in &volumes {
+            ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": to_json(v)}));
+        }
+    }
+
+    let serving = serving_env(mc, pod);
+    for (i, c) in spec.containers.iter().enumerate() {
+        // What the user set explicitly wins.
+        let defined: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+        let add: Vec<&EnvVar> = serving
+            .iter()
+            .filter(|e| !defined.contains(&e.name.as_str()))
+            .collect();
+        if c.env.is_none() {
+            ops.push(json!({"op": "add", "path": format!("/spec/containers/{i}/env"), "value": to_json(&add)}));
+        } else {
+            for e in add {
+                ops.push(json!({"op": "add", "path": format!("/spec/containers/{i}/env/-"), "value": to_json(e)}));
+            }
+        }
+        let mounted = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == WEIGHTS_VOLUME || m.mount_path == WEIGHTS_PATH);
+        if !mounted {
+            let m = mount(WEIGHTS_VOLUME, WEIGHTS_PATH, true);
+            if c.volume_mounts.is_none() {
+                ops.push(json!({"op": "add", "path": format!("/spec/containers/{i}/volumeMounts"), "value": [to_json(&m)]}));
+            } else {
+                ops.push(json!({"op": "add", "path": format!("/spec/containers/{i}/volumeMounts/-"), "value": to_json(&m)}));
+            }
+        }
+    }
+    ops
+}
+
+/// The webhook's answer to one AdmissionReview (`admission.k8s.io/v1`):
+/// `find` looks a ModelCache up by namespace and name.
+pub fn review(
+    request: &Value,
+    find: impl Fn(&str, &str) -> Option<ModelCache>,
+    config: &InjectConfig,
+) -> Value {
+    let req = &request["request"];
+    let uid = req["uid"].clone();
+    let namespace = req["namespace"].as_str().unwrap_or("default");
+    let response = |extra: Value| {
+        let mut r = json!({"uid": uid, "allowed": true});
+        if let (Some(r), Some(extra)) = (r.as_object_mut(), extra.as_object()) {
+            r.extend(extra.clone());
+        }
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": r})
+    };
+    let pod: Pod = match serde_json::from_value(req["object"].clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            return response(json!({
+                "allowed": config.failure_policy == FailurePolicy::Ignore,
+                "status": {"code": 400, "message": format!("failed to read the pod in the AdmissionReview: {e}")}
+            }));
+        }
+    };
+    let found = requested(&pod).and_then(|name| find(namespace, name));
+    match decide(&pod, namespace, found.as_ref(), config) {
+        Decision::NotAnnotated | Decision::AlreadyInjected => response(json!({})),
+        Decision::Patch(ops) => {
+            use base64::Engine;
+            let bytes = serde_json::to_vec(&ops).expect("JSON");
+            response(json!({
+                "patchType": "JSONPatch",
+                "patch": base64::engine::general_purpose::STANDARD.encode(bytes),
+            }))
+        }
+        Decision::Refuse(message) => match config.failure_policy {
+            FailurePolicy::Fail => response(json!({
+                "allowed": false,
+                "status": {"code": 403, "reason": "Forbidden", "message": message}
+            })),
+            FailurePolicy::Ignore => response(json!({
+                "warnings": [format!("{message}; the pod is admitted without modelcache")]
+            })),
+        },
+    }
+}

@@ -1,0 +1,250 @@
+//! Pod injection from real AdmissionReview fixtures (`tests/fixtures/inject/`):
+//! an annotated vLLM pod gets exactly the expected patch (the patched pod is
+//! a golden file, and passes strict schema validation), an unannotated pod
+//! none, a second pass changes nothing, and an annotation naming no
+//! ModelCache is refused or admitted with a warning per the failure policy.
+//! Regenerate the golden pod with `MODELCACHE_BLESS=1 cargo test --test inject`.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use modelcache::controller::inject::{FailurePolicy, InjectConfig, review};
+use modelcache::crd::ModelCache;
+use serde_json::{Value, json};
+
+const IMAGE: &str = "ghcr.io/modelcache/modelcache:0.1.0";
+
+fn fixture(name: &str) -> Value {
+    let path = Path::new("tests/fixtures/inject").join(name);
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn chat() -> ModelCache {
+    serde_saphyr::from_str(
+        &std::fs::read_to_string("tests/fixtures/builders/chat/modelcache.yaml").unwrap(),
+    )
+    .unwrap()
+}
+
+fn find(namespace: &str, name: &str) -> Option<ModelCache> {
+    let mc = chat();
+    (mc.metadata.namespace.as_deref() == Some(namespace)
+        && mc.metadata.name.as_deref() == Some(name))
+    .then_some(mc)
+}
+
+fn config(failure_policy: FailurePolicy) -> InjectConfig {
+    InjectConfig {
+        image: IMAGE.into(),
+        failure_policy,
+    }
+}
+
+/// The JSON Patch of a response, decoded.
+fn ops(response: &Value) -> Option<Vec<Value>> {
+    let patch = response["response"]["patch"].as_str()?;
+    assert_eq!(response["response"]["patchType"], "JSONPatch");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(patch)
+        .unwrap();
+    Some(serde_json::from_slice(&bytes).unwrap())
+}
+
+/// Apply RFC 6902 `add` operations, as the API server does (the webhook
+/// emits no other kind).
+fn apply(mut doc: Value, ops: &[Value]) -> Value {
+    for op in ops {
+        assert_eq!(op["op"], "add", "{op}");
+        let path = op["path"].as_str().unwrap();
+        let (parent, last) = path.rsplit_once('/').unwrap();
+        let target = doc
+            .pointer_mut(parent)
+            .unwrap_or_else(|| panic!("no {parent}"));
+        let value = op["value"].clone();
+        match target {
+            Value::Array(a) if last == "-" => a.push(value),
+            Value::Array(a) => a.insert(last.parse().unwrap(), value),
+            Value::Object(o) => {
+                let last = last.replace("~1", "/").replace("~0", "~");
+                assert!(!o.contains_key(&last), "add would replace {path}");
+                o.insert(last, value);
+            }
+            other => panic!("cannot add to {other}"),
+        }
+    }
+    doc
+}
+
+fn review_with_pod(template: &Value, pod: &Value) -> Value {
+    let mut r = template.clone();
+    r["request"]["object"] = pod.clone();
+    r
+}
+
+#[test]
+fn an_annotated_pod_gets_exactly_the_expected_patch_and_a_second_pass_nothing() {
+    let request = fixture("annotated.json");
+    let response = review(&request, find, &config(FailurePolicy::Fail));
+    assert_eq!(response["kind"], "AdmissionReview");
+    assert_eq!(response["response"]["uid"], request["request"]["uid"]);
+    assert_eq!(response["response"]["allowed"], true);
+    let patch = ops(&response).expect("a patch");
+    let patched = apply(request["request"]["object"].clone(), &patch);
+
+    let golden = Path::new("tests/fixtures/inject/expected-pod.json");
+    let actual = serde_json::to_string_pretty(&patched).unwrap() + "\n";
+    if std::env::var_os("MODELCACHE_BLESS").is_some() {
+        std::fs::write(golden, &actual).unwrap();
+    }
+    assert_eq!(
+        actual,
+        std::fs::read_to_string(golden).unwrap(),
+        "the patched pod differs from {}; run with MODELCACHE_BLESS=1 after an intended change",
+        golden.display()
+    );
+
+    // What the patch must do, whatever the golden file says.
+    let init = patched["spec"]["initContainers"].as_array().unwrap();
+    assert_eq!(init[0]["name"], "modelcache-fetch");
+    assert_eq!(init[1]["name"], "modelcache-warm");
+    assert_eq!(init[1]["restartPolicy"], "Always", "a native sidecar");
+    let vllm = &patched["spec"]["containers"][0];
+    let env: Vec<&str> = vllm["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        env,
+        [
+            "HF_HUB_OFFLINE",
+            "MODELCACHE_REDIS_URL",
+            "MODELCACHE_REDIS_PASSWORD",
+            "MODELCACHE_MODEL",
+            "MODELCACHE_VERSION"
+        ]
+    );
+    assert_eq!(
+        vllm["env"][4]["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.annotations['modelcache.dev/version']"
+    );
+    assert_eq!(
+        vllm["env"][2]["valueFrom"]["secretKeyRef"],
+        json!({"name": "chat-redis", "key": "password"})
+    );
+    for c in init {
+        assert_eq!(c["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    }
+    // No secret value travels in the pod spec.
+    assert!(!actual.contains("AWS_SECRET_ACCESS_KEY\", \"value"));
+
+    // The API server calls the webhook again with the patched pod
+    // (reinvocationPolicy IfNeeded): nothing more.
+    let again = review(
+        &review_with_pod(&request, &patched),
+        find,
+        &config(FailurePolicy::Fail),
+    );
+    assert_eq!(again["response"]["allowed"], true);
+    assert_eq!(ops(&again), None, "a second pass must not patch");
+}
+
+#[test]
+fn the_patched_pod_passes_strict_schema_validation() {
+    let request = fixture("annotated.json");
+    let response = review(&request, find, &config(FailurePolicy::Fail));
+    let mut patched = apply(
+        request["request"]["object"].clone(),
+        &ops(&response).unwrap(),
+    );
+    // The API server names the pod after admission; the validator needs one.
+    patched["metadata"]["name"] = json!("chat-vllm-7d9f8c6b5-x7k2p");
+    let dir = tempfile::tempdir().unwrap();
+    let file: PathBuf = dir.path().join("pod.json");
+    std::fs::write(&file, serde_json::to_vec(&patched).unwrap()).unwrap();
+    for version in ["1.30.0", "1.37.0"] {
+        let out = std::process::Command::new("python3")
+            .args(["-m", "kubernetes_validate", "--strict", "-k", version])
+            .arg(&file)
+            .output()
+            .expect("python3 -m kubernetes_validate (scripts/setup.sh installs it)");
+        assert!(
+            out.status.success(),
+            "Kubernetes {version}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn an_unannotated_pod_is_admitted_untouched() {
+    let response = review(
+        &fixture("unannotated.json"),
+        find,
+        &config(FailurePolicy::Fail),
+    );
+    assert_eq!(response["response"]["allowed"], true);
+    assert_eq!(ops(&response), None);
+    assert!(response["response"].get("warnings").is_none());
+}
+
+#[test]
+fn an_unknown_modelcache_is_refused_or_admitted_with_a_warning_per_policy() {
+    let request = fixture("unknown.json");
+    let refused = review(&request, find, &config(FailurePolicy::Fail));
+    assert_eq!(refused["response"]["allowed"], false);
+    let message = refused["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"no-such-cache\"")
+            && message.contains("ml-serving")
+            && message.contains("create it, or fix the annotation"),
+        "{message}"
+    );
+    assert_eq!(ops(&refused), None);
+
+    let admitted = review(&request, find, &config(FailurePolicy::Ignore));
+    assert_eq!(admitted["response"]["allowed"], true);
+    assert_eq!(ops(&admitted), None);
+    let warning = admitted["response"]["warnings"][0].as_str().unwrap();
+    assert!(
+        warning.contains("no-such-cache") && warning.contains("admitted without modelcache"),
+        "{warning}"
+    );
+}
+
+#[test]
+fn a_pod_the_webhook_cannot_read_follows_the_failure_policy() {
+    let mut request = fixture("annotated.json");
+    request["request"]["object"]["spec"]["containers"] = json!("not a list");
+    let refused = review(&request, find, &config(FailurePolicy::Fail));
+    assert_eq!(refused["response"]["allowed"], false);
+    assert!(
+        refused["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("failed to read the pod")
+    );
+    let admitted = review(&request, find, &config(FailurePolicy::Ignore));
+    assert_eq!(admitted["response"]["allowed"], true);
+}
+
+#[test]
+fn a_pod_without_a_version_gets_the_modelcache_version() {
+    let mut request = fixture("annotated.json");
+    request["request"]["object"]["metadata"]["annotations"]
+        .as_object_mut()
+        .unwrap()
+        .remove("modelcache.dev/version");
+    let response = review(&request, find, &config(FailurePolicy::Fail));
+    let patched = apply(
+        request["request"]["object"].clone(),
+        &ops(&response).unwrap(),
+    );
+    assert_eq!(
+        patched["metadata"]["annotations"]["modelcache.dev/version"],
+        chat().spec.version
+    );
+}
