@@ -651,3 +651,61 @@ pub fn shared_data(name: &str) -> PathBuf {
         ),
     }
 }
+
+/// Apply RFC 6902 `add` operations to `doc`, as the API server applies a
+/// mutating webhook's patch (the injector emits no other kind).
+pub fn apply_json_patch(
+    mut doc: serde_json::Value,
+    ops: &[serde_json::Value],
+) -> serde_json::Value {
+    use serde_json::Value;
+    for op in ops {
+        assert_eq!(op["op"], "add", "{op}");
+        let path = op["path"].as_str().unwrap();
+        let (parent, last) = path.rsplit_once('/').unwrap();
+        let target = doc
+            .pointer_mut(parent)
+            .unwrap_or_else(|| panic!("no {parent}"));
+        let value = op["value"].clone();
+        match target {
+            Value::Array(a) if last == "-" => a.push(value),
+            Value::Array(a) => a.insert(last.parse().unwrap(), value),
+            Value::Object(o) => {
+                let last = last.replace("~1", "/").replace("~0", "~");
+                assert!(!o.contains_key(&last), "add would replace {path}");
+                o.insert(last, value);
+            }
+            other => panic!("cannot add to {other}"),
+        }
+    }
+    doc
+}
+
+/// A tool scripts/setup.sh extracts (helm, kubectl), from
+/// `$MODELCACHE_TOOLS/bin` or `~/.cache/modelcache/tools/bin`.
+pub fn tool(name: &str) -> PathBuf {
+    std::env::var_os("MODELCACHE_TOOLS")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/modelcache/tools")))
+        .expect("HOME or MODELCACHE_TOOLS is set")
+        .join("bin")
+        .join(name)
+}
+
+/// `kubernetes-validate --strict` of `files` for the oldest and newest
+/// Kubernetes versions supported.
+pub fn strict_validate(files: &[&Path]) {
+    for version in ["1.30.0", "1.37.0"] {
+        let out = Command::new("python3")
+            .args(["-m", "kubernetes_validate", "--strict", "-k", version])
+            .args(files)
+            .output()
+            .expect("python3 -m kubernetes_validate (scripts/setup.sh installs it)");
+        assert!(
+            out.status.success(),
+            "Kubernetes {version}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
