@@ -409,6 +409,52 @@ struct ControllerArgs {
     /// controller run outside the cluster through a port-forward.
     #[arg(long, env = "MODELCACHE_REDIS_URL_OVERRIDE")]
     redis_url_override: Option<String>,
+    /// Serve the pod-injection webhook (HTTPS) on this address.
+    #[arg(long, env = "MODELCACHE_WEBHOOK_ADDR")]
+    webhook_addr: Option<std::net::SocketAddr>,
+    /// The modelcache image injected into pods (fetch and warm).
+    #[arg(long, env = "MODELCACHE_IMAGE")]
+    image: Option<String>,
+    /// What the webhook does with a pod whose annotation names no ModelCache:
+    /// `fail` refuses it with the reason, `ignore` admits it unchanged.
+    #[arg(
+        long,
+        env = "MODELCACHE_WEBHOOK_FAILURE_POLICY",
+        value_enum,
+        default_value = "fail"
+    )]
+    webhook_failure_policy: WebhookFailurePolicy,
+    /// cert-manager mode: a directory with tls.crt and tls.key. Without it the
+    /// controller issues the certificate itself.
+    #[arg(long, env = "MODELCACHE_WEBHOOK_CERT_DIR")]
+    webhook_cert_dir: Option<PathBuf>,
+    /// The Secret (in the controller's namespace) that keeps the issued CA and certificate.
+    #[arg(
+        long,
+        env = "MODELCACHE_WEBHOOK_SECRET",
+        default_value = "modelcache-webhook-tls"
+    )]
+    webhook_secret: String,
+    /// The webhook's Service (its DNS names go into the certificate).
+    #[arg(
+        long,
+        env = "MODELCACHE_WEBHOOK_SERVICE",
+        default_value = "modelcache-webhook"
+    )]
+    webhook_service: String,
+    /// The MutatingWebhookConfiguration whose caBundle the controller sets.
+    #[arg(
+        long,
+        env = "MODELCACHE_WEBHOOK_CONFIGURATION",
+        default_value = "modelcache"
+    )]
+    webhook_configuration: String,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum WebhookFailurePolicy {
+    Fail,
+    Ignore,
 }
 
 #[derive(clap::Args)]
@@ -493,6 +539,36 @@ fn run(command: Command) -> Result<ExitCode> {
                 identity,
                 lease_duration: Duration::from_secs(15),
                 redis_url_override: args.redis_url_override,
+                webhook: match (args.webhook_addr, args.image) {
+                    (None, _) => None,
+                    (Some(_), None) => {
+                        return usage(anyhow::anyhow!(
+                            "--webhook-addr needs --image (MODELCACHE_IMAGE), the modelcache image to inject into pods"
+                        ));
+                    }
+                    (Some(addr), Some(image)) => Some(controller::WebhookSettings {
+                        addr,
+                        inject: controller::inject::InjectConfig {
+                            image,
+                            failure_policy: match args.webhook_failure_policy {
+                                WebhookFailurePolicy::Fail => {
+                                    controller::inject::FailurePolicy::Fail
+                                }
+                                WebhookFailurePolicy::Ignore => {
+                                    controller::inject::FailurePolicy::Ignore
+                                }
+                            },
+                        },
+                        tls: match args.webhook_cert_dir {
+                            Some(dir) => controller::WebhookTls::Files(dir),
+                            None => controller::WebhookTls::Managed {
+                                secret: args.webhook_secret,
+                                service: args.webhook_service,
+                                configuration: args.webhook_configuration,
+                            },
+                        },
+                    }),
+                },
             };
             runtime()?.block_on(controller::run(config))?;
             Ok(ExitCode::SUCCESS)

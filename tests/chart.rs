@@ -72,7 +72,10 @@ fn rendered_chart_passes_strict_validation() {
         ("namespaced", vec!["watchNamespace=ml"]),
     ] {
         let path = dir.path().join(format!("{name}.yaml"));
-        std::fs::write(&path, render(&sets)).unwrap();
+        let rendered = render(&sets);
+        let count = documents(&rendered).len();
+        assert!(count >= 13, "{name}: {count} documents");
+        std::fs::write(&path, rendered).unwrap();
         for version in ["1.30.0", "1.37.0"] {
             let out = run(Command::new("python3")
                 .args(["-m", "kubernetes_validate", "--strict", "-k", version])
@@ -80,7 +83,7 @@ fn rendered_chart_passes_strict_validation() {
             let stdout = String::from_utf8_lossy(&out.stdout);
             assert_eq!(
                 stdout.matches("passed").count(),
-                7,
+                count,
                 "{name} on {version}: {stdout}"
             );
         }
@@ -95,7 +98,10 @@ fn rbac_is_least_privilege_and_scoped_as_configured() {
         kinds.contains(&"ClusterRole") && kinds.contains(&"ClusterRoleBinding"),
         "{kinds:?}"
     );
-    let role = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "mc-modelcache")
+        .unwrap();
     let rules: Vec<String> = role["rules"]
         .as_array()
         .unwrap()
@@ -105,7 +111,7 @@ fn rbac_is_least_privilege_and_scoped_as_configured() {
     assert_eq!(
         rules,
         vec![
-            r#""modelcache.dev" ["modelcaches"] ["list","watch"]"#,
+            r#""modelcache.dev" ["modelcaches"] ["get","list","watch"]"#,
             r#""modelcache.dev" ["modelcaches/status"] ["patch"]"#,
             r#""modelcache.dev" ["cachepolicies"] ["get","list","watch"]"#,
             r#""" ["configmaps","services"] ["list","watch","create","patch"]"#,
@@ -119,10 +125,43 @@ fn rbac_is_least_privilege_and_scoped_as_configured() {
     let no_wildcards = !serde_json::to_string(role).unwrap().contains('*');
     assert!(no_wildcards, "no wildcard verbs or resources");
 
-    // Watching one namespace needs no cluster-wide rights at all.
+    // The webhook's TLS: one Secret by name (create cannot be limited by
+    // name), and the caBundle of its own configuration only.
+    let webhook_rules = |kind: &str| -> Vec<String> {
+        let r = docs
+            .iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == "mc-modelcache-webhook")
+            .unwrap();
+        r["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| format!("{} {} {}", r["resources"], r["resourceNames"], r["verbs"]))
+            .collect()
+    };
+    assert_eq!(
+        webhook_rules("Role"),
+        vec![
+            r#"["secrets"] null ["create"]"#,
+            r#"["secrets"] ["mc-modelcache-webhook-tls"] ["get","update"]"#,
+        ]
+    );
+    assert_eq!(
+        webhook_rules("ClusterRole"),
+        vec![r#"["mutatingwebhookconfigurations"] ["mc-modelcache"] ["get","update"]"#]
+    );
+
+    // Watching one namespace needs no cluster-wide rights beyond the
+    // webhook's own configuration.
     let docs = documents(&render(&["watchNamespace=ml"]));
+    assert!(docs.iter().all(|d| {
+        (d["kind"] != "ClusterRole" && d["kind"] != "ClusterRoleBinding")
+            || d["metadata"]["name"] == "mc-modelcache-webhook"
+    }));
+    let docs_without_webhook = documents(&render(&["watchNamespace=ml", "webhook.enabled=false"]));
     assert!(
-        docs.iter()
+        docs_without_webhook
+            .iter()
             .all(|d| d["kind"] != "ClusterRole" && d["kind"] != "ClusterRoleBinding")
     );
     let role = docs
@@ -166,4 +205,110 @@ fn the_controller_pod_runs_locked_down() {
     assert_eq!(container["args"][0], "controller");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert!(container["resources"]["limits"]["memory"].is_string());
+}
+
+#[test]
+fn the_webhook_sees_annotated_pods_only_and_fails_closed_by_default() {
+    let docs = documents(&render(&[]));
+    let config = docs
+        .iter()
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .unwrap();
+    assert_eq!(config["metadata"]["name"], "mc-modelcache");
+    let hook = &config["webhooks"][0];
+    assert_eq!(hook["failurePolicy"], "Fail");
+    assert_eq!(hook["sideEffects"], "None");
+    assert!(
+        hook["clientConfig"].get("caBundle").is_none(),
+        "set by the controller"
+    );
+    assert_eq!(
+        hook["clientConfig"]["service"]["name"],
+        "mc-modelcache-webhook"
+    );
+    assert!(
+        hook["matchConditions"][0]["expression"]
+            .as_str()
+            .unwrap()
+            .contains("'modelcache.dev/inject' in object.metadata.annotations")
+    );
+    let excluded = &hook["namespaceSelector"]["matchExpressions"][0]["values"];
+    assert_eq!(
+        excluded[0], "modelcache-system",
+        "never the controller's own pods"
+    );
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    for want in [
+        "--webhook-addr=0.0.0.0:8443",
+        "--webhook-failure-policy=fail",
+        "--webhook-service=mc-modelcache-webhook",
+        "--webhook-configuration=mc-modelcache",
+        "--webhook-secret=mc-modelcache-webhook-tls",
+    ] {
+        assert!(args.contains(&want), "{want} in {args:?}");
+    }
+
+    let ignore = documents(&render(&["webhook.failurePolicy=Ignore"]));
+    let config = ignore
+        .iter()
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .unwrap();
+    assert_eq!(config["webhooks"][0]["failurePolicy"], "Ignore");
+}
+
+#[test]
+fn cert_manager_mode_issues_the_certificate_and_the_controller_only_reads_it() {
+    let docs = documents(&render(&["webhook.certManager.enabled=true"]));
+    let cert = docs.iter().find(|d| d["kind"] == "Certificate").unwrap();
+    assert_eq!(cert["spec"]["secretName"], "mc-modelcache-webhook-tls");
+    assert_eq!(
+        cert["spec"]["dnsNames"][0],
+        "mc-modelcache-webhook.modelcache-system.svc"
+    );
+    assert_eq!(cert["spec"]["issuerRef"]["kind"], "Issuer");
+    assert!(docs.iter().any(|d| d["kind"] == "Issuer"));
+    let config = docs
+        .iter()
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .unwrap();
+    assert_eq!(
+        config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        "modelcache-system/mc-modelcache-webhook"
+    );
+    // No rights to Secrets or webhook configurations beyond the main role.
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["metadata"]["name"] == "mc-modelcache-webhook"
+                && (d["kind"] == "Role" || d["kind"] == "ClusterRole"))
+    );
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["volumes"][0]["secret"]["secretName"],
+        "mc-modelcache-webhook-tls"
+    );
+    assert!(
+        pod["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--webhook-cert-dir=/etc/modelcache/webhook-tls")
+    );
+    // An existing ClusterIssuer instead of the chart's own.
+    let docs = documents(&render(&[
+        "webhook.certManager.enabled=true",
+        "webhook.certManager.issuerRef.name=letsencrypt",
+        "webhook.certManager.issuerRef.kind=ClusterIssuer",
+    ]));
+    assert!(!docs.iter().any(|d| d["kind"] == "Issuer"));
+    let cert = docs.iter().find(|d| d["kind"] == "Certificate").unwrap();
+    assert_eq!(cert["spec"]["issuerRef"]["kind"], "ClusterIssuer");
 }

@@ -162,3 +162,15 @@ fn unreadable_and_malformed_input_fail_clearly() {
     let out = modelcache(&["no-such-command"]);
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
 }
+
+#[test]
+fn the_webhook_without_an_image_to_inject_is_a_usage_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_modelcache"))
+        .args(["controller", "--webhook-addr", "127.0.0.1:0"])
+        .env_remove("MODELCACHE_IMAGE")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--webhook-addr needs --image"), "{stderr}");
+}

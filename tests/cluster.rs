@@ -149,6 +149,7 @@ async fn controller_provisions_a_ready_redis() {
         identity: "cluster-test".into(),
         lease_duration: Duration::from_secs(15),
         redis_url_override: Some(format!("redis://127.0.0.1:{local_port}")),
+        webhook: None,
     };
     let controller = tokio::spawn(run(config));
 

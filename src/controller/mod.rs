@@ -15,6 +15,7 @@ pub mod plan;
 pub mod reconcile;
 pub mod rollout;
 pub mod status;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +46,8 @@ pub enum ControllerError {
     Leader(#[source] leader::LeaderError),
     #[error("failed to keep the leader lease: another replica may take over, so this one stops")]
     LostLease,
+    #[error("failed to start the injection webhook")]
+    Webhook(#[source] webhook::WebhookError),
 }
 
 /// Settings of `modelcache controller`.
@@ -60,6 +63,30 @@ pub struct ControllerConfig {
     pub identity: String,
     pub lease_duration: Duration,
     pub redis_url_override: Option<String>,
+    /// Serve the pod-injection webhook (every replica serves it).
+    pub webhook: Option<WebhookSettings>,
+}
+
+/// The injection webhook's address, behaviour and TLS.
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    pub addr: SocketAddr,
+    pub inject: inject::InjectConfig,
+    pub tls: WebhookTls,
+}
+
+/// Where the webhook's certificate comes from.
+#[derive(Debug, Clone)]
+pub enum WebhookTls {
+    /// The controller issues it, keeps it in `secret` (in its namespace) and
+    /// patches its CA into the MutatingWebhookConfiguration `configuration`.
+    Managed {
+        secret: String,
+        service: String,
+        configuration: String,
+    },
+    /// `tls.crt` and `tls.key` in a directory (a cert-manager Secret).
+    Files(std::path::PathBuf),
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.
@@ -70,6 +97,41 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// Load or issue the webhook's certificate, then serve it.
+async fn start_webhook(
+    client: &Client,
+    settings: &WebhookSettings,
+    namespace: &str,
+) -> Result<tokio::task::JoinHandle<()>, webhook::WebhookError> {
+    let (cert, key) = match &settings.tls {
+        WebhookTls::Managed {
+            secret,
+            service,
+            configuration,
+        } => {
+            let m = webhook::ensure_tls(client, namespace, secret, service, configuration).await?;
+            (m.cert_pem, m.key_pem)
+        }
+        WebhookTls::Files(dir) => {
+            let read = |name: &str| {
+                let path = dir.join(name);
+                std::fs::read_to_string(&path)
+                    .map_err(|source| webhook::WebhookError::Read { path, source })
+            };
+            (read("tls.crt")?, read("tls.key")?)
+        }
+    };
+    let tls = webhook::server_config(&cert, &key)?;
+    let listener = webhook::bind(settings.addr).await?;
+    tracing::info!(addr = %settings.addr, failure_policy = ?settings.inject.failure_policy, "serving the injection webhook");
+    Ok(tokio::spawn(webhook::serve(
+        listener,
+        tls,
+        webhook::api_lookup(client.clone()),
+        settings.inject.clone(),
+    )))
 }
 
 /// Runs the controller until SIGTERM.
@@ -101,6 +163,14 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
             .with_graceful_shutdown(stopped(stop_rx.clone()))
             .into_future(),
     );
+    let webhook_task = match &config.webhook {
+        Some(settings) => Some(
+            start_webhook(&client, settings, &config.lease_namespace)
+                .await
+                .map_err(ControllerError::Webhook)?,
+        ),
+        None => None,
+    };
     state.ready.store(true, Ordering::Relaxed);
     tracing::info!(addr = %config.http_addr, "serving /healthz, /readyz and /metrics");
 
@@ -251,6 +321,9 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
         }
     }
     let _ = http_task.await;
+    if let Some(task) = webhook_task {
+        task.abort();
+    }
     if lost_lease {
         return Err(ControllerError::LostLease);
     }
