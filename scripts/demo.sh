@@ -23,6 +23,10 @@
 # - calibrates a semantic-cache threshold on labeled Quora pairs, then sends
 #   paraphrased questions through two serving replicas: hits, LLM calls
 #   avoided, near misses (a negation, another number) refused;
+# - runs the whole flow in one program (examples/flow.rs): two versions of
+#   SmolLM2 published, v1 fetched verified and warmed, result, semantic and
+#   feature traffic, v2 rolled out through the registry, v1 swept after its
+#   grace period, and one short report;
 # - lints the Helm chart and validates what it renders.
 # Later capabilities extend it.
 set -euo pipefail
@@ -215,6 +219,17 @@ step "Semantic cache: paraphrased questions through two replicas at that thresho
 cargo build --locked --quiet --example semantic
 target/debug/examples/semantic "$url" "$minilm" "$threshold"
 
+step "The whole flow: publish v1 and v2 of SmolLM2, fetch v1 verified, warm it, serve result, semantic and feature traffic, roll out v2, sweep v1"
+cargo build --locked --quiet --example flow
+mkdir -p "$work/release-v1" "$work/release-v2"
+ln "$gguf" "$work/release-v1/" 2>/dev/null || cp "$gguf" "$work/release-v1/"
+ln "$gguf" "$work/release-v2/" 2>/dev/null || cp "$gguf" "$work/release-v2/"
+echo '{"temperature": 0.7, "max_new_tokens": 256}' >"$work/release-v1/generation_config.json"
+echo '{"temperature": 0.2, "max_new_tokens": 256}' >"$work/release-v2/generation_config.json"
+target/debug/examples/flow --redis-url "$url" --s3-endpoint "http://127.0.0.1:$s3_port" \
+  --v1 "$work/release-v1" --v2 "$work/release-v2" --embedding-model "$minilm" \
+  --work "$work/flow" --grace-seconds 2 --json "$work/flow.json" 2>&1 | sed 's/^/  /'
+
 step "Linting the Helm chart and validating what it renders"
 helm="${MODELCACHE_TOOLS:-$HOME/.cache/modelcache/tools}/bin/helm"
 "$helm" lint --strict charts/modelcache | grep -E "linted"
@@ -224,4 +239,4 @@ for version in 1.30.0 1.37.0; do
   echo "  Kubernetes $version: every rendered object passes"
 done
 
-step "Done: CRDs and examples valid, bad resources rejected, Redis configured as a cache and drift repaired, a rollout swept the retired version, a real model published and fetched verified (second pod from the node cache, a damaged object refused), a real engine's prefix cache warmed, the same model's KV warmed in process and reused, a calibrated semantic cache serving paraphrases across replicas and refusing near misses, chart valid"
+step "Done: CRDs and examples valid, bad resources rejected, Redis configured as a cache and drift repaired, a rollout swept the retired version, a real model published and fetched verified (second pod from the node cache, a damaged object refused), a real engine's prefix cache warmed, the same model's KV warmed in process and reused, a calibrated semantic cache serving paraphrases across replicas and refusing near misses, the whole flow from publish to sweep, chart valid"
