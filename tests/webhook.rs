@@ -1,7 +1,8 @@
 //! The injection webhook served over TLS on loopback, with a certificate the
 //! controller issued: the API server's request (an AdmissionReview fixture)
-//! gets the patch, an unannotated pod none, and a client that does not trust
-//! the webhook's CA cannot talk to it.
+//! gets the patch, an unannotated pod none, a client that does not trust
+//! the webhook's CA cannot talk to it, and a renewed certificate is served
+//! from the next connection on.
 
 mod support;
 
@@ -20,7 +21,8 @@ fn fixture(name: &str) -> Vec<u8> {
 async fn the_webhook_answers_over_tls_with_its_own_ca() {
     let names = vec!["localhost".to_string()];
     let material = webhook::issue(&names, k8s_openapi::jiff::Timestamp::now()).unwrap();
-    let tls = webhook::server_config(&material.cert_pem, &material.key_pem).unwrap();
+    let serving = webhook::ServingCert::new(&material.cert_pem, &material.key_pem).unwrap();
+    let tls = webhook::server_config(serving.clone()).unwrap();
     let listener = webhook::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let chat: ModelCache = serde_saphyr::from_str(

@@ -99,20 +99,24 @@ async fn shutdown_signal() {
     }
 }
 
-/// Load or issue the webhook's certificate, then serve it.
-async fn start_webhook(
+/// How often the webhook's certificate is checked for renewal (ours) or
+/// rotation (cert-manager's files).
+const WEBHOOK_CERT_CHECK: Duration = Duration::from_secs(6 * 3600);
+
+/// The webhook's certificate and key, as they are now.
+async fn webhook_cert(
     client: &Client,
-    settings: &WebhookSettings,
+    tls: &WebhookTls,
     namespace: &str,
-) -> Result<tokio::task::JoinHandle<()>, webhook::WebhookError> {
-    let (cert, key) = match &settings.tls {
+) -> Result<(String, String), webhook::WebhookError> {
+    match tls {
         WebhookTls::Managed {
             secret,
             service,
             configuration,
         } => {
             let m = webhook::ensure_tls(client, namespace, secret, service, configuration).await?;
-            (m.cert_pem, m.key_pem)
+            Ok((m.cert_pem, m.key_pem))
         }
         WebhookTls::Files(dir) => {
             let read = |name: &str| {
@@ -120,18 +124,54 @@ async fn start_webhook(
                 std::fs::read_to_string(&path)
                     .map_err(|source| webhook::WebhookError::Read { path, source })
             };
-            (read("tls.crt")?, read("tls.key")?)
+            Ok((read("tls.crt")?, read("tls.key")?))
         }
-    };
-    let tls = webhook::server_config(&cert, &key)?;
+    }
+}
+
+/// Load or issue the webhook's certificate, serve it, and keep it fresh.
+async fn start_webhook(
+    client: &Client,
+    settings: &WebhookSettings,
+    namespace: &str,
+) -> Result<tokio::task::JoinHandle<()>, webhook::WebhookError> {
+    let (cert, key) = webhook_cert(client, &settings.tls, namespace).await?;
+    let serving = webhook::ServingCert::new(&cert, &key)?;
+    let tls = webhook::server_config(serving.clone())?;
     let listener = webhook::bind(settings.addr).await?;
     tracing::info!(addr = %settings.addr, failure_policy = ?settings.inject.failure_policy, "serving the injection webhook");
-    Ok(tokio::spawn(webhook::serve(
+    let server = tokio::spawn(webhook::serve(
         listener,
         tls,
         webhook::api_lookup(client.clone()),
         settings.inject.clone(),
-    )))
+    ));
+    // Renewal (30 days before expiry) and cert-manager's rotations take
+    // effect without a restart; a failed check keeps the current one.
+    let (client, tls_source, namespace) =
+        (client.clone(), settings.tls.clone(), namespace.to_owned());
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    Ok(tokio::spawn(async move {
+        // Aborting this task stops the server too.
+        let server = AbortOnDrop(server);
+        loop {
+            tokio::time::sleep(WEBHOOK_CERT_CHECK).await;
+            if server.0.is_finished() {
+                return;
+            }
+            let fresh = webhook_cert(&client, &tls_source, &namespace)
+                .await
+                .and_then(|(cert, key)| serving.replace(&cert, &key));
+            if let Err(e) = fresh {
+                tracing::warn!(error = %plan::error_chain(&e), "failed to refresh the webhook certificate; serving the current one");
+            }
+        }
+    }))
 }
 
 /// Runs the controller until SIGTERM.

@@ -329,9 +329,43 @@ pub fn api_lookup(client: kube::Client) -> Lookup {
     })
 }
 
-/// The rustls server config for `material` (or a cert-manager Secret's
-/// files), on the tree's one crypto provider.
-pub fn server_config(cert_pem: &str, key_pem: &str) -> Result<rustls::ServerConfig, WebhookError> {
+/// The certificate the webhook serves, replaceable while it serves: a
+/// renewal (ours, or cert-manager's) takes effect without a restart.
+#[derive(Debug)]
+pub struct ServingCert(std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>);
+
+impl ServingCert {
+    pub fn new(cert_pem: &str, key_pem: &str) -> Result<Arc<ServingCert>, WebhookError> {
+        Ok(Arc::new(ServingCert(std::sync::RwLock::new(Arc::new(
+            certified_key(cert_pem, key_pem)?,
+        )))))
+    }
+
+    /// Serve `cert_pem` from the next handshake on.
+    pub fn replace(&self, cert_pem: &str, key_pem: &str) -> Result<(), WebhookError> {
+        let key = Arc::new(certified_key(cert_pem, key_pem)?);
+        *self.0.write().expect("not poisoned") = key;
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServingCert {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.read().expect("not poisoned").clone())
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn certified_key(
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<rustls::sign::CertifiedKey, WebhookError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let incomplete = |what| WebhookError::Incomplete {
@@ -341,16 +375,22 @@ pub fn server_config(cert_pem: &str, key_pem: &str) -> Result<rustls::ServerConf
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|_| incomplete("tls.crt"))?;
+    if certs.is_empty() {
+        return Err(incomplete("tls.crt"));
+    }
     let key =
         PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| incomplete("tls.key"))?;
-    rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(WebhookError::Tls)?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(WebhookError::Tls)
+    rustls::sign::CertifiedKey::from_der(certs, key, &provider()).map_err(WebhookError::Tls)
+}
+
+/// The rustls server config serving `cert`, on the tree's one crypto
+/// provider.
+pub fn server_config(cert: Arc<ServingCert>) -> Result<rustls::ServerConfig, WebhookError> {
+    Ok(rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(WebhookError::Tls)?
+        .with_no_client_auth()
+        .with_cert_resolver(cert))
 }
 
 /// Serve `POST /mutate` over TLS on `listener` until the task is dropped.
@@ -486,8 +526,11 @@ mod tests {
         let mut emptied = secret.clone();
         emptied.data.as_mut().unwrap().remove("tls.key");
         assert!(current_material(&emptied, &names, now).is_none());
-        // The pair loads into rustls.
-        server_config(&material.cert_pem, &material.key_pem).unwrap();
+        // The pair loads into rustls; a key of another certificate does not.
+        let serving = ServingCert::new(&material.cert_pem, &material.key_pem).unwrap();
+        server_config(serving.clone()).unwrap();
+        let other = issue(&names, now).unwrap();
+        assert!(serving.replace(&material.cert_pem, &other.key_pem).is_err());
     }
 
     #[test]
