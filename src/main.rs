@@ -281,6 +281,10 @@ struct FetchArgs {
     /// File of `Name: value` lines (a mounted Secret), for headers that are secrets.
     #[arg(long, env = "MODELCACHE_HEADERS_FILE")]
     headers_file: Option<PathBuf>,
+    /// A mounted Secret whose keys are header names and whose values are
+    /// sent as headers (a CDN source's `headersSecretRef`).
+    #[arg(long, env = "MODELCACHE_HEADERS_DIR")]
+    headers_dir: Option<PathBuf>,
     /// CloudFront key pair ID (the public key's ID in the key group).
     #[arg(
         long,
@@ -834,6 +838,12 @@ fn fetch(args: FetchArgs) -> Result<ExitCode> {
                 Ok(h) => headers.push(h),
                 Err(e) => return usage(e.context(format!("--headers-file {}", file.display()))),
             }
+        }
+    }
+    if let Some(dir) = &args.headers_dir {
+        match modelcache::artifact::source::headers_from_dir(dir) {
+            Ok(h) => headers.extend(h),
+            Err(e) => return usage(anyhow::anyhow!(e)),
         }
     }
     opts.source.headers = headers;

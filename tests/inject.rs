@@ -214,3 +214,71 @@ fn a_pod_without_a_version_gets_the_modelcache_version() {
         chat().spec.version
     );
 }
+
+#[test]
+fn a_cdn_source_gets_its_headers_and_signing_key_as_mounted_files() {
+    let mut mc = chat();
+    mc.spec.source = serde_json::from_value(json!({
+        "uri": "https://d111111abcdef8.cloudfront.net/models",
+        "cdn": {
+            "headers": {"X-Tenant": "acme"},
+            "headersSecretRef": {"name": "cdn-headers"},
+            "signing": {
+                "keyPairId": "K2JCJMDEHXQW5F",
+                "privateKeySecretRef": {"name": "cloudfront-key", "key": "private.pem"}
+            }
+        }
+    }))
+    .unwrap();
+    let request = fixture("annotated.json");
+    let found = move |_: &str, _: &str| Some(mc.clone());
+    let response = review(&request, found, &config(FailurePolicy::Fail));
+    let mut patched = apply(
+        request["request"]["object"].clone(),
+        &ops(&response).unwrap(),
+    );
+    let fetch = &patched["spec"]["initContainers"][0];
+    assert_eq!(
+        fetch["args"],
+        json!(["fetch", "--header", "X-Tenant: acme"])
+    );
+    let env: Vec<(&str, &str)> = fetch["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?, e["value"].as_str()?)))
+        .collect();
+    assert!(env.contains(&("MODELCACHE_HEADERS_DIR", "/etc/modelcache/cdn-headers")));
+    assert!(env.contains(&("MODELCACHE_CLOUDFRONT_KEY_PAIR_ID", "K2JCJMDEHXQW5F")));
+    assert!(env.contains(&(
+        "MODELCACHE_CLOUDFRONT_PRIVATE_KEY",
+        "/etc/modelcache/cloudfront/key.pem"
+    )));
+    let volumes = patched["spec"]["volumes"].as_array().unwrap();
+    let secret_of = |name: &str| {
+        volumes
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no volume {name}"))["secret"]
+            .clone()
+    };
+    assert_eq!(
+        secret_of("modelcache-cdn-headers")["secretName"],
+        "cdn-headers"
+    );
+    assert_eq!(
+        secret_of("modelcache-cloudfront-key")["secretName"],
+        "cloudfront-key"
+    );
+    assert_eq!(secret_of("modelcache-cloudfront-key")["defaultMode"], 0o400);
+    // Secrets only as files: no env var of the fetch container reads one.
+    assert!(fetch["env"].as_array().unwrap().iter().all(|e| {
+        e.get("valueFrom")
+            .is_none_or(|v| v.get("secretKeyRef").is_none())
+    }));
+    patched["metadata"]["name"] = json!("chat-vllm-7d9f8c6b5-x7k2p");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pod.json");
+    std::fs::write(&file, serde_json::to_vec(&patched).unwrap()).unwrap();
+    support::strict_validate(&[&file]);
+}

@@ -36,6 +36,8 @@ pub const WEIGHTS_PATH: &str = "/models";
 const WARMUP_VOLUME: &str = "modelcache-warmup";
 const WARMUP_PATH: &str = "/etc/modelcache/warmup";
 const SIGNING_VOLUME: &str = "modelcache-cloudfront-key";
+const HEADERS_VOLUME: &str = "modelcache-cdn-headers";
+const HEADERS_PATH: &str = "/etc/modelcache/cdn-headers";
 const SIGNING_PATH: &str = "/etc/modelcache/cloudfront";
 const WARM_PORT: i32 = 8089;
 
@@ -254,6 +256,20 @@ fn fetch_container(mc: &ModelCache, pod: &Pod, image: &str) -> (Container, Vec<V
         for (k, v) in &cdn.headers {
             args.push("--header".into());
             args.push(format!("{k}: {v}"));
+        }
+        if let Some(secret) = &cdn.headers_secret_ref {
+            // Each key of the Secret is a header; mounted, never in the env.
+            env_vars.push(env("MODELCACHE_HEADERS_DIR", HEADERS_PATH));
+            volumes.push(Volume {
+                name: HEADERS_VOLUME.into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret.name.clone()),
+                    default_mode: Some(0o400),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            mounts.push(mount(HEADERS_VOLUME, HEADERS_PATH, true));
         }
         if let Some(signing) = &cdn.signing {
             env_vars.push(env(
