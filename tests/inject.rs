@@ -29,11 +29,11 @@ fn chat() -> ModelCache {
     .unwrap()
 }
 
-fn find(namespace: &str, name: &str) -> Option<ModelCache> {
+fn find(namespace: &str, name: &str) -> Result<Option<ModelCache>, String> {
     let mc = chat();
-    (mc.metadata.namespace.as_deref() == Some(namespace)
+    Ok((mc.metadata.namespace.as_deref() == Some(namespace)
         && mc.metadata.name.as_deref() == Some(name))
-    .then_some(mc)
+    .then_some(mc))
 }
 
 fn config(failure_policy: FailurePolicy) -> InjectConfig {
@@ -182,6 +182,35 @@ fn an_unknown_modelcache_is_refused_or_admitted_with_a_warning_per_policy() {
 }
 
 #[test]
+fn a_failed_lookup_is_not_called_a_missing_modelcache() {
+    let request = fixture("annotated.json");
+    let down = |_: &str, _: &str| Err("failed to reach the API server".to_string());
+    let refused = review(&request, down, &config(FailurePolicy::Fail));
+    assert_eq!(refused["response"]["allowed"], false);
+    let message = refused["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("could not read ModelCache \"chat\"")
+            && message.contains("failed to reach the API server")
+            && !message.contains("names no ModelCache"),
+        "{message}"
+    );
+    let admitted = review(&request, down, &config(FailurePolicy::Ignore));
+    assert_eq!(admitted["response"]["allowed"], true);
+    assert_eq!(ops(&admitted), None);
+    // An injected pod needs no lookup at all.
+    let patched = apply(
+        request["request"]["object"].clone(),
+        &ops(&review(&request, find, &config(FailurePolicy::Fail))).unwrap(),
+    );
+    let again = review(
+        &review_with_pod(&request, &patched),
+        down,
+        &config(FailurePolicy::Fail),
+    );
+    assert_eq!(again["response"]["allowed"], true);
+}
+
+#[test]
 fn a_pod_the_webhook_cannot_read_follows_the_failure_policy() {
     let mut request = fixture("annotated.json");
     request["request"]["object"]["spec"]["containers"] = json!("not a list");
@@ -231,7 +260,7 @@ fn a_cdn_source_gets_its_headers_and_signing_key_as_mounted_files() {
     }))
     .unwrap();
     let request = fixture("annotated.json");
-    let found = move |_: &str, _: &str| Some(mc.clone());
+    let found = move |_: &str, _: &str| Ok(Some(mc.clone()));
     let response = review(&request, found, &config(FailurePolicy::Fail));
     let mut patched = apply(
         request["request"]["object"].clone(),

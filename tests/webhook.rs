@@ -34,7 +34,7 @@ async fn the_webhook_answers_over_tls_with_its_own_ca() {
     let lookup: webhook::Lookup = Arc::new(move |namespace: String, name: String| {
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let found = (namespace == "ml-serving" && name == "chat").then(|| chat.clone());
-        Box::pin(async move { found })
+        Box::pin(async move { Ok(found) })
     });
     let server = tokio::spawn(webhook::serve(
         listener,

@@ -82,11 +82,12 @@ pub fn requested(pod: &Pod) -> Option<&str> {
 }
 
 /// Decide for `pod` in `namespace`, given the ModelCache its annotation
-/// names as found there (`None`: not found).
+/// names as looked up there (`Ok(None)`: not found; `Err`: the lookup
+/// failed, e.g. the API server did not answer).
 pub fn decide(
     pod: &Pod,
     namespace: &str,
-    found: Option<&ModelCache>,
+    found: Result<Option<&ModelCache>, &str>,
     config: &InjectConfig,
 ) -> Decision {
     let Some(name) = requested(pod) else {
@@ -102,12 +103,16 @@ pub fn decide(
     if has(FETCH_CONTAINER) {
         return Decision::AlreadyInjected;
     }
-    let Some(mc) = found else {
-        return Decision::Refuse(format!(
+    match found {
+        Ok(Some(mc)) => Decision::Patch(patch(pod, mc, &config.image)),
+        Ok(None) => Decision::Refuse(format!(
             "failed to inject modelcache into the pod: annotation {INJECT_ANNOTATION}={name:?} names no ModelCache in namespace {namespace}; create it, or fix the annotation"
-        ));
-    };
-    Decision::Patch(patch(pod, mc, &config.image))
+        )),
+        // Not "no such ModelCache": the pod is fine, the lookup was not.
+        Err(why) => Decision::Refuse(format!(
+            "failed to inject modelcache into the pod: could not read ModelCache {name:?} in namespace {namespace} ({why}); the pod's controller retries the creation"
+        )),
+    }
 }
 
 fn env(name: &str, value: &str) -> EnvVar {
@@ -472,11 +477,22 @@ pub fn patch(pod: &Pod, mc: &ModelCache, image: &str) -> Vec<Value> {
     ops
 }
 
+/// A pod already injected needs no ModelCache.
+fn decide_needs_no_lookup(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|s| {
+        s.init_containers
+            .iter()
+            .flatten()
+            .chain(s.containers.iter())
+            .any(|c| c.name == FETCH_CONTAINER)
+    })
+}
+
 /// The webhook's answer to one AdmissionReview (`admission.k8s.io/v1`):
 /// `find` looks a ModelCache up by namespace and name.
 pub fn review(
     request: &Value,
-    find: impl Fn(&str, &str) -> Option<ModelCache>,
+    find: impl Fn(&str, &str) -> Result<Option<ModelCache>, String>,
     config: &InjectConfig,
 ) -> Value {
     let req = &request["request"];
@@ -498,8 +514,15 @@ pub fn review(
             }));
         }
     };
-    let found = requested(&pod).and_then(|name| find(namespace, name));
-    match decide(&pod, namespace, found.as_ref(), config) {
+    let found = match requested(&pod) {
+        Some(name) if !decide_needs_no_lookup(&pod) => find(namespace, name),
+        _ => Ok(None),
+    };
+    let found = match &found {
+        Ok(mc) => Ok(mc.as_ref()),
+        Err(e) => Err(e.as_str()),
+    };
+    match decide(&pod, namespace, found, config) {
         Decision::NotAnnotated | Decision::AlreadyInjected => response(json!({})),
         Decision::Patch(ops) => {
             use base64::Engine;

@@ -305,9 +305,13 @@ pub async fn ensure_tls(
     Ok(material)
 }
 
-/// Looks a ModelCache up by namespace and name.
+/// Looks a ModelCache up by namespace and name: `Ok(None)` when there is
+/// none, `Err` (why, for the message) when the lookup failed.
 pub type Lookup = Arc<
-    dyn Fn(String, String) -> Pin<Box<dyn Future<Output = Option<ModelCache>> + Send>>
+    dyn Fn(
+            String,
+            String,
+        ) -> Pin<Box<dyn Future<Output = Result<Option<ModelCache>, String>> + Send>>
         + Send
         + Sync,
 >;
@@ -318,13 +322,11 @@ pub fn api_lookup(client: kube::Client) -> Lookup {
         let client = client.clone();
         Box::pin(async move {
             let api: kube::Api<ModelCache> = kube::Api::namespaced(client, &namespace);
-            match api.get_opt(&name).await {
-                Ok(found) => found,
-                Err(e) => {
-                    tracing::warn!(error = %super::plan::error_chain(&e), "failed to read a ModelCache for the webhook");
-                    None
-                }
-            }
+            api.get_opt(&name).await.map_err(|e| {
+                let why = super::plan::error_chain(&e);
+                tracing::warn!(error = %why, "failed to read a ModelCache for the webhook");
+                why
+            })
         })
     })
 }
@@ -429,7 +431,7 @@ pub async fn serve(
                     .map(str::to_string);
                 let found = match name {
                     Some(name) => lookup(namespace, name).await,
-                    None => None,
+                    None => Ok(None),
                 };
                 let response = review(&request, |_, _| found.clone(), &config);
                 (
