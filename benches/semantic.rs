@@ -153,7 +153,7 @@ fn main() {
             ),
         }
         let prior = result.prior.expect("the pairs support a prior");
-        let explore_from = (prior.midpoint - 9f64.ln() / prior.steepness) as f32;
+        let explore_from = prior.explore_from() as f32;
         let r = per_entry::replay(&prior, target, explore_from, entries, &traffic);
         let fhr = r.false_hits as f64 / r.hits.max(1) as f64;
         println!(

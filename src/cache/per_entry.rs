@@ -35,6 +35,14 @@ pub struct Prior {
     pub spread: f64,
 }
 
+impl Prior {
+    /// The similarity below which a candidate is not worth verifying: where
+    /// the prior gives a right answer one chance in ten.
+    pub fn explore_from(&self) -> f64 {
+        self.midpoint - 9f64.ln() / self.steepness
+    }
+}
+
 /// One verification: the similarity of the query to the entry, and whether
 /// the entry's answer was right for it.
 #[derive(Debug, Clone, Copy, PartialEq)]

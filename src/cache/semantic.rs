@@ -100,13 +100,7 @@ impl SemanticConfig {
             spread: p.spread,
         };
         Ok(SemanticConfig {
-            // Below the similarity where the prior gives a right answer one
-            // chance in ten, a verification would almost always be wasted.
-            threshold: policy
-                .semantic
-                .threshold
-                .unwrap_or(prior.midpoint - 9f64.ln() / prior.steepness)
-                as f32,
+            threshold: policy.semantic.threshold.unwrap_or(prior.explore_from()) as f32,
             per_entry: Some(PerEntryConfig {
                 prior,
                 max_false_hit_rate: policy.semantic.max_false_hit_rate,

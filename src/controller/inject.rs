@@ -93,14 +93,7 @@ pub fn decide(
     let Some(name) = requested(pod) else {
         return Decision::NotAnnotated;
     };
-    let spec = pod.spec.as_ref();
-    let has = |n: &str| {
-        spec.is_some_and(|s| {
-            s.init_containers.iter().flatten().any(|c| c.name == n)
-                || s.containers.iter().any(|c| c.name == n)
-        })
-    };
-    if has(FETCH_CONTAINER) {
+    if already_injected(pod) {
         return Decision::AlreadyInjected;
     }
     match found {
@@ -477,8 +470,8 @@ pub fn patch(pod: &Pod, mc: &ModelCache, image: &str) -> Vec<Value> {
     ops
 }
 
-/// A pod already injected needs no ModelCache.
-fn decide_needs_no_lookup(pod: &Pod) -> bool {
+/// Whether the pod has the fetch container (injected before, or by hand).
+fn already_injected(pod: &Pod) -> bool {
     pod.spec.as_ref().is_some_and(|s| {
         s.init_containers
             .iter()
@@ -486,6 +479,17 @@ fn decide_needs_no_lookup(pod: &Pod) -> bool {
             .chain(s.containers.iter())
             .any(|c| c.name == FETCH_CONTAINER)
     })
+}
+
+/// The ModelCache (namespace, name) a review needs looked up: the one an
+/// annotated pod names, unless it is injected already. `None` also for a
+/// request whose pod cannot be read.
+pub fn lookup_for(request: &Value) -> Option<(String, String)> {
+    let req = &request["request"];
+    let pod: Pod = serde_json::from_value(req["object"].clone()).ok()?;
+    let name = requested(&pod).filter(|_| !already_injected(&pod))?;
+    let namespace = req["namespace"].as_str().unwrap_or("default");
+    Some((namespace.to_owned(), name.to_owned()))
 }
 
 /// The webhook's answer to one AdmissionReview (`admission.k8s.io/v1`):
@@ -515,7 +519,7 @@ pub fn review(
         }
     };
     let found = match requested(&pod) {
-        Some(name) if !decide_needs_no_lookup(&pod) => find(namespace, name),
+        Some(name) if !already_injected(&pod) => find(namespace, name),
         _ => Ok(None),
     };
     let found = match &found {

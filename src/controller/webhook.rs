@@ -419,18 +419,10 @@ pub async fn serve(
                         b"expected an AdmissionReview (JSON)".to_vec(),
                     );
                 };
-                let namespace = request["request"]["namespace"]
-                    .as_str()
-                    .unwrap_or("default")
-                    .to_string();
                 // The one lookup a review may need, made before the pure
-                // decision.
-                let name = request["request"]["object"]["metadata"]["annotations"]
-                    [super::inject::INJECT_ANNOTATION]
-                    .as_str()
-                    .map(str::to_string);
-                let found = match name {
-                    Some(name) => lookup(namespace, name).await,
+                // decision (and only for annotated pods not yet injected).
+                let found = match super::inject::lookup_for(&request) {
+                    Some((namespace, name)) => lookup(namespace, name).await,
                     None => Ok(None),
                 };
                 let response = review(&request, |_, _| found.clone(), &config);
