@@ -4,6 +4,7 @@
 # run only it (`scripts/bench.sh sweep`). Not part of CI: they take minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/env.sh
 scripts/setup.sh
 if [ $# -eq 0 ]; then
   cargo bench --locked

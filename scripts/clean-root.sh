@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Runs the README's two commands as a new user would, on a fresh Debian root:
+# debootstrap (bookworm, minbase) into DIR, with only what "a Debian machine
+# with Rust" has (the machine's Rust toolchain bind-mounted read-only, its
+# linker gcc, git and CA certificates), a clean clone of this repository's
+# HEAD, and ../shared read-only beside it. Inside, scripts/demo.sh and then
+# scripts/test.sh, each timed; setup's own lines time its phases. Nothing of
+# this machine's caches is visible inside: no pip or wheel cache, no cargo
+# registry, no installed tools.
+#
+#   sudo scripts/clean-root.sh /var/tmp/modelcache-root   # about an hour on 2 cores
+#
+# Needs root (debootstrap, chroot, mounts) and debootstrap (apt-get install
+# debootstrap). The whole log is DIR/clean-root.log. Not part of CI.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+root=${1:?usage: scripts/clean-root.sh DIR (a new directory for the Debian root)}
+mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
+cargo_bin=${CARGO_HOME:-$HOME/.cargo}/bin
+[ "$(id -u)" -eq 0 ] || { echo "clean-root: needs root (debootstrap, chroot, mounts)" >&2; exit 2; }
+command -v debootstrap >/dev/null || { echo "clean-root: needs debootstrap (apt-get install debootstrap)" >&2; exit 2; }
+[ -x "$cargo_bin/rustup" ] || { echo "clean-root: no rustup in $cargo_bin: the root borrows this machine's Rust toolchain" >&2; exit 2; }
+
+mkdir -p "$root"
+exec > >(tee -a "$root/clean-root.log") 2>&1
+t() { local s; s=$(date +%s); "$@"; echo "clean-root: '$*' took $(( $(date +%s) - s )) s"; }
+
+if [ ! -x "$root/bin/bash" ]; then
+  t debootstrap --variant=minbase bookworm "$root" "$mirror" >/dev/null
+fi
+
+mounted=()
+mount_bind() { mkdir -p "$2"; mount --bind "$1" "$2"; mounted=("$2" "${mounted[@]}"); [ "${3:-}" = ro ] && mount -o remount,bind,ro "$2"; true; }
+cleanup() { for m in "${mounted[@]}"; do umount -l "$m" 2>/dev/null || true; done; }
+trap cleanup EXIT
+mount_bind /proc "$root/proc"
+mount_bind /sys "$root/sys" ro
+mount_bind /dev "$root/dev"
+mount_bind /dev/pts "$root/dev/pts"
+mount_bind "$rustup_home" "$root/root/.rustup" ro
+mkdir -p "$root/root/.cargo/bin"
+cp -a "$cargo_bin"/. "$root/root/.cargo/bin/"
+cp /etc/resolv.conf "$root/etc/resolv.conf"
+# Services installed by apt are not started inside the root (as in an image build).
+printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
+chmod +x "$root/usr/sbin/policy-rc.d"
+
+rm -rf "$root/build"
+mkdir -p "$root/build"
+git clone -q "$repo" "$root/build/main"
+if [ -d "$repo/../shared" ]; then mount_bind "$repo/../shared" "$root/build/shared" ro; fi
+
+inside() {
+  chroot "$root" /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
+    PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    bash -c "$1"
+}
+# What "a fresh Debian machine with Rust" has besides the toolchain: the
+# linker rustc calls (gcc), git for the clone, and CA certificates.
+t inside 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends gcc libc6-dev git ca-certificates >/dev/null'
+t inside 'cd /build/main && scripts/demo.sh'
+t inside 'cd /build/main && scripts/test.sh'
+echo "clean-root: both commands passed in a fresh Debian root"
