@@ -31,13 +31,17 @@ if [ ! -x "$root/bin/bash" ]; then
 fi
 
 mounted=()
-mount_bind() { mkdir -p "$2"; mount --bind "$1" "$2"; mounted=("$2" "${mounted[@]}"); [ "${3:-}" = ro ] && mount -o remount,bind,ro "$2"; true; }
+mount_bind() {
+  mkdir -p "$2"
+  mount --rbind "$1" "$2"
+  mounted=("$2" "${mounted[@]}")
+  if [ "${3:-}" = ro ]; then mount -o remount,bind,ro "$2"; fi
+}
 cleanup() { for m in "${mounted[@]}"; do umount -l "$m" 2>/dev/null || true; done; }
 trap cleanup EXIT
 mount_bind /proc "$root/proc"
 mount_bind /sys "$root/sys" ro
 mount_bind /dev "$root/dev"
-mount_bind /dev/pts "$root/dev/pts"
 mount_bind "$rustup_home" "$root/root/.rustup" ro
 mkdir -p "$root/root/.cargo/bin"
 cp -a "$cargo_bin"/. "$root/root/.cargo/bin/"
