@@ -55,14 +55,40 @@ mkdir -p "$root/build"
 git clone -q "$repo" "$root/build/main"
 if [ -d "$repo/../shared" ]; then mount_bind "$repo/../shared" "$root/build/shared" ro; fi
 
+# The network's own settings come along, as on any machine of this network:
+# proxy variables, CA variables and pip's configuration (a TLS-inspecting
+# proxy's CA is added to the root's trust store once ca-certificates is in).
+net_env=()
+for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY SSL_CERT_FILE SSL_CERT_DIR \
+  PIP_CERT REQUESTS_CA_BUNDLE CURL_CA_BUNDLE GIT_SSL_CAINFO PIP_DEFAULT_TIMEOUT; do
+  if [ -n "${!v:-}" ]; then net_env+=("$v=${!v}"); fi
+done
+[ -f /etc/pip.conf ] && cp /etc/pip.conf "$root/etc/pip.conf"
 inside() {
-  chroot "$root" /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
+  chroot "$root" /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 "${net_env[@]}" \
     PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     bash -c "$1"
+}
+trust_host_cas() {
+  python3 - /etc/ssl/certs/ca-certificates.crt "$root" <<'PY'
+import os, re, sys
+pem = re.compile(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.S)
+host = pem.findall(open(sys.argv[1]).read())
+root = sys.argv[2]
+ours = set(pem.findall(open(os.path.join(root, "etc/ssl/certs/ca-certificates.crt")).read()))
+os.makedirs(os.path.join(root, "usr/local/share/ca-certificates"), exist_ok=True)
+extra = [c for c in host if c not in ours]
+for i, c in enumerate(extra):
+    with open(os.path.join(root, f"usr/local/share/ca-certificates/host-{i}.crt"), "w") as f:
+        f.write(c + "\n")
+print(f"clean-root: {len(extra)} CA certificates of this machine's trust store added")
+PY
+  inside 'update-ca-certificates >/dev/null'
 }
 # What "a fresh Debian machine with Rust" has besides the toolchain: the
 # linker rustc calls (gcc), git for the clone, and CA certificates.
 t inside 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends gcc libc6-dev git ca-certificates >/dev/null'
+trust_host_cas
 t inside 'cd /build/main && scripts/demo.sh'
 t inside 'cd /build/main && scripts/test.sh'
 echo "clean-root: both commands passed in a fresh Debian root"

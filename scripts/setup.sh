@@ -125,9 +125,12 @@ python_phase() {
     partial=$(mktemp -d "$MODELCACHE_WHEELS/.building.XXXXXX")
     # Portable (no -march=native) so that the cached wheel survives a move
     # to another CPU of the same architecture; every core builds.
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BLAS=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    if ! CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BLAS=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
       "$py" -m pip wheel -q --no-deps --disable-pip-version-check -w "$partial" \
-      "llama-cpp-python==$llama_version"
+      "llama-cpp-python==$llama_version"; then
+      rm -rf "$partial"
+      return 1
+    fi
     # Moved into place only once whole, so an interrupted build is never reused.
     mv "$partial"/llama_cpp_python-$llama_version-*.whl "$MODELCACHE_WHEELS"/
     rm -rf "$partial"
@@ -191,7 +194,11 @@ start_phase() {
   local name=$1
   (
     s=$(date +%s)
-    if "$2" >"$logs/$name.log" 2>&1; then rc=0; else rc=$?; fi
+    # Not `if "$2"`: bash ignores errexit inside a function called as a
+    # condition, so a failed step would go unnoticed.
+    set +e
+    (set -e; "$2") >"$logs/$name.log" 2>&1
+    rc=$?
     echo "$rc $(( $(date +%s) - s ))" >"$logs/$name.done"
   ) &
   pids+=($!)
@@ -201,7 +208,7 @@ start_phase s3s-fs s3s_phase
 start_phase tools tools_phase
 if [ ${#while_cmd[@]} -gt 0 ]; then
   # Its output goes straight to the terminal: compiler errors show as they come.
-  ( s=$(date +%s); if "${while_cmd[@]}"; then rc=0; else rc=$?; fi
+  ( s=$(date +%s); set +e; "${while_cmd[@]}"; rc=$?
     echo "$rc $(( $(date +%s) - s ))" >"$logs/while.done" ) &
   pids+=($!)
 fi
