@@ -24,10 +24,10 @@ command -v debootstrap >/dev/null || { echo "clean-root: needs debootstrap (apt-
 
 mkdir -p "$root"
 exec > >(tee -a "$root/clean-root.log") 2>&1
-t() { local s; s=$(date +%s); "$@"; echo "clean-root: '$*' took $(( $(date +%s) - s )) s"; }
+t() { local s; s=$(date +%s); "$@"; echo "clean-root: '$*' took $(( $(date +%s) - s )) s" >&2; }
 
 if [ ! -x "$root/bin/bash" ]; then
-  t debootstrap --variant=minbase bookworm "$root" "$mirror" >/dev/null
+  t debootstrap --variant=minbase bookworm "$root" "$mirror" >"$root.debootstrap.log"
 fi
 
 mounted=()
@@ -37,14 +37,26 @@ mount_bind() {
   mounted=("$2" "${mounted[@]}")
   if [ "${3:-}" = ro ]; then mount -o remount,bind,ro "$2"; fi
 }
-cleanup() { for m in "${mounted[@]}"; do umount -l "$m" 2>/dev/null || true; done; }
+cleanup() {
+  # Whatever still runs inside the root (an interrupted build) ends with it.
+  for p in /proc/[0-9]*; do
+    if [ "$(readlink "$p/root" 2>/dev/null)" = "$(realpath "$root")" ]; then kill -9 "${p#/proc/}" 2>/dev/null || true; fi
+  done
+  for m in "${mounted[@]}"; do umount -l "$m" 2>/dev/null || true; done
+}
 trap cleanup EXIT
 mount_bind /proc "$root/proc"
 mount_bind /sys "$root/sys" ro
 mount_bind /dev "$root/dev"
 mount_bind "$rustup_home" "$root/root/.rustup" ro
+# rustup's proxies only (cargo, rustc, rustfmt…: the rustup binary under
+# other names), not what `cargo install` put beside them.
 mkdir -p "$root/root/.cargo/bin"
-cp -a "$cargo_bin"/. "$root/root/.cargo/bin/"
+for f in "$cargo_bin"/*; do
+  if [ "$f" -ef "$cargo_bin/rustup" ] || cmp -s "$f" "$cargo_bin/rustup"; then
+    cp "$f" "$root/root/.cargo/bin/"
+  fi
+done
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 # Services installed by apt are not started inside the root (as in an image build).
 printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
