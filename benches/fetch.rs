@@ -21,6 +21,8 @@
 //! MODELCACHE_BENCH_MODES (`loopback,shaped`), MODELCACHE_BENCH_PROTOCOLS
 //! (`s3,http`), MODELCACHE_BENCH_FETCH_ARGS (extra `modelcache fetch` flags).
 
+#![allow(unsafe_code)] // wait4 for a child's rusage; set_var before threads start
+
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
 mod support;

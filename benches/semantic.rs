@@ -245,10 +245,10 @@ fn main() {
                 let mut pipe = redis::pipe();
                 for &i in chunk {
                     let id = modelcache::cache::semantic::entry_id(&format!("q{i}"));
-                    let key = modelcache::keys::entry(
+                    let key = modelcache::keyspace::keys::entry(
                         "bench",
                         "v1",
-                        modelcache::keys::Layer::Semantic,
+                        modelcache::keyspace::keys::Layer::Semantic,
                         &id,
                     );
                     let bytes: Vec<u8> = vectors[i].iter().flat_map(|x| x.to_le_bytes()).collect();

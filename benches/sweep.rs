@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use modelcache::keys::{self, Layer};
-use modelcache::sweep::{self, Pace};
+use modelcache::keyspace::keys::{self, Layer};
+use modelcache::keyspace::sweep::{self, Pace};
 use redis::aio::MultiplexedConnection;
 
 const RETIRED: u64 = 1_000_000;

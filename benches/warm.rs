@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use candle_core::Device;
 use modelcache::model::llama::{Weights, top_k};
-use modelcache::prefix_cache::PrefixCache;
 use modelcache::warm::in_process::{InProcess, load};
+use modelcache::warm::prefix_cache::PrefixCache;
 
 const RUNS: usize = 5;
 const DIGEST: &str = "0000000000000000000000000000000000000000000000000000000000000bee";

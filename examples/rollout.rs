@@ -10,9 +10,9 @@
 use std::time::Duration;
 
 use modelcache::cache::{ResultCache, Versions};
-use modelcache::registry::{self, Follower, Transition};
+use modelcache::keyspace::registry::{self, Follower, Transition};
+use modelcache::keyspace::sweep::{self, Pace};
 use modelcache::store::RedisTarget;
-use modelcache::sweep::{self, Pace};
 use serde_json::json;
 
 const MODEL: &str = "smollm2";

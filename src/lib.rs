@@ -1,28 +1,35 @@
-//! modelcache: caches for ML serving on Kubernetes.
-//!
-//! - [`crd`]: the `ModelCache` and `CachePolicy` API (`modelcache.dev/v1alpha1`)
-//!   and the CRD YAML generated from it.
-//! - [`validate`]: offline validation of manifests against those CRDs.
-//! - [`controller`]: `modelcache controller`, one Redis per ModelCache.
-//! - [`store`]: the settings, live config and health of a model's Redis.
-//! - [`quantity`]: exact bytes from Kubernetes quantities.
+//! modelcache: caches for ML serving on Kubernetes. The layers, from the
+//! bottom: helpers, then the API and the key space, then the serving
+//! library, model artifacts and models, then warm-up, and the controller on
+//! top; nothing below uses the controller (`tests/layers.rs`).
 //!
 //! The `modelcache` binary is a thin command line over this library.
 
+/// Versioned model artifacts: manifest, sources (S3, HTTP/CDN), fetch, the node cache, publish.
 pub mod artifact;
+/// The serving library: result, feature and semantic caches on a model's Redis.
 pub mod cache;
+/// `modelcache controller`: one Redis per ModelCache, rollouts, pod injection.
 pub mod controller;
+/// The `ModelCache` and `CachePolicy` API, its CRDs and offline validation.
 pub mod crd;
+/// SHA-256 through aws-lc-rs.
 pub mod digest;
+/// Error helpers shared by every layer.
+pub mod error;
+/// The GPU probe: the CUDA driver loaded at run time.
 pub mod gpu;
-pub mod keys;
+/// The key schema, the version registry and the sweeper.
+pub mod keyspace;
+/// GGUF metadata, KV-cache sizing, tokenizers, a Llama and a BERT on candle.
 pub mod model;
-pub mod prefix_cache;
+/// Exact bytes from Kubernetes quantities.
 pub mod quantity;
-pub mod registry;
+/// A model's Redis: settings from the policy, live config, INFO health.
 pub mod store;
-pub mod sweep;
-pub mod validate;
+/// Vector arithmetic shared by the embedding model and the semantic index.
+pub mod vector;
+/// `modelcache warm`: engine and in-process warm-up, the prefix (KV) cache.
 pub mod warm;
 
 /// One line naming this build and the API it serves.

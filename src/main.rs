@@ -13,8 +13,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use modelcache::crd::CachePolicy;
 use modelcache::crd::cache_policy::CachePolicySpec;
 use modelcache::crd::model_cache::RedisOverrides;
+use modelcache::crd::validate;
 use modelcache::store::RedisTarget;
-use modelcache::{controller, crd, validate};
+use modelcache::{controller, crd};
 
 /// Caches for ML serving on Kubernetes: a Redis per model configured as a
 /// cache, version-scoped keys swept after rollouts, verified model fetch and
@@ -697,14 +698,14 @@ fn run(command: Command) -> Result<ExitCode> {
                 password: args.password,
             };
             let keep: std::collections::BTreeSet<String> = args.keep.into_iter().collect();
-            let pace = modelcache::sweep::Pace {
+            let pace = modelcache::keyspace::sweep::Pace {
                 keys_per_second: args.keys_per_second,
                 batch: args.batch,
             };
             let result = runtime()?.block_on(async {
                 if args.cluster {
                     return anyhow::Ok(
-                        modelcache::sweep::invalidate_cluster(
+                        modelcache::keyspace::sweep::invalidate_cluster(
                             &target,
                             &args.model,
                             &keep,
@@ -716,7 +717,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 }
                 let mut conn = target.connect().await?;
                 anyhow::Ok(
-                    modelcache::sweep::invalidate(
+                    modelcache::keyspace::sweep::invalidate(
                         &mut conn,
                         &args.model,
                         &keep,
@@ -728,7 +729,7 @@ fn run(command: Command) -> Result<ExitCode> {
             })?;
             let outcomes = match result {
                 Ok(o) => o,
-                Err(e @ modelcache::sweep::InvalidateError::ActiveVersion { .. }) => {
+                Err(e @ modelcache::keyspace::sweep::InvalidateError::ActiveVersion { .. }) => {
                     eprintln!("error: {e}");
                     return Ok(ExitCode::from(3));
                 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use modelcache::cache::entity::{self, EntityConsumer};
 use modelcache::cache::{CacheError, FeatureCache, ResultCache, Versions};
-use modelcache::keys;
-use modelcache::registry::{self, Follower, Transition};
+use modelcache::keyspace::keys;
+use modelcache::keyspace::registry::{self, Follower, Transition};
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use support::RedisServer;

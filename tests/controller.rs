@@ -484,10 +484,10 @@ async fn populate(redis: &RedisServer, version: &str, n: usize) {
     let mut pipe = redis::pipe();
     for i in 0..n {
         pipe.set(
-            modelcache::keys::entry(
+            modelcache::keyspace::keys::entry(
                 "smollm2",
                 version,
-                modelcache::keys::Layer::Result,
+                modelcache::keyspace::keys::Layer::Result,
                 &format!("{i:x}"),
             ),
             i,
@@ -503,7 +503,7 @@ async fn count(redis: &RedisServer, version: &str) -> u64 {
         .get_multiplexed_async_connection_with_config(&support::patient())
         .await
         .unwrap();
-    modelcache::sweep::count_version(&mut conn, "smollm2", version, 1000)
+    modelcache::keyspace::sweep::count_version(&mut conn, "smollm2", version, 1000)
         .await
         .unwrap()
 }
@@ -546,7 +546,7 @@ async fn a_rollout_sweeps_the_retired_version_once_no_pod_serves_it() {
         .get_multiplexed_async_connection_with_config(&support::patient())
         .await
         .unwrap();
-    let state = modelcache::registry::read(&mut conn, "smollm2")
+    let state = modelcache::keyspace::registry::read(&mut conn, "smollm2")
         .await
         .unwrap();
     assert_eq!(
@@ -597,7 +597,7 @@ async fn a_rollout_sweeps_the_retired_version_once_no_pod_serves_it() {
         .cloned()
         .unwrap();
     assert_eq!(v1["keys"], 5000);
-    let state = modelcache::registry::read(&mut conn, "smollm2")
+    let state = modelcache::keyspace::registry::read(&mut conn, "smollm2")
         .await
         .unwrap();
     assert_eq!(
@@ -669,7 +669,7 @@ async fn a_rollback_cancels_the_pending_sweep() {
         .get_multiplexed_async_connection_with_config(&support::patient())
         .await
         .unwrap();
-    let state = modelcache::registry::read(&mut conn, "smollm2")
+    let state = modelcache::keyspace::registry::read(&mut conn, "smollm2")
         .await
         .unwrap();
     assert_eq!(state.active.as_deref(), Some("v1"));

@@ -2,6 +2,8 @@
 //! leader election that keeps it out while the API server is unreachable, and
 //! a clean exit on SIGTERM.
 
+#![allow(unsafe_code)] // SIGTERM to the child, as Kubernetes sends it
+
 mod support;
 
 use std::io::Write;

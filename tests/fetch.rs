@@ -3,6 +3,8 @@
 //! checked), nginx as an HTTP origin, and a proxy on loopback that counts,
 //! injects faults or shapes traffic.
 
+#![allow(unsafe_code)] // set_var before threads start
+
 mod support;
 
 use std::collections::BTreeMap;

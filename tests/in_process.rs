@@ -12,8 +12,8 @@ use std::sync::OnceLock;
 use candle_core::Device;
 use modelcache::model::llama::{Llama, Weights, max_abs_diff, top_k};
 use modelcache::model::tokenizer::Tokenizer;
-use modelcache::prefix_cache::{BLOCK_TOKENS, PrefixCache, block_hashes};
 use modelcache::warm::in_process::InProcess;
+use modelcache::warm::prefix_cache::{BLOCK_TOKENS, PrefixCache, block_hashes};
 use support::{run_python, smollm2_gguf};
 
 const DIGEST: &str = "4f1d0c9a9e3c2b1a00112233445566778899aabbccddeeff0011223344556677";

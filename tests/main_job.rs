@@ -4,6 +4,8 @@
 //! bytes verified, the caches' counts, no v1 answer after the rollout and a
 //! v2 hit, and the sweep's counts.
 
+#![allow(unsafe_code)] // set_var before threads start
+
 mod support;
 
 #[path = "../examples/flow.rs"]

@@ -4,7 +4,7 @@
 
 mod support;
 
-use modelcache::prefix_cache::{BLOCK_TOKENS, BlockKv, PrefixCache, Tensor, block_hashes};
+use modelcache::warm::prefix_cache::{BLOCK_TOKENS, BlockKv, PrefixCache, Tensor, block_hashes};
 use support::run_python;
 
 #[test]

@@ -312,10 +312,10 @@ async fn entries_gone_from_redis_never_hit() {
     // Fill Redis until the first entry is evicted.
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let key = modelcache::keys::entry(
+    let key = modelcache::keyspace::keys::entry(
         "chat",
         "v1",
-        modelcache::keys::Layer::Semantic,
+        modelcache::keyspace::keys::Layer::Semantic,
         &modelcache::cache::semantic::entry_id(first),
     );
     let filler = vec![b'x'; 64 * 1024];
@@ -381,7 +381,12 @@ async fn the_bound_evicts_from_index_and_redis_together() {
     assert_eq!(a.indexed(), 3);
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let pattern = modelcache::keys::entry("chat", "v1", modelcache::keys::Layer::Semantic, "*");
+    let pattern = modelcache::keyspace::keys::entry(
+        "chat",
+        "v1",
+        modelcache::keyspace::keys::Layer::Semantic,
+        "*",
+    );
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(&pattern)
         .query_async(&mut conn)
@@ -444,7 +449,8 @@ async fn versions_do_not_see_each_others_entries() {
         json!("14 days (v2)")
     );
     // With the registry: a cache that follows no active version refuses.
-    let (_tx, rx) = tokio::sync::watch::channel(modelcache::registry::RegistryState::default());
+    let (_tx, rx) =
+        tokio::sync::watch::channel(modelcache::keyspace::registry::RegistryState::default());
     let client = redis::Client::open(redis.url()).unwrap();
     let conn = client.get_multiplexed_async_connection().await.unwrap();
     let none = SemanticCache::new(conn, "chat", Versions::Registry(rx), 384, config(10));
@@ -568,7 +574,7 @@ async fn a_follower_that_reconnects_rebuilds_and_misses_nothing_trimmed() {
         .await
         .unwrap();
     let _: () = redis::cmd("XTRIM")
-        .arg(modelcache::keys::semantic_events("chat"))
+        .arg(modelcache::keyspace::keys::semantic_events("chat"))
         .arg("MAXLEN")
         .arg(0)
         .query_async(&mut conn)
@@ -592,7 +598,7 @@ async fn a_version_switch_never_makes_a_lookup_wait_for_the_rebuild() {
         .get_multiplexed_async_connection_with_config(&support::patient())
         .await
         .unwrap();
-    let state = |active: &str| modelcache::registry::RegistryState {
+    let state = |active: &str| modelcache::keyspace::registry::RegistryState {
         active: Some(active.into()),
         ..Default::default()
     };
@@ -742,10 +748,10 @@ async fn per_entry_thresholds_learn_from_outcomes_that_any_replica_records() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let key = modelcache::keys::entry(
+    let key = modelcache::keyspace::keys::entry(
         "chat",
         "v1",
-        modelcache::keys::Layer::Semantic,
+        modelcache::keyspace::keys::Layer::Semantic,
         &modelcache::cache::semantic::entry_id(picky),
     );
     let _: () = redis::cmd("DEL")

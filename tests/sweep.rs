@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use modelcache::keys::{self, Layer};
-use modelcache::sweep::{self, Pace};
+use modelcache::keyspace::keys::{self, Layer};
+use modelcache::keyspace::sweep::{self, Pace};
 use redis::aio::MultiplexedConnection;
 use support::RedisServer;
 
@@ -257,11 +257,11 @@ async fn writers_of_a_live_version_lose_nothing_during_a_sweep() {
 async fn invalidate_dry_run_deletes_nothing_and_the_active_version_is_refused() {
     let (redis, mut conn) = start().await;
     load(&mut conn, 1000).await;
-    modelcache::registry::transition(
+    modelcache::keyspace::registry::transition(
         &mut conn,
         "chat",
         "v1",
-        modelcache::registry::Transition::Activate,
+        modelcache::keyspace::registry::Transition::Activate,
     )
     .await
     .unwrap();

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use modelcache::keys::{self, Layer};
+use modelcache::keyspace::keys::{self, Layer};
+use modelcache::keyspace::sweep::{self, Pace, parse_cluster_nodes};
 use modelcache::store::RedisTarget;
-use modelcache::sweep::{self, Pace, parse_cluster_nodes};
 use redis::aio::MultiplexedConnection;
 use support::{RedisServer, free_port};
 

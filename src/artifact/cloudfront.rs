@@ -6,8 +6,8 @@
 //! URLs and cookies are secrets: nothing here logs them, and [`redact`] strips
 //! them from every URL that reaches a message.
 
+use parking_lot::Mutex;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -148,7 +148,7 @@ impl Signer {
                 ])
             }
             Policy::Custom => {
-                let mut cached = self.cached.lock().expect("signer lock");
+                let mut cached = self.cached.lock();
                 if let Some((r, expires, signed)) = cached.as_ref()
                     && r == resource
                     && *expires > now + lifetime / 5

@@ -374,7 +374,7 @@ impl Source {
                     let e = e.without_url();
                     error(
                         Failure::Transient,
-                        format!("the request failed: {}", chain(&e)),
+                        format!("the request failed: {}", crate::error::chain(&e)),
                     )
                 })?;
                 let status = response.status().as_u16();
@@ -406,7 +406,10 @@ impl Source {
                         chunk.map_err(|e| SourceError {
                             failure: Failure::Transient,
                             url: url2.clone(),
-                            detail: format!("the body broke off: {}", chain(&e.without_url())),
+                            detail: format!(
+                                "the body broke off: {}",
+                                crate::error::chain(&e.without_url())
+                            ),
                         })
                     })
                     .boxed())
@@ -500,17 +503,6 @@ fn http_url(base: &url::Url, model: &str, version: &str, rel: &str) -> url::Url 
         }
     }
     url
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// A client for S3 or an S3-compatible store: the default credential chain

@@ -24,8 +24,10 @@ use std::io::Write as _;
 use std::ops::Range;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
@@ -125,7 +127,7 @@ impl Segment {
 
     /// Seconds until it ends at its current rate, once that is known.
     fn time_left(&self, now: Instant) -> Option<f64> {
-        let first = (*self.first_byte.lock().expect("segment lock"))?;
+        let first = (*self.first_byte.lock())?;
         let elapsed = now.duration_since(first).as_secs_f64();
         let received = self.received.load(Ordering::Relaxed);
         if elapsed < 0.05 || received == 0 {
@@ -213,7 +215,7 @@ impl Transfer {
     }
 
     pub fn resumed(&self) -> u64 {
-        self.state.lock().expect("transfer lock").resumed
+        self.state.lock().resumed
     }
 
     /// Remove the partial file and its journal (after a mismatch, or once the
@@ -239,7 +241,7 @@ impl Transfer {
     /// empty range only checks: a resumed file may be contiguous already).
     fn written(self: &Arc<Self>, range: Range<u64>) {
         let start_hashing = {
-            let mut st = self.state.lock().expect("transfer lock");
+            let mut st = self.state.lock();
             insert_merged(&mut st.covered, range);
             // Writes come every 256 KiB: a hashing task for each would cost
             // more than it hashes, so wait for a batch, or for the end.
@@ -261,13 +263,13 @@ impl Transfer {
     /// Hash the contiguous written prefix; whoever holds the hasher works
     /// until nothing more is contiguous, then puts it back.
     fn hash_available(&self) {
-        let Some(mut hasher) = self.state.lock().expect("transfer lock").hasher.take() else {
+        let Some(mut hasher) = self.state.lock().hasher.take() else {
             return;
         };
         let mut buf = vec![0u8; MIB as usize];
         loop {
             let (from, to) = {
-                let mut st = self.state.lock().expect("transfer lock");
+                let mut st = self.state.lock();
                 let to = st
                     .covered
                     .first()
@@ -290,7 +292,7 @@ impl Transfer {
             while at < to {
                 let n = ((to - at) as usize).min(buf.len());
                 if let Err(e) = self.data.read_exact_at(&mut buf[..n], at) {
-                    let mut st = self.state.lock().expect("transfer lock");
+                    let mut st = self.state.lock();
                     st.digest = Some(Err(e.to_string()));
                     drop(st);
                     self.hashed.notify_waiters();
@@ -300,7 +302,7 @@ impl Transfer {
                 hasher.update(&buf[..n]);
                 at += n as u64;
             }
-            self.state.lock().expect("transfer lock").hashed = to;
+            self.state.lock().hashed = to;
         }
     }
 
@@ -311,7 +313,7 @@ impl Transfer {
         }
         loop {
             let notified = self.hashed.notified();
-            if let Some(d) = self.state.lock().expect("transfer lock").digest.clone() {
+            if let Some(d) = self.state.lock().digest.clone() {
                 return d.map_err(|e| io_err("read back", &self.partial)(std::io::Error::other(e)));
             }
             notified.await;
@@ -344,11 +346,7 @@ impl Engine {
                     match engine.next_work(&order) {
                         Work::Range(t, seg) => {
                             let result = engine.download(&t, &seg).await;
-                            t.state
-                                .lock()
-                                .expect("transfer lock")
-                                .segments
-                                .retain(|s| !Arc::ptr_eq(s, &seg));
+                            t.state.lock().segments.retain(|s| !Arc::ptr_eq(s, &seg));
                             changed.notify_waiters();
                             result?;
                         }
@@ -370,7 +368,7 @@ impl Engine {
 
     fn next_work(&self, order: &[Arc<Transfer>]) -> Work {
         for t in order {
-            let mut st = t.state.lock().expect("transfer lock");
+            let mut st = t.state.lock();
             if !st.pending.is_empty() {
                 let range = st.pending.remove(0);
                 let seg = Segment::new(range);
@@ -382,7 +380,7 @@ impl Engine {
         let now = Instant::now();
         let mut best: Option<(f64, Arc<Transfer>, Arc<Segment>)> = None;
         for t in order {
-            let st = t.state.lock().expect("transfer lock");
+            let st = t.state.lock();
             for seg in &st.segments {
                 in_flight = true;
                 if seg.remaining() < 2 * MIN_SPLIT {
@@ -404,14 +402,14 @@ impl Engine {
         let Some((left, t, seg)) = best else {
             return Work::Wait;
         };
-        let Some(ttfb) = *t.ttfb.lock().expect("ttfb lock") else {
+        let Some(ttfb) = *t.ttfb.lock() else {
             return Work::Wait;
         };
         if left <= SPLIT_FACTOR * ttfb + 0.05 {
             // Not worth a new request: it would end about when this one does.
             return Work::Wait;
         }
-        let mut st = t.state.lock().expect("transfer lock");
+        let mut st = t.state.lock();
         let (at, end) = (
             seg.at.load(Ordering::Acquire),
             seg.end.load(Ordering::Acquire),
@@ -472,10 +470,7 @@ impl Engine {
                     .get(&self.model, &self.version, &f.path, Some(from..to))
                     .await?;
                 observe_ttfb(&t.ttfb, sent.elapsed().as_secs_f64());
-                seg.first_byte
-                    .lock()
-                    .expect("segment lock")
-                    .get_or_insert_with(Instant::now);
+                seg.first_byte.lock().get_or_insert_with(Instant::now);
                 let mut requested_end = from;
                 loop {
                     let next =
@@ -559,7 +554,7 @@ impl Engine {
 }
 
 fn observe_ttfb(ttfb: &Mutex<Option<f64>>, seconds: f64) {
-    let mut ttfb = ttfb.lock().expect("ttfb lock");
+    let mut ttfb = ttfb.lock();
     *ttfb = Some(match *ttfb {
         None => seconds,
         Some(old) => 0.7 * old + 0.3 * seconds,
@@ -706,7 +701,7 @@ mod tests {
             sha256: "a".repeat(64),
         };
         let t = Transfer::open(dir.path(), &f, Some(2 * MIB)).unwrap();
-        let st = t.state.lock().unwrap();
+        let st = t.state.lock();
         assert_eq!(
             st.pending,
             vec![0..2 * MIB, 2 * MIB..4 * MIB, 4 * MIB..5 * MIB + 1]

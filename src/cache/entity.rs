@@ -14,8 +14,8 @@ use std::time::Duration;
 use redis::RedisError;
 use redis::aio::MultiplexedConnection;
 
-use crate::keys;
-use crate::registry;
+use crate::keyspace::keys;
+use crate::keyspace::registry;
 
 /// Consumer group of the modelcache invalidation consumers.
 pub const GROUP: &str = "modelcache";

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::codec;
 use super::{CacheError, SharedStats, StatsSnapshot, Versions, entity};
-use crate::keys::Layer;
+use crate::keyspace::keys::Layer;
 
 /// Features of one model's entities.
 ///

@@ -11,6 +11,8 @@
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
+use crate::vector::dot;
+
 /// Links per node above layer 0 (layer 0 has twice as many).
 const M: usize = 16;
 const EF_CONSTRUCTION: usize = 100;
@@ -58,24 +60,6 @@ pub struct Index {
     rng: fastrand::Rng,
     /// Candidates kept while searching; recall against speed.
     pub ef_search: usize,
-}
-
-/// Dot product; for unit vectors, their cosine similarity.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight lanes so that the compiler vectorizes the loop.
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8 * 8;
-    for (x, y) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let tail: f32 = a[chunks..]
-        .iter()
-        .zip(&b[chunks..])
-        .map(|(x, y)| x * y)
-        .sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 impl Index {

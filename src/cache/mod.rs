@@ -1,11 +1,14 @@
 //! The serving library: caches on the model's Redis, version-scoped through
-//! the one key schema ([`crate::keys`]) that the sweeper invalidates.
+//! the one key schema ([`crate::keyspace::keys`]) that the sweeper invalidates.
 //!
 //! - [`ResultCache`]: exact match on canonical JSON of model plus inputs.
 //! - [`FeatureCache`]: batched feature vectors per entity.
 //! - [`SemanticCache`]: answers for similar questions, above a threshold
 //!   calibrated from labeled pairs ([`calibrate`]), through an in-process
 //!   nearest-neighbour [`index`] kept in step across replicas.
+//! - [`threshold`]: what a static threshold does on scored pairs, and
+//!   [`guard`]: the lexical check (numbers, negation) a semantic hit passes
+//!   too; [`per_entry`]: thresholds learned per entry from outcomes.
 //! - [`entity`]: O(1) invalidation of one entity's entries through a
 //!   generation number in their keys, fed by a Redis Stream consumer group.
 //!
@@ -17,10 +20,12 @@ pub mod calibrate;
 pub mod codec;
 pub mod entity;
 pub mod feature;
+pub mod guard;
 pub mod index;
 pub mod per_entry;
 pub mod result;
 pub mod semantic;
+pub mod threshold;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use redis::RedisError;
 use tokio::sync::watch;
 
-use crate::registry::RegistryState;
+use crate::keyspace::registry::RegistryState;
 
 pub use feature::FeatureCache;
 pub use result::ResultCache;
@@ -39,10 +44,10 @@ pub use semantic::SemanticCache;
 fn entry_key(
     model: &str,
     version: &str,
-    layer: crate::keys::Layer,
+    layer: crate::keyspace::keys::Layer,
     subject: &serde_json::Value,
 ) -> String {
-    crate::keys::entry(
+    crate::keyspace::keys::entry(
         model,
         version,
         layer,
@@ -95,7 +100,7 @@ pub enum Versions {
     /// Always this version (tests, or serving code that knows its version from
     /// the pod's label through the downward API).
     Fixed(String),
-    /// The registry's active version, as a [`crate::registry::Follower`] sees it.
+    /// The registry's active version, as a [`crate::keyspace::registry::Follower`] sees it.
     Registry(watch::Receiver<RegistryState>),
 }
 

@@ -16,7 +16,7 @@
 
 use serde::Serialize;
 
-use super::calibrate::Scored;
+use super::threshold::Scored;
 
 /// Outcomes an entry keeps (the most recent), 5 bytes each in Redis.
 pub const MAX_OBSERVATIONS: usize = 64;

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::codec;
 use super::{CacheError, SharedStats, Stats, StatsSnapshot, Versions, entity};
-use crate::keys::Layer;
+use crate::keyspace::keys::Layer;
 
 /// Results of one model, keyed by sha256 of canonical JSON of model + inputs.
 #[derive(Clone)]

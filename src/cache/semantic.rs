@@ -27,17 +27,20 @@
 //! Values are JSON behind the codec's format tag; vectors are raw f32.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+
+use parking_lot::{Mutex, RwLock};
 
 use redis::aio::MultiplexedConnection;
 use serde_json::Value;
 
 use super::codec;
+pub use super::guard::guard_allows;
 use super::index::Index;
 use super::per_entry::{self, Observation, Prior};
 use super::{CacheError, Versions};
-use crate::keys::{self, Layer};
+use crate::keyspace::keys::{self, Layer};
 
 /// Events kept in the stream (approximately): replicas further behind than
 /// this rebuild their index from a scan.
@@ -234,7 +237,7 @@ struct FollowerGuard(Mutex<Option<tokio::task::JoinHandle<()>>>);
 
 impl Drop for FollowerGuard {
     fn drop(&mut self) {
-        if let Some(task) = self.0.get_mut().expect("not poisoned").take() {
+        if let Some(task) = self.0.get_mut().take() {
             task.abort();
         }
     }
@@ -250,43 +253,6 @@ fn bytes_vector(b: &[u8], dim: usize) -> Option<Vec<f32>> {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect()
     })
-}
-
-/// Words that negate. Embeddings of "is it safe" and "is it not safe" are
-/// nearly equal (0.99 with all-MiniLM-L6-v2, above real paraphrases), so no
-/// threshold separates them: the guard below does.
-const NEGATIONS: &[&str] = &[
-    "not", "no", "never", "nobody", "nothing", "neither", "nor", "none", "cannot", "without",
-];
-
-/// The lexical guard applied on top of similarity: a stored answer is served
-/// only when both questions name the same numbers and are both negated or
-/// both not. "5 km" and "50 km", "safe" and "not safe" embed within a hair
-/// of each other but want different answers.
-pub fn guard_allows(stored: &str, query: &str) -> bool {
-    fn numbers(q: &str) -> Vec<String> {
-        let mut out: Vec<String> = Vec::new();
-        let mut current = String::new();
-        for c in q.chars().chain(std::iter::once(' ')) {
-            if c.is_ascii_digit() || (!current.is_empty() && (c == '.' || c == ',')) {
-                current.push(c);
-            } else if !current.is_empty() {
-                out.push(current.trim_end_matches(['.', ',']).replace(',', ""));
-                current.clear();
-            }
-        }
-        out.sort();
-        out
-    }
-    fn negated(q: &str) -> bool {
-        let lower = q.to_lowercase().replace('\u{2019}', "'");
-        let count = lower
-            .split(|c: char| !(c.is_alphanumeric() || c == '\''))
-            .filter(|w| NEGATIONS.contains(w) || w.ends_with("n't"))
-            .count();
-        count % 2 == 1
-    }
-    numbers(stored) == numbers(query) && negated(stored) == negated(query)
 }
 
 /// The entry id of a question: its sha256, so one question is one entry.
@@ -331,7 +297,7 @@ impl SemanticCache {
 
     /// Entries in this replica's index.
     pub fn indexed(&self) -> usize {
-        self.core.state.read().expect("not poisoned").index.len()
+        self.core.state.read().index.len()
     }
 
     /// Build the index for the current version and follow the event stream
@@ -341,16 +307,16 @@ impl SemanticCache {
         let core = self.core.clone();
         let task = tokio::spawn(async move {
             let what = format!("semantic cache follower of model {:?}", core.model);
-            crate::registry::reconnecting(
+            crate::keyspace::registry::reconnecting(
                 &what,
                 || core.follow(&client),
                 // Events trimmed from the stream while away would be lost:
                 // rebuild from Redis once connected again.
-                || core.state.write().expect("not poisoned").version = None,
+                || core.state.write().version = None,
             )
             .await
         });
-        *self.follower.0.lock().expect("not poisoned") = Some(task);
+        *self.follower.0.lock() = Some(task);
         Ok(())
     }
 
@@ -414,8 +380,8 @@ impl Core {
         loop {
             // A version change rebuilds (and moves the cursor).
             self.ensure_version().await?;
-            let cursor = self.state.read().expect("not poisoned").cursor.clone();
-            let reply: Option<crate::registry::StreamReply> = redis::cmd("XREAD")
+            let cursor = self.state.read().cursor.clone();
+            let reply: Option<crate::keyspace::registry::StreamReply> = redis::cmd("XREAD")
                 .arg("COUNT")
                 .arg(1000)
                 .arg("BLOCK")
@@ -431,7 +397,7 @@ impl Core {
                 for (id, fields) in entries {
                     self.apply_event(&fields).await?;
                     // A rebuild meanwhile may have moved past it already.
-                    let mut state = self.state.write().expect("not poisoned");
+                    let mut state = self.state.write();
                     if stream_id_after(&id, &state.cursor) {
                         state.cursor = id;
                     }
@@ -451,7 +417,7 @@ impl Core {
         else {
             return Ok(());
         };
-        let current = self.state.read().expect("not poisoned").version.clone();
+        let current = self.state.read().version.clone();
         if current.as_deref() != Some(version) {
             return Ok(());
         }
@@ -464,7 +430,7 @@ impl Core {
                     .query_async(&mut conn)
                     .await
                     .map_err(self.redis_error("read an entry of"))?;
-                let mut state = self.state.write().expect("not poisoned");
+                let mut state = self.state.write();
                 let dim = state.index.dim();
                 if let Some(v) = bytes.and_then(|b| bytes_vector(&b, dim)) {
                     state.index.insert(id, &v);
@@ -477,7 +443,7 @@ impl Core {
                 let slack = self.config.max_entries + self.config.max_entries / 10 + 16;
                 while state.index.len() > slack && state.evict_lru().is_some() {}
             }
-            "del" => self.state.write().expect("not poisoned").forget(id),
+            "del" => self.state.write().forget(id),
             _ => {}
         }
         Ok(())
@@ -486,29 +452,31 @@ impl Core {
     /// Rebuild the index if the current version is not the indexed one.
     async fn ensure_version(&self) -> Result<String, CacheError> {
         let version = self.versions.require(&self.model)?;
-        if self.state.read().expect("not poisoned").version.as_deref() == Some(&version) {
+        if self.state.read().version.as_deref() == Some(&version) {
             return Ok(version);
         }
         let _one = self.rebuild.lock().await;
-        if self.state.read().expect("not poisoned").version.as_deref() == Some(&version) {
+        if self.state.read().version.as_deref() == Some(&version) {
             return Ok(version);
         }
         let mut conn = self.conn.clone();
         // The stream position first: events after it are applied on top of
         // the scan, so nothing stored during the scan is missed.
-        let cursor =
-            crate::registry::last_stream_id(&mut conn, &keys::semantic_events(&self.model))
-                .await
-                .map_err(self.redis_error("read the events of"))?;
+        let cursor = crate::keyspace::registry::last_stream_id(
+            &mut conn,
+            &keys::semantic_events(&self.model),
+        )
+        .await
+        .map_err(self.redis_error("read the events of"))?;
         let pattern = format!(
             "{}*",
             keys::glob_escape(&keys::entry(&self.model, &version, Layer::Semantic, ""))
         );
         let mut found: Vec<Vec<u8>> = Vec::new();
-        crate::sweep::scan_all(&mut conn, &pattern, 1000, |keys| found.extend(keys))
+        crate::keyspace::sweep::scan_all(&mut conn, &pattern, 1000, |keys| found.extend(keys))
             .await
             .map_err(self.redis_error("scan"))?;
-        let dim = self.state.read().expect("not poisoned").index.dim();
+        let dim = self.state.read().index.dim();
         let mut index = Index::new(dim);
         let mut ids = Vec::new();
         for chunk in found.chunks(512) {
@@ -532,7 +500,7 @@ impl Core {
                 }
             }
         }
-        let mut state = self.state.write().expect("not poisoned");
+        let mut state = self.state.write();
         state.index = index;
         state.by_tick.clear();
         state.ticks.clear();
@@ -549,14 +517,14 @@ impl Core {
     /// otherwise the index is rebuilt in the background and `None` returned,
     /// so that no request waits for a rebuild (tens of seconds at 100k).
     fn indexed_or_rebuild(&self, version: &str) -> bool {
-        if self.state.read().expect("not poisoned").version.as_deref() == Some(version) {
+        if self.state.read().version.as_deref() == Some(version) {
             return true;
         }
         if self.rebuild.try_lock().is_ok() {
             let core = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = core.ensure_version().await {
-                    tracing::warn!(error = %crate::controller::plan::error_chain(&e), "semantic index rebuild failed");
+                    tracing::warn!(error = %crate::error::chain(&e), "semantic index rebuild failed");
                 }
             });
         }
@@ -570,12 +538,7 @@ impl Core {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(Lookup::Miss);
         }
-        let candidates = self
-            .state
-            .read()
-            .expect("not poisoned")
-            .index
-            .search(vector, CANDIDATES);
+        let candidates = self.state.read().index.search(vector, CANDIDATES);
         let mut conn = self.conn.clone();
         for c in candidates {
             if c.similarity < self.config.threshold {
@@ -600,7 +563,7 @@ impl Core {
             else {
                 // Expired or evicted in Redis: never a hit, and gone here too.
                 self.stats.stale.fetch_add(1, Ordering::Relaxed);
-                self.state.write().expect("not poisoned").forget(&c.id);
+                self.state.write().forget(&c.id);
                 continue;
             };
             if !guard_allows(&query, text) {
@@ -631,7 +594,7 @@ impl Core {
                     }));
                 }
             }
-            self.state.write().expect("not poisoned").touch(&c.id);
+            self.state.write().touch(&c.id);
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Lookup::Hit(entry));
         }
@@ -675,7 +638,7 @@ return 1";
     ) -> Result<(), CacheError> {
         let version = self.versions.require(&self.model)?;
         let indexed = self.indexed_or_rebuild(&version);
-        let dim = self.state.read().expect("not poisoned").index.dim();
+        let dim = self.state.read().index.dim();
         assert_eq!(vector.len(), dim, "vector of the wrong dimension");
         let id = entry_id(query);
         let key = self.key(&version, &id);
@@ -707,7 +670,7 @@ return 1";
             return Ok(());
         }
         let evicted = {
-            let mut state = self.state.write().expect("not poisoned");
+            let mut state = self.state.write();
             state.index.insert(&id, vector);
             state.touch(&id);
             self.enforce_bound(state)
@@ -720,7 +683,7 @@ return 1";
 
     /// Drop least recently used entries beyond the bound from the index;
     /// returns them so that the caller deletes them from Redis too.
-    fn enforce_bound(&self, mut state: std::sync::RwLockWriteGuard<'_, State>) -> Vec<String> {
+    fn enforce_bound(&self, mut state: parking_lot::RwLockWriteGuard<'_, State>) -> Vec<String> {
         let mut out = Vec::new();
         while state.index.len() > self.config.max_entries {
             let Some(id) = state.evict_lru() else {
@@ -781,27 +744,6 @@ mod tests {
         let v = vec![0.5f32, -1.25, 3.0];
         assert_eq!(bytes_vector(&vector_bytes(&v), 3), Some(v));
         assert_eq!(bytes_vector(&[0u8; 8], 3), None);
-    }
-
-    #[test]
-    fn the_guard_refuses_other_numbers_and_negations() {
-        assert!(guard_allows(
-            "How can I lose weight quickly?",
-            "How can I lose weight fast?"
-        ));
-        assert!(!guard_allows(
-            "How do I convert 5 km to miles?",
-            "How do I convert 50 km to miles?"
-        ));
-        assert!(guard_allows("Is 1,000 a lot?", "is 1000 a lot"));
-        assert!(guard_allows("Version 2.5 notes?", "Notes for version 2.5"));
-        assert!(!guard_allows(
-            "Is it safe to eat raw eggs?",
-            "Is it not safe to eat raw eggs?"
-        ));
-        assert!(!guard_allows("Why can't I log in?", "Why can I log in?"));
-        assert!(guard_allows("Why can't I log in?", "Why cannot I log in?"));
-        assert!(guard_allows("Is it not unsafe?", "Isn't it unsafe?"));
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub enum ControllerError {
     LostLease,
     #[error("failed to start the injection webhook")]
     Webhook(#[source] webhook::WebhookError),
+    #[error("failed to install the SIGTERM handler")]
+    Signal(#[source] std::io::Error),
 }
 
 /// Settings of `modelcache controller`.
@@ -89,14 +91,16 @@ pub enum WebhookTls {
     Files(std::path::PathBuf),
 }
 
-/// Resolves when SIGTERM or SIGINT arrives.
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install a SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+/// Resolves when SIGTERM or SIGINT arrives. The handler is installed before
+/// anything runs, so a controller that cannot be stopped cleanly never starts.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    })
 }
 
 /// How often the webhook's certificate is checked for renewal (ours) or
@@ -168,7 +172,7 @@ async fn start_webhook(
                 .await
                 .and_then(|(cert, key)| serving.replace(&cert, &key));
             if let Err(e) = fresh {
-                tracing::warn!(error = %plan::error_chain(&e), "failed to refresh the webhook certificate; serving the current one");
+                tracing::warn!(error = %crate::error::chain(&e), "failed to refresh the webhook certificate; serving the current one");
             }
         }
     }))
@@ -186,8 +190,9 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let signal = shutdown_signal().map_err(ControllerError::Signal)?;
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signal.await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     });
@@ -233,7 +238,7 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
             match elector.try_lead().await {
                 Ok(true) => break,
                 Ok(false) => {}
-                Err(e) => tracing::warn!(error = %plan::error_chain(&e), "leader election"),
+                Err(e) => tracing::warn!(error = %crate::error::chain(&e), "leader election"),
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
@@ -255,7 +260,7 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
                         return elector;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %plan::error_chain(&e), "failed to renew the lease")
+                        tracing::warn!(error = %crate::error::chain(&e), "failed to renew the lease")
                     }
                 }
                 if last_renewal.elapsed() > elector.duration() {
@@ -264,7 +269,7 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
                 }
             }
             if let Err(e) = elector.release().await {
-                tracing::warn!(error = %plan::error_chain(&e), "failed to release the lease");
+                tracing::warn!(error = %crate::error::chain(&e), "failed to release the lease");
             }
             elector
         })

@@ -84,23 +84,11 @@ pub fn plan(
         None => {
             RedisPlan::Provisioned(settings::resolve(&policy, overrides).map_err(|e| Invalid {
                 reason: "RedisMemoryInvalid",
-                message: error_chain(&e),
+                message: crate::error::chain(&e),
             })?)
         }
     };
     Ok(Plan { policy, redis })
-}
-
-/// An error and its sources as one line, for conditions and Events.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
 }
 
 /// The schema checks the URI on admission; this catches objects admitted

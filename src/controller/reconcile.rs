@@ -4,7 +4,9 @@
 //! in line and read its health, then write status.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
@@ -21,16 +23,17 @@ use crate::crd::cache_policy::{CachePolicySpec, InvalidationStrategy};
 use crate::crd::condition::condition_status;
 use crate::crd::model_cache::{VersionPhase, WorkloadKind, WorkloadRef};
 use crate::crd::{self, CachePolicy, ModelCache};
-use crate::registry::{self, Transition};
+use crate::keyspace::registry::{self, Transition};
+use crate::keyspace::sweep::{self, Pace, SweepReport};
 use crate::store::live::{self, Defrag, LiveError, RedisTarget};
-use crate::sweep::{self, Pace, SweepReport};
 
 use super::rollout::{RolloutInput, RolloutPlan, plan_rollout};
 
 use super::builders::{self, PASSWORD_KEY};
 use super::metrics::{ErrorCategory, Metrics, Outcome};
-use super::plan::{self, Invalid, RedisPlan, error_chain};
+use super::plan::{self, Invalid, RedisPlan};
 use super::status::{self, CONFIG_APPLIED, FRAGMENTED, Observation, READY, SPEC_VALID};
+use crate::error::chain as error_chain;
 
 /// Field manager for every object the controller applies.
 pub const MANAGER: &str = "modelcache-controller";
@@ -102,7 +105,8 @@ impl Context {
     }
 }
 
-fn key(mc: &ModelCache) -> String {
+/// `namespace/name`, as the ModelCache is named in logs and in the per-object maps.
+fn namespaced_name(mc: &ModelCache) -> String {
     format!("{}/{}", mc.namespace().unwrap_or_default(), mc.name_any())
 }
 
@@ -114,10 +118,7 @@ pub async fn reconcile(mc: Arc<ModelCache>, ctx: Arc<Context>) -> Result<Action,
     match &result {
         Ok((outcome, _)) => {
             ctx.metrics.reconciled(*outcome, seconds);
-            ctx.failures
-                .lock()
-                .expect("failures lock")
-                .remove(&key(&mc));
+            ctx.failures.lock().remove(&namespaced_name(&mc));
         }
         Err(e) => {
             ctx.metrics.reconciled(Outcome::Error, seconds);
@@ -130,11 +131,11 @@ pub async fn reconcile(mc: Arc<ModelCache>, ctx: Arc<Context>) -> Result<Action,
 /// Temporary errors requeue with a per-object exponential backoff: 5 s,
 /// doubling, at most 5 minutes.
 pub fn error_policy(mc: Arc<ModelCache>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
-    let mut failures = ctx.failures.lock().expect("failures lock");
-    let n = failures.entry(key(&mc)).or_insert(0);
+    let mut failures = ctx.failures.lock();
+    let n = failures.entry(namespaced_name(&mc)).or_insert(0);
     *n = n.saturating_add(1);
     let delay = backoff(*n);
-    tracing::warn!(modelcache = %key(&mc), error = %error_chain(error), retry_in_s = delay.as_secs(), "reconcile failed");
+    tracing::warn!(modelcache = %namespaced_name(&mc), error = %error_chain(error), retry_in_s = delay.as_secs(), "reconcile failed");
     Action::requeue(delay)
 }
 
@@ -591,10 +592,10 @@ async fn follow_rollout(
         },
         None => (BTreeMap::new(), None),
     };
-    let prefix = format!("{}/", key(mc));
+    let prefix = format!("{}/", namespaced_name(mc));
     let mut finished = BTreeMap::new();
     {
-        let mut sweeps = ctx.sweeps.lock().expect("sweeps lock");
+        let mut sweeps = ctx.sweeps.lock();
         let done: Vec<String> = sweeps
             .iter()
             .filter(|(k, t)| k.starts_with(&prefix) && t.is_finished())
@@ -609,7 +610,7 @@ async fn follow_rollout(
                 }
                 // A failed sweep is started again below, from its checkpoint.
                 Some(Ok(Err(e))) => {
-                    tracing::warn!(modelcache = %key(mc), version = %version, error = %e, "sweep failed; it resumes")
+                    tracing::warn!(modelcache = %namespaced_name(mc), version = %version, error = %e, "sweep failed; it resumes")
                 }
                 _ => {}
             }
@@ -642,11 +643,11 @@ async fn follow_rollout(
     // On a cluster the registry's keys live on the primary that owns their slot.
     let registry_target = if cluster {
         match sweep::cluster_primaries(target).await {
-            Ok(primaries) => sweep::owner(&primaries, &crate::keys::registry(model))
+            Ok(primaries) => sweep::owner(&primaries, &crate::keyspace::keys::registry(model))
                 .map(|p| sweep::node_target(target, p))
                 .unwrap_or_else(|| target.clone()),
             Err(e) => {
-                tracing::warn!(modelcache = %key(mc), error = %error_chain(&e), "failed to list the cluster's primaries");
+                tracing::warn!(modelcache = %namespaced_name(mc), error = %error_chain(&e), "failed to list the cluster's primaries");
                 target.clone()
             }
         }
@@ -682,14 +683,14 @@ async fn follow_rollout(
                 }
             }
             Err(e) => {
-                tracing::warn!(modelcache = %key(mc), error = %error_chain(&e), "failed to read the registry")
+                tracing::warn!(modelcache = %namespaced_name(mc), error = %error_chain(&e), "failed to read the registry")
             }
         }
     }
 
     // Exactly one sweep task per Sweeping version: started (or resumed from
     // its checkpoint after a controller restart), or cancelled by a rollback.
-    let mut sweeps = ctx.sweeps.lock().expect("sweeps lock");
+    let mut sweeps = ctx.sweeps.lock();
     for v in &plan.cancel_sweeps {
         if let Some(task) = sweeps.remove(&format!("{prefix}{v}")) {
             task.abort();
@@ -750,7 +751,7 @@ fn count_draining_keys(
     model: &str,
     cluster: bool,
 ) {
-    let mut counts = ctx.counts.lock().expect("counts lock");
+    let mut counts = ctx.counts.lock();
     for v in plan
         .versions
         .iter_mut()
@@ -852,7 +853,7 @@ async fn announce_rollout(mc: &ModelCache, ctx: &Context, plan: &RolloutPlan) {
             secondary: None,
         };
         if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            tracing::warn!(modelcache = %key(mc), error = %e, "failed to publish an Event");
+            tracing::warn!(modelcache = %namespaced_name(mc), error = %e, "failed to publish an Event");
         }
     }
 }
@@ -951,7 +952,7 @@ async fn announce(mc: &ModelCache, ctx: &Context, new: &crd::ModelCacheStatus, o
         };
         if let Err(e) = ctx.recorder.publish(&event, &reference).await {
             // Events are best effort: status already says the same.
-            tracing::warn!(modelcache = %key(mc), error = %e, "failed to publish an Event");
+            tracing::warn!(modelcache = %namespaced_name(mc), error = %e, "failed to publish an Event");
         }
     }
 }

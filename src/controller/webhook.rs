@@ -323,7 +323,7 @@ pub fn api_lookup(client: kube::Client) -> Lookup {
         Box::pin(async move {
             let api: kube::Api<ModelCache> = kube::Api::namespaced(client, &namespace);
             api.get_opt(&name).await.map_err(|e| {
-                let why = super::plan::error_chain(&e);
+                let why = crate::error::chain(&e);
                 tracing::warn!(error = %why, "failed to read a ModelCache for the webhook");
                 why
             })
@@ -334,11 +334,11 @@ pub fn api_lookup(client: kube::Client) -> Lookup {
 /// The certificate the webhook serves, replaceable while it serves: a
 /// renewal (ours, or cert-manager's) takes effect without a restart.
 #[derive(Debug)]
-pub struct ServingCert(std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>);
+pub struct ServingCert(parking_lot::RwLock<Arc<rustls::sign::CertifiedKey>>);
 
 impl ServingCert {
     pub fn new(cert_pem: &str, key_pem: &str) -> Result<Arc<ServingCert>, WebhookError> {
-        Ok(Arc::new(ServingCert(std::sync::RwLock::new(Arc::new(
+        Ok(Arc::new(ServingCert(parking_lot::RwLock::new(Arc::new(
             certified_key(cert_pem, key_pem)?,
         )))))
     }
@@ -346,7 +346,7 @@ impl ServingCert {
     /// Serve `cert_pem` from the next handshake on.
     pub fn replace(&self, cert_pem: &str, key_pem: &str) -> Result<(), WebhookError> {
         let key = Arc::new(certified_key(cert_pem, key_pem)?);
-        *self.0.write().expect("not poisoned") = key;
+        *self.0.write() = key;
         Ok(())
     }
 }
@@ -356,7 +356,7 @@ impl rustls::server::ResolvesServerCert for ServingCert {
         &self,
         _: rustls::server::ClientHello<'_>,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.read().expect("not poisoned").clone())
+        Some(self.0.read().clone())
     }
 }
 

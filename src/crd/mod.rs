@@ -3,11 +3,13 @@
 //!
 //! `crds/` in the repository holds exactly what [`render`] produces, so that
 //! `kubectl apply -f crds/` and Argo CD install the same schema the controller
-//! was built with. A test fails when they drift.
+//! was built with. A test fails when they drift. [`validate`] checks
+//! manifests offline against these schemas.
 
 pub mod cache_policy;
 pub mod condition;
 pub mod model_cache;
+pub mod validate;
 
 use std::fs;
 use std::io::Write;

@@ -301,5 +301,5 @@ impl SentenceEmbedder {
 
 /// Dot product of two unit vectors: their cosine similarity.
 pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    crate::cache::index::dot(a, b)
+    crate::vector::dot(a, b)
 }

@@ -1,7 +1,7 @@
 //! A Llama-family decoder (Llama, SmolLM, Mistral without sliding windows)
 //! on candle, written so that the KV is ours: a prefill takes the KV of a
 //! cached prefix and returns the KV of the whole sequence, which
-//! [`crate::prefix_cache`] stores in blocks. candle's own models keep their KV
+//! [`crate::warm::prefix_cache`] stores in blocks. candle's own models keep their KV
 //! cache private, which is why this is not `candle_transformers`.
 //!
 //! Weights come from a GGUF file, kept quantized (`QMatMul` on the quantized

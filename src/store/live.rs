@@ -77,7 +77,7 @@ impl std::fmt::Debug for RedisTarget {
 }
 
 impl RedisTarget {
-    /// A client with the credentials set, for [`crate::registry::Follower`]
+    /// A client with the credentials set, for [`crate::keyspace::registry::Follower`]
     /// and other users that open their own connections.
     pub fn client(&self) -> Result<redis::Client, LiveError> {
         let url_error = |source| LiveError::Url {

@@ -286,7 +286,7 @@ fn round(ms: f64) -> f64 {
 pub struct SidecarState {
     pub ready: AtomicBool,
     pub warmups: AtomicU64,
-    pub last: std::sync::Mutex<Option<WarmReport>>,
+    pub last: parking_lot::Mutex<Option<WarmReport>>,
 }
 
 /// Run as a sidecar: wait for the engine, warm, turn ready; when the engine
@@ -309,7 +309,7 @@ pub async fn run_sidecar(
                     "warm: {}",
                     serde_json::to_string(&report).unwrap_or_default()
                 );
-                *state.last.lock().expect("state lock") = Some(report);
+                *state.last.lock() = Some(report);
                 state.warmups.fetch_add(1, Ordering::Relaxed);
                 state.ready.store(true, Ordering::Release);
             }
@@ -361,7 +361,7 @@ pub fn router(state: Arc<SidecarState>) -> axum::Router {
                     let body = serde_json::json!({
                         "warmups": report.warmups.load(Ordering::Relaxed),
                         "ready": report.ready.load(Ordering::Acquire),
-                        "last": *report.last.lock().expect("state lock"),
+                        "last": *report.last.lock(),
                     });
                     (
                         [(axum::http::header::CONTENT_TYPE, "application/json")],

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::model::llama::{Kv, Llama, LlamaError, Weights, brief};
 use crate::model::tokenizer::{Tokenizer, TokenizerError};
-use crate::prefix_cache::{self, BLOCK_TOKENS, BlockKv, PrefixCache, PrefixCacheError};
+use crate::warm::prefix_cache::{self, BLOCK_TOKENS, BlockKv, PrefixCache, PrefixCacheError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InProcessError {

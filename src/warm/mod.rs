@@ -10,4 +10,5 @@
 
 pub mod engine;
 pub mod in_process;
+pub mod prefix_cache;
 pub mod prompts;

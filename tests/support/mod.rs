@@ -15,6 +15,7 @@
 //! Install everything with `scripts/setup.sh`.
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
+#![allow(unsafe_code)] // PR_SET_PDEATHSIG in pre_exec, so services die with their test
 
 pub mod fake_api;
 pub mod proxy;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use redis::RedisError;
 use redis::aio::MultiplexedConnection;
 
-use crate::keys;
+use crate::keyspace::keys;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
@@ -310,7 +310,7 @@ pub enum InvalidateError {
     Registry {
         model: String,
         #[source]
-        source: crate::registry::RegistryError,
+        source: crate::keyspace::registry::RegistryError,
     },
 }
 
@@ -349,7 +349,7 @@ async fn invalidate_on(
     pace: Pace,
     mut sweep: impl AsyncFnMut(&str) -> Result<SweepReport, SweepError>,
 ) -> Result<Vec<VersionOutcome>, InvalidateError> {
-    let state = crate::registry::read(&mut registry, model)
+    let state = crate::keyspace::registry::read(&mut registry, model)
         .await
         .map_err(|source| InvalidateError::Registry {
             model: model.to_owned(),
@@ -383,11 +383,11 @@ async fn invalidate_on(
         let report = sweep(&version).await?;
         if state.live.contains(&version) {
             // Best effort: the sweep itself is what matters.
-            let _ = crate::registry::transition(
+            let _ = crate::keyspace::registry::transition(
                 &mut registry,
                 model,
                 &version,
-                crate::registry::Transition::Retire,
+                crate::keyspace::registry::Transition::Retire,
             )
             .await;
         }
@@ -419,7 +419,7 @@ async fn connect_node(
 ) -> Result<MultiplexedConnection, SweepError> {
     target.connect().await.map_err(|e| SweepError::Node {
         address: target.url.clone(),
-        message: crate::controller::plan::error_chain(&e),
+        message: crate::error::chain(&e),
     })
 }
 

@@ -16,10 +16,8 @@
 //! written through a temporary name and a rename, so readers never see half a
 //! block. Only safetensors, plain data, is read: never a pickle.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-use serde::{Deserialize, Serialize};
 
 use crate::digest::{hex, sha256_hex};
 
@@ -102,13 +100,6 @@ pub fn block_hashes(salt: &str, tokens: &[u32]) -> Vec<[u8; 32]> {
     out
 }
 
-#[derive(Serialize, Deserialize)]
-struct Entry {
-    dtype: String,
-    shape: Vec<usize>,
-    data_offsets: [usize; 2],
-}
-
 /// A prefix cache directory for one model version.
 #[derive(Debug, Clone)]
 pub struct PrefixCache {
@@ -173,62 +164,101 @@ impl PrefixCache {
     }
 }
 
-/// safetensors bytes with the sha256 of the tensor data in the metadata.
-fn encode(kv: &BlockKv) -> Result<Vec<u8>, String> {
-    let mut header = BTreeMap::new();
-    let mut data = Vec::new();
-    for (l, (k, v)) in kv.layers.iter().enumerate() {
-        for (name, t) in [(format!("k.{l}"), k), (format!("v.{l}"), v)] {
-            t.check(&name)?;
-            let start = data.len();
-            data.extend_from_slice(&t.data);
-            header.insert(
-                name,
-                serde_json::to_value(Entry {
-                    dtype: t.dtype.clone(),
-                    shape: t.shape.clone(),
-                    data_offsets: [start, data.len()],
-                })
-                .expect("entries serialize"),
-            );
+impl Tensor {
+    fn safetensors_dtype(&self) -> Option<safetensors::Dtype> {
+        match self.dtype.as_str() {
+            "F32" => Some(safetensors::Dtype::F32),
+            "F16" => Some(safetensors::Dtype::F16),
+            "BF16" => Some(safetensors::Dtype::BF16),
+            _ => None,
         }
     }
-    header.insert(
-        "__metadata__".into(),
-        serde_json::json!({"sha256": sha256_hex(&data), "layers": kv.layers.len().to_string()}),
-    );
-    let mut json = serde_json::to_vec(&header).expect("headers serialize");
-    // safetensors pads the header with spaces to a multiple of 8.
-    while json.len() % 8 != 0 {
-        json.push(b' ');
-    }
-    let mut out = (json.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&json);
-    out.extend_from_slice(&data);
-    Ok(out)
 }
 
-/// The block in `bytes`, or `None` when anything about it is wrong.
-fn decode(bytes: &[u8]) -> Option<BlockKv> {
+/// A checked [`Tensor`] as the safetensors crate writes it.
+struct Checked<'a>(&'a Tensor, safetensors::Dtype);
+
+impl safetensors::View for Checked<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.1
+    }
+    fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.0.data)
+    }
+    fn data_len(&self) -> usize {
+        self.0.data.len()
+    }
+}
+
+/// The data section of a safetensors file: what follows its header.
+fn data_section(bytes: &[u8]) -> Option<&[u8]> {
     let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
     if n > MAX_HEADER {
         return None;
     }
-    let header_end = 8usize.checked_add(n as usize)?;
-    let header: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(bytes.get(8..header_end)?).ok()?;
-    let data = &bytes[header_end..];
-    let meta = header.get("__metadata__")?;
-    if meta.get("sha256")?.as_str()? != sha256_hex(data) {
+    bytes.get(8usize.checked_add(n as usize)?..)
+}
+
+/// safetensors bytes with the sha256 of the data section in the metadata.
+fn encode(kv: &BlockKv) -> Result<Vec<u8>, String> {
+    let mut tensors = Vec::with_capacity(kv.layers.len() * 2);
+    for (l, (k, v)) in kv.layers.iter().enumerate() {
+        for (name, t) in [(format!("k.{l}"), k), (format!("v.{l}"), v)] {
+            t.check(&name)?;
+            let dtype = t
+                .safetensors_dtype()
+                .ok_or_else(|| format!("{name}: no safetensors dtype"))?;
+            tensors.push((name, Checked(t, dtype)));
+        }
+    }
+    let serialize = |tensors: Vec<(String, Checked<'_>)>, meta| {
+        safetensors::serialize(tensors, Some(meta)).map_err(|e| format!("safetensors: {e}"))
+    };
+    let layers = kv.layers.len().to_string();
+    // The crate decides the data's order, and the digest goes in the header
+    // before it: a first pass lays the data out, the second writes the file.
+    let unsigned = serialize(
+        tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), Checked(t.0, t.1)))
+            .collect(),
+        HashMap::from([("layers".to_string(), layers.clone())]),
+    )?;
+    let digest = sha256_hex(data_section(&unsigned).ok_or("safetensors: header too large")?);
+    serialize(
+        tensors,
+        HashMap::from([
+            ("layers".to_string(), layers),
+            ("sha256".to_string(), digest),
+        ]),
+    )
+}
+
+/// The block in `bytes`, or `None` when anything about it is wrong.
+fn decode(bytes: &[u8]) -> Option<BlockKv> {
+    let data = data_section(bytes)?;
+    let file = safetensors::SafeTensors::deserialize(bytes).ok()?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).ok()?;
+    let meta = header.metadata().as_ref()?;
+    if meta.get("sha256")? != &sha256_hex(data) {
         return None;
     }
-    let layers: usize = meta.get("layers")?.as_str()?.parse().ok()?;
+    let layers: usize = meta.get("layers")?.parse().ok()?;
     let tensor = |name: String| -> Option<Tensor> {
-        let e: Entry = serde_json::from_value(header.get(&name)?.clone()).ok()?;
+        let view = file.tensor(&name).ok()?;
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 => "F32",
+            safetensors::Dtype::F16 => "F16",
+            safetensors::Dtype::BF16 => "BF16",
+            _ => return None,
+        };
         let t = Tensor {
-            dtype: e.dtype,
-            shape: e.shape,
-            data: data.get(e.data_offsets[0]..e.data_offsets[1])?.to_vec(),
+            dtype: dtype.into(),
+            shape: view.shape().to_vec(),
+            data: view.data().to_vec(),
         };
         t.check(&name).ok()?;
         Some(t)

@@ -15,7 +15,7 @@ use redis::{AsyncConnectionConfig, RedisError, Script};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::keys;
+use crate::keyspace::keys;
 
 /// Events kept in the stream; older ones are trimmed (the state is the truth).
 const EVENT_LOG_LENGTH: u64 = 10_000;
@@ -181,7 +181,7 @@ pub(crate) async fn reconnecting<E, F>(
 {
     let mut delay = Duration::from_millis(100);
     while let Err(e) = attempt().await {
-        tracing::warn!(error = %crate::controller::plan::error_chain(&e), "{what} reconnecting");
+        tracing::warn!(error = %crate::error::chain(&e), "{what} reconnecting");
         on_error();
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
