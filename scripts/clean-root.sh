@@ -58,6 +58,11 @@ for f in "$cargo_bin"/*; do
   fi
 done
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# What Debian's installer writes and debootstrap does not: the tests reach
+# their loopback servers as `localhost` (the webhook's certificate names it).
+if [ ! -s "$root/etc/hosts" ]; then
+  printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n' >"$root/etc/hosts"
+fi
 # Services installed by apt are not started inside the root (as in an image build).
 printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
 chmod +x "$root/usr/sbin/policy-rc.d"

@@ -153,7 +153,16 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-async fn copy_exact<R, W>(r: &mut R, w: &mut W, mut n: u64) -> std::io::Result<u64>
+/// Copies up to `n` bytes (until EOF), adding each chunk to `counted` before
+/// it is written: the count includes every byte a client may have received,
+/// also when the client closes mid-body (a fetcher that split the range) and
+/// when it reads the last byte before this task runs again.
+async fn copy_exact<R, W>(
+    r: &mut R,
+    w: &mut W,
+    mut n: u64,
+    counted: Option<&AtomicU64>,
+) -> std::io::Result<u64>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -165,6 +174,9 @@ where
         let got = r.read(&mut buf[..want]).await?;
         if got == 0 {
             break;
+        }
+        if let Some(c) = counted {
+            c.fetch_add(got as u64, Ordering::Relaxed);
         }
         w.write_all(&buf[..got]).await?;
         n -= got as u64;
@@ -233,7 +245,7 @@ async fn http(
         let request_body: u64 = header(&text, "content-length")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        copy_exact(&mut cr, &mut uw, request_body).await?;
+        copy_exact(&mut cr, &mut uw, request_body, None).await?;
 
         let Some(response) = read_head(&mut ur).await? else {
             return Ok(());
@@ -251,8 +263,7 @@ async fn http(
             (_, true) => {}
             (Some(n), false) => match fault {
                 Some(Fault::Reset) | Some(Fault::Truncate) if n > 1 => {
-                    let sent = copy_exact(&mut ur, &mut cw, n / 2).await?;
-                    stats.body_bytes.fetch_add(sent, Ordering::Relaxed);
+                    copy_exact(&mut ur, &mut cw, n / 2, Some(&stats.body_bytes)).await?;
                     cw.flush().await?;
                     let client = cr.into_inner().reunite(cw).expect("same stream");
                     if fault == Some(Fault::Reset) {
@@ -262,13 +273,11 @@ async fn http(
                     return Ok(());
                 }
                 _ => {
-                    let sent = copy_exact(&mut ur, &mut cw, n).await?;
-                    stats.body_bytes.fetch_add(sent, Ordering::Relaxed);
+                    copy_exact(&mut ur, &mut cw, n, Some(&stats.body_bytes)).await?;
                 }
             },
             (None, false) => {
-                let sent = tokio::io::copy(&mut ur, &mut cw).await?;
-                stats.body_bytes.fetch_add(sent, Ordering::Relaxed);
+                copy_exact(&mut ur, &mut cw, u64::MAX, Some(&stats.body_bytes)).await?;
                 return Ok(());
             }
         }
