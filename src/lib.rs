@@ -1,7 +1,8 @@
 //! modelcache: caches for ML serving on Kubernetes. The layers, from the
-//! bottom: helpers, then the API and the key space, then the serving
-//! library, model artifacts and models, then warm-up, and the controller on
-//! top; nothing below uses the controller (`tests/layers.rs`).
+//! bottom: helpers; the API, a model's Redis and the key space on it; the
+//! serving caches, model artifacts, models and the GPU probe; warm-up; and
+//! the controller on top. Nothing below uses the controller, and no modules
+//! use each other in a circle (`tests/layers.rs`).
 //!
 //! The `modelcache` binary is a thin command line over this library.
 
