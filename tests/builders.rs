@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use modelcache::controller::builders;
-use modelcache::controller::plan::{RedisPlan, plan};
+use modelcache::controller::validate::{RedisBackend, validate};
 use modelcache::crd::{CachePolicy, ModelCache};
 
 fn case_dir(case: &str) -> PathBuf {
@@ -43,8 +43,8 @@ fn render_case(case: &str) {
     let policy = std::fs::read_to_string(dir.join("cachepolicy.yaml"))
         .ok()
         .map(|t| serde_saphyr::from_str::<CachePolicy>(&t).unwrap().spec);
-    let plan = plan(&mc, Ok(policy)).unwrap();
-    let RedisPlan::Provisioned(settings) = plan.redis else {
+    let spec = validate(&mc, Ok(policy)).unwrap();
+    let RedisBackend::Provisioned(settings) = spec.redis else {
         panic!("{case} should provision a Redis")
     };
     let yaml = |v: &dyn erased::Yaml| v.to_yaml();

@@ -76,9 +76,11 @@ fn selector_labels(mc: &ModelCache) -> BTreeMap<String, String> {
     l
 }
 
-fn owner(mc: &ModelCache) -> OwnerReference {
+/// The controller reference to the ModelCache. Only an object that was never
+/// stored lacks a uid (the API server always sets one), so every object the
+/// controller applies carries it; a fixture without a uid gets none.
+fn owner(mc: &ModelCache) -> Option<OwnerReference> {
     mc.controller_owner_ref(&())
-        .expect("a ModelCache read from the API server has a name and uid")
 }
 
 fn meta(mc: &ModelCache, name: &str) -> ObjectMeta {
@@ -86,7 +88,7 @@ fn meta(mc: &ModelCache, name: &str) -> ObjectMeta {
         name: Some(name.to_owned()),
         namespace: mc.metadata.namespace.clone(),
         labels: Some(labels(mc)),
-        owner_references: Some(vec![owner(mc)]),
+        owner_references: owner(mc).map(|o| vec![o]),
         ..Default::default()
     }
 }

@@ -31,6 +31,8 @@ pub enum ErrorCategory {
     RedisCommand,
     /// The spec cannot be reconciled until it changes.
     InvalidSpec,
+    /// The controller itself failed (no randomness for a password).
+    Internal,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -142,6 +144,7 @@ impl Metrics {
             ErrorCategory::RedisUnavailable,
             ErrorCategory::RedisCommand,
             ErrorCategory::InvalidSpec,
+            ErrorCategory::Internal,
         ] {
             let _ = errors.get_or_create(&ErrorLabels { category });
         }

@@ -1,8 +1,9 @@
 //! `modelcache controller`: one Redis per ModelCache, configured as a cache,
 //! with its config and health kept true in status.
 //!
-//! - [`builders`], [`plan`] and [`status`] are pure and tested from fixtures;
-//! - [`reconcile`] runs them against the API server and Redis;
+//! - [`validate`], [`builders`], [`rollout`] and [`status`] are pure and
+//!   tested from fixtures;
+//! - [`reconcile`] runs them in stages against the API server and Redis;
 //! - this module wires watches, leader election, `/metrics` and shutdown.
 
 pub mod builders;
@@ -11,10 +12,10 @@ pub mod http;
 pub mod inject;
 pub mod leader;
 pub mod metrics;
-pub mod plan;
 pub mod reconcile;
 pub mod rollout;
 pub mod status;
+pub mod validate;
 pub mod webhook;
 
 use std::net::SocketAddr;

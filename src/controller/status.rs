@@ -10,7 +10,7 @@ use crate::crd::model_cache::{ModelCacheStatus, RedisStatus, VersionStatus};
 use crate::store::RedisInfo;
 use crate::store::live::{ConfigOutcome, Defrag};
 
-use super::plan::Invalid;
+use super::validate::Invalid;
 
 pub const READY: &str = "Ready";
 pub const SPEC_VALID: &str = "SpecValid";

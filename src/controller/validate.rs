@@ -22,7 +22,7 @@ pub struct Invalid {
 
 /// How the ModelCache's Redis is to be had.
 #[derive(Debug, Clone, PartialEq)]
-pub enum RedisPlan {
+pub enum RedisBackend {
     /// The controller runs a Redis with these settings.
     Provisioned(RedisSettings),
     /// An existing Redis, checked against `desired` but not changed.
@@ -32,20 +32,20 @@ pub enum RedisPlan {
     },
 }
 
-/// What one reconcile should bring about.
+/// A spec that passed validation, with its policy resolved.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Plan {
+pub struct ValidSpec {
     pub policy: CachePolicySpec,
-    pub redis: RedisPlan,
+    pub redis: RedisBackend,
 }
 
 /// `policy` is the referenced CachePolicy's spec: `Err(name)` when the
 /// reference names a policy that does not exist, `Ok(None)` when the
 /// ModelCache references none (the defaults apply).
-pub fn plan(
+pub fn validate(
     mc: &ModelCache,
     policy: Result<Option<CachePolicySpec>, String>,
-) -> Result<Plan, Invalid> {
+) -> Result<ValidSpec, Invalid> {
     let name = mc.metadata.name.as_deref().unwrap_or_default();
     let namespace = mc.metadata.namespace.as_deref().unwrap_or("default");
     if name.len() > MAX_NAME_LEN {
@@ -74,21 +74,21 @@ pub fn plan(
     };
     let overrides = mc.spec.redis.as_ref();
     let redis = match overrides.and_then(|o| o.external.clone()) {
-        Some(redis) => RedisPlan::External {
+        Some(redis) => RedisBackend::External {
             redis,
             desired: BTreeMap::from([(
                 "maxmemory-policy".to_string(),
                 policy.eviction_policy.as_redis().to_string(),
             )]),
         },
-        None => {
-            RedisPlan::Provisioned(settings::resolve(&policy, overrides).map_err(|e| Invalid {
+        None => RedisBackend::Provisioned(settings::resolve(&policy, overrides).map_err(|e| {
+            Invalid {
                 reason: "RedisMemoryInvalid",
                 message: crate::error::chain(&e),
-            })?)
-        }
+            }
+        })?),
     };
-    Ok(Plan { policy, redis })
+    Ok(ValidSpec { policy, redis })
 }
 
 /// The schema checks the URI on admission; this catches objects admitted
@@ -154,8 +154,8 @@ mod tests {
 
     #[test]
     fn defaults_apply_without_a_policy() {
-        let plan = plan(&model_cache("chat", "s3://models/x"), Ok(None)).unwrap();
-        let RedisPlan::Provisioned(s) = plan.redis else {
+        let spec = validate(&model_cache("chat", "s3://models/x"), Ok(None)).unwrap();
+        let RedisBackend::Provisioned(s) = spec.redis else {
             panic!()
         };
         assert_eq!(s.memory, "1Gi");
@@ -164,7 +164,7 @@ mod tests {
 
     #[test]
     fn a_missing_policy_says_what_to_fix() {
-        let err = plan(&model_cache("chat", "s3://models/x"), Err("faq".into())).unwrap_err();
+        let err = validate(&model_cache("chat", "s3://models/x"), Err("faq".into())).unwrap_err();
         assert_eq!(err.reason, "PolicyNotFound");
         assert!(
             err.message.contains("\"faq\"") && err.message.contains("namespace ml"),
@@ -180,7 +180,7 @@ mod tests {
             memory: Some(Quantity("16Mi".into())),
             ..Default::default()
         });
-        let err = plan(&mc, Ok(None)).unwrap_err();
+        let err = validate(&mc, Ok(None)).unwrap_err();
         assert_eq!(err.reason, "RedisMemoryInvalid");
         assert!(err.message.contains("at least 64Mi"), "{err:?}");
     }
@@ -188,11 +188,11 @@ mod tests {
     #[test]
     fn bad_sources_and_long_names_are_invalid() {
         for uri in ["ftp://x/y", "s3://A_B/x", "https://", "s3://ab"] {
-            let err = plan(&model_cache("chat", uri), Ok(None)).unwrap_err();
+            let err = validate(&model_cache("chat", uri), Ok(None)).unwrap_err();
             assert_eq!(err.reason, "SourceInvalid", "{uri}");
             assert!(err.message.contains("spec.source.uri"), "{err:?}");
         }
-        let err = plan(&model_cache(&"a".repeat(47), "s3://models/x"), Ok(None)).unwrap_err();
+        let err = validate(&model_cache(&"a".repeat(47), "s3://models/x"), Ok(None)).unwrap_err();
         assert_eq!(err.reason, "NameTooLong");
     }
 
@@ -208,8 +208,8 @@ mod tests {
             }),
             ..Default::default()
         });
-        let plan = plan(&mc, Ok(None)).unwrap();
-        let RedisPlan::External { desired, .. } = plan.redis else {
+        let spec = validate(&mc, Ok(None)).unwrap();
+        let RedisBackend::External { desired, .. } = spec.redis else {
             panic!()
         };
         assert_eq!(desired["maxmemory-policy"], "allkeys-lru");

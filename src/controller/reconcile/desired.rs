@@ -1,0 +1,98 @@
+//! The build stage of a reconcile: everything a valid ModelCache should have,
+//! as one value computed without IO from the validated spec and the
+//! dereferenced credentials. The apply stage sends it; observation checks the
+//! running Redis against it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+
+use crate::crd::ModelCache;
+use crate::store::live::RedisTarget;
+use crate::store::settings;
+
+use super::dereference::Credentials;
+use crate::controller::builders;
+use crate::controller::validate::{RedisBackend, ValidSpec};
+
+/// The objects to apply and the Redis to bring in line.
+#[derive(Debug, Clone)]
+pub struct DesiredResources {
+    /// The warm-up prompts for model pods, when the spec has inline prompts.
+    pub warmup: Option<ConfigMap>,
+    /// A provisioned Redis's objects; `None` for an external Redis.
+    pub redis: Option<RedisObjects>,
+    /// How the controller reaches the Redis.
+    pub target: RedisTarget,
+    /// The Redis config the policy asks for.
+    pub config: BTreeMap<String, String>,
+    /// Whether the controller sets `config` (a Redis it provisioned) or only
+    /// compares it (an external one, which may serve others).
+    pub enforce: bool,
+    /// Whether the Redis is a cluster (keys spread over primaries).
+    pub cluster: bool,
+}
+
+/// The objects of a provisioned Redis.
+#[derive(Debug, Clone)]
+pub struct RedisObjects {
+    /// redis.conf.
+    pub config_map: ConfigMap,
+    /// The Redis pod.
+    pub stateful_set: StatefulSet,
+    /// Its in-cluster address.
+    pub service: Service,
+}
+
+/// Builds the desired resources. `redis_url_override` replaces the in-cluster
+/// Service address of a provisioned Redis (a controller run outside the
+/// cluster, and tests).
+pub fn build(
+    mc: &ModelCache,
+    spec: &ValidSpec,
+    credentials: &Credentials,
+    redis_url_override: Option<&str>,
+) -> DesiredResources {
+    let warmup = builders::warmup_config_map(mc);
+    let password = credentials.password().map(str::to_owned);
+    match &spec.redis {
+        RedisBackend::Provisioned(settings) => {
+            let secret_uid = match credentials {
+                Credentials::Generated { secret_uid, .. } => secret_uid.as_str(),
+                Credentials::External(_) => "",
+            };
+            let url = redis_url_override
+                .map(str::to_owned)
+                .unwrap_or_else(|| builders::service_url(mc));
+            DesiredResources {
+                warmup,
+                redis: Some(RedisObjects {
+                    config_map: builders::config_map(mc, settings),
+                    stateful_set: builders::stateful_set(mc, settings, secret_uid),
+                    service: builders::service(mc),
+                }),
+                target: RedisTarget {
+                    url,
+                    username: None,
+                    password,
+                },
+                config: settings::desired_config(settings),
+                enforce: true,
+                cluster: false,
+            }
+        }
+        RedisBackend::External { redis, desired } => DesiredResources {
+            warmup,
+            redis: None,
+            target: RedisTarget {
+                url: redis.url.clone(),
+                username: redis.username.clone(),
+                password,
+            },
+            config: desired.clone(),
+            enforce: false,
+            cluster: redis.cluster,
+        },
+    }
+}
