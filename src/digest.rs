@@ -17,6 +17,14 @@ pub fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// Whether `s` is a SHA-256 as this project writes them: 64 lower-case hex
+/// digits.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// Lower-case hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(aws_lc_rs::digest::digest(&SHA256, bytes).as_ref())

@@ -1,19 +1,16 @@
 //! The `modelcache` command line. It parses arguments and calls the library;
 //! everything it does is in `modelcache::*`.
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
-
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use modelcache::crd::CachePolicy;
 use modelcache::crd::cache_policy::CachePolicySpec;
 use modelcache::crd::model_cache::RedisOverrides;
-use modelcache::crd::validate;
+use modelcache::keyspace::sweep;
 use modelcache::store::RedisTarget;
 use modelcache::{controller, crd};
 
@@ -248,14 +245,14 @@ struct FetchArgs {
     cache_dir: Option<PathBuf>,
     /// Most bytes the node cache keeps, as a quantity (200Gi); least recently
     /// used versions that no pod pins are evicted beyond it.
-    #[arg(long, env = "MODELCACHE_CACHE_QUOTA", requires = "cache_dir")]
-    cache_quota: Option<String>,
+    #[arg(long, env = "MODELCACHE_CACHE_QUOTA", requires = "cache_dir", value_parser = quantity_arg)]
+    cache_quota: Option<u64>,
     /// Requests in flight at once.
     #[arg(long, env = "MODELCACHE_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     concurrency: u16,
     /// Bytes per ranged request, as a quantity (16Mi); adaptive (8 to 64 MiB) when unset.
-    #[arg(long, env = "MODELCACHE_PART_SIZE")]
-    part_size: Option<String>,
+    #[arg(long, env = "MODELCACHE_PART_SIZE", value_parser = quantity_arg)]
+    part_size: Option<u64>,
     /// Seconds the whole fetch may take.
     #[arg(long, env = "MODELCACHE_DEADLINE", default_value_t = 7200)]
     deadline: u64,
@@ -306,7 +303,7 @@ struct FetchArgs {
         value_enum,
         default_value = "signed-url"
     )]
-    cloudfront_mode: CloudFrontModeArg,
+    cloudfront_mode: modelcache::artifact::cloudfront::Mode,
     /// Canned signs each URL; custom signs the version's prefix once.
     #[arg(
         long,
@@ -314,7 +311,7 @@ struct FetchArgs {
         value_enum,
         default_value = "custom"
     )]
-    cloudfront_policy: CloudFrontPolicyArg,
+    cloudfront_policy: modelcache::artifact::cloudfront::Policy,
     /// Lifetime of a signature in seconds; renewed when a fifth is left.
     #[arg(long, env = "MODELCACHE_CLOUDFRONT_EXPIRES", default_value_t = 3600)]
     cloudfront_expires: u64,
@@ -324,18 +321,6 @@ struct FetchArgs {
     /// Seconds between progress log lines (when not on a TTY).
     #[arg(long, env = "MODELCACHE_PROGRESS_INTERVAL", default_value_t = 5)]
     progress_interval: u64,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum CloudFrontModeArg {
-    SignedUrl,
-    SignedCookies,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum CloudFrontPolicyArg {
-    Canned,
-    Custom,
 }
 
 #[derive(clap::Args)]
@@ -428,7 +413,7 @@ struct ControllerArgs {
         value_enum,
         default_value = "fail"
     )]
-    webhook_failure_policy: WebhookFailurePolicy,
+    webhook_failure_policy: controller::inject::FailurePolicy,
     /// cert-manager mode: a directory with tls.crt and tls.key. Without it the
     /// controller issues the certificate itself.
     #[arg(long, env = "MODELCACHE_WEBHOOK_CERT_DIR")]
@@ -454,12 +439,6 @@ struct ControllerArgs {
         default_value = "modelcache"
     )]
     webhook_configuration: String,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum WebhookFailurePolicy {
-    Fail,
-    Ignore,
 }
 
 #[derive(clap::Args)]
@@ -519,248 +498,177 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::KvSize(args) => kv_size(args),
         Command::Calibrate(args) => calibrate(args),
         Command::Warm(args) => warm(args),
-        Command::Gpu { json } => {
-            let report = modelcache::gpu::probe()?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!("{}", report.describe());
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Gpu { json } => gpu(json),
         Command::Publish(args) => publish(args),
-        Command::Controller(args) => {
-            let identity = args
-                .identity
-                .or_else(|| std::env::var("HOSTNAME").ok())
-                .unwrap_or_else(|| format!("modelcache-{}", std::process::id()));
-            let config = controller::ControllerConfig {
-                namespace: args.namespace,
-                http_addr: args.http_addr,
-                health_interval: Duration::from_secs(args.health_interval),
-                leader_election: args.leader_election,
-                lease_namespace: args.lease_namespace,
-                lease_name: args.lease_name,
-                identity,
-                lease_duration: Duration::from_secs(15),
-                redis_url_override: args.redis_url_override,
-                webhook: match (args.webhook_addr, args.image) {
-                    (None, _) => None,
-                    (Some(_), None) => {
-                        return usage(anyhow::anyhow!(
-                            "--webhook-addr needs --image (MODELCACHE_IMAGE), the modelcache image to inject into pods"
-                        ));
-                    }
-                    (Some(addr), Some(image)) => Some(controller::WebhookSettings {
-                        addr,
-                        inject: controller::inject::InjectConfig {
-                            image,
-                            failure_policy: match args.webhook_failure_policy {
-                                WebhookFailurePolicy::Fail => {
-                                    controller::inject::FailurePolicy::Fail
-                                }
-                                WebhookFailurePolicy::Ignore => {
-                                    controller::inject::FailurePolicy::Ignore
-                                }
-                            },
-                        },
-                        tls: match args.webhook_cert_dir {
-                            Some(dir) => controller::WebhookTls::Files(dir),
-                            None => controller::WebhookTls::Managed {
-                                secret: args.webhook_secret,
-                                service: args.webhook_service,
-                                configuration: args.webhook_configuration,
-                            },
-                        },
-                    }),
-                },
-            };
-            runtime()?.block_on(controller::run(config))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::CheckRedis(args) => {
-            let policy = match &args.policy {
-                None => CachePolicySpec::default(),
-                Some(path) => {
-                    let text = std::fs::read_to_string(path)
-                        .with_context(|| format!("failed to read {}", path.display()))?;
-                    let report = validate::Validator::new()?
-                        .validate_yaml(&path.display().to_string(), &text)?;
-                    if let Some(bad) = report.iter().find(|r| !r.violations.is_empty()) {
-                        let list: Vec<String> =
-                            bad.violations.iter().map(|v| v.to_string()).collect();
-                        anyhow::bail!(
-                            "{} is not a valid CachePolicy: {}",
-                            path.display(),
-                            list.join("; ")
-                        );
-                    }
-                    let policy: CachePolicy = serde_saphyr::from_str(&text).with_context(|| {
-                        format!("failed to read {} as a CachePolicy", path.display())
-                    })?;
-                    policy.spec
-                }
-            };
-            let overrides = args.memory.map(|m| RedisOverrides {
-                memory: Some(Quantity(m)),
-                ..Default::default()
-            });
-            let target = RedisTarget {
-                url: args.redis_url,
-                username: None,
-                password: args.password,
-            };
-            let report = runtime()?.block_on(controller::check::check_redis(
-                &target,
-                &policy,
-                overrides.as_ref(),
-                args.apply,
-            ))?;
-            print!("{}", controller::check::render(&report));
-            let ready = report
-                .status
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            Ok(if ready {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
-        Command::Crd {
-            out_dir: Some(dir), ..
-        } => {
-            for path in crd::write_dir(&dir)? {
-                eprintln!("wrote {}", path.display());
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Crd {
-            check: Some(dir), ..
-        } => {
-            let drift = crd::check_dir(&dir)?;
-            if drift.is_empty() {
-                eprintln!("{}: CRDs match the types", dir.display());
-                return Ok(ExitCode::SUCCESS);
-            }
-            for d in &drift {
-                eprintln!("{}: {d}", dir.display());
-            }
-            eprintln!(
-                "regenerate with `modelcache crd --out-dir {}` and commit the result",
-                dir.display()
-            );
-            Ok(ExitCode::FAILURE)
-        }
-        Command::Crd { .. } => {
-            print!("{}", crd::render_stream()?);
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Validate { files } => {
-            let validator = validate::Validator::new()?;
-            let mut invalid = 0;
-            for file in &files {
-                let name = file.display().to_string();
-                let yaml = if name == "-" {
-                    let mut s = String::new();
-                    std::io::stdin()
-                        .read_to_string(&mut s)
-                        .context("failed to read standard input")?;
-                    s
-                } else {
-                    std::fs::read_to_string(file)
-                        .with_context(|| format!("failed to read {name}"))?
-                };
-                for report in validator.validate_yaml(&name, &yaml)? {
-                    if report.violations.is_empty() {
-                        println!("valid    {name}#{} {}", report.index, report.resource);
-                    } else {
-                        invalid += 1;
-                        println!("INVALID  {name}#{} {}", report.index, report.resource);
-                        for v in &report.violations {
-                            println!("  - {v}");
-                        }
-                    }
-                }
-            }
-            Ok(if invalid == 0 {
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("{invalid} invalid resource(s); fix the fields named above");
-                ExitCode::FAILURE
-            })
-        }
-        Command::Invalidate(args) => {
-            let target = RedisTarget {
-                url: args.redis_url,
-                username: None,
-                password: args.password,
-            };
-            let keep: std::collections::BTreeSet<String> = args.keep.into_iter().collect();
-            let pace = modelcache::keyspace::sweep::Pace {
-                keys_per_second: args.keys_per_second,
-                batch: args.batch,
-            };
-            let result = runtime()?.block_on(async {
-                if args.cluster {
-                    return anyhow::Ok(
-                        modelcache::keyspace::sweep::invalidate_cluster(
-                            &target,
-                            &args.model,
-                            &keep,
-                            args.dry_run,
-                            pace,
-                        )
-                        .await,
-                    );
-                }
-                let mut conn = target.connect().await?;
-                anyhow::Ok(
-                    modelcache::keyspace::sweep::invalidate(
-                        &mut conn,
-                        &args.model,
-                        &keep,
-                        args.dry_run,
-                        pace,
-                    )
-                    .await,
-                )
-            })?;
-            let outcomes = match result {
-                Ok(o) => o,
-                Err(e @ modelcache::keyspace::sweep::InvalidateError::ActiveVersion { .. }) => {
-                    eprintln!("error: {e}");
-                    return Ok(ExitCode::from(3));
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if outcomes.is_empty() {
-                println!("model {:?}: no keys outside the kept versions", args.model);
-            }
-            for o in &outcomes {
-                match &o.report {
-                    None => println!("would delete {} keys of version {:?}", o.keys, o.version),
-                    Some(r) => println!(
-                        "deleted {} keys of version {:?} in {:.2}s{}",
-                        o.keys,
-                        o.version,
-                        r.elapsed.as_secs_f64(),
-                        if r.resumed {
-                            format!(" (resumed; {} deleted before)", r.deleted_before)
-                        } else {
-                            String::new()
-                        }
-                    ),
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Controller(args) => run_controller(args),
+        Command::CheckRedis(args) => check_redis(args),
+        Command::Crd { out_dir, check } => crd_command(out_dir, check),
+        Command::Validate { files } => validate(&files),
+        Command::Invalidate(args) => invalidate(args),
         Command::Version => {
             println!("{}", modelcache::version_line());
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn gpu(json: bool) -> Result<ExitCode> {
+    let report = modelcache::gpu::probe()?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.describe());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_controller(args: ControllerArgs) -> Result<ExitCode> {
+    let identity = args
+        .identity
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("modelcache-{}", std::process::id()));
+    let webhook = match (args.webhook_addr, args.image) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return usage(anyhow::anyhow!(
+                "--webhook-addr needs --image (MODELCACHE_IMAGE), the modelcache image to inject into pods"
+            ));
+        }
+        (Some(addr), Some(image)) => Some(controller::WebhookSettings {
+            addr,
+            inject: controller::inject::InjectConfig {
+                image,
+                failure_policy: args.webhook_failure_policy,
+            },
+            tls: match args.webhook_cert_dir {
+                Some(dir) => controller::WebhookTls::Files(dir),
+                None => controller::WebhookTls::Managed {
+                    secret: args.webhook_secret,
+                    service: args.webhook_service,
+                    configuration: args.webhook_configuration,
+                },
+            },
+        }),
+    };
+    let config = controller::ControllerConfig {
+        namespace: args.namespace,
+        http_addr: args.http_addr,
+        health_interval: Duration::from_secs(args.health_interval),
+        leader_election: args.leader_election,
+        lease_namespace: args.lease_namespace,
+        lease_name: args.lease_name,
+        identity,
+        lease_duration: Duration::from_secs(15),
+        redis_url_override: args.redis_url_override,
+        webhook,
+    };
+    runtime()?.block_on(controller::run(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_redis(args: CheckRedisArgs) -> Result<ExitCode> {
+    let policy = match &args.policy {
+        None => CachePolicySpec::default(),
+        Some(path) => crd::load::cache_policy(path)?,
+    };
+    let overrides = args.memory.map(|m| RedisOverrides {
+        memory: Some(Quantity(m)),
+        ..Default::default()
+    });
+    let target = RedisTarget {
+        url: args.redis_url,
+        username: None,
+        password: args.password,
+    };
+    let report = runtime()?.block_on(controller::check::check_redis(
+        &target,
+        &policy,
+        overrides.as_ref(),
+        args.apply,
+    ))?;
+    print!("{}", controller::check::render(&report));
+    let ready = report
+        .status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    Ok(if ready {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn crd_command(out_dir: Option<PathBuf>, check: Option<PathBuf>) -> Result<ExitCode> {
+    if let Some(dir) = out_dir {
+        for path in crd::write_dir(&dir)? {
+            eprintln!("wrote {}", path.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(dir) = check else {
+        print!("{}", crd::render_stream()?);
+        return Ok(ExitCode::SUCCESS);
+    };
+    let drift = crd::check_dir(&dir)?;
+    if drift.is_empty() {
+        eprintln!("{}: CRDs match the types", dir.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    for d in &drift {
+        eprintln!("{}: {d}", dir.display());
+    }
+    eprintln!(
+        "regenerate with `modelcache crd --out-dir {}` and commit the result",
+        dir.display()
+    );
+    Ok(ExitCode::FAILURE)
+}
+
+fn validate(files: &[PathBuf]) -> Result<ExitCode> {
+    let (report, invalid) = crd::load::check_files(files)?;
+    print!("{report}");
+    if invalid == 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("{invalid} invalid resource(s); fix the fields named above");
+    Ok(ExitCode::FAILURE)
+}
+
+fn invalidate(args: InvalidateArgs) -> Result<ExitCode> {
+    let target = RedisTarget {
+        url: args.redis_url,
+        username: None,
+        password: args.password,
+    };
+    let keep: std::collections::BTreeSet<String> = args.keep.into_iter().collect();
+    let pace = sweep::Pace {
+        keys_per_second: args.keys_per_second,
+        batch: args.batch,
+    };
+    let run = sweep::invalidate_target(
+        &target,
+        &args.model,
+        &keep,
+        args.dry_run,
+        pace,
+        args.cluster,
+    );
+    let outcomes = match runtime()?.block_on(run) {
+        Ok(o) => o,
+        Err(e @ sweep::InvalidateError::ActiveVersion { .. }) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(3));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if outcomes.is_empty() {
+        println!("model {:?}: no keys outside the kept versions", args.model);
+    }
+    for o in &outcomes {
+        println!("{}", o.describe());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn source_config(s3: &S3Args) -> modelcache::artifact::source::SourceConfig {
@@ -770,13 +678,6 @@ fn source_config(s3: &S3Args) -> modelcache::artifact::source::SourceConfig {
         path_style: s3.path_style,
         ..Default::default()
     }
-}
-
-fn parse_header(line: &str) -> Result<(String, String)> {
-    let (name, value) = line
-        .split_once(':')
-        .with_context(|| "a header must look like `Name: value`".to_string())?;
-    Ok((name.trim().to_string(), value.trim().to_string()))
 }
 
 /// Bad input: the error with its causes, and exit code 2.
@@ -805,83 +706,30 @@ fn summary_or_exit<T: serde::Serialize, E: std::error::Error + Send + Sync + 'st
 }
 
 fn fetch(args: FetchArgs) -> Result<ExitCode> {
-    use modelcache::artifact::{cloudfront, fetch};
+    use modelcache::artifact::{cloudfront, fetch, headers};
     let location = match args.source.parse() {
         Ok(l) => l,
         Err(e) => return usage(anyhow::Error::new(e)),
     };
     let mut opts = fetch::FetchOptions::new(location, &args.model, &args.version, &args.dest);
     opts.source = source_config(&args.s3);
-    let mut headers = Vec::new();
-    for line in &args.headers {
-        match parse_header(line) {
-            Ok(h) => headers.push(h),
-            Err(e) => {
-                return usage(e.context(format!(
-                    "--header {:?}",
-                    line.split(':').next().unwrap_or("")
-                )));
-            }
-        }
-    }
-    if let Some(file) = &args.headers_file {
-        let text = match std::fs::read_to_string(file) {
-            Ok(t) => t,
-            Err(e) => {
-                return usage(
-                    anyhow::Error::new(e)
-                        .context(format!("failed to read --headers-file {}", file.display())),
-                );
-            }
-        };
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            match parse_header(line) {
-                Ok(h) => headers.push(h),
-                Err(e) => return usage(e.context(format!("--headers-file {}", file.display()))),
-            }
-        }
-    }
-    if let Some(dir) = &args.headers_dir {
-        match modelcache::artifact::source::headers_from_dir(dir) {
-            Ok(h) => headers.extend(h),
-            Err(e) => return usage(anyhow::anyhow!(e)),
-        }
-    }
-    opts.source.headers = headers;
+    let file = args.headers_file.as_deref();
+    opts.source.headers = match headers::collect(&args.headers, file, args.headers_dir.as_deref()) {
+        Ok(h) => h,
+        Err(e) => return usage(e.into()),
+    };
     opts.source.idle_timeout = Some(Duration::from_secs(args.idle_timeout.max(1)));
     if let (Some(id), Some(key)) = (&args.cloudfront_key_pair_id, &args.cloudfront_private_key) {
-        let mode = match args.cloudfront_mode {
-            CloudFrontModeArg::SignedUrl => cloudfront::Mode::SignedUrl,
-            CloudFrontModeArg::SignedCookies => cloudfront::Mode::SignedCookies,
-        };
-        let policy = match args.cloudfront_policy {
-            CloudFrontPolicyArg::Canned => cloudfront::Policy::Canned,
-            CloudFrontPolicyArg::Custom => cloudfront::Policy::Custom,
-        };
-        match cloudfront::Signer::from_pem_file(
-            key,
-            id,
-            mode,
-            policy,
-            Duration::from_secs(args.cloudfront_expires),
-        ) {
+        let (mode, policy) = (args.cloudfront_mode, args.cloudfront_policy);
+        let expires = Duration::from_secs(args.cloudfront_expires);
+        match cloudfront::Signer::from_pem_file(key, id, mode, policy, expires) {
             Ok(signer) => opts.source.signer = Some(std::sync::Arc::new(signer)),
             Err(e) => return usage(anyhow::Error::new(e)),
         }
     }
     opts.cache_dir = args.cache_dir;
-    if let Some(q) = &args.cache_quota {
-        match modelcache::quantity::to_units(q) {
-            Ok(bytes) => opts.cache_quota = Some(bytes),
-            Err(e) => return usage(anyhow::Error::new(e).context("--cache-quota")),
-        }
-    }
-    if let Some(p) = &args.part_size {
-        match modelcache::quantity::to_units(p) {
-            Ok(bytes) => opts.part_size = Some(bytes),
-            Err(e) => return usage(anyhow::Error::new(e).context("--part-size")),
-        }
-    }
+    opts.cache_quota = args.cache_quota;
+    opts.part_size = args.part_size;
     opts.concurrency = args.concurrency as usize;
     opts.deadline = Duration::from_secs(args.deadline.max(1));
     opts.max_attempts = args.retries;
@@ -890,6 +738,11 @@ fn fetch(args: FetchArgs) -> Result<ExitCode> {
     opts.progress_interval = Duration::from_secs(args.progress_interval.max(1));
     let result = runtime()?.block_on(fetch::fetch(opts));
     summary_or_exit(result, |e| e.exit_code())
+}
+
+/// A quantity (`16Mi`, `200Gi`) in bytes.
+fn quantity_arg(s: &str) -> std::result::Result<u64, String> {
+    modelcache::quantity::to_units(s).map_err(|e| e.to_string())
 }
 
 fn publish(args: PublishArgs) -> Result<ExitCode> {
@@ -911,61 +764,22 @@ fn publish(args: PublishArgs) -> Result<ExitCode> {
 }
 
 fn kv_size(args: KvSizeArgs) -> Result<ExitCode> {
-    use modelcache::model::{gguf, kv_size};
-    let base = if let Some(path) = &args.config {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) => {
-                return usage(
-                    anyhow::Error::new(e).context(format!("failed to read {}", path.display())),
-                );
-            }
-        };
-        let json: serde_json::Value = match serde_json::from_str(&text) {
-            Ok(j) => j,
-            Err(e) => {
-                return usage(
-                    anyhow::Error::new(e)
-                        .context(format!("failed to parse {} as JSON", path.display())),
-                );
-            }
-        };
-        match kv_size::shape_from_config(&json) {
-            Ok(s) => Some(s),
-            Err(e) => return usage(e.into()),
-        }
-    } else if let Some(path) = &args.gguf {
-        match gguf::read(path)
-            .map_err(anyhow::Error::new)
-            .and_then(|m| Ok(kv_size::shape_from_gguf(&m)?))
-        {
-            Ok(s) => Some(s),
-            Err(e) => return usage(e),
-        }
-    } else {
-        None
-    };
-    let size = kv_size::with_overrides(base, args.layers, args.kv_heads, args.head_dim)
+    use modelcache::model::kv_size;
+    let size = kv_size::shape_from_files(args.config.as_deref(), args.gguf.as_deref())
+        .and_then(|base| kv_size::with_overrides(base, args.layers, args.kv_heads, args.head_dim))
         .and_then(|shape| kv_size::kv_size(shape, args.dtype, args.tokens, args.batch));
     match size {
-        Ok(size) if args.json => {
-            println!("{}", serde_json::to_string(&size)?);
-            Ok(ExitCode::SUCCESS)
-        }
-        Ok(size) => {
-            println!("{}", size.explain());
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) => usage(e.into()),
+        Ok(size) if args.json => println!("{}", serde_json::to_string(&size)?),
+        Ok(size) => println!("{}", size.explain()),
+        Err(e) => return usage(e.into()),
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn calibrate(args: CalibrateArgs) -> Result<ExitCode> {
     use modelcache::cache::calibrate;
-    if !(0.0..0.5).contains(&args.max_false_hit_rate) || !(0.0..1.0).contains(&args.held_out) {
-        return usage(anyhow::anyhow!(
-            "--max-false-hit-rate must be in [0, 0.5) and --held-out in [0, 1)"
-        ));
+    if let Err(e) = calibrate::check_targets(args.max_false_hit_rate, args.held_out) {
+        return usage(e.into());
     }
     let mut pairs = match calibrate::read_pairs(&args.pairs) {
         Ok(p) => p,
@@ -974,85 +788,31 @@ fn calibrate(args: CalibrateArgs) -> Result<ExitCode> {
     if let Some(limit) = args.limit {
         pairs.truncate(limit);
     }
-    let embedder = match modelcache::model::bert::SentenceEmbedder::load(
-        &args.embedding_model,
-        &candle_core::Device::Cpu,
-    ) {
-        Ok(e) => e,
-        Err(e) => return usage(anyhow::Error::new(e)),
-    };
-    let result = calibrate::calibrate(
-        &embedder,
-        &pairs,
-        args.max_false_hit_rate,
-        args.held_out,
-        args.seed,
-    )?;
+    let cpu = candle_core::Device::Cpu;
+    let embedder =
+        match modelcache::model::bert::SentenceEmbedder::load(&args.embedding_model, &cpu) {
+            Ok(e) => e,
+            Err(e) => return usage(anyhow::Error::new(e)),
+        };
+    let (target, held_out) = (args.max_false_hit_rate, args.held_out);
+    let result = calibrate::calibrate(&embedder, &pairs, target, held_out, args.seed)?;
     if args.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
-        println!(
-            "{} pairs: {} to calibrate, {} held out; {} sentences embedded in {:.1} s",
-            pairs.len(),
-            result.calibration_pairs,
-            result.held_out_pairs,
-            result.sentences,
-            result.embed_seconds
-        );
-        println!("threshold  hits  false  precision  recall  hit rate  false-hit rate (95% upper)");
-        let line = |r: &calibrate::ThresholdRow| {
-            format!(
-                "{:>9.4}  {:>4}  {:>5}  {:>9.4}  {:>6.4}  {:>8.4}  {:.4} ({:.4})",
-                r.threshold,
-                r.hits,
-                r.false_hits,
-                r.precision,
-                r.recall,
-                r.hit_rate,
-                r.false_hit_rate,
-                r.false_hit_rate_upper
-            )
-        };
-        for r in result.rows.iter().step_by(5) {
-            println!("{}", line(r));
-        }
-        if let Some(p) = &result.picked {
-            println!("picked: {}", line(p));
-            if let Some(h) = &result.held_out {
-                println!("held out: {}", line(h));
-            }
-            if let Some(r) = &result.reference_092 {
-                println!("static 0.92 held out: {}", line(r));
-            }
-            println!(
-                "CachePolicy: semantic: {{threshold: {:.4}, maxFalseHitRate: {}}}",
-                p.threshold, args.max_false_hit_rate
-            );
-        }
-        if let Some(prior) = &result.prior {
-            println!(
-                "per-entry prior: P(right | s) = 1 / (1 + exp(-{:.3} (s - {:.4})))",
-                prior.steepness, prior.midpoint
-            );
-            println!(
-                "CachePolicy (per-entry): semantic: {{mode: PerEntry, maxFalseHitRate: {}, prior: {{steepness: {:.3}, midpoint: {:.4}, spread: {}}}}}",
-                args.max_false_hit_rate, prior.steepness, prior.midpoint, prior.spread
-            );
-        }
+        print!("{}", result.table(pairs.len()));
     }
-    if result.picked.is_none() {
-        eprintln!(
-            "error: no threshold keeps the false-hit rate at or below {} with 95% confidence on {} pairs; give more labeled pairs, or a higher --max-false-hit-rate, or learn thresholds per entry (semantic.mode PerEntry with the prior printed above)",
-            args.max_false_hit_rate, result.calibration_pairs
-        );
+    if let Some(why) = result.unmet() {
+        eprintln!("error: {why}");
         return Ok(ExitCode::from(3));
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// The sha256 of a version's manifest, in any case.
 fn digest_arg(s: &str) -> std::result::Result<String, String> {
-    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(s.to_ascii_lowercase())
+    let digest = s.to_ascii_lowercase();
+    if modelcache::digest::is_sha256_hex(&digest) {
+        Ok(digest)
     } else {
         Err("expected 64 hex digits (the sha256 of the version's manifest)".into())
     }
@@ -1084,36 +844,19 @@ fn warm(args: WarmArgs) -> Result<ExitCode> {
         };
         return summary_or_exit(in_process::run(&opts, &prompts), |e| e.exit_code());
     };
-    let warmer =
-        engine::EngineWarmer::new(&engine_url, args.model, prompts, args.concurrency as usize);
+    let concurrency = args.concurrency as usize;
+    let warmer = engine::EngineWarmer::new(&engine_url, args.model, prompts, concurrency);
     let rt = runtime()?;
-    if args.once {
-        let result = rt.block_on(async {
-            warmer
-                .wait_for_engine(Duration::from_secs(args.wait))
-                .await?;
-            warmer.warm().await
-        });
-        return summary_or_exit(result, |e| e.exit_code());
+    if !args.once {
+        let interval = Duration::from_secs(args.check_interval.max(1));
+        rt.block_on(engine::serve_sidecar(warmer, args.ready_addr, interval))?;
+        return Ok(ExitCode::SUCCESS);
     }
-    rt.block_on(async {
-        let state = std::sync::Arc::new(engine::SidecarState::default());
-        let listener = tokio::net::TcpListener::bind(args.ready_addr)
-            .await
-            .with_context(|| format!("failed to listen on {}", args.ready_addr))?;
-        let server = axum::serve(listener, engine::router(state.clone()));
-        let sidecar = engine::run_sidecar(
-            warmer,
-            state,
-            Duration::from_secs(args.check_interval.max(1)),
-        );
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = server => r.context("the readiness server failed")?,
-            r = sidecar => r?,
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        Ok(ExitCode::SUCCESS)
-    })
+    let result = rt.block_on(async {
+        warmer
+            .wait_for_engine(Duration::from_secs(args.wait))
+            .await?;
+        warmer.warm().await
+    });
+    summary_or_exit(result, |e| e.exit_code())
 }

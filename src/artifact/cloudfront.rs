@@ -34,7 +34,7 @@ pub enum CloudFrontError {
 }
 
 /// Whether the signature travels in the URL's query or in cookies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
     SignedUrl,
     SignedCookies,
@@ -42,7 +42,7 @@ pub enum Mode {
 
 /// Canned: one exact URL. Custom: a wildcard resource, so one signature covers
 /// every file of the version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Policy {
     Canned,
     Custom,

@@ -184,12 +184,7 @@ pub fn check_files(origin: &str, files: &[ManifestFile]) -> Result<(), ManifestE
         if !seen.insert(file.path.as_str()) {
             return Err(bad(&file.path, "it is listed twice"));
         }
-        let hex_ok = file.sha256.len() == 64
-            && file
-                .sha256
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if !hex_ok {
+        if !crate::digest::is_sha256_hex(&file.sha256) {
             return Err(ManifestError::Digest {
                 origin: origin.into(),
                 path: file.path.clone(),

@@ -11,6 +11,7 @@
 pub mod cloudfront;
 pub mod disk;
 pub mod fetch;
+pub mod headers;
 pub mod manifest;
 pub mod node_cache;
 pub mod progress;

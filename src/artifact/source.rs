@@ -84,44 +84,6 @@ impl std::fmt::Display for Location {
 
 /// Object key (S3), URL path or file path of `rel` inside a version, below
 /// `prefix`.
-/// Request headers from a mounted Secret: each regular file in `dir` is one
-/// header, named by the file and valued by its content (trimmed). The
-/// kubelet's `..data` links and other dot entries are skipped. Values are
-/// secrets: errors name the file, never its content.
-pub fn headers_from_dir(dir: &std::path::Path) -> Result<Vec<(String, String)>, String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| {
-        format!(
-            "failed to read the headers directory {}: {e}",
-            dir.display()
-        )
-    })?;
-    let mut headers = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| format!("failed to list {}: {e}", dir.display()))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let path = entry.path();
-        // Follows the kubelet's symlinks to the current files.
-        if name.starts_with('.') || !path.is_file() {
-            continue;
-        }
-        let valid = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b));
-        if !valid {
-            return Err(format!(
-                "{} is not a valid header name; name the Secret's keys after the headers to send",
-                path.display()
-            ));
-        }
-        let value = std::fs::read_to_string(&path)
-            .map_err(|e| format!("failed to read header file {}: {e}", path.display()))?;
-        headers.push((name, value.trim().to_string()));
-    }
-    headers.sort();
-    Ok(headers)
-}
-
 pub fn version_key(prefix: &str, model: &str, version: &str, rel: &str) -> String {
     let mut key = String::new();
     for part in [prefix.trim_matches('/'), model, version, rel] {
@@ -592,33 +554,6 @@ pub fn s3_failure<E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn headers_come_from_a_mounted_secret_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        // What the kubelet makes of a Secret volume: a timestamped directory,
-        // ..data pointing to it, and one link per key.
-        let data = dir.path().join("..2026_11_28_10_00_00.1");
-        std::fs::create_dir(&data).unwrap();
-        std::fs::write(data.join("X-Origin-Token"), "s3cr3t\n").unwrap();
-        std::fs::write(data.join("X-Tenant"), "acme").unwrap();
-        std::os::unix::fs::symlink(&data, dir.path().join("..data")).unwrap();
-        for key in ["X-Origin-Token", "X-Tenant"] {
-            std::os::unix::fs::symlink(dir.path().join("..data").join(key), dir.path().join(key))
-                .unwrap();
-        }
-        assert_eq!(
-            headers_from_dir(dir.path()).unwrap(),
-            vec![
-                ("X-Origin-Token".to_string(), "s3cr3t".to_string()),
-                ("X-Tenant".to_string(), "acme".to_string())
-            ]
-        );
-        std::fs::write(dir.path().join("bad name"), "v").unwrap();
-        let err = headers_from_dir(dir.path()).unwrap_err();
-        assert!(err.contains("bad name") && !err.contains("s3cr3t"), "{err}");
-        assert!(headers_from_dir(&dir.path().join("missing")).is_err());
-    }
 
     #[test]
     fn locations_parse_and_refuse_what_they_cannot_use() {

@@ -43,6 +43,8 @@ pub enum CalibrateError {
     },
     #[error("the pairs file {path} holds no pair; expected JSONL with fields a, b, equivalent")]
     Empty { path: PathBuf },
+    #[error("--max-false-hit-rate must be in [0, 0.5) and --held-out in [0, 1)")]
+    Targets,
 }
 
 /// One labeled pair.
@@ -225,5 +227,86 @@ pub fn calibrate_scored(
         prior: super::per_entry::fit(&fit, PRIOR_FROM, PRIOR_SPREAD),
         sentences: 0,
         embed_seconds: 0.0,
+    }
+}
+
+impl Calibration {
+    /// The human-readable report of `modelcache calibrate`: every fifth
+    /// threshold row, the pick with its held-out check and the reference
+    /// design's 0.92, and the CachePolicy lines to paste.
+    pub fn table(&self, pairs: usize) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{pairs} pairs: {} to calibrate, {} held out; {} sentences embedded in {:.1} s",
+            self.calibration_pairs, self.held_out_pairs, self.sentences, self.embed_seconds
+        );
+        out.push_str(
+            "threshold  hits  false  precision  recall  hit rate  false-hit rate (95% upper)\n",
+        );
+        let line = |r: &ThresholdRow| {
+            format!(
+                "{:>9.4}  {:>4}  {:>5}  {:>9.4}  {:>6.4}  {:>8.4}  {:.4} ({:.4})",
+                r.threshold,
+                r.hits,
+                r.false_hits,
+                r.precision,
+                r.recall,
+                r.hit_rate,
+                r.false_hit_rate,
+                r.false_hit_rate_upper
+            )
+        };
+        for r in self.rows.iter().step_by(5) {
+            let _ = writeln!(out, "{}", line(r));
+        }
+        let target = self.max_false_hit_rate;
+        if let Some(p) = &self.picked {
+            let _ = writeln!(out, "picked: {}", line(p));
+            if let Some(h) = &self.held_out {
+                let _ = writeln!(out, "held out: {}", line(h));
+            }
+            if let Some(r) = &self.reference_092 {
+                let _ = writeln!(out, "static 0.92 held out: {}", line(r));
+            }
+            let _ = writeln!(
+                out,
+                "CachePolicy: semantic: {{threshold: {:.4}, maxFalseHitRate: {target}}}",
+                p.threshold
+            );
+        }
+        if let Some(prior) = &self.prior {
+            let _ = writeln!(
+                out,
+                "per-entry prior: P(right | s) = 1 / (1 + exp(-{:.3} (s - {:.4})))",
+                prior.steepness, prior.midpoint
+            );
+            let _ = writeln!(
+                out,
+                "CachePolicy (per-entry): semantic: {{mode: PerEntry, maxFalseHitRate: {target}, prior: {{steepness: {:.3}, midpoint: {:.4}, spread: {}}}}}",
+                prior.steepness, prior.midpoint, prior.spread
+            );
+        }
+        out
+    }
+
+    /// Why nothing was picked, and what to do; `None` when a threshold was.
+    pub fn unmet(&self) -> Option<String> {
+        self.picked.is_none().then(|| {
+            format!(
+                "no threshold keeps the false-hit rate at or below {} with 95% confidence on {} pairs; give more labeled pairs, or a higher --max-false-hit-rate, or learn thresholds per entry (semantic.mode PerEntry with the prior printed above)",
+                self.max_false_hit_rate, self.calibration_pairs
+            )
+        })
+    }
+}
+
+/// The target and the held-out share `modelcache calibrate` accepts.
+pub fn check_targets(max_false_hit_rate: f64, held_out: f64) -> Result<(), CalibrateError> {
+    if (0.0..0.5).contains(&max_false_hit_rate) && (0.0..1.0).contains(&held_out) {
+        Ok(())
+    } else {
+        Err(CalibrateError::Targets)
     }
 }

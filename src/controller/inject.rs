@@ -42,7 +42,7 @@ const SIGNING_PATH: &str = "/etc/modelcache/cloudfront";
 const WARM_PORT: i32 = 8089;
 
 /// What a webhook does when a pod names a ModelCache it cannot inject from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum FailurePolicy {
     /// Refuse the pod, with the reason: a model pod without its weights
     /// would start and fail later, further from the cause.

@@ -8,6 +8,7 @@
 
 pub mod cache_policy;
 pub mod condition;
+pub mod load;
 pub mod model_cache;
 pub mod validate;
 

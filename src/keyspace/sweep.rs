@@ -312,6 +312,44 @@ pub enum InvalidateError {
         #[source]
         source: crate::keyspace::registry::RegistryError,
     },
+    #[error("failed to connect to Redis")]
+    Connect(#[source] crate::store::live::LiveError),
+}
+
+impl VersionOutcome {
+    /// One line for the command's output.
+    pub fn describe(&self) -> String {
+        let (keys, version) = (self.keys, &self.version);
+        match &self.report {
+            None => format!("would delete {keys} keys of version {version:?}"),
+            Some(r) => {
+                let resumed = if r.resumed {
+                    format!(" (resumed; {} deleted before)", r.deleted_before)
+                } else {
+                    String::new()
+                };
+                let seconds = r.elapsed.as_secs_f64();
+                format!("deleted {keys} keys of version {version:?} in {seconds:.2}s{resumed}")
+            }
+        }
+    }
+}
+
+/// [`invalidate`] on one Redis, or [`invalidate_cluster`] on every primary
+/// of the cluster `target` belongs to.
+pub async fn invalidate_target(
+    target: &crate::store::RedisTarget,
+    model: &str,
+    keep: &BTreeSet<String>,
+    dry_run: bool,
+    pace: Pace,
+    cluster: bool,
+) -> Result<Vec<VersionOutcome>, InvalidateError> {
+    if cluster {
+        return invalidate_cluster(target, model, keep, dry_run, pace).await;
+    }
+    let mut conn = target.connect().await.map_err(InvalidateError::Connect)?;
+    invalidate(&mut conn, model, keep, dry_run, pace).await
 }
 
 /// Sweeps every version of `model` that has keys and is not in `keep`. With

@@ -74,6 +74,20 @@ pub enum KvSizeError {
     HeadDim { hidden: u64, heads: u64 },
     #[error("failed to size the KV cache: the size does not fit in 64 bits")]
     Overflow,
+    #[error("failed to read {}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to parse {} as JSON", path.display())]
+    Json {
+        path: std::path::PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Gguf(super::gguf::GgufError),
 }
 
 /// The sizing of one cache.
@@ -197,6 +211,33 @@ fn assemble(
         head_dim,
         value_dim,
     })
+}
+
+/// The shape from a config.json file or a GGUF file, whichever is given
+/// (config.json first); `None` when neither is.
+pub fn shape_from_files(
+    config: Option<&std::path::Path>,
+    gguf: Option<&std::path::Path>,
+) -> Result<Option<KvShape>, KvSizeError> {
+    if let Some(path) = config {
+        let text = std::fs::read_to_string(path).map_err(|source| KvSizeError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| KvSizeError::Json {
+                path: path.into(),
+                source,
+            })?;
+        return shape_from_config(&json).map(Some);
+    }
+    match gguf {
+        Some(path) => {
+            let meta = super::gguf::read(path).map_err(KvSizeError::Gguf)?;
+            shape_from_gguf(&meta).map(Some)
+        }
+        None => Ok(None),
+    }
 }
 
 /// The shape from a Hugging Face `config.json` (a multimodal model's

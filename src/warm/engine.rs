@@ -37,6 +37,14 @@ pub enum WarmError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("failed to serve readiness on {addr}")]
+    Serve {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to install the SIGTERM handler")]
+    Signal(#[source] std::io::Error),
 }
 
 impl WarmError {
@@ -44,6 +52,7 @@ impl WarmError {
         match self {
             WarmError::Unreachable { .. } => 3,
             WarmError::Refused { .. } | WarmError::Request { .. } => 4,
+            WarmError::Serve { .. } | WarmError::Signal(_) => 1,
         }
     }
 }
@@ -328,6 +337,31 @@ pub async fn run_sidecar(
                 break;
             }
         }
+    }
+}
+
+/// The native sidecar: serves `/readyz` on `addr` while [`run_sidecar`]
+/// keeps the engine warm, until SIGTERM or Ctrl-C (a clean exit: the pod is
+/// going away).
+pub async fn serve_sidecar(
+    warmer: EngineWarmer,
+    addr: std::net::SocketAddr,
+    check_interval: Duration,
+) -> Result<(), WarmError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let serve_error = |source| WarmError::Serve { addr, source };
+    let state = Arc::new(SidecarState::default());
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(serve_error)?;
+    let server = axum::serve(listener, router(state.clone()));
+    let sidecar = run_sidecar(warmer, state, check_interval);
+    let mut term = signal(SignalKind::terminate()).map_err(WarmError::Signal)?;
+    tokio::select! {
+        r = server => r.map_err(serve_error),
+        r = sidecar => r,
+        _ = term.recv() => Ok(()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
     }
 }
 
