@@ -845,7 +845,7 @@ fn warm(args: WarmArgs) -> Result<ExitCode> {
         return summary_or_exit(in_process::run(&opts, &prompts), |e| e.exit_code());
     };
     let concurrency = args.concurrency as usize;
-    let warmer = engine::EngineWarmer::new(&engine_url, args.model, prompts, concurrency);
+    let warmer = engine::EngineWarmer::new(&engine_url, args.model, prompts, concurrency)?;
     let rt = runtime()?;
     if !args.once {
         let interval = Duration::from_secs(args.check_interval.max(1));

@@ -1,7 +1,7 @@
 //! The Helm chart: `helm lint --strict`, and strict schema validation of what
 //! it renders for Kubernetes 1.30 and 1.37, cluster-wide and namespaced. The
 //! RBAC rules are pinned here so that a new verb is a deliberate change (and
-//! goes into the README's RBAC table).
+//! goes into the RBAC table of docs/controller.md).
 
 mod support;
 

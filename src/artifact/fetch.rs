@@ -210,7 +210,7 @@ impl From<TransferError> for FetchError {
 }
 
 impl FetchError {
-    /// The process exit code; documented in the README.
+    /// The process exit code; documented in docs/cli.md.
     pub fn exit_code(&self) -> u8 {
         match self {
             FetchError::Name(_) | FetchError::Connect(_) => 2,

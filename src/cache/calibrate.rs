@@ -146,7 +146,7 @@ pub struct Calibration {
 /// not a candidate of any useful threshold, and the curve there would
 /// only bend the fit.
 pub const PRIOR_FROM: f32 = 0.5;
-/// The spread of entries' midpoints the prior assumes (see the README's
+/// The spread of entries' midpoints the prior assumes (see docs/benchmarks.md's
 /// semantic-cache benchmark for its effect).
 pub const PRIOR_SPREAD: f64 = 0.1;
 

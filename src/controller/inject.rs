@@ -192,15 +192,21 @@ fn serving_env(mc: &ModelCache, pod: &Pod) -> Vec<EnvVar> {
 /// Our containers run as non-root on a read-only root filesystem, with no
 /// privileges to gain; they write only to the shared volumes.
 fn locked_down() -> SecurityContext {
-    serde_json::from_value(json!({
-        "runAsNonRoot": true,
-        "runAsUser": 65532,
-        "readOnlyRootFilesystem": true,
-        "allowPrivilegeEscalation": false,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"}
-    }))
-    .expect("a valid SecurityContext")
+    SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(65532),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(k8s_openapi::api::core::v1::Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        seccomp_profile: Some(k8s_openapi::api::core::v1::SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
@@ -530,7 +536,8 @@ pub fn review(
         Decision::NotAnnotated | Decision::AlreadyInjected => response(json!({})),
         Decision::Patch(ops) => {
             use base64::Engine;
-            let bytes = serde_json::to_vec(&ops).expect("JSON");
+            // A JSON value's text: serializing it cannot fail.
+            let bytes = Value::Array(ops).to_string().into_bytes();
             response(json!({
                 "patchType": "JSONPatch",
                 "patch": base64::engine::general_purpose::STANDARD.encode(bytes),

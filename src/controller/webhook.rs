@@ -37,6 +37,8 @@ const VALID_FOR: jiff::SignedDuration = jiff::SignedDuration::from_hours(365 * 2
 pub enum WebhookError {
     #[error("failed to issue the webhook's certificate")]
     Issue(#[source] rcgen::Error),
+    #[error("failed to date the webhook's certificate")]
+    Date(#[source] jiff::Error),
     #[error("failed to load the webhook's certificate and key")]
     Tls(#[source] rustls::Error),
     #[error("failed to read {what} from the webhook TLS Secret {secret}")]
@@ -127,7 +129,7 @@ pub fn issue(dns_names: &[String], now: jiff::Timestamp) -> Result<TlsMaterial, 
         // What the certificate says: midnight UTC of that day.
         not_after: date
             .to_zoned(jiff::tz::TimeZone::UTC)
-            .expect("a valid date")
+            .map_err(WebhookError::Date)?
             .timestamp(),
     })
 }
@@ -426,11 +428,7 @@ pub async fn serve(
                     None => Ok(None),
                 };
                 let response = review(&request, |_, _| found.clone(), &config);
-                (
-                    StatusCode::OK,
-                    json,
-                    serde_json::to_vec(&response).expect("JSON"),
-                )
+                (StatusCode::OK, json, response.to_string().into_bytes())
             }
         }),
     );

@@ -285,7 +285,7 @@ fn default_sweep_rate() -> i64 {
     100_000
 }
 // Small batches keep each round trip short, so a reader's GET never waits
-// behind a long pipeline (see the sweep benchmark in the README).
+// behind a long pipeline (see the sweep benchmark in docs/benchmarks.md).
 fn default_sweep_batch() -> i64 {
     100
 }

@@ -45,6 +45,8 @@ pub enum WarmError {
     },
     #[error("failed to install the SIGTERM handler")]
     Signal(#[source] std::io::Error),
+    #[error("failed to build the HTTP client")]
+    Client(#[source] reqwest::Error),
 }
 
 impl WarmError {
@@ -52,7 +54,7 @@ impl WarmError {
         match self {
             WarmError::Unreachable { .. } => 3,
             WarmError::Refused { .. } | WarmError::Request { .. } => 4,
-            WarmError::Serve { .. } | WarmError::Signal(_) => 1,
+            WarmError::Serve { .. } | WarmError::Signal(_) | WarmError::Client(_) => 1,
         }
     }
 }
@@ -121,18 +123,19 @@ impl EngineWarmer {
         model: Option<String>,
         prompts: Vec<String>,
         concurrency: usize,
-    ) -> Self {
-        EngineWarmer {
-            client: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(600))
-                .build()
-                .expect("a plain HTTP client builds"),
+    ) -> Result<Self, WarmError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(600))
+            .build()
+            .map_err(WarmError::Client)?;
+        Ok(EngineWarmer {
+            client,
             base: engine_url.trim_end_matches('/').to_string(),
             model,
             prompts,
             concurrency: concurrency.max(1),
-        }
+        })
     }
 
     /// Whether the engine answers `GET /v1/models`.
