@@ -40,10 +40,12 @@ impl Default for Sha256 {
 }
 
 impl Sha256 {
+    /// Adds bytes.
     pub fn update(&mut self, bytes: &[u8]) {
         self.0.update(bytes);
     }
 
+    /// The digest as lower-case hex.
     pub fn finish_hex(self) -> String {
         hex(self.0.finish().as_ref())
     }

@@ -13,10 +13,15 @@ use crate::model::kv_size::KvSize;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GpuDevice {
+    /// CUDA device ordinal.
     pub ordinal: usize,
+    /// Device name.
     pub name: String,
+    /// Compute capability, `major.minor`.
     pub compute_capability: String,
+    /// Memory in bytes.
     pub total_bytes: u64,
+    /// Free memory in bytes, now.
     pub free_bytes: u64,
 }
 
@@ -26,10 +31,12 @@ pub struct GpuDevice {
 pub struct GpuReport {
     /// Whether libcuda could be loaded at all.
     pub driver_present: bool,
+    /// Every device the driver reports.
     pub devices: Vec<GpuDevice>,
 }
 
 impl GpuReport {
+    /// One line per device, or why there is none.
     pub fn describe(&self) -> String {
         if !self.driver_present {
             return "no GPU: the NVIDIA driver (libcuda.so) is not present".into();
@@ -54,7 +61,10 @@ impl GpuReport {
     }
 }
 
+/// Why the GPU probe failed (a missing driver is not an error).
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum GpuError {
     #[error("failed to query GPU {ordinal}: {detail}")]
     Driver { ordinal: usize, detail: String },

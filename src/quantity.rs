@@ -2,7 +2,10 @@
 //! exact ratios of them. maxmemory is computed from these, so it must be exact
 //! in bytes: floating point would be off by a few bytes on large limits.
 
+/// Why a Kubernetes quantity could not be read as bytes.
+/// Each variant is documented by its message.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum QuantityError {
     #[error(
         "failed to parse quantity {0:?}: expected a non-negative number with an optional suffix \

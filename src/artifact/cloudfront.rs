@@ -15,7 +15,10 @@ use rsa::pkcs1::DecodeRsaPrivateKey as _;
 use rsa::pkcs8::DecodePrivateKey as _;
 use rsa::signature::{SignatureEncoding as _, Signer as _};
 
+/// Why CloudFront signing could not be set up.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum CloudFrontError {
     #[error("failed to read the CloudFront private key {path}")]
     Read {
@@ -36,7 +39,9 @@ pub enum CloudFrontError {
 /// Whether the signature travels in the URL's query or in cookies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
+    /// The signature in the URL's query string (one per file with a canned policy).
     SignedUrl,
+    /// The signature in `CloudFront-*` cookies.
     SignedCookies,
 }
 
@@ -44,7 +49,9 @@ pub enum Mode {
 /// every file of the version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Policy {
+    /// A policy for one exact URL.
     Canned,
+    /// A policy for a wildcard resource: the version's prefix.
     Custom,
 }
 
@@ -57,6 +64,7 @@ pub enum Signed {
     Cookie(String),
 }
 
+/// Signs CloudFront requests with a key of the distribution's key group; the key never appears in `Debug`.
 pub struct Signer {
     key_pair_id: String,
     key: rsa::pkcs1v15::SigningKey<sha1::Sha1>,
@@ -79,6 +87,7 @@ impl std::fmt::Debug for Signer {
 }
 
 impl Signer {
+    /// A signer from a PEM file of the RSA private key; errors name the file, never its content.
     pub fn from_pem_file(
         path: &Path,
         key_pair_id: &str,
@@ -98,6 +107,7 @@ impl Signer {
         })
     }
 
+    /// A signer from PEM text.
     pub fn from_pem(
         pem: &str,
         key_pair_id: &str,

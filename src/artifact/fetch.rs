@@ -43,11 +43,17 @@ use super::transfer::{Engine, Transfer, TransferError};
 /// Everything `modelcache fetch` takes.
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
+    /// Where the versions are.
     pub location: Location,
+    /// How to reach the source (endpoint, headers, signing).
     pub source: SourceConfig,
+    /// The model's name under the location.
     pub model: String,
+    /// The version to fetch.
     pub version: String,
+    /// The directory that receives the files.
     pub dest: PathBuf,
+    /// The node cache shared by the node's pods, if any.
     pub cache_dir: Option<PathBuf>,
     /// Bytes the node cache may hold; unbounded when `None`.
     pub cache_quota: Option<u64>,
@@ -61,11 +67,14 @@ pub struct FetchOptions {
     pub max_attempts: u32,
     /// First retry delay (doubles up to 10 s, with full jitter).
     pub retry_base: Duration,
+    /// How progress is shown.
     pub progress: ProgressMode,
+    /// Seconds between progress log lines.
     pub progress_interval: Duration,
 }
 
 impl FetchOptions {
+    /// Options with the defaults of `modelcache fetch`.
     pub fn new(location: Location, model: &str, version: &str, dest: &Path) -> Self {
         FetchOptions {
             location,
@@ -90,12 +99,17 @@ impl FetchOptions {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct FetchSummary {
+    /// The model fetched.
     pub model: String,
+    /// The version fetched.
     pub version: String,
+    /// The sha256 of the version's manifest.
     pub manifest_digest: String,
+    /// Where the files are.
     pub dest: PathBuf,
     /// Files and bytes of the version.
     pub files: usize,
+    /// Bytes of the version.
     pub bytes: u64,
     /// Received from the origin in this run.
     pub downloaded_bytes: u64,
@@ -103,14 +117,19 @@ pub struct FetchSummary {
     pub resumed_bytes: u64,
     /// Files served by the node cache, and their bytes.
     pub cache_hits: usize,
+    /// Bytes of the files the node cache served.
     pub cache_hit_bytes: u64,
     /// Files already in place and verified from an earlier run.
     pub reused_files: usize,
+    /// Requests made to the origin.
     pub requests: u64,
+    /// Requests retried after a transient failure.
     pub retries: u64,
+    /// Wall time of the fetch.
     pub seconds: f64,
     /// Version bytes per second, MB/s (10^6).
     pub throughput_mbps: f64,
+    /// Versions evicted from the node cache to stay within its quota.
     pub evicted_versions: usize,
 }
 
@@ -118,15 +137,24 @@ pub struct FetchSummary {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct CompleteMarker {
+    /// The source, with any signature redacted.
     pub source: String,
+    /// The model.
     pub model: String,
+    /// The version.
     pub version: String,
+    /// The sha256 of the version's manifest.
     pub manifest_digest: String,
+    /// Files of the version.
     pub files: usize,
+    /// Bytes of the version.
     pub bytes: u64,
 }
 
+/// Why a fetch failed; each kind has its exit code.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum FetchError {
     #[error("failed to fetch: {0}")]
     Name(#[from] super::NameError),

@@ -5,7 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
+/// Why request headers could not be read.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum HeaderError {
     #[error("failed to parse {origin}: a header must look like `Name: value`")]
     Malformed { origin: String },

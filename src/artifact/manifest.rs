@@ -23,7 +23,10 @@ pub const MAX_MANIFEST_BYTES: usize = 16 << 20;
 /// may not use it.
 pub const STATE_DIR: &str = ".modelcache";
 
+/// Why a manifest was refused.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum ManifestError {
     #[error(
         "failed to parse manifest {origin}: {reason}; expected JSON with formatVersion, model, version and files[{{path, size, sha256}}]"
@@ -77,6 +80,7 @@ pub enum ManifestError {
 pub struct ManifestFile {
     /// Relative path with `/` separators.
     pub path: String,
+    /// Bytes.
     pub size: u64,
     /// Lowercase hex.
     pub sha256: String,
@@ -86,8 +90,11 @@ pub struct ManifestFile {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Manifest {
+    /// The manifest format; 1.
     pub format_version: u32,
+    /// The model's name.
     pub model: String,
+    /// The version.
     pub version: String,
     /// Sorted by path.
     pub files: Vec<ManifestFile>,
@@ -96,12 +103,16 @@ pub struct Manifest {
 /// A parsed, checked manifest and the digest of the bytes it came from.
 #[derive(Debug, Clone)]
 pub struct VerifiedManifest {
+    /// The manifest.
     pub manifest: Manifest,
+    /// The bytes it was parsed from.
     pub bytes: Vec<u8>,
+    /// Their sha256: the version's identity.
     pub digest: String,
 }
 
 impl VerifiedManifest {
+    /// Bytes of every file of the version.
     pub fn total_bytes(&self) -> u64 {
         self.manifest.files.iter().map(|f| f.size).sum()
     }
@@ -343,7 +354,10 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), BuildError
     Ok(())
 }
 
+/// Why a manifest could not be built from a directory.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum BuildError {
     #[error("failed to read {path}")]
     Io {

@@ -24,8 +24,11 @@ pub mod transfer;
 #[derive(Debug, thiserror::Error)]
 #[error("{what} {value:?} is not valid: {why}")]
 pub struct NameError {
+    /// What the name is for (`model`, `version`).
     pub what: &'static str,
+    /// The name given.
     pub value: String,
+    /// Why it is refused.
     pub why: &'static str,
 }
 

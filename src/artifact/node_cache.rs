@@ -30,7 +30,10 @@ use super::disk::{is_file_of_size, lock_file, write_atomic};
 use super::manifest::{self, VerifiedManifest};
 use crate::digest::sha256_hex;
 
+/// Why the node cache could not be used.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum NodeCacheError {
     #[error(
         "failed to use the node cache at {path}; check that --cache-dir is a writable directory"
@@ -53,9 +56,13 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NodeCacheError + '_ {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VersionRecord {
+    /// The source it came from, signatures redacted.
     pub source: String,
+    /// The model.
     pub model: String,
+    /// The version.
     pub version: String,
+    /// The sha256 of its manifest.
     pub manifest_digest: String,
 }
 
@@ -63,7 +70,9 @@ pub struct VersionRecord {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EvictReport {
+    /// `model/version` of each version evicted.
     pub evicted_versions: Vec<String>,
+    /// Bytes freed.
     pub freed_bytes: u64,
     /// Bytes in the cache after the pass; above the quota when pinned or busy
     /// versions hold the rest.
@@ -71,11 +80,13 @@ pub struct EvictReport {
 }
 
 #[derive(Debug, Clone)]
+/// A node-local cache of verified blobs, by sha256, shared by the pods of a node.
 pub struct NodeCache {
     root: PathBuf,
 }
 
 impl NodeCache {
+    /// Opens (creating if needed) the cache at `root`.
     pub fn open(root: &Path) -> Result<NodeCache, NodeCacheError> {
         for sub in ["blobs", "partial", "versions", "manifests", "locks"] {
             let dir = root.join(sub);
@@ -84,14 +95,17 @@ impl NodeCache {
         Ok(NodeCache { root: root.into() })
     }
 
+    /// The cache's directory.
     pub fn root(&self) -> &Path {
         &self.root
     }
 
+    /// Where the blob with this sha256 is kept.
     pub fn blob_path(&self, sha256: &str) -> PathBuf {
         self.root.join("blobs").join(sha256)
     }
 
+    /// Where downloads in progress are written.
     pub fn partial_dir(&self) -> PathBuf {
         self.root.join("partial")
     }

@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 pub enum ProgressMode {
     /// A bar when stderr is a terminal, log lines otherwise.
     Auto,
+    /// A progress bar on stderr.
     Bar,
+    /// A log line every interval.
     Log,
+    /// Nothing.
     Off,
 }
 
@@ -22,7 +25,9 @@ pub struct Counters {
     pub total: AtomicU64,
     /// Bytes received so far.
     pub done: AtomicU64,
+    /// Requests made.
     pub requests: AtomicU64,
+    /// Requests retried.
     pub retries: AtomicU64,
 }
 
@@ -33,6 +38,7 @@ pub struct Reporter {
 }
 
 impl Reporter {
+    /// Starts showing progress of `counters`.
     pub fn start(mode: ProgressMode, interval: Duration, counters: Arc<Counters>) -> Reporter {
         let bar = match mode {
             ProgressMode::Off => {
@@ -77,6 +83,7 @@ impl Reporter {
         }
     }
 
+    /// Stops, with a last line or a finished bar.
     pub async fn finish(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -114,6 +121,7 @@ pub fn describe(counters: &Counters, elapsed: Duration) -> String {
     )
 }
 
+/// Bytes in binary units (`1.5 GiB`).
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = n as f64;

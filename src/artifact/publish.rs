@@ -18,11 +18,17 @@ use super::source::{Location, SourceConfig, s3_client, s3_failure, version_key};
 const MULTIPART_THRESHOLD: u64 = 64 << 20;
 
 #[derive(Debug, Clone)]
+/// Everything `modelcache publish` takes.
 pub struct PublishOptions {
+    /// The directory to release.
     pub dir: PathBuf,
+    /// Where versions are published.
     pub location: Location,
+    /// How to reach the store.
     pub source: SourceConfig,
+    /// The model's name.
     pub model: String,
+    /// The version to release.
     pub version: String,
     /// Uploads in flight at once.
     pub concurrency: usize,
@@ -30,19 +36,30 @@ pub struct PublishOptions {
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
+/// The JSON printed at the end.
 pub struct PublishSummary {
+    /// The model.
     pub model: String,
+    /// The version.
     pub version: String,
+    /// The sha256 of the manifest uploaded.
     pub manifest_digest: String,
+    /// Where it was published.
     pub location: String,
+    /// Files of the version.
     pub files: usize,
+    /// Bytes of the version.
     pub bytes: u64,
     /// True when the very same version was already there: nothing uploaded.
     pub already_published: bool,
+    /// Wall time.
     pub seconds: f64,
 }
 
+/// Why a publish failed or was refused.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum PublishError {
     #[error("failed to publish: {0}")]
     Name(#[from] super::NameError),
@@ -87,6 +104,7 @@ impl PublishError {
     }
 }
 
+/// Publishes a directory as an immutable version: files first, the manifest last.
 pub async fn publish(opts: PublishOptions) -> Result<PublishSummary, PublishError> {
     let started = Instant::now();
     super::check_names(&opts.model, &opts.version)?;

@@ -13,6 +13,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// A budget of `max_attempts` per request, all within `deadline`.
     pub fn new(max_attempts: u32, deadline: Instant) -> Self {
         Backoff {
             attempt: 0,

@@ -17,17 +17,34 @@ use super::cloudfront::{self, Signed, Signer};
 /// A version's base location, parsed from `--source`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {
-    S3 { bucket: String, prefix: String },
-    Http { base: url::Url },
-    File { dir: PathBuf },
+    /// `s3://bucket/prefix`.
+    S3 {
+        /// The bucket.
+        bucket: String,
+        /// The key prefix, without slashes at either end.
+        prefix: String,
+    },
+    /// `https://host/prefix` (or `http://` for tests).
+    Http {
+        /// The URL every model is under.
+        base: url::Url,
+    },
+    /// `file:///dir`.
+    File {
+        /// The directory every model is under.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error(
     "source {value:?} is not valid: {why}; expected s3://bucket[/prefix], https://host[/prefix] or file:///absolute/dir"
 )]
+/// A source URI that cannot be used.
 pub struct LocationError {
+    /// The URI given.
     pub value: String,
+    /// Why it is refused.
     pub why: &'static str,
 }
 
@@ -113,10 +130,13 @@ pub enum Failure {
 
 #[derive(Debug, thiserror::Error)]
 #[error("failed to get {url}: {detail}")]
+/// A failed request, classified for retries and exit codes.
 pub struct SourceError {
+    /// What kind of failure it was.
     pub failure: Failure,
     /// Never carries a signature or credentials.
     pub url: String,
+    /// What the origin said, without credentials or signatures.
     pub detail: String,
 }
 
@@ -135,11 +155,13 @@ pub fn status_failure(status: u16) -> Failure {
 pub struct SourceConfig {
     /// S3-compatible endpoint, e.g. `http://127.0.0.1:9000`.
     pub endpoint: Option<String>,
+    /// S3 region.
     pub region: Option<String>,
     /// Bucket in the path rather than the host name (most S3-compatible stores).
     pub path_style: bool,
     /// Extra request headers for HTTP origins.
     pub headers: Vec<(String, String)>,
+    /// CloudFront signing for HTTP origins.
     pub signer: Option<Arc<Signer>>,
     /// A response that sends nothing for this long is retried.
     pub idle_timeout: Option<Duration>,
@@ -166,24 +188,39 @@ impl std::fmt::Debug for SourceConfig {
 /// A stream of body chunks.
 pub type Body = BoxStream<'static, Result<Bytes, SourceError>>;
 
+/// A connected source of versions.
 pub enum Source {
+    /// An S3 bucket, through the AWS SDK.
     S3 {
+        /// The S3 client.
         client: aws_sdk_s3::Client,
+        /// The bucket.
         bucket: String,
+        /// The key prefix of every model.
         prefix: String,
     },
+    /// An HTTP origin or CDN.
     Http {
+        /// The HTTP client.
         client: reqwest::Client,
+        /// The URL every model is under.
         base: url::Url,
+        /// Headers sent with every request.
         headers: reqwest::header::HeaderMap,
+        /// CloudFront signing, if configured.
         signer: Option<Arc<Signer>>,
     },
+    /// A local directory.
     File {
+        /// The directory every model is under.
         dir: PathBuf,
     },
 }
 
+/// Why a source could not be set up.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum ConnectError {
     #[error("failed to use header {name:?}: expected a valid HTTP header name and value")]
     Header { name: String },
@@ -192,6 +229,7 @@ pub enum ConnectError {
 }
 
 impl Source {
+    /// Connects to `location` (clients built once, reused by every request).
     pub async fn connect(location: &Location, cfg: &SourceConfig) -> Result<Source, ConnectError> {
         let idle = cfg.idle_timeout.unwrap_or(Duration::from_secs(30));
         Ok(match location {

@@ -56,19 +56,30 @@ const SPLIT_FACTOR: f64 = 4.0;
 
 /// What the workers share.
 pub struct Engine {
+    /// Where the bytes come from.
     pub source: Source,
+    /// The model.
     pub model: String,
+    /// The version.
     pub version: String,
+    /// Progress counters.
     pub counters: Arc<Counters>,
+    /// When the whole fetch must end.
     pub deadline: Instant,
+    /// Attempts per request.
     pub max_attempts: u32,
+    /// First retry delay.
     pub retry_base: Duration,
+    /// A response silent this long is retried.
     pub idle: Duration,
     /// Fixed part size (no splitting), or adaptive when `None`.
     pub part_size: Option<u64>,
 }
 
+/// Why a file transfer failed.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum TransferError {
     #[error("failed to fetch {file}")]
     Source {
@@ -139,6 +150,7 @@ impl Segment {
 
 /// One file being downloaded.
 pub struct Transfer {
+    /// The file, as the manifest lists it.
     pub file: ManifestFile,
     partial: PathBuf,
     data: File,
@@ -214,6 +226,7 @@ impl Transfer {
         Ok(transfer)
     }
 
+    /// Bytes reused from an interrupted earlier run.
     pub fn resumed(&self) -> u64 {
         self.state.lock().resumed
     }
@@ -229,10 +242,12 @@ impl Transfer {
         self.partial.with_extension("parts")
     }
 
+    /// Where the file is written until it is verified.
     pub fn partial_path(&self) -> &Path {
         &self.partial
     }
 
+    /// Flushes the partial file's data to disk.
     pub fn sync(&self) -> Result<(), TransferError> {
         self.data.sync_data().map_err(io_err("sync", &self.partial))
     }

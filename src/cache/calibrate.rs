@@ -23,7 +23,10 @@ use serde::{Deserialize, Serialize};
 
 pub use super::threshold::{Scored, ThresholdRow, Z95, evaluate, pick, wilson_upper};
 
+/// Why a calibration could not run on its input.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum CalibrateError {
     #[error(
         "failed to read the pairs file {path}; expected JSONL (optionally gzipped) with fields a, b and equivalent"
@@ -50,8 +53,11 @@ pub enum CalibrateError {
 /// One labeled pair.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pair {
+    /// One sentence.
     pub a: String,
+    /// The other.
     pub b: String,
+    /// Whether they ask the same thing (the label).
     pub equivalent: bool,
 }
 
@@ -123,8 +129,11 @@ mod tests {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Calibration {
+    /// The false-hit rate the pick must meet with 95% confidence.
     pub max_false_hit_rate: f64,
+    /// Pairs the threshold was picked on.
     pub calibration_pairs: usize,
+    /// Pairs held out to check the pick.
     pub held_out_pairs: usize,
     /// Every threshold from 0.50 to 0.99 in steps of 0.01, on the
     /// calibration part.
@@ -138,7 +147,9 @@ pub struct Calibration {
     /// The model per-entry thresholds start from, fitted on the
     /// calibration part where candidates occur (similarity ≥ 0.5).
     pub prior: Option<super::per_entry::Prior>,
+    /// Distinct sentences embedded.
     pub sentences: usize,
+    /// Seconds spent embedding.
     pub embed_seconds: f64,
 }
 

@@ -6,12 +6,14 @@ use serde_json::Value;
 /// or foreign format) is a miss, never an error and never executed.
 pub const FORMAT: &[u8] = b"mc1\n";
 
+/// The bytes stored for a cached value: the format tag, then JSON.
 pub fn encode(value: &Value) -> Result<Vec<u8>, serde_json::Error> {
     let mut out = FORMAT.to_vec();
     serde_json::to_writer(&mut out, value)?;
     Ok(out)
 }
 
+/// The value of stored bytes; `None` (a miss) for bytes without our format tag.
 pub fn decode(bytes: &[u8]) -> Option<Value> {
     serde_json::from_slice(bytes.strip_prefix(FORMAT)?).ok()
 }

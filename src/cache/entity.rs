@@ -22,7 +22,10 @@ pub const GROUP: &str = "modelcache";
 /// Events kept in the stream.
 const EVENT_LOG_LENGTH: u64 = 100_000;
 
+/// Why an entity's cached entries could not be invalidated.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum EntityError {
     #[error("failed to {action} entity events of model {model:?}")]
     Redis {

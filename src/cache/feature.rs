@@ -41,6 +41,7 @@ impl FeatureCache {
         }
     }
 
+    /// Hits and misses so far.
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
     }

@@ -42,7 +42,9 @@ impl Ord for Near {
 /// A hit of a search: the entry's id and its similarity to the query.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Neighbour {
+    /// The entry's id.
     pub id: String,
+    /// Its cosine similarity to the query.
     pub similarity: f32,
 }
 
@@ -63,6 +65,7 @@ pub struct Index {
 }
 
 impl Index {
+    /// An empty index of `dim`-dimensional unit vectors.
     pub fn new(dim: usize) -> Index {
         Index {
             dim,
@@ -78,6 +81,7 @@ impl Index {
         }
     }
 
+    /// The vectors' dimension.
     pub fn dim(&self) -> usize {
         self.dim
     }
@@ -87,10 +91,12 @@ impl Index {
         self.slots.len()
     }
 
+    /// Whether it holds no entry.
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
 
+    /// Whether it holds `id`.
     pub fn contains(&self, id: &str) -> bool {
         self.slots.contains_key(id)
     }

@@ -70,7 +70,10 @@ fn redis_error(
     }
 }
 
+/// Why a cache lookup or store failed (the caller answers from the source).
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum CacheError {
     #[error("failed to {action} in the {layer} cache of model {model:?}")]
     Redis {
@@ -105,6 +108,7 @@ pub enum Versions {
 }
 
 impl Versions {
+    /// The version to serve now; `None` before the registry names one.
     pub fn current(&self) -> Option<String> {
         match self {
             Versions::Fixed(v) => Some(v.clone()),
@@ -131,7 +135,9 @@ pub struct Stats {
 /// A copy of the counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
+    /// Lookups that hit.
     pub hits: u64,
+    /// Lookups that missed.
     pub misses: u64,
     /// Entries found but not in a format this build reads (counted as misses too).
     pub undecodable: u64,
@@ -140,6 +146,7 @@ pub struct StatsSnapshot {
 }
 
 impl StatsSnapshot {
+    /// hits / (hits + misses); `None` before any lookup.
     pub fn hit_rate(&self) -> Option<f64> {
         let total = self.hits + self.misses;
         (total > 0).then(|| self.hits as f64 / total as f64)
@@ -147,6 +154,7 @@ impl StatsSnapshot {
 }
 
 impl Stats {
+    /// The counts now.
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             hits: self.hits.load(Ordering::Relaxed),

@@ -47,7 +47,9 @@ impl Prior {
 /// the entry's answer was right for it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Observation {
+    /// The similarity at which the entry served.
     pub similarity: f32,
+    /// Whether its answer was right.
     pub correct: bool,
 }
 
@@ -200,8 +202,11 @@ pub fn fit(scored: &[Scored], from: f32, spread: f64) -> Option<Prior> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Replay {
+    /// Queries replayed.
     pub queries: usize,
+    /// Queries served from the cache.
     pub hits: usize,
+    /// Hits whose answer was wrong.
     pub false_hits: usize,
     /// Candidates verified (the LLM was called and its answer compared).
     pub verified: usize,

@@ -47,10 +47,12 @@ impl ResultCache {
         self
     }
 
+    /// Hits and misses so far.
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
     }
 
+    /// The live counters, to share with other caches' reports.
     pub fn stats_handle(&self) -> &Stats {
         &self.stats
     }
@@ -91,6 +93,7 @@ impl ResultCache {
         self.lookup(inputs, Some(entity)).await
     }
 
+    /// Stores an answer for one entity only (see [`Self::get_personal`]).
     pub async fn put_personal(
         &self,
         entity: &str,

@@ -117,6 +117,7 @@ impl SemanticConfig {
 /// Per-entry thresholds ([`super::per_entry`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PerEntryConfig {
+    /// The prior each entry's threshold starts from.
     pub prior: Prior,
     /// The CachePolicy's `maxFalseHitRate`: an entry serves a query only
     /// when its answer is right with at least one minus this chance.
@@ -126,22 +127,27 @@ pub struct PerEntryConfig {
 /// A served answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SemanticHit {
+    /// The cached answer.
     pub answer: Value,
     /// The question the answer was stored for.
     pub query: String,
+    /// How similar the question was to the cached one.
     pub similarity: f32,
+    /// What the entry was stored with.
     pub metadata: Value,
 }
 
 /// What a lookup found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Lookup {
+    /// A cached answer close enough to serve.
     Hit(SemanticHit),
     /// Per-entry mode: the nearest entry is not yet trusted at this
     /// similarity. Call the LLM, compare its answer with the candidate's,
     /// and report with [`SemanticCache::record`]: that is how the entry
     /// learns its threshold.
     Verify(Candidate),
+    /// Nothing close enough: ask the source.
     Miss,
 }
 
@@ -159,7 +165,9 @@ pub struct Candidate {
 /// Counters of one cache.
 #[derive(Debug, Default)]
 pub struct SemanticStats {
+    /// Lookups served.
     pub hits: AtomicU64,
+    /// Lookups sent to the source.
     pub misses: AtomicU64,
     /// Index candidates whose entry was gone from Redis (expired, evicted).
     pub stale: AtomicU64,
@@ -173,6 +181,7 @@ pub struct SemanticStats {
     /// Per-entry mode: candidates offered for verification (counted as
     /// misses too), and outcomes recorded.
     pub verify: AtomicU64,
+    /// Outcomes recorded for per-entry thresholds.
     pub recorded: AtomicU64,
 }
 
@@ -291,6 +300,7 @@ impl SemanticCache {
         }
     }
 
+    /// The counters.
     pub fn stats(&self) -> &SemanticStats {
         &self.core.stats
     }

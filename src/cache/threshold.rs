@@ -12,7 +12,9 @@ pub const Z95: f64 = 1.645;
 /// A pair's similarity and label.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scored {
+    /// The pair's similarity (-1 when the guard refuses it).
     pub similarity: f32,
+    /// Whether the pair is labeled equivalent.
     pub equivalent: bool,
 }
 
@@ -20,13 +22,21 @@ pub struct Scored {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ThresholdRow {
+    /// The similarity from which a pair hits.
     pub threshold: f64,
+    /// Pairs evaluated.
     pub pairs: usize,
+    /// Pairs that hit.
     pub hits: usize,
+    /// Hits on pairs that are not equivalent.
     pub false_hits: usize,
+    /// hits / pairs.
     pub hit_rate: f64,
+    /// Right hits / hits.
     pub precision: f64,
+    /// Right hits / equivalent pairs.
     pub recall: f64,
+    /// False hits / hits.
     pub false_hit_rate: f64,
     /// One-sided 95% Wilson upper bound of the false-hit rate.
     pub false_hit_rate_upper: f64,

@@ -20,6 +20,7 @@ use kube::Resource;
 use crate::crd::ModelCache;
 use crate::store::settings::{AUTH_CONF_PATH, RedisSettings, redis_conf};
 
+/// The port of every provisioned Redis.
 pub const REDIS_PORT: i32 = 6379;
 /// Key of the generated Secret that holds the password clients use.
 pub const PASSWORD_KEY: &str = "password";
@@ -41,6 +42,7 @@ pub const MAX_NAME_LEN: usize = 46;
 pub struct Names {
     /// Secret, StatefulSet and Service.
     pub redis: String,
+    /// The ConfigMap with redis.conf.
     pub config_map: String,
     /// The inline warm-up prompts, for model pods to mount.
     pub warmup: String,
@@ -49,6 +51,7 @@ pub struct Names {
 /// The key of the warm-up ConfigMap that holds the prompts.
 pub const WARMUP_PROMPTS_KEY: &str = "prompts.jsonl";
 
+/// The names of the objects `mc` owns.
 pub fn names(mc: &ModelCache) -> Names {
     let base = mc.metadata.name.clone().unwrap_or_default();
     Names {
@@ -113,6 +116,7 @@ pub fn secret(mc: &ModelCache, password: &str) -> Secret {
     }
 }
 
+/// The ConfigMap with redis.conf.
 pub fn config_map(mc: &ModelCache, settings: &RedisSettings) -> ConfigMap {
     ConfigMap {
         metadata: meta(mc, &names(mc).config_map),
@@ -325,6 +329,7 @@ pub fn stateful_set(mc: &ModelCache, settings: &RedisSettings, secret_uid: &str)
     }
 }
 
+/// The ClusterIP Service in front of the Redis pod.
 pub fn service(mc: &ModelCache) -> Service {
     Service {
         metadata: meta(mc, &names(mc).redis),

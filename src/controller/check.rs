@@ -16,7 +16,9 @@ use super::status::{Observation, model_cache_status};
 
 /// The observation and the status the controller would write from it.
 pub struct CheckReport {
+    /// What was found.
     pub observation: Observation,
+    /// The status the controller would write.
     pub status: ModelCacheStatus,
 }
 

@@ -12,13 +12,16 @@ use axum::routing::get;
 
 use super::metrics::Metrics;
 
+/// What `/metrics` and the probes read.
 pub struct HttpState {
+    /// The controller's metrics.
     pub metrics: Arc<Metrics>,
     /// Set once the controller is initialised (client built, serving or
     /// standing by for the lease).
     pub ready: AtomicBool,
 }
 
+/// `/metrics`, `/healthz` and `/readyz`.
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))

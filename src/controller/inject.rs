@@ -28,8 +28,11 @@ use crate::crd::model_cache::{DEFAULT_VERSION_LABEL, ModelCache};
 
 /// The annotation that asks for injection; its value names the ModelCache.
 pub const INJECT_ANNOTATION: &str = "modelcache.dev/inject";
+/// The injected init container.
 pub const FETCH_CONTAINER: &str = "modelcache-fetch";
+/// The injected warm-up sidecar.
 pub const WARM_CONTAINER: &str = "modelcache-warm";
+/// The volume the weights are fetched into.
 pub const WEIGHTS_VOLUME: &str = "modelcache-weights";
 /// Where the weights are, in every container of the pod.
 pub const WEIGHTS_PATH: &str = "/models";
@@ -56,6 +59,7 @@ pub enum FailurePolicy {
 pub struct InjectConfig {
     /// The modelcache image (the same binary runs fetch and warm).
     pub image: String,
+    /// What to do with a pod that cannot be injected.
     pub failure_policy: FailurePolicy,
 }
 

@@ -10,7 +10,10 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 
+/// Why leader election failed.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum LeaderError {
     #[error("failed to {action} Lease {namespace}/{name}")]
     Kube {
@@ -30,7 +33,10 @@ pub enum Decision {
     /// We hold it: renew.
     Renew,
     /// Someone else holds a live lease.
-    Wait { holder: String },
+    Wait {
+        /// The identity of the replica holding it.
+        holder: String,
+    },
 }
 
 /// Pure decision from the Lease's spec.
@@ -59,6 +65,7 @@ pub fn decide(lease: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Decision {
     }
 }
 
+/// Takes and renews a coordination.k8s.io Lease, so that one replica reconciles.
 pub struct LeaderElector {
     api: Api<Lease>,
     namespace: String,
@@ -68,6 +75,7 @@ pub struct LeaderElector {
 }
 
 impl LeaderElector {
+    /// An elector for the Lease `name` in `namespace`, as `identity`.
     pub fn new(
         client: Client,
         namespace: &str,
@@ -182,10 +190,12 @@ impl LeaderElector {
         }
     }
 
+    /// How often the holder renews.
     pub fn renew_period(&self) -> Duration {
         self.duration / 3
     }
 
+    /// How long a Lease lasts without renewal.
     pub fn duration(&self) -> Duration {
         self.duration
     }

@@ -14,9 +14,13 @@ use prometheus_client::registry::Registry;
 use crate::store::RedisInfo;
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+/// How a reconcile ended (a metric label).
 pub enum Outcome {
+    /// Completed.
     Ok,
+    /// The spec is invalid; waits for a change.
     Invalid,
+    /// Failed; retried with backoff.
     Error,
 }
 
@@ -53,6 +57,7 @@ struct CacheLabels {
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 
+/// The controller's Prometheus metrics; labels are bounded (no tenant, prompt or error text).
 pub struct Metrics {
     registry: Registry,
     reconciles: Family<OutcomeLabels, Counter>,
@@ -74,6 +79,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every metric registered, every outcome and category at 0.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("modelcache");
         let reconciles = Family::<OutcomeLabels, Counter>::default();
@@ -163,6 +169,7 @@ impl Metrics {
         }
     }
 
+    /// Counts a reconcile and its duration.
     pub fn reconciled(&self, outcome: Outcome, seconds: f64) {
         self.reconciles
             .get_or_create(&OutcomeLabels { outcome })
@@ -170,10 +177,12 @@ impl Metrics {
         self.duration.observe(seconds);
     }
 
+    /// Counts an error of `category`.
     pub fn error(&self, category: ErrorCategory) {
         self.errors.get_or_create(&ErrorLabels { category }).inc();
     }
 
+    /// Sets one ModelCache's Redis gauges.
     pub fn cache(
         &self,
         namespace: &str,

@@ -37,7 +37,10 @@ use crate::crd::{CachePolicy, ModelCache};
 
 pub use reconcile::{Context, MANAGER, ReconcileError, error_policy, reconcile};
 
+/// Why the controller stopped.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum ControllerError {
     #[error("failed to build a Kubernetes client from KUBECONFIG or the in-cluster config")]
     Client(#[source] kube::Error),
@@ -58,13 +61,21 @@ pub enum ControllerError {
 pub struct ControllerConfig {
     /// Watch one namespace only; `None` watches all (needs cluster-wide RBAC).
     pub namespace: Option<String>,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
     pub http_addr: SocketAddr,
+    /// How often a healthy cache is checked again.
     pub health_interval: Duration,
+    /// Take a Lease before reconciling (several replicas).
     pub leader_election: bool,
+    /// The Lease's namespace.
     pub lease_namespace: String,
+    /// The Lease's name.
     pub lease_name: String,
+    /// This replica's name in the Lease.
     pub identity: String,
+    /// How long the Lease lasts without renewal.
     pub lease_duration: Duration,
+    /// Reach every provisioned Redis at this URL (a controller outside the cluster, tests).
     pub redis_url_override: Option<String>,
     /// Serve the pod-injection webhook (every replica serves it).
     pub webhook: Option<WebhookSettings>,
@@ -73,8 +84,11 @@ pub struct ControllerConfig {
 /// The injection webhook's address, behaviour and TLS.
 #[derive(Debug, Clone)]
 pub struct WebhookSettings {
+    /// The address the webhook listens on.
     pub addr: SocketAddr,
+    /// What the webhook injects.
     pub inject: inject::InjectConfig,
+    /// Where its certificate comes from.
     pub tls: WebhookTls,
 }
 
@@ -84,8 +98,11 @@ pub enum WebhookTls {
     /// The controller issues it, keeps it in `secret` (in its namespace) and
     /// patches its CA into the MutatingWebhookConfiguration `configuration`.
     Managed {
+        /// The Secret that keeps the CA and certificate.
         secret: String,
+        /// The webhook's Service (its DNS names go into the certificate).
         service: String,
+        /// The MutatingWebhookConfiguration whose caBundle is set.
         configuration: String,
     },
     /// `tls.crt` and `tls.key` in a directory (a cert-manager Secret).

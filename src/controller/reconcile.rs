@@ -44,7 +44,9 @@ const NOT_READY_REQUEUE: Duration = Duration::from_secs(10);
 const ROLLOUT_REQUEUE: Duration = Duration::from_secs(5);
 
 /// Why a reconcile did not complete.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum ReconcileError {
     #[error("failed to {action} {kind} {namespace}/{name}")]
     Kube {

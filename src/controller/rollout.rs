@@ -28,17 +28,22 @@ pub struct RolloutInput<'a> {
     pub pods: &'a BTreeMap<String, i32>,
     /// The ready ones among them; `None` when no workload is followed.
     pub ready_pods: Option<&'a BTreeMap<String, i32>>,
+    /// The versions in status after the last reconcile.
     pub previous: &'a [VersionStatus],
+    /// How long a version drains before it is swept.
     pub grace_period_seconds: i64,
+    /// How retired versions' keys go.
     pub strategy: InvalidationStrategy,
     /// Sweeps that completed since the last reconcile: version → keys deleted.
     pub finished_sweeps: &'a BTreeMap<String, u64>,
+    /// The time of this reconcile.
     pub now: Timestamp,
 }
 
 /// The new phases and what to do about sweeps.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RolloutPlan {
+    /// Every version and its phase, for status.
     pub versions: Vec<VersionStatus>,
     /// Versions whose sweep must start now.
     pub start_sweeps: Vec<String>,
@@ -56,6 +61,7 @@ impl RolloutPlan {
             .any(|v| matches!(v.phase, VersionPhase::Draining | VersionPhase::Sweeping))
     }
 
+    /// The phase of `version`, if it is known.
     pub fn phase(&self, version: &str) -> Option<VersionPhase> {
         self.versions
             .iter()
@@ -64,6 +70,7 @@ impl RolloutPlan {
     }
 }
 
+/// The versions' phases and the sweeps to start or cancel; pure.
 pub fn plan_rollout(input: &RolloutInput) -> RolloutPlan {
     let mut plan = RolloutPlan::default();
     let names: BTreeSet<&str> = input

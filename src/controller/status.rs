@@ -12,25 +12,35 @@ use crate::store::live::{ConfigOutcome, Defrag};
 
 use super::validate::Invalid;
 
+/// Redis answers with the desired config.
 pub const READY: &str = "Ready";
+/// The spec can be reconciled.
 pub const SPEC_VALID: &str = "SpecValid";
+/// The running config is the desired one.
 pub const CONFIG_APPLIED: &str = "ConfigApplied";
+/// Memory fragmentation is above the policy's threshold.
 pub const FRAGMENTED: &str = "Fragmented";
 
 /// What one reconcile found out.
 #[derive(Debug, Clone, Default)]
 pub struct Observation {
+    /// Why the spec cannot be reconciled, when it cannot.
     pub invalid: Option<Invalid>,
+    /// The Redis address, without credentials.
     pub endpoint: Option<String>,
     /// Set when Redis could not be reached or did not answer.
     pub unreachable: Option<String>,
     /// Redis was reached but answered a command with an error.
     pub command_failed: bool,
+    /// What the config check found and set.
     pub config: Option<ConfigOutcome>,
     /// Set when CONFIG is forbidden (managed services): what we cannot check.
     pub config_unreadable: Option<String>,
+    /// INFO facts.
     pub info: Option<RedisInfo>,
+    /// The policy's fragmentation threshold.
     pub fragmentation_threshold: f64,
+    /// Whether active defragmentation was turned on, or why not.
     pub defrag: Option<Defrag>,
     /// Version phases and the version published as active, when the rollout
     /// was followed on this reconcile.
@@ -43,6 +53,7 @@ pub struct Observation {
 pub const FRAGMENTATION_IGNORE_BYTES: i64 = 100 << 20;
 
 impl Observation {
+    /// Whether fragmentation is above the threshold and worth acting on.
     pub fn fragmented(&self) -> bool {
         let Some(info) = &self.info else { return false };
         info.mem_fragmentation_ratio

@@ -27,7 +27,9 @@ pub enum RedisBackend {
     Provisioned(RedisSettings),
     /// An existing Redis, checked against `desired` but not changed.
     External {
+        /// Where it is and how to log in.
         redis: ExternalRedis,
+        /// The config the policy asks of it.
         desired: BTreeMap<String, String>,
     },
 }
@@ -35,7 +37,9 @@ pub enum RedisBackend {
 /// A spec that passed validation, with its policy resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidSpec {
+    /// The referenced CachePolicy's spec, or the defaults.
     pub policy: CachePolicySpec,
+    /// How the Redis is to be had.
     pub redis: RedisBackend,
 }
 

@@ -28,12 +28,16 @@ use crate::crd::ModelCache;
 /// Annotations on the TLS Secret: when its certificate expires (RFC 3339)
 /// and which names it serves, so that renewal needs no X.509 parsing.
 pub const NOT_AFTER_ANNOTATION: &str = "modelcache.dev/not-after";
+/// Annotation of the TLS Secret: the DNS names its certificate covers.
 pub const DNS_NAMES_ANNOTATION: &str = "modelcache.dev/dns-names";
 /// Renew this long before expiry.
 const RENEW_BEFORE: jiff::SignedDuration = jiff::SignedDuration::from_hours(30 * 24);
 const VALID_FOR: jiff::SignedDuration = jiff::SignedDuration::from_hours(365 * 24);
 
+/// Why the injection webhook could not start or keep its certificate.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum WebhookError {
     #[error("failed to issue the webhook's certificate")]
     Issue(#[source] rcgen::Error),
@@ -67,9 +71,13 @@ pub enum WebhookError {
 /// A CA and a serving certificate signed by it, PEM.
 #[derive(Clone, PartialEq)]
 pub struct TlsMaterial {
+    /// The CA certificate, for the caBundle.
     pub ca_pem: String,
+    /// The serving certificate.
     pub cert_pem: String,
+    /// The serving certificate's private key.
     pub key_pem: String,
+    /// When the serving certificate expires.
     pub not_after: jiff::Timestamp,
 }
 
@@ -339,6 +347,7 @@ pub fn api_lookup(client: kube::Client) -> Lookup {
 pub struct ServingCert(parking_lot::RwLock<Arc<rustls::sign::CertifiedKey>>);
 
 impl ServingCert {
+    /// A certificate to serve from PEM text.
     pub fn new(cert_pem: &str, key_pem: &str) -> Result<Arc<ServingCert>, WebhookError> {
         Ok(Arc::new(ServingCert(parking_lot::RwLock::new(Arc::new(
             certified_key(cert_pem, key_pem)?,

@@ -15,7 +15,9 @@ pub const DEFAULT_REDIS_IMAGE: &str = "docker.io/valkey/valkey:8.1";
 /// Share of the Redis memory limit given to maxmemory. The rest is headroom for
 /// fragmentation, replication buffers and the process itself.
 pub const DEFAULT_MAXMEMORY_RATIO: f64 = 0.8;
+/// The lowest `maxmemoryRatio` accepted.
 pub const MIN_MAXMEMORY_RATIO: f64 = 0.1;
+/// The highest `maxmemoryRatio` accepted.
 pub const MAX_MAXMEMORY_RATIO: f64 = 0.95;
 
 /// Eviction, memory, TTL, semantic-match and invalidation settings for the
@@ -111,6 +113,10 @@ fn default_fragmentation_threshold() -> f64 {
 /// Redis maxmemory-policy values.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
+// The values are named in the enum's doc, which `kubectl explain` shows. A
+// doc comment on a variant reaches only the schema generator, which then
+// moves that value within the schema's `enum` (checked: `crds/` would drift).
+#[allow(missing_docs)]
 pub enum EvictionPolicy {
     #[default]
     AllkeysLru,
@@ -244,6 +250,10 @@ impl Default for SemanticSettings {
 
 /// Semantic threshold mode: `Static` or `PerEntry`.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+// The values are named in the enum's doc, which `kubectl explain` shows. A
+// doc comment on a variant reaches only the schema generator, which then
+// moves that value within the schema's `enum` (checked: `crds/` would drift).
+#[allow(missing_docs)]
 pub enum SemanticMode {
     #[default]
     Static,
@@ -303,6 +313,10 @@ impl Default for InvalidationSettings {
 
 /// Invalidation strategy: `VersionKeyed`, `Flush` or `TTLOnly`.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+// The values are named in the enum's doc, which `kubectl explain` shows. A
+// doc comment on a variant reaches only the schema generator, which then
+// moves that value within the schema's `enum` (checked: `crds/` would drift).
+#[allow(missing_docs)]
 pub enum InvalidationStrategy {
     #[default]
     VersionKeyed,

@@ -10,7 +10,10 @@ use super::CachePolicy;
 use super::cache_policy::CachePolicySpec;
 use super::validate::{ValidateError, Validator};
 
+/// Why a resource could not be read from a file.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum LoadError {
     #[error("failed to read {}", path.display())]
     Read {

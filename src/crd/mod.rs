@@ -33,7 +33,10 @@ pub const API_VERSION: &str = "modelcache.dev/v1alpha1";
 const HEADER: &str =
     "# Generated from the Rust types in src/crd by `modelcache crd --out-dir crds`. Do not edit.\n";
 
+/// Why the CRDs could not be rendered, written or compared.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum CrdError {
     #[error("failed to render the CRD {name} as YAML")]
     Render {
@@ -65,6 +68,7 @@ pub fn definitions() -> Vec<CustomResourceDefinition> {
 pub struct CrdFile {
     /// `<plural>.<group>.yaml`
     pub file_name: String,
+    /// The CRD as YAML.
     pub yaml: String,
 }
 
@@ -125,11 +129,22 @@ pub fn write_dir(dir: &Path) -> Result<Vec<PathBuf>, CrdError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Drift {
     /// A generated CRD has no file.
-    Missing { file_name: String },
-    /// The file differs; `line` is the first differing line (1-based).
-    Differs { file_name: String, line: usize },
+    Missing {
+        /// The file it would be written to.
+        file_name: String,
+    },
+    /// The file differs from the generated CRD.
+    Differs {
+        /// The file.
+        file_name: String,
+        /// The first differing line (1-based).
+        line: usize,
+    },
     /// A YAML file that no type generates.
-    Unexpected { file_name: String },
+    Unexpected {
+        /// The file.
+        file_name: String,
+    },
 }
 
 impl std::fmt::Display for Drift {

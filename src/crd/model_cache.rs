@@ -209,6 +209,10 @@ fn default_signature_ttl() -> i64 {
 
 /// How CloudFront signatures travel: `SignedUrl` or `SignedCookies`.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+// The values are named in the enum's doc, which `kubectl explain` shows. A
+// doc comment on a variant reaches only the schema generator, which then
+// moves that value within the schema's `enum` (checked: `crds/` would drift).
+#[allow(missing_docs)]
 pub enum SigningMode {
     #[default]
     SignedUrl,
@@ -217,6 +221,10 @@ pub enum SigningMode {
 
 /// Which CloudFront policy is signed: `Canned` or `Custom`.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+// The values are named in the enum's doc, which `kubectl explain` shows. A
+// doc comment on a variant reaches only the schema generator, which then
+// moves that value within the schema's `enum` (checked: `crds/` would drift).
+#[allow(missing_docs)]
 pub enum SigningPolicy {
     Canned,
     #[default]
@@ -284,6 +292,10 @@ fn default_version_label() -> String {
 
 /// Kind of a named workload: `Deployment` or `StatefulSet`.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+// The values are named in the enum's doc, which `kubectl explain` shows. A
+// doc comment on a variant reaches only the schema generator, which then
+// moves that value within the schema's `enum` (checked: `crds/` would drift).
+#[allow(missing_docs)]
 pub enum WorkloadKind {
     #[default]
     Deployment,
@@ -446,6 +458,10 @@ pub struct VersionStatus {
 
 /// Phase of a version: `Live`, `Draining`, `Sweeping` or `Swept`.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+// The values are named in the enum's doc, which `kubectl explain` shows. A
+// doc comment on a variant reaches only the schema generator, which then
+// moves that value within the schema's `enum` (checked: `crds/` would drift).
+#[allow(missing_docs)]
 pub enum VersionPhase {
     Live,
     Draining,

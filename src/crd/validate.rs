@@ -15,7 +15,10 @@ use serde_json::{Map, Value};
 
 use crate::crd::{self, CachePolicy, ModelCache};
 
+/// Why manifests could not be validated (an invalid resource is a report, not an error).
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum ValidateError {
     #[error("failed to parse {source_name} as YAML")]
     Yaml {
@@ -33,6 +36,7 @@ pub struct Violation {
     /// Dotted path of the field, for example `spec.source.uri`; empty for the
     /// whole object.
     pub field: String,
+    /// What is wrong.
     pub message: String,
 }
 
@@ -53,6 +57,7 @@ pub struct DocumentReport {
     pub index: usize,
     /// `Kind/name` where known.
     pub resource: String,
+    /// Empty when the document is valid.
     pub violations: Vec<Violation>,
 }
 
@@ -75,6 +80,7 @@ impl Validator {
         Self::for_crds(&crd::definitions())
     }
 
+    /// A validator for these CRDs.
     pub fn for_crds(crds: &[CustomResourceDefinition]) -> Result<Self, ValidateError> {
         let mut kinds = BTreeMap::new();
         for crd in crds {

@@ -41,6 +41,7 @@ pub enum Layer {
 }
 
 impl Layer {
+    /// The layer's name in keys.
     pub fn as_str(self) -> &'static str {
         match self {
             Layer::Result => "result",

@@ -22,7 +22,10 @@ const EVENT_LOG_LENGTH: u64 = 10_000;
 /// How long one XREAD waits for an event before it asks again.
 const BLOCK: Duration = Duration::from_secs(5);
 
+/// Why the version registry could not be read or changed.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum RegistryError {
     #[error("failed to {action} the version registry of model {model:?}")]
     Redis {
@@ -40,7 +43,9 @@ pub enum RegistryError {
 /// The registry of one model.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RegistryState {
+    /// The version new entries are written for.
     pub active: Option<String>,
+    /// Versions still served during a rollout, besides the active one.
     pub live: BTreeSet<String>,
     /// Changes on every transition; 0 before the first.
     pub epoch: u64,

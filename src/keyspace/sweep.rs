@@ -16,7 +16,10 @@ use redis::aio::MultiplexedConnection;
 
 use crate::keyspace::keys;
 
+/// Why a sweep of a version's keys failed.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum SweepError {
     #[error("failed to {action} while sweeping version {version:?} of model {model:?}")]
     Redis {
@@ -70,6 +73,7 @@ pub struct SweepReport {
     pub scans: u64,
     /// Whether this run continued an interrupted sweep.
     pub resumed: bool,
+    /// Wall time of this run.
     pub elapsed: Duration,
 }
 
@@ -291,13 +295,18 @@ pub async fn flush_model_db(
 /// What `modelcache invalidate` found and did for one version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionOutcome {
+    /// The version.
     pub version: String,
     /// Keys found (dry run) or deleted.
     pub keys: u64,
+    /// What the sweep did; `None` on a dry run.
     pub report: Option<SweepReport>,
 }
 
+/// Why `modelcache invalidate` failed or refused.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum InvalidateError {
     #[error(transparent)]
     Sweep(#[from] SweepError),
@@ -532,6 +541,7 @@ pub async fn invalidate_cluster(
 /// A primary of a Redis Cluster, from `CLUSTER NODES`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Primary {
+    /// The node's id.
     pub id: String,
     /// `host:port`
     pub address: String,
@@ -630,6 +640,7 @@ pub struct ClusterSweepReport {
 }
 
 impl ClusterSweepReport {
+    /// Keys deleted on every primary.
     pub fn deleted(&self) -> u64 {
         self.primaries.iter().map(|(_, r)| r.deleted).sum()
     }

@@ -11,7 +11,10 @@ use candle_nn::{LayerNorm, Linear};
 
 use super::llama::brief;
 
+/// Why the sentence embedder could not be loaded or run.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum EmbedError {
     #[error(
         "failed to read {path}; expected a sentence-transformers BERT directory (config.json, model.safetensors, tokenizer.json)"
@@ -64,6 +67,7 @@ pub struct SentenceEmbedder {
 const BATCH: usize = 32;
 
 impl SentenceEmbedder {
+    /// Loads a sentence-transformers model directory (config.json, model.safetensors, tokenizer.json).
     pub fn load(dir: &Path, device: &Device) -> Result<SentenceEmbedder, EmbedError> {
         let load = |why: String| EmbedError::Load {
             path: dir.into(),

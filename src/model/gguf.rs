@@ -8,18 +8,31 @@ use std::path::{Path, PathBuf};
 /// One metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    /// GGUF type u8.
     U8(u8),
+    /// GGUF type i8.
     I8(i8),
+    /// GGUF type u16.
     U16(u16),
+    /// GGUF type i16.
     I16(i16),
+    /// GGUF type u32.
     U32(u32),
+    /// GGUF type i32.
     I32(i32),
+    /// GGUF type u64.
     U64(u64),
+    /// GGUF type i64.
     I64(i64),
+    /// GGUF type f32.
     F32(f32),
+    /// GGUF type f64.
     F64(f64),
+    /// A GGUF bool.
     Bool(bool),
+    /// A GGUF string.
     String(String),
+    /// A GGUF array.
     Array(Vec<Value>),
 }
 
@@ -39,6 +52,7 @@ impl Value {
         }
     }
 
+    /// The value as a string, if it is one.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::String(s) => Some(s),
@@ -50,12 +64,16 @@ impl Value {
 /// A GGUF file's header and metadata.
 #[derive(Debug, Clone)]
 pub struct Metadata {
+    /// The GGUF format version.
     pub version: u32,
+    /// Tensors in the file.
     pub tensor_count: u64,
+    /// Every metadata key and its value.
     pub values: BTreeMap<String, Value>,
 }
 
 impl Metadata {
+    /// The value of `key`.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.values.get(key)
     }
@@ -66,7 +84,10 @@ impl Metadata {
     }
 }
 
+/// Why a GGUF file's metadata could not be read.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum GgufError {
     #[error("failed to read GGUF file {path}")]
     Io {

@@ -18,7 +18,9 @@ use super::gguf::{Metadata, Value};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct KvShape {
+    /// Transformer layers.
     pub layers: u64,
+    /// Key/value heads (fewer than attention heads under GQA).
     pub kv_heads: u64,
     /// Width of one key head.
     pub head_dim: u64,
@@ -31,14 +33,20 @@ pub struct KvShape {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum KvDtype {
+    /// 4 bytes.
     F32,
+    /// 2 bytes.
     F16,
+    /// 2 bytes.
     Bf16,
+    /// 1 byte.
     Fp8,
+    /// 1 byte.
     Int8,
 }
 
 impl KvDtype {
+    /// The name used in flags and output.
     pub fn name(self) -> &'static str {
         match self {
             KvDtype::F32 => "f32",
@@ -49,6 +57,7 @@ impl KvDtype {
         }
     }
 
+    /// Bytes per element.
     pub fn bytes(self) -> u64 {
         match self {
             KvDtype::F32 => 4,
@@ -58,7 +67,10 @@ impl KvDtype {
     }
 }
 
+/// Why a KV cache could not be sized.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum KvSizeError {
     #[error("failed to size the KV cache: {what} is missing from {source_name}; pass --{flag}")]
     Missing {
@@ -94,15 +106,22 @@ pub enum KvSizeError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct KvSize {
+    /// The shape sized.
     pub shape: KvShape,
+    /// The element type.
     pub dtype: KvDtype,
+    /// Tokens per sequence.
     pub tokens: u64,
+    /// Sequences.
     pub batch: u64,
+    /// Bytes per token of one sequence.
     pub bytes_per_token: u64,
+    /// The whole cache.
     pub bytes: u64,
 }
 
 impl KvSize {
+    /// The whole cache in GiB.
     pub fn gib(&self) -> f64 {
         self.bytes as f64 / (1u64 << 30) as f64
     }

@@ -27,7 +27,10 @@ pub enum Weights {
     Dequantized,
 }
 
+/// Why a Llama model could not be loaded or run.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum LlamaError {
     #[error("failed to open the model {path}")]
     Open {
@@ -61,13 +64,21 @@ pub fn brief(e: &candle_core::Error) -> String {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LlamaConfig {
+    /// Transformer layers.
     pub layers: usize,
+    /// Attention heads.
     pub heads: usize,
+    /// Key/value heads.
     pub kv_heads: usize,
+    /// Width of one head.
     pub head_dim: usize,
+    /// Hidden size.
     pub hidden: usize,
+    /// RMSNorm epsilon.
     pub rms_eps: f64,
+    /// RoPE base frequency.
     pub rope_base: f64,
+    /// Longest sequence.
     pub max_positions: usize,
     /// GGUF stores Q and K rows permuted for interleaved (GPT-J style) RoPE;
     /// Hugging Face checkpoints use rotate-half (NeoX style).
@@ -78,6 +89,7 @@ pub struct LlamaConfig {
 /// `(1, kv_heads, tokens, head_dim)` in f32.
 #[derive(Debug, Clone)]
 pub struct Kv {
+    /// Per layer, K and V of the tokens so far.
     pub layers: Vec<(Tensor, Tensor)>,
 }
 
@@ -90,6 +102,7 @@ impl Kv {
             .unwrap_or(0)
     }
 
+    /// Whether it holds no token.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -107,6 +120,7 @@ struct Layer {
     down: QMatMul,
 }
 
+/// A Llama-family model on candle whose KV cache we own.
 pub struct Llama {
     config: LlamaConfig,
     embed: Tensor,
@@ -124,14 +138,17 @@ pub struct Llama {
 const DEFAULT_MAX_POSITIONS: usize = 8192;
 
 impl Llama {
+    /// The model's dimensions.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }
 
+    /// Where it runs.
     pub fn device(&self) -> &Device {
         &self.device
     }
 
+    /// Bytes of its weights on the device.
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
     }

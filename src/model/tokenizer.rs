@@ -11,7 +11,10 @@ use std::collections::HashMap;
 
 use super::gguf::{Metadata, Value};
 
+/// Why a tokenizer could not be built from GGUF metadata.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum TokenizerError {
     #[error(
         "failed to build a tokenizer from the GGUF metadata: {what} is missing or not {expected}"
@@ -46,7 +49,9 @@ pub enum TokenizerError {
 /// A model's tokenizer: its tokenizer.json, or for a GGUF without one, the
 /// byte-level BPE rebuilt from the GGUF.
 pub enum Tokenizer {
+    /// A Hugging Face tokenizer.json.
     Json(Box<tokenizers::Tokenizer>),
+    /// A byte-level BPE rebuilt from GGUF metadata.
     Gguf(Box<ByteLevelBpe>),
 }
 
@@ -61,6 +66,7 @@ impl Tokenizer {
             })
     }
 
+    /// The vocabulary and merges inside a GGUF file.
     pub fn from_gguf_file(path: &std::path::Path) -> Result<Tokenizer, TokenizerError> {
         let meta = super::gguf::read(path)?;
         Ok(Tokenizer::Gguf(Box::new(ByteLevelBpe::from_gguf(&meta)?)))
@@ -83,6 +89,7 @@ impl Tokenizer {
 const GPT2_PATTERN: &str =
     r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
+/// A GPT-2 style byte-level BPE, as the GGUF files of Llama-3 and SmolLM2 carry it.
 pub struct ByteLevelBpe {
     vocab: HashMap<String, u32>,
     tokens: Vec<String>,
@@ -132,6 +139,7 @@ fn bytes_to_unicode() -> [char; 256] {
 }
 
 impl ByteLevelBpe {
+    /// Rebuilt from `tokenizer.ggml.tokens` and `tokenizer.ggml.merges`.
     pub fn from_gguf(meta: &Metadata) -> Result<Self, TokenizerError> {
         let model = meta
             .get("tokenizer.ggml.model")
@@ -199,6 +207,7 @@ impl ByteLevelBpe {
         })
     }
 
+    /// Tokens in the vocabulary.
     pub fn vocab_size(&self) -> usize {
         self.tokens.len()
     }

@@ -5,18 +5,26 @@ use std::collections::HashMap;
 /// The INFO fields that tell whether a cache is healthy.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RedisInfo {
+    /// Server version.
     pub redis_version: Option<String>,
+    /// Bytes used.
     pub used_memory: Option<u64>,
+    /// The memory limit; 0 for none.
     pub maxmemory: Option<u64>,
+    /// RSS / used memory.
     pub mem_fragmentation_ratio: Option<f64>,
     /// RSS minus used memory: what fragmentation costs, in bytes.
     pub mem_fragmentation_bytes: Option<i64>,
+    /// Keys evicted since start.
     pub evicted_keys: Option<u64>,
+    /// Lookups that found their key since start.
     pub keyspace_hits: Option<u64>,
+    /// Lookups that did not.
     pub keyspace_misses: Option<u64>,
     /// Whether the allocator can defragment (`mem_allocator` is jemalloc and
     /// `active_defrag_running` is reported).
     pub defrag_supported: Option<bool>,
+    /// Whether active defragmentation is running.
     pub active_defrag_running: Option<bool>,
 }
 

@@ -17,7 +17,10 @@ use super::settings::config_drift;
 /// Bounds every Redis round trip, so one hung Redis cannot stall reconciles.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Why talking to a running Redis failed.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum LiveError {
     #[error("failed to parse the Redis URL for {endpoint}")]
     Url {
@@ -62,7 +65,9 @@ impl LiveError {
 pub struct RedisTarget {
     /// `redis://host:port[/db]` or `rediss://…`, without credentials.
     pub url: String,
+    /// ACL user, if not `default`.
     pub username: Option<String>,
+    /// The password.
     pub password: Option<String>,
 }
 
@@ -99,6 +104,7 @@ impl RedisTarget {
         redis::Client::open(info.set_redis_settings(settings)).map_err(url_error)
     }
 
+    /// A multiplexed connection, with this project's timeouts.
     pub async fn connect(&self) -> Result<MultiplexedConnection, LiveError> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
@@ -116,6 +122,7 @@ impl RedisTarget {
 /// What one config pass found and did.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConfigOutcome {
+    /// The config asked for.
     pub desired: BTreeMap<String, String>,
     /// Values read before any change.
     pub before: BTreeMap<String, String>,
@@ -128,6 +135,7 @@ pub struct ConfigOutcome {
 }
 
 impl ConfigOutcome {
+    /// Whether nothing still differs.
     pub fn converged(&self) -> bool {
         self.still_differs.is_empty()
     }

@@ -11,7 +11,10 @@ use crate::quantity::{self, QuantityError};
 /// controller refuses the spec instead of starting a Redis that OOMs.
 pub const MIN_MEMORY_BYTES: u64 = 64 << 20;
 
+/// Why a policy could not be resolved to Redis settings.
+/// Each variant is documented by its message.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum SettingsError {
     #[error("failed to read the Redis memory limit {field}")]
     Memory {
@@ -41,15 +44,19 @@ pub enum SettingsError {
 /// Resolved settings of one model's Redis.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RedisSettings {
+    /// The Redis image.
     pub image: String,
     /// Memory request and limit as written, for the container.
     pub memory: String,
+    /// The memory limit in bytes.
     pub memory_bytes: u64,
     /// CPU request as written.
     pub cpu: String,
     /// `floor(maxmemoryRatio × memory_bytes)`.
     pub maxmemory_bytes: u64,
+    /// maxmemory-policy.
     pub eviction_policy: EvictionPolicy,
+    /// Fragmentation ratio above which defragmentation is turned on.
     pub fragmentation_threshold: f64,
 }
 

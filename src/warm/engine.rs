@@ -19,7 +19,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use serde::Serialize;
 
+/// Why warming an engine failed.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum WarmError {
     #[error(
         "failed to reach the engine at {url} within {seconds} s; is it starting? check --engine-url and the engine's logs"
@@ -50,6 +53,7 @@ pub enum WarmError {
 }
 
 impl WarmError {
+    /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
             WarmError::Unreachable { .. } => 3,
@@ -63,9 +67,13 @@ impl WarmError {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PrefixReport {
+    /// The prefix's position in the prompts file.
     pub index: usize,
+    /// Its length in characters.
     pub chars: usize,
+    /// Time to first token before warming.
     pub cold_ms: f64,
+    /// Time to first token of a request sharing the prefix, once warm.
     pub warm_ms: f64,
     /// Still warm when all prompts had been sent.
     pub retained: bool,
@@ -75,13 +83,17 @@ pub struct PrefixReport {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct WarmReport {
+    /// The engine's base URL.
     pub engine: String,
+    /// Each prefix's figures.
     pub prefixes: Vec<PrefixReport>,
+    /// Prefixes the engine kept in its cache (warm clearly faster than cold).
     pub retained: usize,
     /// Set when the engine keeps fewer prefixes than were warmed.
     pub warning: Option<String>,
     /// Prefix-cache counters from the engine's `/metrics`, before and after.
     pub engine_metrics: Vec<(String, f64, f64)>,
+    /// Wall time.
     pub seconds: f64,
 }
 
@@ -109,6 +121,7 @@ pub fn prefix_cache_counters(text: &str) -> Vec<(String, f64)> {
 /// A probe counts as warm below this share of the cold time.
 const WARM_SHARE: f64 = 0.5;
 
+/// Warms an OpenAI-compatible engine's prefix cache.
 pub struct EngineWarmer {
     client: reqwest::Client,
     base: String,
@@ -118,6 +131,7 @@ pub struct EngineWarmer {
 }
 
 impl EngineWarmer {
+    /// A warmer of `engine_url` with these prompts.
     pub fn new(
         engine_url: &str,
         model: Option<String>,
@@ -296,8 +310,11 @@ fn round(ms: f64) -> f64 {
 /// What the sidecar's endpoints show.
 #[derive(Default)]
 pub struct SidecarState {
+    /// Whether the engine is warm.
     pub ready: AtomicBool,
+    /// Warm-ups completed.
     pub warmups: AtomicU64,
+    /// The last warm-up's report.
     pub last: parking_lot::Mutex<Option<WarmReport>>,
 }
 

@@ -16,7 +16,10 @@ use crate::model::llama::{Kv, Llama, LlamaError, Weights, brief};
 use crate::model::tokenizer::{Tokenizer, TokenizerError};
 use crate::warm::prefix_cache::{self, BLOCK_TOKENS, BlockKv, PrefixCache, PrefixCacheError};
 
+/// Why an in-process warm-up failed.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum InProcessError {
     #[error(transparent)]
     Model(#[from] LlamaError),
@@ -57,8 +60,11 @@ impl InProcessError {
 pub struct InProcessOptions {
     /// A `.gguf` file, or a directory with config.json and safetensors.
     pub weights_path: PathBuf,
+    /// Quantized or dequantized GGUF weights.
     pub weights: Weights,
+    /// A tokenizer.json; by default the one beside the weights.
     pub tokenizer: Option<PathBuf>,
+    /// Where the KV blocks go.
     pub prefix_cache: PathBuf,
     /// The version's manifest digest; read from the fetch marker beside the
     /// weights when `None`.
@@ -222,8 +228,11 @@ pub fn planned_weights(
 
 /// The model, its tokenizer and the prefix cache of its version.
 pub struct InProcess {
+    /// The model.
     pub model: Llama,
+    /// Its tokenizer.
     pub tokenizer: Tokenizer,
+    /// The prefix cache, salted by the version's manifest digest.
     pub cache: PrefixCache,
 }
 
@@ -245,11 +254,15 @@ pub struct Prefill {
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
+/// What warming one prefix did.
 pub struct PrefixWarm {
+    /// The prefix's position in the prompts file.
     pub index: usize,
+    /// Its tokens.
     pub tokens: usize,
     /// Tokens already in the prefix cache (0 on a cold cache).
     pub reused_tokens: usize,
+    /// Blocks stored.
     pub stored_blocks: usize,
     /// The prefill that filled the cache: the cold time to first token when
     /// nothing was reused.
@@ -257,18 +270,27 @@ pub struct PrefixWarm {
     /// Time to first token of the prompt plus a short suffix, resuming from
     /// the cache, as a request sharing the prefix will.
     pub warmed_seconds: f64,
+    /// Tokens the warmed request reused from the cache.
     pub warmed_reused_tokens: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
+/// The JSON printed at the end.
 pub struct InProcessReport {
+    /// `in-process`.
     pub mode: &'static str,
+    /// How GGUF weights were loaded.
     pub weights: Option<Weights>,
+    /// Where it ran.
     pub device: String,
+    /// The salt of every block.
     pub manifest_digest: String,
+    /// Tokens per block.
     pub block_tokens: usize,
+    /// Each prefix's figures.
     pub prefixes: Vec<PrefixWarm>,
+    /// Wall time.
     pub seconds: f64,
 }
 

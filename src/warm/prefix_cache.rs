@@ -27,7 +27,10 @@ pub const BLOCK_TOKENS: usize = 16;
 /// Largest safetensors header accepted.
 const MAX_HEADER: u64 = 16 << 20;
 
+/// Why the on-disk prefix cache could not be read or written.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum PrefixCacheError {
     #[error("failed to {what} {path}")]
     Io {
@@ -43,8 +46,11 @@ pub enum PrefixCacheError {
 /// One tensor of a block: element type (`F32`, `F16`, `BF16`), shape, bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tensor {
+    /// safetensors dtype name.
     pub dtype: String,
+    /// Tensor shape.
     pub shape: Vec<usize>,
+    /// Little-endian bytes.
     pub data: Vec<u8>,
 }
 
@@ -84,6 +90,7 @@ impl Tensor {
 /// The KV of one block: per layer, keys and values.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockKv {
+    /// Per layer, K and V of the block's tokens.
     pub layers: Vec<(Tensor, Tensor)>,
 }
 

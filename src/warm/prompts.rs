@@ -6,7 +6,10 @@
 
 use std::path::{Path, PathBuf};
 
+/// Why a warm-up prompts file could not be used.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum PromptsError {
     #[error("failed to read the prompts file {path}")]
     Read {
@@ -20,6 +23,7 @@ pub enum PromptsError {
     Parse { path: PathBuf, why: String },
 }
 
+/// The prompts in a file (a JSON array of strings, or prompts separated by `---` lines).
 pub fn load(path: &Path) -> Result<Vec<String>, PromptsError> {
     let text = std::fs::read_to_string(path).map_err(|source| PromptsError::Read {
         path: path.into(),
@@ -31,6 +35,7 @@ pub fn load(path: &Path) -> Result<Vec<String>, PromptsError> {
     })
 }
 
+/// The prompts in text of either form.
 pub fn parse(text: &str) -> Result<Vec<String>, String> {
     let start = text.trim_start();
     let prompts: Vec<String> = if start.starts_with('[') {

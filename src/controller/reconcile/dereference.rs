@@ -41,7 +41,9 @@ pub enum Credentials {
     /// The generated Secret of a provisioned Redis; its uid rolls the Redis
     /// pod when the Secret is recreated.
     Generated {
+        /// The password.
         password: String,
+        /// The Secret's uid, which the Redis pod template carries.
         secret_uid: String,
     },
     /// The Secret an external Redis's spec names, if any.

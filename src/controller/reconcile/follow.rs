@@ -25,7 +25,9 @@ use super::desired::DesiredResources;
 use super::{ReconcileError, namespaced_name};
 
 /// Why a background task over a version's keys failed.
+/// Each variant is documented by its message.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum TaskError {
     #[error("failed to connect to Redis")]
     Connect(#[source] LiveError),
