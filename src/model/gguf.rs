@@ -1,9 +1,12 @@
 //! The metadata of a GGUF file (<https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>):
-//! header and key/value pairs, read as plain data. Tensor data is not read.
+//! header and key/value pairs, read with candle's GGUF reader and kept as
+//! plain data. Tensor data is not read.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
 
 /// One metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,10 +102,6 @@ pub enum GgufError {
     Format { path: PathBuf, why: String },
 }
 
-/// Strings and arrays longer than this are refused: no real key, value or
-/// vocabulary comes close, and a corrupt length must not allocate gigabytes.
-const MAX_LEN: u64 = 64 << 20;
-
 /// Read the metadata of the GGUF file at `path`.
 pub fn read(path: &Path) -> Result<Metadata, GgufError> {
     let file = std::fs::File::open(path).map_err(|source| GgufError::Io {
@@ -133,92 +132,60 @@ enum ParseError {
     Format(String),
 }
 
-impl From<std::io::Error> for ParseError {
-    fn from(e: std::io::Error) -> Self {
-        ParseError::Io(e)
+impl From<candle_core::Error> for ParseError {
+    fn from(e: candle_core::Error) -> Self {
+        match e {
+            candle_core::Error::Io(e) => ParseError::Io(e),
+            candle_core::Error::WithBacktrace { inner, .. } => ParseError::from(*inner),
+            other => ParseError::Format(other.to_string()),
+        }
     }
 }
 
-fn parse(mut r: impl Read) -> Result<Metadata, ParseError> {
-    let mut magic = [0u8; 4];
-    r.read_exact(&mut magic)?;
-    if &magic != b"GGUF" {
-        return Err(ParseError::Format("the magic bytes are not `GGUF`".into()));
-    }
-    let version = u32::from_le_bytes(bytes(&mut r)?);
+/// Candle's reader (it bounds every length by the bytes left in the file,
+/// so a corrupt length cannot allocate gigabytes), then its values as ours:
+/// plain data, sorted by key. Tensor data is not read.
+fn parse(mut r: impl Read + Seek) -> Result<Metadata, ParseError> {
+    let content = gguf_file::Content::read(&mut r)?;
+    let version = match content.magic {
+        gguf_file::VersionedMagic::GgufV1 => 1,
+        gguf_file::VersionedMagic::GgufV2 => 2,
+        gguf_file::VersionedMagic::GgufV3 => 3,
+    };
     if !(2..=3).contains(&version) {
-        return Err(ParseError::Format(format!(
-            "version {version} is not 2 or 3"
-        )));
-    }
-    let tensor_count = u64::from_le_bytes(bytes(&mut r)?);
-    let kv_count = u64::from_le_bytes(bytes(&mut r)?);
-    if kv_count > MAX_LEN {
-        return Err(ParseError::Format(format!("{kv_count} metadata entries")));
-    }
-    let mut values = BTreeMap::new();
-    for _ in 0..kv_count {
-        let key = string(&mut r)?;
-        let kind = u32::from_le_bytes(bytes(&mut r)?);
-        let value = value(&mut r, kind, 0)?;
-        values.insert(key, value);
+        let why = format!("version {version} is not 2 or 3");
+        return Err(ParseError::Format(why));
     }
     Ok(Metadata {
         version,
-        tensor_count,
-        values,
+        tensor_count: content.tensor_infos.len() as u64,
+        values: content
+            .metadata
+            .into_iter()
+            .map(|(k, v)| (k, Value::from(v)))
+            .collect(),
     })
 }
 
-fn bytes<const N: usize>(r: &mut impl Read) -> Result<[u8; N], ParseError> {
-    let mut b = [0u8; N];
-    r.read_exact(&mut b)?;
-    Ok(b)
-}
-
-fn length(r: &mut impl Read) -> Result<u64, ParseError> {
-    let n = u64::from_le_bytes(bytes(r)?);
-    if n > MAX_LEN {
-        return Err(ParseError::Format(format!("a length of {n}")));
-    }
-    Ok(n)
-}
-
-fn string(r: &mut impl Read) -> Result<String, ParseError> {
-    let n = length(r)? as usize;
-    let mut buf = vec![0u8; n];
-    r.read_exact(&mut buf)?;
-    String::from_utf8(buf).map_err(|_| ParseError::Format("a string is not UTF-8".into()))
-}
-
-fn value(r: &mut impl Read, kind: u32, depth: u32) -> Result<Value, ParseError> {
-    Ok(match kind {
-        0 => Value::U8(u8::from_le_bytes(bytes(r)?)),
-        1 => Value::I8(i8::from_le_bytes(bytes(r)?)),
-        2 => Value::U16(u16::from_le_bytes(bytes(r)?)),
-        3 => Value::I16(i16::from_le_bytes(bytes(r)?)),
-        4 => Value::U32(u32::from_le_bytes(bytes(r)?)),
-        5 => Value::I32(i32::from_le_bytes(bytes(r)?)),
-        6 => Value::F32(f32::from_le_bytes(bytes(r)?)),
-        7 => Value::Bool(u8::from_le_bytes(bytes(r)?) != 0),
-        8 => Value::String(string(r)?),
-        9 => {
-            if depth > 2 {
-                return Err(ParseError::Format("arrays nested too deep".into()));
-            }
-            let inner = u32::from_le_bytes(bytes(r)?);
-            let n = length(r)?;
-            let mut items = Vec::with_capacity(n.min(1 << 16) as usize);
-            for _ in 0..n {
-                items.push(value(r, inner, depth + 1)?);
-            }
-            Value::Array(items)
+impl From<gguf_file::Value> for Value {
+    fn from(v: gguf_file::Value) -> Self {
+        use gguf_file::Value as G;
+        match v {
+            G::U8(v) => Value::U8(v),
+            G::I8(v) => Value::I8(v),
+            G::U16(v) => Value::U16(v),
+            G::I16(v) => Value::I16(v),
+            G::U32(v) => Value::U32(v),
+            G::I32(v) => Value::I32(v),
+            G::U64(v) => Value::U64(v),
+            G::I64(v) => Value::I64(v),
+            G::F32(v) => Value::F32(v),
+            G::F64(v) => Value::F64(v),
+            G::Bool(v) => Value::Bool(v),
+            G::String(v) => Value::String(v),
+            G::Array(v) => Value::Array(v.into_iter().map(Value::from).collect()),
         }
-        10 => Value::U64(u64::from_le_bytes(bytes(r)?)),
-        11 => Value::I64(i64::from_le_bytes(bytes(r)?)),
-        12 => Value::F64(f64::from_le_bytes(bytes(r)?)),
-        other => return Err(ParseError::Format(format!("unknown value type {other}"))),
-    })
+    }
 }
 
 #[cfg(test)]
@@ -254,7 +221,7 @@ mod tests {
             b.extend((t.len() as u64).to_le_bytes());
             b.extend(t.as_bytes());
         }
-        let m = parse(&b[..]).unwrap();
+        let m = parse(std::io::Cursor::new(&b[..])).unwrap();
         assert_eq!(m.architecture(), Some("llama"));
         assert_eq!(m.get("llama.block_count").and_then(Value::as_u64), Some(30));
         assert_eq!(
@@ -269,17 +236,26 @@ mod tests {
     #[test]
     fn refuses_what_is_not_gguf_or_is_cut_short() {
         assert!(matches!(
-            parse(&b"GGML\x03\0\0\0"[..]),
+            parse(std::io::Cursor::new(&b"GGML\x03\0\0\0"[..])),
             Err(ParseError::Format(_))
         ));
         let mut b = header(1);
         key(&mut b, "x", 8);
         b.extend(u64::MAX.to_le_bytes());
         assert!(
-            matches!(parse(&b[..]), Err(ParseError::Format(_))),
+            matches!(
+                parse(std::io::Cursor::new(&b[..])),
+                Err(ParseError::Format(_))
+            ),
             "huge lengths are refused"
         );
         let b = header(1);
-        assert!(matches!(parse(&b[..]), Err(ParseError::Io(_))));
+        // Cut short: candle finds it from the declared counts before reading
+        // on, and a file cut short is refused as not a GGUF model.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cut.gguf");
+        std::fs::write(&path, &b).unwrap();
+        let cut = read(&path);
+        assert!(matches!(cut, Err(GgufError::Format { .. })), "{cut:?}");
     }
 }
