@@ -43,14 +43,20 @@ const BUCKET: &str = "models";
 /// Where the flow runs.
 #[derive(Debug, Clone)]
 pub struct FlowOptions {
+    /// The Redis the caches and the registry use.
     pub redis_url: String,
+    /// Its password.
     pub redis_password: Option<String>,
+    /// The S3-compatible server versions are published to.
     pub s3_endpoint: String,
     /// The two versions' directories (each holds one `.gguf` and whatever
     /// else the release ships).
     pub v1: PathBuf,
+    /// See `v1`.
     pub v2: PathBuf,
+    /// The sentence-transformers model of the semantic cache.
     pub embedding_model: PathBuf,
+    /// Scratch space: fetched files, the node cache, the prefix cache.
     pub work: PathBuf,
     /// Between v1's last pod and its sweep.
     pub grace: Duration,
@@ -58,50 +64,79 @@ pub struct FlowOptions {
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
+/// What the flow did, step by step (printed by [`summary`]).
 pub struct FlowReport {
+    /// (version, bytes, manifest digest) of each published version.
     pub published: Vec<(String, u64, String)>,
+    /// v1's fetch.
     pub fetch: FetchPart,
+    /// v1's in-process warm-up.
     pub warm: WarmPart,
+    /// Result-cache traffic on v1.
     pub result: HitsPart,
+    /// Semantic-cache traffic on v1.
     pub semantic: HitsPart,
+    /// Feature-cache traffic on v1.
     pub feature: HitsPart,
+    /// What the rollout to v2 changed.
     pub rollout: RolloutPart,
+    /// v1's sweep.
     pub sweep: SweepPart,
+    /// Calls that reached the (stand-in) LLM.
     pub llm_calls: u64,
+    /// Calls the caches answered instead.
     pub llm_calls_avoided: u64,
+    /// Wall time of the whole flow.
     pub seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
+/// v1's fetch.
 pub struct FetchPart {
+    /// Files fetched.
     pub files: usize,
+    /// Bytes verified against the manifest.
     pub bytes_verified: u64,
+    /// Wall time.
     pub seconds: f64,
+    /// MB/s (10^6 bytes).
     pub throughput_mbps: f64,
+    /// The sha256 of v1's manifest.
     pub manifest_digest: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
+/// v1's in-process warm-up.
 pub struct WarmPart {
+    /// Tokens of the shared prefix.
     pub prefix_tokens: usize,
+    /// KV blocks stored.
     pub blocks: usize,
+    /// Time to first token with nothing cached.
     pub cold_ttft_ms: f64,
+    /// Time to first token of a request sharing the prefix, once warm.
     pub warm_ttft_ms: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
+/// One cache's traffic.
 pub struct HitsPart {
+    /// Lookups that hit.
     pub hits: u64,
+    /// Lookups that missed.
     pub misses: u64,
+    /// hits / (hits + misses).
     pub hit_rate: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
+/// What the rollout to v2 changed.
 pub struct RolloutPart {
+    /// The registry's epoch once v2 is active.
     pub registry_epoch: u64,
     /// Repeated questions asked right after the rollout that were answered
     /// from v1's cache (must be 0).
@@ -113,12 +148,19 @@ pub struct RolloutPart {
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
+/// v1's sweep.
 pub struct SweepPart {
+    /// v1's keys before the sweep.
     pub v1_keys_before: u64,
+    /// Keys the sweep deleted.
     pub deleted: u64,
+    /// v1's keys after it (must be 0).
     pub v1_keys_after: u64,
+    /// v2's keys before v1's sweep.
     pub v2_keys_before: u64,
+    /// v2's keys after it (must be unchanged).
     pub v2_keys_after: u64,
+    /// How long the flow waited for the sweep.
     pub waited_seconds: f64,
 }
 
@@ -149,6 +191,7 @@ fn llm(version: &str, question: &str, calls: &mut u64) -> String {
     format!("{version}: the answer to {question:?}")
 }
 
+/// Runs the whole flow against `opts` and reports what it did.
 pub async fn run(opts: &FlowOptions) -> anyhow::Result<FlowReport> {
     let started = Instant::now();
     let source = SourceConfig {
