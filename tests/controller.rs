@@ -698,3 +698,46 @@ async fn inline_warmup_prompts_are_applied_as_a_config_map_for_the_pods() {
         vec!["You are a bot.\nBe brief.", "Second"]
     );
 }
+
+/// With leader election off (`leaderElection.enabled: false` in the chart)
+/// the controller must reconcile until it is stopped. It once stopped at
+/// start instead: the lost-lease signal fired when no elector held its sender.
+#[tokio::test]
+async fn without_leader_election_the_controller_reconciles_until_stopped() {
+    use modelcache::controller::{ControllerConfig, run_with_client};
+    let (client, api) = FakeApiServer::start();
+    api.insert(MC, model_cache(None));
+    let config = ControllerConfig {
+        namespace: Some("ml".into()),
+        http_addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        health_interval: Duration::from_secs(30),
+        leader_election: false,
+        lease_namespace: "modelcache-system".into(),
+        lease_name: "modelcache".into(),
+        identity: "test".into(),
+        lease_duration: Duration::from_secs(15),
+        redis_url_override: Some(format!("redis://127.0.0.1:{}", free_port())),
+        webhook: None,
+    };
+    let controller = tokio::spawn(run_with_client(client, config));
+    let status = format!("PATCH {MC}/status");
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !seen.contains(&status) {
+        assert!(
+            !controller.is_finished(),
+            "the controller stopped by itself: {seen:?}"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reconcile within 60 s: {seen:?}"
+        );
+        seen.extend(lines(&api.take_requests()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !controller.is_finished(),
+        "it keeps running after a reconcile"
+    );
+    controller.abort();
+}

@@ -201,6 +201,14 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
     let client = Client::try_default()
         .await
         .map_err(ControllerError::Client)?;
+    run_with_client(client, config).await
+}
+
+/// [`run`] with a given client (tests give a faked API server's).
+pub async fn run_with_client(
+    client: Client,
+    config: ControllerConfig,
+) -> Result<(), ControllerError> {
     let metrics = Arc::new(metrics::Metrics::new());
     let state = Arc::new(http::HttpState {
         metrics: metrics.clone(),
@@ -214,18 +222,8 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     });
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
 
-    let listener = tokio::net::TcpListener::bind(config.http_addr)
-        .await
-        .map_err(|e| ControllerError::Http(config.http_addr, e))?;
-    let http_task = tokio::spawn(
-        axum::serve(listener, http::router(state.clone()))
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
-            .into_future(),
-    );
+    let http_task = serve_http(config.http_addr, state.clone(), stop_rx.clone()).await?;
     let webhook_task = match &config.webhook {
         Some(settings) => Some(
             start_webhook(&client, settings, &config.lease_namespace)
@@ -249,49 +247,14 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
     let (lost_tx, lost_rx) = watch::channel(false);
     if let Some(elector) = &elector {
         tracing::info!(lease = %config.lease_name, identity = %config.identity, "waiting for the leader lease");
-        loop {
-            if *stop_rx.borrow() {
-                return Ok(());
-            }
-            match elector.try_lead().await {
-                Ok(true) => break,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %crate::error::chain(&e), "leader election"),
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
+        if !lead(elector, &stop_rx).await {
+            return Ok(());
         }
         tracing::info!("leading");
     }
-    let renew_task = elector.map(|elector| {
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let mut last_renewal = tokio::time::Instant::now();
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(elector.renew_period()) => {}
-                    _ = stop.wait_for(|s| *s) => break,
-                }
-                match elector.try_lead().await {
-                    Ok(true) => last_renewal = tokio::time::Instant::now(),
-                    Ok(false) => {
-                        let _ = lost_tx.send(true);
-                        return elector;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %crate::error::chain(&e), "failed to renew the lease")
-                    }
-                }
-                if last_renewal.elapsed() > elector.duration() {
-                    let _ = lost_tx.send(true);
-                    return elector;
-                }
-            }
-            if let Err(e) = elector.release().await {
-                tracing::warn!(error = %crate::error::chain(&e), "failed to release the lease");
-            }
-            elector
-        })
-    });
+    // The sender lives until the end: were it dropped (no elector), every
+    // receiver would see the channel close and stop the controller at once.
+    let renew_task = elector.map(|e| tokio::spawn(keep_lease(e, stop_rx.clone(), lost_tx.clone())));
 
     let reporter = Reporter {
         controller: MANAGER.into(),
@@ -304,76 +267,17 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
         config.health_interval,
     );
     ctx.redis_url_override = config.redis_url_override.clone();
-    let ctx = Arc::new(ctx);
-
-    let (caches, policies) = match &config.namespace {
-        Some(ns) => (
-            Api::<ModelCache>::namespaced(client.clone(), ns),
-            Api::<CachePolicy>::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
-    let owned = |c: &Client| -> Api<StatefulSet> {
-        match &config.namespace {
-            Some(ns) => Api::namespaced(c.clone(), ns),
-            None => Api::all(c.clone()),
-        }
-    };
-    let ns_api = |c: &Client| (config.namespace.clone(), c.clone());
-    let (ns, c) = ns_api(&client);
-    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=modelcache");
-    let controller = Controller::new(caches, watcher::Config::default());
-    let store = controller.store();
-    let lost = {
-        let mut rx = lost_rx.clone();
+    let stop = {
+        let (mut stop, mut lost) = (stop_rx.clone(), lost_rx.clone());
         async move {
-            let _ = rx.wait_for(|l| *l).await;
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => {}
+                _ = lost.wait_for(|l| *l) => {}
+            }
         }
     };
-    let stop = stopped(stop_rx.clone());
-    controller
-        .owns(owned(&c), managed.clone())
-        .owns(namespaced_or_all::<ConfigMap>(&c, &ns), managed.clone())
-        .owns(namespaced_or_all::<Service>(&c, &ns), managed)
-        // Secrets are not watched: that would need list and watch on every
-        // Secret in scope. A deleted Secret is recreated on the next periodic
-        // reconcile (the health interval) instead.
-        // A policy change reconciles every ModelCache that uses it.
-        .watches(
-            policies,
-            watcher::Config::default(),
-            move |policy: CachePolicy| {
-                let ns = policy.namespace();
-                let name = policy.name_any();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|mc| {
-                        mc.namespace() == ns
-                            && mc
-                                .spec
-                                .cache_policy_ref
-                                .as_ref()
-                                .is_some_and(|r| r.name == name)
-                    })
-                    .map(|mc| ObjectRef::from_obj(&*mc))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .graceful_shutdown_on(async move {
-            tokio::select! {
-                _ = stop => {}
-                _ = lost => {}
-            }
-        })
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            match result {
-                Ok((obj, _)) => tracing::debug!(modelcache = %obj, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile error"),
-            }
-        })
-        .await;
+    reconcile_until(&client, &config.namespace, Arc::new(ctx), stop).await;
+    drop(lost_tx);
 
     let lost_lease = *lost_rx.borrow();
     if let Some(task) = renew_task {
@@ -391,6 +295,136 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
         return Err(ControllerError::LostLease);
     }
     Ok(())
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `stop` turns true.
+async fn serve_http(
+    addr: SocketAddr,
+    state: Arc<http::HttpState>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, ControllerError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| ControllerError::Http(addr, e))?;
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    Ok(tokio::spawn(
+        axum::serve(listener, http::router(state))
+            .with_graceful_shutdown(stopped)
+            .into_future(),
+    ))
+}
+
+/// Waits for the leader Lease; `false` when the controller stops first.
+async fn lead(elector: &leader::LeaderElector, stop: &watch::Receiver<bool>) -> bool {
+    loop {
+        if *stop.borrow() {
+            return false;
+        }
+        match elector.try_lead().await {
+            Ok(true) => return true,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %crate::error::chain(&e), "leader election"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Renews the Lease until the controller stops (then releases it), or says
+/// on `lost` that another replica may have taken over: when a renewal finds
+/// another holder, or none succeeded for a whole Lease duration.
+async fn keep_lease(
+    elector: leader::LeaderElector,
+    mut stop: watch::Receiver<bool>,
+    lost: watch::Sender<bool>,
+) -> leader::LeaderElector {
+    let mut last_renewal = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(elector.renew_period()) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        match elector.try_lead().await {
+            Ok(true) => last_renewal = tokio::time::Instant::now(),
+            Ok(false) => {
+                let _ = lost.send(true);
+                return elector;
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error::chain(&e), "failed to renew the lease")
+            }
+        }
+        if last_renewal.elapsed() > elector.duration() {
+            let _ = lost.send(true);
+            return elector;
+        }
+    }
+    if let Err(e) = elector.release().await {
+        tracing::warn!(error = %crate::error::chain(&e), "failed to release the lease");
+    }
+    elector
+}
+
+/// Watches ModelCaches (with the objects they own and the CachePolicies they
+/// use) and reconciles them until `stop` completes.
+async fn reconcile_until(
+    client: &Client,
+    namespace: &Option<String>,
+    ctx: Arc<Context>,
+    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=modelcache");
+    let controller = Controller::new(
+        namespaced_or_all::<ModelCache>(client, namespace),
+        watcher::Config::default(),
+    );
+    let store = controller.store();
+    controller
+        .owns(
+            namespaced_or_all::<StatefulSet>(client, namespace),
+            managed.clone(),
+        )
+        .owns(
+            namespaced_or_all::<ConfigMap>(client, namespace),
+            managed.clone(),
+        )
+        .owns(namespaced_or_all::<Service>(client, namespace), managed)
+        // Secrets are not watched: that would need list and watch on every
+        // Secret in scope. A deleted Secret is recreated on the next periodic
+        // reconcile (the health interval) instead.
+        // A policy change reconciles every ModelCache that uses it.
+        .watches(
+            namespaced_or_all::<CachePolicy>(client, namespace),
+            watcher::Config::default(),
+            move |policy: CachePolicy| users_of(&store.state(), &policy),
+        )
+        .graceful_shutdown_on(stop)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => tracing::debug!(modelcache = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+}
+
+/// The ModelCaches of the policy's namespace that reference it.
+fn users_of(caches: &[Arc<ModelCache>], policy: &CachePolicy) -> Vec<ObjectRef<ModelCache>> {
+    let (ns, name) = (policy.namespace(), policy.name_any());
+    caches
+        .iter()
+        .filter(|mc| {
+            mc.namespace() == ns
+                && mc
+                    .spec
+                    .cache_policy_ref
+                    .as_ref()
+                    .is_some_and(|r| r.name == name)
+        })
+        .map(|mc| ObjectRef::from_obj(&**mc))
+        .collect()
 }
 
 fn namespaced_or_all<K>(client: &Client, namespace: &Option<String>) -> Api<K>
