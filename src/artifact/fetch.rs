@@ -295,269 +295,98 @@ impl Ctx {
     }
 }
 
+/// The destination's own files: its state directory holds the lock, the
+/// completion marker, the log of placed files and (without a node cache)
+/// the partial downloads.
+struct Destination {
+    dir: PathBuf,
+    state: PathBuf,
+    partial: PathBuf,
+    marker: PathBuf,
+    placed_log: PathBuf,
+}
+
+impl Destination {
+    fn open(dest: &Path) -> Result<Destination, FetchError> {
+        std::fs::create_dir_all(dest).map_err(io_err("create the destination", dest))?;
+        let dir = dest
+            .canonicalize()
+            .map_err(io_err("resolve the destination", dest))?;
+        let state = dir.join(STATE_DIR);
+        let partial = state.join("partial");
+        std::fs::create_dir_all(&partial).map_err(io_err("create", &partial))?;
+        Ok(Destination {
+            marker: state.join("complete"),
+            placed_log: state.join("placed.log"),
+            dir,
+            state,
+            partial,
+        })
+    }
+
+    /// The version's manifest when the destination already holds all of it,
+    /// verified: versions are immutable, so it needs no request.
+    fn complete(
+        &self,
+        opts: &FetchOptions,
+        source_id: &str,
+        placed: &BTreeMap<String, PlacedEntry>,
+    ) -> Option<VerifiedManifest> {
+        let marker = read_marker(&self.marker)?;
+        if marker.source != source_id
+            || marker.model != opts.model
+            || marker.version != opts.version
+        {
+            return None;
+        }
+        let verified = read_local_manifest(&self.state, &marker.manifest_digest)?;
+        let files = &verified.manifest.files;
+        files
+            .iter()
+            .all(|f| still_placed(&self.dir, placed, f))
+            .then_some(verified)
+    }
+}
+
 /// Fetch a version. Returns the summary, or the first error that retrying
 /// cannot cure; what was downloaded stays for the next run.
 pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
     let started = Instant::now();
     super::check_names(&opts.model, &opts.version)?;
-    std::fs::create_dir_all(&opts.dest).map_err(io_err("create the destination", &opts.dest))?;
-    let dest = opts
-        .dest
-        .canonicalize()
-        .map_err(io_err("resolve the destination", &opts.dest))?;
-    let state = dest.join(STATE_DIR);
-    let partial_in_dest = state.join("partial");
-    std::fs::create_dir_all(&partial_in_dest).map_err(io_err("create", &partial_in_dest))?;
+    let dest = Destination::open(&opts.dest)?;
     let source_id = opts.location.to_string();
 
     // One fetcher per destination at a time.
-    let _dest_lock = lock_file(state.join("lock")).await?;
-    let marker_path = state.join("complete");
-    let placed_path = state.join("placed.log");
-    let mut placed = read_placed(&placed_path);
-
-    if let Some(marker) = read_marker(&marker_path)
-        && marker.source == source_id
-        && marker.model == opts.model
-        && marker.version == opts.version
-        && let Some(verified) = read_local_manifest(&state, &marker.manifest_digest)
-        && verified
-            .manifest
-            .files
-            .iter()
-            .all(|f| still_placed(&dest, &placed, f))
-    {
-        // Versions are immutable: a complete destination needs no request.
-        return Ok(summary(&opts, &dest, &verified, started, |s| {
+    let _dest_lock = lock_file(dest.state.join("lock")).await?;
+    let mut placed = read_placed(&dest.placed_log);
+    if let Some(verified) = dest.complete(&opts, &source_id, &placed) {
+        return Ok(summary(&opts, &dest.dir, &verified, started, |s| {
             s.reused_files = verified.manifest.files.len();
         }));
     }
 
     let cache = opts.cache_dir.as_deref().map(NodeCache::open).transpose()?;
     let version_id = NodeCache::version_id(&source_id, &opts.model, &opts.version);
-    let _version_lock = match &cache {
-        Some(cache) => {
-            let cache = cache.clone();
-            let id = version_id.clone();
-            Some(
-                tokio::task::spawn_blocking(move || cache.lock_version(&id))
-                    .await
-                    .expect("lock task panicked")?,
-            )
-        }
-        None => None,
-    };
-
-    let mut cfg = opts.source.clone();
-    cfg.connections = cfg.connections.max(opts.concurrency);
-    let source = Source::connect(&opts.location, &cfg).await?;
-    let counters = Arc::new(Counters::default());
-    let engine = Arc::new(Engine {
-        source,
-        model: opts.model.clone(),
-        version: opts.version.clone(),
-        counters: counters.clone(),
-        deadline: started + opts.deadline,
-        max_attempts: opts.max_attempts.max(1),
-        retry_base: opts.retry_base,
-        idle: cfg.idle_timeout.unwrap_or(Duration::from_secs(30)),
-        part_size: opts.part_size,
-    });
-    let ctx = Ctx {
-        engine: engine.clone(),
-        partial_dir: match &cache {
-            Some(c) => c.partial_dir(),
-            None => partial_in_dest.clone(),
-        },
-        cache: cache.clone(),
-        concurrency: opts.concurrency.max(1),
-    };
-
-    // The manifest: from the node cache when another pod fetched this version
-    // (versions are immutable, so no request), else from the source.
-    let cached_manifest = cache
-        .as_ref()
-        .and_then(|c| c.lookup(&version_id))
-        .map(|(_, m)| m);
-    let verified = match cached_manifest {
-        Some(m) => m,
-        None => {
-            let bytes = get_manifest(&ctx).await?;
-            let origin = engine.source.url(&opts.model, &opts.version, MANIFEST_NAME);
-            manifest::parse(&origin, bytes, Some((&opts.model, &opts.version))).map_err(
-                |source| FetchError::Manifest {
-                    model: opts.model.clone(),
-                    version: opts.version.clone(),
-                    source: Box::new(source),
-                },
-            )?
-        }
-    };
+    let _version_lock = lock_version(cache.as_ref(), &version_id).await?;
+    let ctx = connect(&opts, started, cache.clone(), &dest).await?;
+    let verified = version_manifest(&ctx, &opts, &version_id).await?;
     let files = &verified.manifest.files;
 
     // From here on the destination changes: it is no longer complete.
-    match std::fs::remove_file(&marker_path) {
+    match std::fs::remove_file(&dest.marker) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("remove", &marker_path)(e)),
+        Err(e) => return Err(io_err("remove", &dest.marker)(e)),
     }
+    let plans = plan_files(files, &dest.dir, &placed, &ctx);
+    let (to_download, mut evicted) = reserve_space(&opts, &ctx, &dest, files, &plans, &version_id)?;
+    let resumed = download_in_time(&ctx, &opts, to_download).await?;
+    let (cache_hits, cache_hit_bytes) = place_all(&ctx, &dest, files, &plans, &mut placed)?;
+    forget_others(&dest, files, &mut placed)?;
+    evicted += mark_complete(&ctx, &dest, &opts, &source_id, &version_id, &verified)?;
 
-    let plans: Vec<Plan> = files
-        .iter()
-        .map(|f| {
-            if still_placed(&dest, &placed, f) {
-                Plan::Reused
-            } else if cache.is_none()
-                && super::disk::is_file_of_size(&ctx.verified_path(&f.sha256), f.size)
-            {
-                Plan::Verified
-            } else if cache
-                .as_ref()
-                .is_some_and(|c| c.has_blob(&f.sha256, f.size))
-            {
-                Plan::CacheHit
-            } else {
-                Plan::Download
-            }
-        })
-        .collect();
-
-    // Check space before any download: everything still to come must fit.
-    let mut to_download: Vec<&ManifestFile> = Vec::new();
-    let mut seen = BTreeSet::new();
-    for (f, plan) in files.iter().zip(&plans) {
-        if *plan == Plan::Download && seen.insert(f.sha256.as_str()) {
-            to_download.push(f);
-        }
-    }
-    let need: u64 = to_download.iter().map(|f| f.size).sum();
-    let mut evicted = 0;
-    if let (Some(cache), Some(quota)) = (&cache, opts.cache_quota) {
-        evicted += cache.evict(quota, need, &version_id).evicted_versions.len();
-    }
-    check_space(&opts, &ctx.partial_dir, need)?;
-    if let Some(cache) = &cache
-        && !same_filesystem(cache.root(), &dest)
-    {
-        // Copies, not links, into the destination.
-        let copies: u64 = files
-            .iter()
-            .zip(&plans)
-            .filter(|(_, p)| **p != Plan::Reused)
-            .map(|(f, _)| f.size)
-            .sum();
-        check_space(&opts, &dest, copies)?;
-    }
-
-    counters.total.store(need, Ordering::Relaxed);
-    let reporter = Reporter::start(opts.progress, opts.progress_interval, counters.clone());
-    let mut resumed = 0;
-    let outcome = tokio::time::timeout_at(
-        engine.deadline.into(),
-        download(
-            &ctx,
-            to_download.into_iter().cloned().collect(),
-            &mut resumed,
-        ),
-    )
-    .await;
-    reporter.finish().await;
-    match outcome {
-        Ok(result) => result?,
-        Err(_elapsed) => {
-            return Err(FetchError::Deadline {
-                model: opts.model.clone(),
-                version: opts.version.clone(),
-                seconds: opts.deadline.as_secs(),
-            });
-        }
-    }
-
-    // Everything is verified: move it into place.
-    let mut placed_log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&placed_path)
-        .map_err(io_err("open", &placed_path))?;
-    let mut first_at: BTreeMap<&str, PathBuf> = BTreeMap::new();
-    let mut cache_hits = 0;
-    let mut cache_hit_bytes = 0;
-    for (i, (f, plan)) in files.iter().zip(&plans).enumerate() {
-        let target = place_path(&dest, f)?;
-        if *plan != Plan::Reused {
-            if *plan == Plan::CacheHit {
-                cache_hits += 1;
-                cache_hit_bytes += f.size;
-            }
-            let tmp = state.join(format!("placing-{i}"));
-            let verified_path = ctx.verified_path(&f.sha256);
-            if let Some(first) = first_at.get(f.sha256.as_str()) {
-                // Same content under a second path.
-                link_or_copy(first, &tmp, &target).map_err(io_err("place", &target))?;
-            } else if cache.is_some() {
-                link_or_copy(&verified_path, &tmp, &target).map_err(io_err("place", &target))?;
-            } else {
-                std::fs::rename(&verified_path, &target).map_err(io_err("place", &target))?;
-            }
-            let meta = std::fs::metadata(&target).map_err(io_err("stat", &target))?;
-            let entry = PlacedEntry::of(f, &meta);
-            writeln!(placed_log, "{}", entry.line()).map_err(io_err("write", &placed_path))?;
-            placed.insert(f.path.clone(), entry);
-        }
-        first_at.entry(f.sha256.as_str()).or_insert(target);
-    }
-    drop(placed_log);
-
-    // Files an earlier version placed that this one does not have.
-    let current: BTreeSet<&str> = files.iter().map(|f| f.path.as_str()).collect();
-    for (path, _) in placed.iter().filter(|(p, _)| !current.contains(p.as_str())) {
-        let _ = std::fs::remove_file(dest.join(path));
-    }
-    placed.retain(|p, _| current.contains(p.as_str()));
-    let compact: String = placed.values().map(|e| e.line() + "\n").collect();
-    write_atomic(&placed_path, compact.as_bytes()).map_err(io_err("write", &placed_path))?;
-
-    if cache.is_none() {
-        // Leftovers: duplicates placed by linking, files of abandoned versions.
-        for entry in std::fs::read_dir(&partial_in_dest)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-    let local_manifest = state.join(MANIFEST_NAME);
-    write_atomic(&local_manifest, &verified.bytes).map_err(io_err("write", &local_manifest))?;
-    let marker = CompleteMarker {
-        source: source_id.clone(),
-        model: opts.model.clone(),
-        version: opts.version.clone(),
-        manifest_digest: verified.digest.clone(),
-        files: files.len(),
-        bytes: verified.total_bytes(),
-    };
-    write_atomic(
-        &marker_path,
-        &serde_json::to_vec_pretty(&marker).expect("markers serialize"),
-    )
-    .map_err(io_err("write", &marker_path))?;
-
-    if let Some(cache) = &cache {
-        let record = VersionRecord {
-            source: source_id,
-            model: opts.model.clone(),
-            version: opts.version.clone(),
-            manifest_digest: verified.digest.clone(),
-        };
-        cache.record(&version_id, &record, &verified)?;
-        cache.touch(&version_id);
-        if let Some(quota) = opts.cache_quota {
-            evicted += cache.evict(quota, 0, &version_id).evicted_versions.len();
-        }
-    }
-
-    Ok(summary(&opts, &dest, &verified, started, |s| {
+    let counters = &ctx.engine.counters;
+    Ok(summary(&opts, &dest.dir, &verified, started, |s| {
         s.downloaded_bytes = counters.done.load(Ordering::Relaxed);
         s.resumed_bytes = resumed;
         s.cache_hits = cache_hits;
@@ -567,6 +396,280 @@ pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
         s.retries = counters.retries.load(Ordering::Relaxed);
         s.evicted_versions = evicted;
     }))
+}
+
+/// The node cache's lock on this version, so that pods of a node fetching
+/// it together download it once.
+async fn lock_version(
+    cache: Option<&NodeCache>,
+    version_id: &str,
+) -> Result<Option<File>, FetchError> {
+    let Some(cache) = cache.cloned() else {
+        return Ok(None);
+    };
+    let id = version_id.to_owned();
+    let locked = tokio::task::spawn_blocking(move || cache.lock_version(&id))
+        .await
+        .expect("lock task panicked")?;
+    Ok(Some(locked))
+}
+
+/// The source, and what the downloads share.
+async fn connect(
+    opts: &FetchOptions,
+    started: Instant,
+    cache: Option<NodeCache>,
+    dest: &Destination,
+) -> Result<Ctx, FetchError> {
+    let mut cfg = opts.source.clone();
+    cfg.connections = cfg.connections.max(opts.concurrency);
+    let source = Source::connect(&opts.location, &cfg).await?;
+    let engine = Arc::new(Engine {
+        source,
+        model: opts.model.clone(),
+        version: opts.version.clone(),
+        counters: Arc::new(Counters::default()),
+        deadline: started + opts.deadline,
+        max_attempts: opts.max_attempts.max(1),
+        retry_base: opts.retry_base,
+        idle: cfg.idle_timeout.unwrap_or(Duration::from_secs(30)),
+        part_size: opts.part_size,
+    });
+    Ok(Ctx {
+        engine,
+        partial_dir: match &cache {
+            Some(c) => c.partial_dir(),
+            None => dest.partial.clone(),
+        },
+        cache,
+        concurrency: opts.concurrency.max(1),
+    })
+}
+
+/// The manifest: from the node cache when another pod fetched this version
+/// (versions are immutable, so no request), else from the source.
+async fn version_manifest(
+    ctx: &Ctx,
+    opts: &FetchOptions,
+    version_id: &str,
+) -> Result<VerifiedManifest, FetchError> {
+    if let Some((_, m)) = ctx.cache.as_ref().and_then(|c| c.lookup(version_id)) {
+        return Ok(m);
+    }
+    let bytes = get_manifest(ctx).await?;
+    let origin = ctx
+        .engine
+        .source
+        .url(&opts.model, &opts.version, MANIFEST_NAME);
+    manifest::parse(&origin, bytes, Some((&opts.model, &opts.version))).map_err(|source| {
+        FetchError::Manifest {
+            model: opts.model.clone(),
+            version: opts.version.clone(),
+            source: Box::new(source),
+        }
+    })
+}
+
+/// Where each file comes from.
+fn plan_files(
+    files: &[ManifestFile],
+    dest: &Path,
+    placed: &BTreeMap<String, PlacedEntry>,
+    ctx: &Ctx,
+) -> Vec<Plan> {
+    let cache = ctx.cache.as_ref();
+    files
+        .iter()
+        .map(|f| {
+            if still_placed(dest, placed, f) {
+                Plan::Reused
+            } else if cache.is_none()
+                && super::disk::is_file_of_size(&ctx.verified_path(&f.sha256), f.size)
+            {
+                Plan::Verified
+            } else if cache.is_some_and(|c| c.has_blob(&f.sha256, f.size)) {
+                Plan::CacheHit
+            } else {
+                Plan::Download
+            }
+        })
+        .collect()
+}
+
+/// Checks space before any download, evicting from the node cache first:
+/// everything still to come must fit. Returns the distinct files to download
+/// and the versions evicted.
+fn reserve_space(
+    opts: &FetchOptions,
+    ctx: &Ctx,
+    dest: &Destination,
+    files: &[ManifestFile],
+    plans: &[Plan],
+    version_id: &str,
+) -> Result<(Vec<ManifestFile>, usize), FetchError> {
+    let mut to_download: Vec<ManifestFile> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (f, plan) in files.iter().zip(plans) {
+        if *plan == Plan::Download && seen.insert(f.sha256.as_str()) {
+            to_download.push(f.clone());
+        }
+    }
+    let need: u64 = to_download.iter().map(|f| f.size).sum();
+    let mut evicted = 0;
+    if let (Some(cache), Some(quota)) = (&ctx.cache, opts.cache_quota) {
+        evicted += cache.evict(quota, need, version_id).evicted_versions.len();
+    }
+    check_space(opts, &ctx.partial_dir, need)?;
+    if let Some(cache) = &ctx.cache
+        && !same_filesystem(cache.root(), &dest.dir)
+    {
+        // Copies, not links, into the destination.
+        let copies: u64 = files
+            .iter()
+            .zip(plans)
+            .filter(|(_, p)| **p != Plan::Reused)
+            .map(|(f, _)| f.size)
+            .sum();
+        check_space(opts, &dest.dir, copies)?;
+    }
+    ctx.engine.counters.total.store(need, Ordering::Relaxed);
+    Ok((to_download, evicted))
+}
+
+/// Downloads and verifies the files within the fetch's deadline, showing
+/// progress; returns the bytes resumed from an earlier run.
+async fn download_in_time(
+    ctx: &Ctx,
+    opts: &FetchOptions,
+    files: Vec<ManifestFile>,
+) -> Result<u64, FetchError> {
+    let counters = ctx.engine.counters.clone();
+    let reporter = Reporter::start(opts.progress, opts.progress_interval, counters);
+    let mut resumed = 0;
+    let deadline = ctx.engine.deadline.into();
+    let outcome = tokio::time::timeout_at(deadline, download(ctx, files, &mut resumed)).await;
+    reporter.finish().await;
+    match outcome {
+        Ok(result) => result.map(|()| resumed),
+        Err(_elapsed) => Err(FetchError::Deadline {
+            model: opts.model.clone(),
+            version: opts.version.clone(),
+            seconds: opts.deadline.as_secs(),
+        }),
+    }
+}
+
+/// Everything is verified: moves (or, from the node cache, links) each file
+/// into place and logs it. Returns the files and bytes the node cache served.
+fn place_all(
+    ctx: &Ctx,
+    dest: &Destination,
+    files: &[ManifestFile],
+    plans: &[Plan],
+    placed: &mut BTreeMap<String, PlacedEntry>,
+) -> Result<(usize, u64), FetchError> {
+    let log_path = &dest.placed_log;
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(io_err("open", log_path))?;
+    let mut first_at: BTreeMap<&str, PathBuf> = BTreeMap::new();
+    let (mut cache_hits, mut cache_hit_bytes) = (0, 0);
+    for (i, (f, plan)) in files.iter().zip(plans).enumerate() {
+        let target = place_path(&dest.dir, f)?;
+        if *plan != Plan::Reused {
+            if *plan == Plan::CacheHit {
+                cache_hits += 1;
+                cache_hit_bytes += f.size;
+            }
+            let tmp = dest.state.join(format!("placing-{i}"));
+            let verified_path = ctx.verified_path(&f.sha256);
+            if let Some(first) = first_at.get(f.sha256.as_str()) {
+                // Same content under a second path.
+                link_or_copy(first, &tmp, &target).map_err(io_err("place", &target))?;
+            } else if ctx.cache.is_some() {
+                link_or_copy(&verified_path, &tmp, &target).map_err(io_err("place", &target))?;
+            } else {
+                std::fs::rename(&verified_path, &target).map_err(io_err("place", &target))?;
+            }
+            let meta = std::fs::metadata(&target).map_err(io_err("stat", &target))?;
+            let entry = PlacedEntry::of(f, &meta);
+            writeln!(log, "{}", entry.line()).map_err(io_err("write", log_path))?;
+            placed.insert(f.path.clone(), entry);
+        }
+        first_at.entry(f.sha256.as_str()).or_insert(target);
+    }
+    Ok((cache_hits, cache_hit_bytes))
+}
+
+/// Removes the files an earlier version placed that this one does not have,
+/// and compacts the log of placed files.
+fn forget_others(
+    dest: &Destination,
+    files: &[ManifestFile],
+    placed: &mut BTreeMap<String, PlacedEntry>,
+) -> Result<(), FetchError> {
+    let current: BTreeSet<&str> = files.iter().map(|f| f.path.as_str()).collect();
+    for (path, _) in placed.iter().filter(|(p, _)| !current.contains(p.as_str())) {
+        let _ = std::fs::remove_file(dest.dir.join(path));
+    }
+    placed.retain(|p, _| current.contains(p.as_str()));
+    let compact: String = placed.values().map(|e| e.line() + "\n").collect();
+    write_atomic(&dest.placed_log, compact.as_bytes()).map_err(io_err("write", &dest.placed_log))
+}
+
+/// Writes the local manifest and the completion marker, and records the
+/// version in the node cache (evicting down to the quota). Returns the
+/// versions evicted.
+fn mark_complete(
+    ctx: &Ctx,
+    dest: &Destination,
+    opts: &FetchOptions,
+    source_id: &str,
+    version_id: &str,
+    verified: &VerifiedManifest,
+) -> Result<usize, FetchError> {
+    if ctx.cache.is_none() {
+        // Leftovers: duplicates placed by linking, files of abandoned versions.
+        for entry in std::fs::read_dir(&dest.partial)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let local_manifest = dest.state.join(MANIFEST_NAME);
+    write_atomic(&local_manifest, &verified.bytes).map_err(io_err("write", &local_manifest))?;
+    let marker = CompleteMarker {
+        source: source_id.to_owned(),
+        model: opts.model.clone(),
+        version: opts.version.clone(),
+        manifest_digest: verified.digest.clone(),
+        files: verified.manifest.files.len(),
+        bytes: verified.total_bytes(),
+    };
+    write_atomic(
+        &dest.marker,
+        &serde_json::to_vec_pretty(&marker).expect("markers serialize"),
+    )
+    .map_err(io_err("write", &dest.marker))?;
+    let Some(cache) = &ctx.cache else {
+        return Ok(0);
+    };
+    let record = VersionRecord {
+        source: source_id.to_owned(),
+        model: opts.model.clone(),
+        version: opts.version.clone(),
+        manifest_digest: verified.digest.clone(),
+    };
+    cache.record(version_id, &record, verified)?;
+    cache.touch(version_id);
+    Ok(match opts.cache_quota {
+        Some(quota) => cache.evict(quota, 0, version_id).evicted_versions.len(),
+        None => 0,
+    })
 }
 
 fn summary(
