@@ -296,52 +296,18 @@ impl Source {
         rel: &str,
         range: Option<Range<u64>>,
     ) -> Result<Body, SourceError> {
-        let url = self.url(model, version, rel);
-        let error = |failure, detail: String| SourceError {
-            failure,
-            url: url.clone(),
-            detail,
-        };
         if matches!(&range, Some(r) if r.is_empty()) {
             return Ok(futures::stream::empty().boxed());
         }
+        let url = self.url(model, version, rel);
         match self {
             Source::S3 {
                 client,
                 bucket,
                 prefix,
             } => {
-                let mut request = client
-                    .get_object()
-                    .bucket(bucket)
-                    .key(version_key(prefix, model, version, rel));
-                if let Some(r) = &range {
-                    request = request.range(format!("bytes={}-{}", r.start, r.end - 1));
-                }
-                let response = request.send().await.map_err(|e| {
-                    let (failure, detail) = s3_failure(&e);
-                    error(failure, detail)
-                })?;
-                let body = response.body;
-                Ok(
-                    futures::stream::unfold((body, url), |(mut body, url)| async move {
-                        match body.next().await? {
-                            Ok(chunk) => Some((Ok(chunk), (body, url))),
-                            Err(e) => Some((
-                                Err(SourceError {
-                                    failure: Failure::Transient,
-                                    url: url.clone(),
-                                    detail: format!(
-                                        "the body broke off: {}",
-                                        DisplayErrorContext(&e)
-                                    ),
-                                }),
-                                (body, url),
-                            )),
-                        }
-                    })
-                    .boxed(),
-                )
+                let key = version_key(prefix, model, version, rel);
+                get_s3(client, bucket, &key, range, url).await
             }
             Source::Http {
                 client,
@@ -349,123 +315,17 @@ impl Source {
                 headers,
                 signer,
             } => {
-                let mut target = http_url(base, model, version, rel);
-                let mut request = client.get(target.clone()).headers(headers.clone());
-                if let Some(signer) = signer {
-                    let resource = format!("{}*", http_url(base, model, version, "").as_str());
-                    match signer.sign(target.as_str(), &resource) {
-                        Signed::Query(q) => {
-                            target.set_query(Some(&q));
-                            request = client.get(target).headers(headers.clone());
-                        }
-                        Signed::Cookie(c) => {
-                            request = request.header(reqwest::header::COOKIE, c);
-                        }
-                    }
-                }
-                if let Some(r) = &range {
-                    request = request.header(
-                        reqwest::header::RANGE,
-                        format!("bytes={}-{}", r.start, r.end - 1),
-                    );
-                }
-                let response = request.send().await.map_err(|e| {
-                    // reqwest's message can quote the URL, signature included.
-                    let e = e.without_url();
-                    error(
-                        Failure::Transient,
-                        format!("the request failed: {}", crate::error::chain(&e)),
-                    )
-                })?;
-                let status = response.status().as_u16();
-                if !(200..300).contains(&status) {
-                    let hint = match status_failure(status) {
-                        Failure::Denied => {
-                            "; check the headers, the CloudFront key pair and the key group"
-                        }
-                        Failure::NotFound => "; is the version published there?",
-                        _ => "",
-                    };
-                    return Err(error(
-                        status_failure(status),
-                        format!("the origin answered {status}{hint}"),
-                    ));
-                }
-                if range.is_some() && status != 206 {
-                    return Err(error(
-                        Failure::Permanent,
-                        format!(
-                            "the origin answered {status} to a Range request, not 206; serve the files from an origin that supports Range"
-                        ),
-                    ));
-                }
-                let url2 = url.clone();
-                Ok(response
-                    .bytes_stream()
-                    .map(move |chunk| {
-                        chunk.map_err(|e| SourceError {
-                            failure: Failure::Transient,
-                            url: url2.clone(),
-                            detail: format!(
-                                "the body broke off: {}",
-                                crate::error::chain(&e.without_url())
-                            ),
-                        })
-                    })
-                    .boxed())
+                let target = http_url(base, model, version, rel);
+                let resource = format!("{}*", http_url(base, model, version, "").as_str());
+                let request = HttpGet {
+                    client,
+                    headers,
+                    signer: signer.as_deref(),
+                };
+                request.send(target, &resource, range, url).await
             }
             Source::File { dir } => {
-                let path = dir.join(version_key("", model, version, rel));
-                let file = std::fs::File::open(&path).map_err(|e| {
-                    let failure = match e.kind() {
-                        std::io::ErrorKind::NotFound => Failure::NotFound,
-                        std::io::ErrorKind::PermissionDenied => Failure::Denied,
-                        _ => Failure::Permanent,
-                    };
-                    error(failure, e.to_string())
-                })?;
-                let len = file
-                    .metadata()
-                    .map_err(|e| error(Failure::Permanent, e.to_string()))?
-                    .len();
-                let range = range.unwrap_or(0..len);
-                let file = Arc::new(file);
-                Ok(futures::stream::unfold(range.start, move |at| {
-                    let file = file.clone();
-                    let url = url.clone();
-                    let end = range.end;
-                    async move {
-                        if at >= end {
-                            return None;
-                        }
-                        let want = (end - at).min(1 << 20) as usize;
-                        let read = tokio::task::spawn_blocking(move || {
-                            use std::os::unix::fs::FileExt as _;
-                            let mut buf = vec![0u8; want];
-                            let n = file.read_at(&mut buf, at)?;
-                            buf.truncate(n);
-                            Ok::<_, std::io::Error>(buf)
-                        })
-                        .await
-                        .expect("file read task panicked");
-                        match read {
-                            Ok(buf) if buf.is_empty() => None,
-                            Ok(buf) => {
-                                let n = buf.len() as u64;
-                                Some((Ok(Bytes::from(buf)), at + n))
-                            }
-                            Err(e) => Some((
-                                Err(SourceError {
-                                    failure: Failure::Transient,
-                                    url,
-                                    detail: e.to_string(),
-                                }),
-                                end,
-                            )),
-                        }
-                    }
-                })
-                .boxed())
+                get_file(&dir.join(version_key("", model, version, rel)), range, url)
             }
         }
     }
@@ -587,6 +447,172 @@ pub fn s3_failure<E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error
         }
         _ => (Failure::Permanent, DisplayErrorContext(e).to_string()),
     }
+}
+
+/// A failed request to `url`.
+fn failed(url: &str, failure: Failure, detail: String) -> SourceError {
+    SourceError {
+        failure,
+        url: url.to_owned(),
+        detail,
+    }
+}
+
+/// A GetObject, its body as a stream.
+async fn get_s3(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    range: Option<Range<u64>>,
+    url: String,
+) -> Result<Body, SourceError> {
+    let mut request = client.get_object().bucket(bucket).key(key);
+    if let Some(r) = &range {
+        request = request.range(format!("bytes={}-{}", r.start, r.end - 1));
+    }
+    let response = request.send().await.map_err(|e| {
+        let (failure, detail) = s3_failure(&e);
+        failed(&url, failure, detail)
+    })?;
+    let body = response.body;
+    Ok(
+        futures::stream::unfold((body, url), |(mut body, url)| async move {
+            match body.next().await? {
+                Ok(chunk) => Some((Ok(chunk), (body, url))),
+                Err(e) => {
+                    let detail = format!("the body broke off: {}", DisplayErrorContext(&e));
+                    let e = failed(&url, Failure::Transient, detail);
+                    Some((Err(e), (body, url)))
+                }
+            }
+        })
+        .boxed(),
+    )
+}
+
+/// What an HTTP GET to the origin carries.
+struct HttpGet<'a> {
+    client: &'a reqwest::Client,
+    headers: &'a reqwest::header::HeaderMap,
+    signer: Option<&'a Signer>,
+}
+
+impl HttpGet<'_> {
+    /// GETs `target` (signed for `resource` when a signer is set); only a
+    /// 2xx answer, and 206 to a Range request, is a body.
+    async fn send(
+        &self,
+        mut target: url::Url,
+        resource: &str,
+        range: Option<Range<u64>>,
+        url: String,
+    ) -> Result<Body, SourceError> {
+        let mut request = self
+            .client
+            .get(target.clone())
+            .headers(self.headers.clone());
+        if let Some(signer) = self.signer {
+            match signer.sign(target.as_str(), resource) {
+                Signed::Query(q) => {
+                    target.set_query(Some(&q));
+                    request = self.client.get(target).headers(self.headers.clone());
+                }
+                Signed::Cookie(c) => request = request.header(reqwest::header::COOKIE, c),
+            }
+        }
+        if let Some(r) = &range {
+            let bytes = format!("bytes={}-{}", r.start, r.end - 1);
+            request = request.header(reqwest::header::RANGE, bytes);
+        }
+        let response = request.send().await.map_err(|e| {
+            // reqwest's message can quote the URL, signature included.
+            let detail = format!(
+                "the request failed: {}",
+                crate::error::chain(&e.without_url())
+            );
+            failed(&url, Failure::Transient, detail)
+        })?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let hint = match status_failure(status) {
+                Failure::Denied => "; check the headers, the CloudFront key pair and the key group",
+                Failure::NotFound => "; is the version published there?",
+                _ => "",
+            };
+            let detail = format!("the origin answered {status}{hint}");
+            return Err(failed(&url, status_failure(status), detail));
+        }
+        if range.is_some() && status != 206 {
+            let detail = format!(
+                "the origin answered {status} to a Range request, not 206; serve the files from an origin that supports Range"
+            );
+            return Err(failed(&url, Failure::Permanent, detail));
+        }
+        Ok(response
+            .bytes_stream()
+            .map(move |chunk| {
+                chunk.map_err(|e| {
+                    let why = crate::error::chain(&e.without_url());
+                    failed(
+                        &url,
+                        Failure::Transient,
+                        format!("the body broke off: {why}"),
+                    )
+                })
+            })
+            .boxed())
+    }
+}
+
+/// `range` of a local file, read in 1 MiB chunks off the async threads.
+fn get_file(
+    path: &std::path::Path,
+    range: Option<Range<u64>>,
+    url: String,
+) -> Result<Body, SourceError> {
+    let file = std::fs::File::open(path).map_err(|e| {
+        let failure = match e.kind() {
+            std::io::ErrorKind::NotFound => Failure::NotFound,
+            std::io::ErrorKind::PermissionDenied => Failure::Denied,
+            _ => Failure::Permanent,
+        };
+        failed(&url, failure, e.to_string())
+    })?;
+    let len = file
+        .metadata()
+        .map_err(|e| failed(&url, Failure::Permanent, e.to_string()))?
+        .len();
+    let range = range.unwrap_or(0..len);
+    let file = Arc::new(file);
+    Ok(futures::stream::unfold(range.start, move |at| {
+        let file = file.clone();
+        let url = url.clone();
+        let end = range.end;
+        async move {
+            if at >= end {
+                return None;
+            }
+            let want = (end - at).min(1 << 20) as usize;
+            let read = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt as _;
+                let mut buf = vec![0u8; want];
+                let n = file.read_at(&mut buf, at)?;
+                buf.truncate(n);
+                Ok::<_, std::io::Error>(buf)
+            })
+            .await
+            .expect("file read task panicked");
+            match read {
+                Ok(buf) if buf.is_empty() => None,
+                Ok(buf) => {
+                    let n = buf.len() as u64;
+                    Some((Ok(Bytes::from(buf)), at + n))
+                }
+                Err(e) => Some((Err(failed(&url, Failure::Transient, e.to_string())), end)),
+            }
+        }
+    })
+    .boxed())
 }
 
 #[cfg(test)]
