@@ -64,6 +64,9 @@ impl Observation {
     }
 }
 
+/// A condition to set: type, status, reason, message.
+type Set = (&'static str, &'static str, &'static str, String);
+
 /// The new status. Fields this reconcile does not own (versions) are kept.
 pub fn model_cache_status(
     previous: Option<&ModelCacheStatus>,
@@ -73,137 +76,129 @@ pub fn model_cache_status(
 ) -> ModelCacheStatus {
     let mut status = previous.cloned().unwrap_or_default();
     status.observed_generation = generation;
-    let mut set = |type_: &str, state: &str, reason: &str, message: String| {
-        set_condition(
-            &mut status.conditions,
-            condition(type_, state, reason, message, generation, now.clone()),
-        );
+    let sets: Vec<Set> = match &obs.invalid {
+        Some(invalid) => vec![
+            (SPEC_VALID, "False", invalid.reason, invalid.message.clone()),
+            (READY, "False", invalid.reason, invalid.message.clone()),
+        ],
+        None => std::iter::once((SPEC_VALID, "True", "Valid", "spec is valid".to_string()))
+            .chain(config_conditions(obs))
+            .chain(fragmentation_condition(obs))
+            .collect(),
     };
-
-    if let Some(invalid) = &obs.invalid {
-        set(SPEC_VALID, "False", invalid.reason, invalid.message.clone());
-        set(READY, "False", invalid.reason, invalid.message.clone());
+    for (type_, state, reason, message) in sets {
+        let c = condition(type_, state, reason, message, generation, now.clone());
+        set_condition(&mut status.conditions, c);
+    }
+    if obs.invalid.is_some() {
         return status;
     }
-    set(SPEC_VALID, "True", "Valid", "spec is valid".into());
-
-    if let Some(why) = &obs.unreachable {
-        set(CONFIG_APPLIED, "Unknown", "RedisUnavailable", why.clone());
-        set(READY, "False", "RedisUnavailable", why.clone());
-    } else if let Some(why) = &obs.config_unreadable {
-        set(CONFIG_APPLIED, "Unknown", "ConfigUnreadable", why.clone());
-        set(
-            READY,
-            "True",
-            "RedisReachable",
-            format!("Redis answers; its config cannot be verified: {why}"),
-        );
-    } else if let Some(config) = &obs.config {
-        if config.converged() {
-            let message = if config.changed.is_empty() {
-                format!("all {} parameters match", config.desired.len())
-            } else {
-                format!("set {} to the desired values", config.changed.join(", "))
-            };
-            set(CONFIG_APPLIED, "True", "Applied", message);
-            set(
-                READY,
-                "True",
-                "RedisReady",
-                "Redis answers with the desired config".into(),
-            );
-        } else {
-            let detail: Vec<String> = config
-                .still_differs
-                .iter()
-                .map(|k| {
-                    format!(
-                        "{k}: want {:?}, have {:?}",
-                        config.desired[k],
-                        config
-                            .applied
-                            .get(k)
-                            .map(String::as_str)
-                            .unwrap_or("<unset>")
-                    )
-                })
-                .collect();
-            let message = format!("config differs: {}", detail.join("; "));
-            set(CONFIG_APPLIED, "False", "Drift", message.clone());
-            set(READY, "False", "ConfigDrift", message);
-        }
-    }
-
-    if let Some(ratio) = obs.info.as_ref().and_then(|i| i.mem_fragmentation_ratio) {
-        if obs.fragmented() {
-            let action = match &obs.defrag {
-                Some(Defrag::TurnedOn) => "turned on active defragmentation".to_string(),
-                Some(Defrag::AlreadyOn) => "active defragmentation is on".to_string(),
-                Some(Defrag::Unsupported(why)) => {
-                    format!("active defragmentation is not available in this build ({why})")
-                }
-                None => "active defragmentation was not tried".to_string(),
-            };
-            set(
-                FRAGMENTED,
-                "True",
-                "AboveThreshold",
-                format!(
-                    "mem_fragmentation_ratio {ratio:.2} is above {:.2}; {action}",
-                    obs.fragmentation_threshold
-                ),
-            );
-        } else if ratio > obs.fragmentation_threshold {
-            set(
-                FRAGMENTED,
-                "False",
-                "BelowIgnoreBytes",
-                format!(
-                    "mem_fragmentation_ratio {ratio:.2} is above {:.2}, but fragmentation wastes \
-                     less than {} MiB, which is noise",
-                    obs.fragmentation_threshold,
-                    FRAGMENTATION_IGNORE_BYTES >> 20
-                ),
-            );
-        } else {
-            set(
-                FRAGMENTED,
-                "False",
-                "BelowThreshold",
-                format!(
-                    "mem_fragmentation_ratio {ratio:.2} is at most {:.2}",
-                    obs.fragmentation_threshold
-                ),
-            );
-        }
-    }
-
     if let Some((versions, active)) = &obs.rollout {
         status.versions = versions.clone();
         if active.is_some() {
             status.active_version = active.clone();
         }
     }
+    status.redis = Some(redis_status(status.redis.take(), obs, now));
+    status
+}
 
-    let mut redis = status.redis.take().unwrap_or_default();
+/// `ConfigApplied` and `Ready`, from whether Redis answered and with what config.
+fn config_conditions(obs: &Observation) -> Vec<Set> {
+    if let Some(why) = &obs.unreachable {
+        return vec![
+            (CONFIG_APPLIED, "Unknown", "RedisUnavailable", why.clone()),
+            (READY, "False", "RedisUnavailable", why.clone()),
+        ];
+    }
+    if let Some(why) = &obs.config_unreadable {
+        let ready = format!("Redis answers; its config cannot be verified: {why}");
+        return vec![
+            (CONFIG_APPLIED, "Unknown", "ConfigUnreadable", why.clone()),
+            (READY, "True", "RedisReachable", ready),
+        ];
+    }
+    let Some(config) = &obs.config else {
+        return Vec::new();
+    };
+    if config.converged() {
+        let message = if config.changed.is_empty() {
+            format!("all {} parameters match", config.desired.len())
+        } else {
+            format!("set {} to the desired values", config.changed.join(", "))
+        };
+        let ready = "Redis answers with the desired config".to_string();
+        return vec![
+            (CONFIG_APPLIED, "True", "Applied", message),
+            (READY, "True", "RedisReady", ready),
+        ];
+    }
+    let detail: Vec<String> = config
+        .still_differs
+        .iter()
+        .map(|k| {
+            let have = config.applied.get(k).map(String::as_str);
+            let want = &config.desired[k];
+            format!("{k}: want {want:?}, have {:?}", have.unwrap_or("<unset>"))
+        })
+        .collect();
+    let message = format!("config differs: {}", detail.join("; "));
+    vec![
+        (CONFIG_APPLIED, "False", "Drift", message.clone()),
+        (READY, "False", "ConfigDrift", message),
+    ]
+}
+
+/// `Fragmented`, when INFO gave the fragmentation ratio.
+fn fragmentation_condition(obs: &Observation) -> Option<Set> {
+    let ratio = obs.info.as_ref()?.mem_fragmentation_ratio?;
+    let threshold = obs.fragmentation_threshold;
+    if obs.fragmented() {
+        let action = match &obs.defrag {
+            Some(Defrag::TurnedOn) => "turned on active defragmentation".to_string(),
+            Some(Defrag::AlreadyOn) => "active defragmentation is on".to_string(),
+            Some(Defrag::Unsupported(why)) => {
+                format!("active defragmentation is not available in this build ({why})")
+            }
+            None => "active defragmentation was not tried".to_string(),
+        };
+        let message =
+            format!("mem_fragmentation_ratio {ratio:.2} is above {threshold:.2}; {action}");
+        return Some((FRAGMENTED, "True", "AboveThreshold", message));
+    }
+    if ratio > threshold {
+        let message = format!(
+            "mem_fragmentation_ratio {ratio:.2} is above {threshold:.2}, but fragmentation wastes \
+             less than {} MiB, which is noise",
+            FRAGMENTATION_IGNORE_BYTES >> 20
+        );
+        return Some((FRAGMENTED, "False", "BelowIgnoreBytes", message));
+    }
+    let message = format!("mem_fragmentation_ratio {ratio:.2} is at most {threshold:.2}");
+    Some((FRAGMENTED, "False", "BelowThreshold", message))
+}
+
+/// `status.redis`: the endpoint, config and INFO facts this reconcile saw,
+/// over what the last one wrote.
+fn redis_status(previous: Option<RedisStatus>, obs: &Observation, now: Time) -> RedisStatus {
+    let mut redis = previous.unwrap_or_default();
     redis.endpoint = obs.endpoint.clone().or(redis.endpoint);
     if let Some(config) = &obs.config {
         redis.desired_config = config.desired.clone();
         redis.applied_config = config.applied.clone();
     }
-    if let Some(info) = &obs.info {
-        redis = RedisStatus {
-            used_memory_bytes: info.used_memory.map(saturate),
-            maxmemory_bytes: info.maxmemory.map(saturate),
-            fragmentation_ratio: info.mem_fragmentation_ratio,
-            evicted_keys: info.evicted_keys.map(saturate),
-            hit_rate: info.hit_rate().map(|r| (r * 10_000.0).round() / 10_000.0),
-            last_checked: Some(now),
-            ..redis
-        };
+    let Some(info) = &obs.info else {
+        return redis;
+    };
+    RedisStatus {
+        used_memory_bytes: info.used_memory.map(saturate),
+        maxmemory_bytes: info.maxmemory.map(saturate),
+        fragmentation_ratio: info.mem_fragmentation_ratio,
+        evicted_keys: info.evicted_keys.map(saturate),
+        hit_rate: info.hit_rate().map(|r| (r * 10_000.0).round() / 10_000.0),
+        last_checked: Some(now),
+        ..redis
     }
-    status.redis = Some(redis);
-    status
 }
 
 fn saturate(v: u64) -> i64 {
