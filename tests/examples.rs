@@ -3,7 +3,7 @@
 //! the webhook makes of the injected one; the GitOps directory renders with
 //! kustomize into valid objects, and a rollout there is a one-line bump.
 //! (The CachePolicy and ModelCache examples are checked against the CRDs by
-//! `tests/cli.rs`.)
+//! `tests/cli.rs`; those quoted in the README and docs/ here.)
 
 mod support;
 
@@ -168,4 +168,35 @@ fn the_argocd_application_syncs_the_gitops_directory() {
         .collect();
     // The CRD schemas are too large for client-side apply's annotation.
     assert!(options.contains(&"ServerSideApply=true"), "{options:?}");
+}
+
+/// Every ModelCache or CachePolicy quoted in the README and in docs/ passes
+/// the CRDs' schemas and rules, so the documentation never shows a resource
+/// that `kubectl apply` would refuse.
+#[test]
+fn resources_quoted_in_the_docs_are_valid() {
+    let validator = modelcache::crd::validate::Validator::new().unwrap();
+    let mut pages = vec![std::path::PathBuf::from("README.md")];
+    for entry in std::fs::read_dir("docs").unwrap() {
+        pages.push(entry.unwrap().path());
+    }
+    let mut checked = 0;
+    for page in pages
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+    {
+        let text = std::fs::read_to_string(page).unwrap();
+        for block in text.split("```yaml\n").skip(1) {
+            let yaml = &block[..block.find("```").unwrap()];
+            if !yaml.contains("apiVersion: modelcache.dev/") {
+                continue;
+            }
+            let name = page.display().to_string();
+            for report in validator.validate_yaml(&name, yaml).unwrap() {
+                assert!(report.violations.is_empty(), "{name}: {report:?}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 1, "the README quotes a ModelCache");
 }
