@@ -854,3 +854,45 @@ fn cloudfront_signatures_match_openssl_and_never_reach_logs() {
         assert!(!stderr(&o).contains("Signature"), "{}", stderr(&o));
     }
 }
+
+/// A pod that writes through its copy of a file (a hard link to the node
+/// cache's blob) must not change what the next pod on the node gets: blobs
+/// are read-only, and a hit is proven (the blob's inode, size and times as
+/// recorded when it was verified) or re-hashed; a blob that no longer
+/// matches its digest is downloaded again.
+#[test]
+fn a_pod_writing_through_its_file_cannot_poison_the_node_cache() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir(tmp.path(), 11, 1);
+    let root = tmp.path().join("origin");
+    publish_dir(&model, &root, "v1");
+    let source = format!("file://{}", root.display());
+    let cache = tmp.path().join("node-cache");
+    let cache_arg = ["--cache-dir", cache.to_str().unwrap()];
+    let (a, b) = (tmp.path().join("pod-a"), tmp.path().join("pod-b"));
+    summary(&http_fetch(&source, "v1", &a, &cache_arg));
+
+    let file = a.join("tokenizer.json");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode, 0o444,
+        "a cached blob (and every link to it) is read-only"
+    );
+    // Root (or the file's owner) can still write: that is what must not spread.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // Same size, so a check by size alone cannot see it.
+    let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    std::io::Write::write_all(&mut f, b"EVIL!").unwrap();
+    drop(f);
+
+    let second = summary(&http_fetch(&source, "v1", &b, &cache_arg));
+    assert!(
+        tree(&b) == tree(&model),
+        "pod B gets the published bytes, not pod A's"
+    );
+    assert_eq!(
+        second["downloadedBytes"], 40_000,
+        "only the damaged file again"
+    );
+}

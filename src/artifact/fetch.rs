@@ -796,8 +796,14 @@ async fn download(
                     // durable before it can be found.
                     t.sync()?;
                 }
-                let verified = ctx.verified_path(&f.sha256);
-                std::fs::rename(t.partial_path(), &verified).map_err(io_err("move", &verified))?;
+                match &ctx.cache {
+                    Some(cache) => cache.admit(t.partial_path(), &f.sha256)?,
+                    None => {
+                        let verified = ctx.verified_path(&f.sha256);
+                        std::fs::rename(t.partial_path(), &verified)
+                            .map_err(io_err("move", &verified))?;
+                    }
+                }
                 t.discard();
                 continue;
             }

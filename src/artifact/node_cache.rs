@@ -5,7 +5,8 @@
 //! used versions that no running pod pins.
 //!
 //! ```text
-//! <root>/blobs/<sha256>           verified content, read-only
+//! <root>/blobs/<sha256>           verified content, read-only (0444)
+//! <root>/proofs/<sha256>          inode, size and mtime of the blob when it was last verified
 //! <root>/partial/<sha256>[.parts] downloads in progress and their journals
 //! <root>/versions/<id>.json       source, model, version, manifest digest; mtime = last use
 //! <root>/manifests/<digest>.json  manifest bytes
@@ -17,6 +18,14 @@
 //! cache (a pod's destination on the same filesystem): evicting it would free
 //! nothing, and the pod's files stay intact either way because the pod holds
 //! its own link. Copies made across filesystems do not pin.
+//!
+//! A pod's file is a hard link to the blob, so a pod able to write it (its
+//! owner, or root) would change what the next pod gets. A hit is therefore
+//! proven: the blob's inode, size and modification time must be those
+//! recorded when its digest last matched, else it is hashed again, and a blob
+//! that no longer matches is removed and downloaded again. A writer who also
+//! puts the old modification time back is not caught by the proof; the blob's
+//! mode (0444) and the pods' distinct users are what stop that one.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -88,7 +97,14 @@ pub struct NodeCache {
 impl NodeCache {
     /// Opens (creating if needed) the cache at `root`.
     pub fn open(root: &Path) -> Result<NodeCache, NodeCacheError> {
-        for sub in ["blobs", "partial", "versions", "manifests", "locks"] {
+        for sub in [
+            "blobs",
+            "proofs",
+            "partial",
+            "versions",
+            "manifests",
+            "locks",
+        ] {
             let dir = root.join(sub);
             std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         }
@@ -110,10 +126,57 @@ impl NodeCache {
         self.root.join("partial")
     }
 
-    /// A blob of the right size is present. Blobs enter only after their
-    /// digest matched, so size is the check at hit time.
+    /// A blob of the right size and content is present: proven cheaply
+    /// when the blob is as it was when last verified, else hashed again. A
+    /// blob whose content changed is removed, so that it is downloaded again.
     pub fn has_blob(&self, sha256: &str, size: u64) -> bool {
-        is_file_of_size(&self.blob_path(sha256), size)
+        let path = self.blob_path(sha256);
+        if !is_file_of_size(&path, size) {
+            return false;
+        }
+        if std::fs::read_to_string(self.proof_path(sha256)).ok() == proof_of(&path) {
+            return true;
+        }
+        let rehashed = File::open(&path).and_then(crate::digest::hash_reader);
+        if matches!(&rehashed, Ok((n, digest)) if *n == size && digest == sha256) {
+            return self.seal(sha256).is_ok();
+        }
+        tracing::warn!(
+            sha256,
+            "a node cache blob no longer matches its digest; it is fetched again"
+        );
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(self.proof_path(sha256));
+        false
+    }
+
+    /// Takes a verified file into the cache as the blob of `sha256`:
+    /// read-only, with its proof.
+    pub fn admit(&self, verified: &Path, sha256: &str) -> Result<(), NodeCacheError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let read_only = std::fs::Permissions::from_mode(0o444);
+        std::fs::set_permissions(verified, read_only).map_err(io(verified))?;
+        let blob = self.blob_path(sha256);
+        std::fs::rename(verified, &blob).map_err(io(&blob))?;
+        self.seal(sha256)
+    }
+
+    /// Makes the blob read-only and records its proof, after its digest matched.
+    fn seal(&self, sha256: &str) -> Result<(), NodeCacheError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let blob = self.blob_path(sha256);
+        let meta = std::fs::metadata(&blob).map_err(io(&blob))?;
+        if meta.permissions().mode() & 0o222 != 0 {
+            let read_only = std::fs::Permissions::from_mode(0o444);
+            std::fs::set_permissions(&blob, read_only).map_err(io(&blob))?;
+        }
+        let proof = proof_of(&blob).unwrap_or_default();
+        let path = self.proof_path(sha256);
+        write_atomic(&path, proof.as_bytes()).map_err(io(&path))
+    }
+
+    fn proof_path(&self, sha256: &str) -> PathBuf {
+        self.root.join("proofs").join(sha256)
     }
 
     /// The key of one version at one source.
@@ -261,6 +324,7 @@ impl NodeCache {
                 continue;
             }
             if std::fs::remove_file(entry.path()).is_ok() {
+                let _ = std::fs::remove_file(self.proof_path(&name));
                 freed += meta.len();
             }
         }
@@ -306,6 +370,19 @@ impl NodeCache {
     fn manifest_path(&self, digest: &str) -> PathBuf {
         self.root.join("manifests").join(format!("{digest}.json"))
     }
+}
+
+/// What a blob's proof records: its inode, size and modification time (ns).
+/// Writing through any link to it changes the last two.
+fn proof_of(blob: &Path) -> Option<String> {
+    let meta = std::fs::metadata(blob).ok()?;
+    Some(format!(
+        "{} {} {}.{:09}\n",
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    ))
 }
 
 #[cfg(test)]
