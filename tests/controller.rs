@@ -395,7 +395,9 @@ async fn an_external_redis_gets_no_objects_and_is_reported_plainly() {
             .unwrap_or_else(|e| panic!("{e}"));
     api.insert(
         "/api/v1/namespaces/ml/secrets/managed-redis",
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "managed-redis", "namespace": "ml"},
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "managed-redis", "namespace": "ml",
+                            "annotations": {"modelcache.dev/allowed-modelcaches": "chat"}},
                "data": {"password": base64::engine::general_purpose::STANDARD.encode("managed-pw")}}),
     );
     let mut mc = model_cache(None);
@@ -740,4 +742,82 @@ async fn without_leader_election_the_controller_reconciles_until_stopped() {
         "it keeps running after a reconcile"
     );
     controller.abort();
+}
+
+/// Someone who may create ModelCaches but not read Secrets must not get the
+/// controller to send a Secret of the namespace to a host of their choice as
+/// a Redis password. A Secret is used only when its owner allows this
+/// ModelCache by annotation; otherwise the spec is invalid and nothing is
+/// sent anywhere.
+#[tokio::test]
+async fn a_secret_is_sent_to_an_external_redis_only_when_it_allows_the_modelcache() {
+    let (client, api) = FakeApiServer::start();
+    let secret_path = "/api/v1/namespaces/ml/secrets/db-credentials";
+    let secret = |annotations: Value| {
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "db-credentials", "namespace": "ml", "annotations": annotations},
+               "data": {"password": base64::engine::general_purpose::STANDARD.encode("db-secret")}})
+    };
+    api.insert(secret_path, secret(json!({})));
+    // The "Redis" of whoever wrote the spec: it records what it is sent.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let mut mc = model_cache(None);
+    mc["spec"]["redis"] = json!({"external": {
+        "url": format!("redis://{}", listener.local_addr().unwrap()),
+        "passwordSecretRef": {"name": "db-credentials", "key": "password"}
+    }});
+    api.insert(MC, mc);
+    let ctx = context(&client, "redis://unused:1".into());
+
+    let action = reconcile_stored(&api, &ctx).await;
+    assert_eq!(action, Action::await_change());
+    let valid = condition(&api, "SpecValid");
+    assert_eq!(
+        (valid["status"].as_str(), valid["reason"].as_str()),
+        (Some("False"), Some("SecretNotAllowed"))
+    );
+    let message = valid["message"].as_str().unwrap();
+    assert!(
+        message.contains("modelcache.dev/allowed-modelcaches") && !message.contains("db-secret"),
+        "{message}"
+    );
+    assert!(
+        matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "nothing may reach the spec's host"
+    );
+
+    // A list that names another ModelCache does not allow this one either.
+    api.insert(
+        secret_path,
+        secret(json!({"modelcache.dev/allowed-modelcaches": "other, more"})),
+    );
+    reconcile_stored(&api, &ctx).await;
+    assert_eq!(condition(&api, "SpecValid")["reason"], "SecretNotAllowed");
+
+    // The Secret's owner allows it: now the controller connects.
+    api.insert(
+        secret_path,
+        secret(json!({"modelcache.dev/allowed-modelcaches": "other, chat"})),
+    );
+    let reconciled = tokio::spawn({
+        let (api, ctx) = (api.clone(), ctx.clone());
+        async move { reconcile_stored(&api, &ctx).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(_) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no connection within 30 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    drop(stream);
+    reconciled.await.unwrap();
+    assert_eq!(condition(&api, "SpecValid")["status"], "True");
 }

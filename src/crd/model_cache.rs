@@ -340,7 +340,10 @@ pub struct ExternalRedis {
     #[x_kube(validation = Rule::new("!self.contains('@')").message("put credentials in redis.external.passwordSecretRef, not in the URL"))]
     pub url: String,
 
-    /// Secret key holding the password. Unset: the Redis needs no password.
+    /// Secret key holding the password. The controller sends it to `url`, so
+    /// the Secret must allow this ModelCache with the annotation
+    /// `modelcache.dev/allowed-modelcaches` (comma-separated names, or `*`).
+    /// Unset: the Redis needs no password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeyRef>,
 

@@ -75,17 +75,61 @@ pub async fn credentials(
     let Some(r) = &redis.password_secret_ref else {
         return Ok(Credentials::External(None));
     };
-    match read_secret_key(client, &namespace, &r.name, &r.key).await? {
-        Some(password) => Ok(Credentials::External(Some(password))),
-        None => Err(ReconcileError::Invalid(Invalid {
-            reason: "SecretNotFound",
+    let secret = Api::<Secret>::namespaced(client.clone(), &namespace)
+        .get_opt(&r.name)
+        .await
+        .map_err(kube_error("read", "Secret", &namespace, &r.name))?;
+    let Some(secret) = secret else {
+        return Err(secret_not_found(&namespace, &r.name, &r.key));
+    };
+    let allowed = secret
+        .annotations()
+        .get(ALLOWED_MODELCACHES)
+        .is_some_and(|list| allows(list, &mc.name_any()));
+    if !allowed {
+        return Err(ReconcileError::Invalid(Invalid {
+            reason: "SecretNotAllowed",
             message: format!(
-                "Secret {:?} with key {:?} does not exist in namespace {namespace}: \
-                 create it, or fix spec.redis.external.passwordSecretRef",
-                r.name, r.key
+                "Secret {:?} does not allow ModelCache {:?} to use it: the controller would send \
+                 its value to spec.redis.external.url, so the Secret's owner must consent with \
+                 the annotation {ALLOWED_MODELCACHES}={:?} (a comma-separated list of \
+                 ModelCaches, or *)",
+                r.name,
+                mc.name_any(),
+                mc.name_any()
             ),
-        })),
+        }));
     }
+    let password = secret
+        .data
+        .and_then(|d| d.get(&r.key).cloned())
+        .and_then(|b| String::from_utf8(b.0).ok());
+    match password {
+        Some(password) => Ok(Credentials::External(Some(password))),
+        None => Err(secret_not_found(&namespace, &r.name, &r.key)),
+    }
+}
+
+/// The annotation by which a Secret's owner lets ModelCaches of its
+/// namespace use it as an external Redis's password: the controller may read
+/// every Secret, and the ModelCache's author may not.
+pub const ALLOWED_MODELCACHES: &str = "modelcache.dev/allowed-modelcaches";
+
+/// Whether the annotation's list (`a, b` or `*`) names `name`.
+fn allows(list: &str, name: &str) -> bool {
+    list.split(',')
+        .map(str::trim)
+        .any(|n| n == "*" || n == name)
+}
+
+fn secret_not_found(namespace: &str, name: &str, key: &str) -> ReconcileError {
+    ReconcileError::Invalid(Invalid {
+        reason: "SecretNotFound",
+        message: format!(
+            "Secret {name:?} with key {key:?} does not exist in namespace {namespace}: \
+             create it, or fix spec.redis.external.passwordSecretRef"
+        ),
+    })
 }
 
 /// Reads the generated Secret, or creates it once with a new password. It is
@@ -138,22 +182,6 @@ async fn generated_secret(
             ),
         })),
     }
-}
-
-async fn read_secret_key(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    key: &str,
-) -> Result<Option<String>, ReconcileError> {
-    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
-        .get_opt(name)
-        .await
-        .map_err(kube_error("read", "Secret", namespace, name))?;
-    Ok(secret
-        .and_then(|s| s.data)
-        .and_then(|d| d.get(key).cloned())
-        .and_then(|b| String::from_utf8(b.0).ok()))
 }
 
 /// 24 random bytes as hex.
@@ -276,6 +304,15 @@ pub fn namespace(mc: &ModelCache) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_annotation_lists_modelcaches_or_allows_all() {
+        assert!(allows("chat", "chat"));
+        assert!(allows("other, chat ", "chat"));
+        assert!(allows("*", "chat"));
+        assert!(!allows("chatbot,other", "chat"));
+        assert!(!allows("", "chat"));
+    }
 
     #[test]
     fn passwords_are_random_hex() {
