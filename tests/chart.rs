@@ -112,7 +112,7 @@ fn rbac_is_least_privilege_and_scoped_as_configured() {
             r#""modelcache.dev" ["modelcaches"] ["get","list","watch"]"#,
             r#""modelcache.dev" ["modelcaches/status"] ["patch"]"#,
             r#""modelcache.dev" ["cachepolicies"] ["get","list","watch"]"#,
-            r#""" ["configmaps","services"] ["list","watch","create","patch"]"#,
+            r#""" ["configmaps","services"] ["get","list","watch","create","patch"]"#,
             r#""apps" ["statefulsets"] ["get","list","watch","create","patch"]"#,
             r#""apps" ["deployments"] ["get"]"#,
             r#""" ["pods"] ["list"]"#,

@@ -138,8 +138,13 @@ async fn first_reconcile_creates_everything_and_a_second_changes_nothing() {
         vec![
             format!("GET {SECRET}"),
             "POST /api/v1/namespaces/ml/secrets".to_string(),
+            // Each object is looked at before it is applied: someone
+            // else's is never taken over.
+            format!("GET {CONFIG_MAP}"),
             format!("PATCH {CONFIG_MAP}"),
+            format!("GET {STATEFUL_SET}"),
             format!("PATCH {STATEFUL_SET}"),
+            format!("GET {SERVICE}"),
             format!("PATCH {SERVICE}"),
             format!("PATCH {MC}/status"),
         ]
@@ -182,11 +187,14 @@ async fn first_reconcile_creates_everything_and_a_second_changes_nothing() {
     assert_eq!(action, Action::requeue(Duration::from_secs(30)));
     let second = api.take_requests();
     assert_eq!(
-        lines(&second)[..5],
+        lines(&second)[..8],
         [
             format!("GET {SECRET}"),
+            format!("GET {CONFIG_MAP}"),
             format!("PATCH {CONFIG_MAP}"),
+            format!("GET {STATEFUL_SET}"),
             format!("PATCH {STATEFUL_SET}"),
+            format!("GET {SERVICE}"),
             format!("PATCH {SERVICE}"),
             format!("PATCH {MC}/status"),
         ]
@@ -231,8 +239,11 @@ async fn first_reconcile_creates_everything_and_a_second_changes_nothing() {
         lines(&third),
         vec![
             format!("GET {SECRET}"),
+            format!("GET {CONFIG_MAP}"),
             format!("PATCH {CONFIG_MAP}"),
+            format!("GET {STATEFUL_SET}"),
             format!("PATCH {STATEFUL_SET}"),
+            format!("GET {SERVICE}"),
             format!("PATCH {SERVICE}"),
             format!("PATCH {MC}/status"),
         ]
@@ -820,4 +831,69 @@ async fn a_secret_is_sent_to_an_external_redis_only_when_it_allows_the_modelcach
     drop(stream);
     reconciled.await.unwrap();
     assert_eq!(condition(&api, "SpecValid")["status"], "True");
+}
+
+/// Server-side apply with `force` would take over an object of the same name
+/// that someone else made, and the owner reference would have it deleted with
+/// the ModelCache. It is refused instead, with a condition that says what to
+/// do, and looked at again at the health interval (its removal is no event
+/// of ours).
+#[tokio::test]
+async fn an_object_of_the_same_name_made_by_someone_else_is_not_taken_over() {
+    let (client, api) = FakeApiServer::start();
+    let theirs = json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "chat-redis", "namespace": "ml", "labels": {"app": "their-redis"}},
+        "spec": {"serviceName": "chat-redis", "selector": {"matchLabels": {"app": "their-redis"}},
+                 "template": {"metadata": {"labels": {"app": "their-redis"}}, "spec": {"containers": []}}}});
+    api.insert(STATEFUL_SET, theirs);
+    let before = api.get(STATEFUL_SET).unwrap();
+    api.insert(MC, model_cache(None));
+    let ctx = context(&client, format!("redis://127.0.0.1:{}", free_port()));
+
+    let action = reconcile_stored(&api, &ctx).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    let requests = api.take_requests();
+    assert!(
+        !lines(&requests).contains(&format!("PATCH {STATEFUL_SET}")),
+        "{:?}",
+        lines(&requests)
+    );
+    assert_eq!(
+        api.get(STATEFUL_SET).unwrap(),
+        before,
+        "their object is untouched"
+    );
+    let valid = condition(&api, "SpecValid");
+    assert_eq!(
+        (valid["status"].as_str(), valid["reason"].as_str()),
+        (Some("False"), Some("ObjectNotOurs"))
+    );
+    let message = valid["message"].as_str().unwrap();
+    assert!(
+        message.contains("StatefulSet ml/chat-redis") && message.contains("delete or rename"),
+        "{message}"
+    );
+
+    // A Secret of the generated Secret's name is not used either.
+    api.remove(STATEFUL_SET);
+    api.remove(SECRET);
+    api.insert(
+        SECRET,
+        json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "chat-redis", "namespace": "ml"},
+        "data": {"password": base64::engine::general_purpose::STANDARD.encode("not-ours")}}),
+    );
+    reconcile_stored(&api, &ctx).await;
+    let valid = condition(&api, "SpecValid");
+    assert_eq!(valid["reason"], "ObjectNotOurs");
+    assert!(
+        valid["message"]
+            .as_str()
+            .unwrap()
+            .contains("Secret ml/chat-redis")
+    );
+    assert!(
+        api.get(STATEFUL_SET).is_none(),
+        "nothing is built on their Secret"
+    );
 }

@@ -61,6 +61,11 @@ pub fn names(mc: &ModelCache) -> Names {
     }
 }
 
+/// The label that says an object is managed by modelcache.
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// The label naming the ModelCache an object was made for.
+pub const MODELCACHE_LABEL: &str = "modelcache.dev/modelcache";
+
 /// Labels on every owned object and the selector of the Redis pod.
 pub fn labels(mc: &ModelCache) -> BTreeMap<String, String> {
     let name = mc.metadata.name.clone().unwrap_or_default();
@@ -68,8 +73,8 @@ pub fn labels(mc: &ModelCache) -> BTreeMap<String, String> {
         ("app.kubernetes.io/name".into(), "redis".into()),
         ("app.kubernetes.io/instance".into(), name.clone()),
         ("app.kubernetes.io/component".into(), "cache".into()),
-        ("app.kubernetes.io/managed-by".into(), "modelcache".into()),
-        ("modelcache.dev/modelcache".into(), name),
+        (MANAGED_BY.into(), "modelcache".into()),
+        (MODELCACHE_LABEL.into(), name),
     ])
 }
 

@@ -5,7 +5,8 @@
 //! 2. [`validate`](crate::controller::validate): pure; an invalid spec is
 //!    [`ReconcileError::Invalid`], written to status, and waits for a change;
 //! 3. [`desired`]: pure, one [`DesiredResources`](desired::DesiredResources) value;
-//! 4. [`apply`]: server-side apply with owner references, in one place;
+//! 4. [`apply`]: server-side apply with owner references, in one place, to
+//!    objects that are absent or [`ownership`] shows are ours;
 //! 5. [`observe`] the Redis (config brought in line, INFO) and [`follow`]
 //!    the rollout (version phases, registry, sweeps);
 //! 6. status, metrics and [`events`].
@@ -16,6 +17,7 @@ pub mod desired;
 pub mod events;
 pub mod follow;
 pub mod observe;
+pub mod ownership;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -195,7 +197,7 @@ async fn stages(mc: &ModelCache, ctx: &Context) -> Result<Action, ReconcileError
     let credentials = dereference::credentials(client, mc, &spec.redis).await?;
     let override_url = ctx.redis_url_override.as_deref();
     let desired = desired::build(mc, &spec, &credentials, override_url);
-    apply::apply_all(client, &namespace, &desired).await?;
+    apply::apply_all(client, mc, &desired).await?;
 
     let threshold = spec.policy.fragmentation_threshold;
     let mut obs = observe(&desired.target, &desired.config, desired.enforce, threshold).await;
@@ -248,6 +250,11 @@ async fn invalid_spec(
     invalid: Invalid,
 ) -> Result<(Outcome, Action), ReconcileError> {
     ctx.metrics.error(ErrorCategory::InvalidSpec);
+    let action = if invalid.outside_the_spec() {
+        Action::requeue(ctx.health_interval)
+    } else {
+        Action::await_change()
+    };
     let obs = Observation {
         invalid: Some(invalid),
         ..Default::default()
@@ -255,7 +262,7 @@ async fn invalid_spec(
     let new_status = apply::write_status(&ctx.client, mc, &obs).await?;
     let announced = events::status_events(mc.status.as_ref(), &new_status, &obs);
     events::publish(&ctx.recorder, mc, announced).await;
-    Ok((Outcome::Invalid, Action::await_change()))
+    Ok((Outcome::Invalid, action))
 }
 
 #[cfg(test)]

@@ -20,6 +20,19 @@ pub struct Invalid {
     pub message: String,
 }
 
+/// The reason when an object the ModelCache would own exists and is someone
+/// else's.
+pub const OBJECT_NOT_OURS: &str = "ObjectNotOurs";
+
+impl Invalid {
+    /// Whether what must change lies outside the ModelCache (another object
+    /// in the way), so that no event of ours announces the fix: such a spec
+    /// is looked at again at the health interval instead of waiting.
+    pub fn outside_the_spec(&self) -> bool {
+        self.reason == OBJECT_NOT_OURS
+    }
+}
+
 /// How the ModelCache's Redis is to be had.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RedisBackend {

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use crate::crd::{self, ModelCache};
 
 use super::desired::DesiredResources;
+use super::ownership::{is_ours, not_ours};
 use super::{MANAGER, ReconcileError, kube_error};
 use crate::controller::status::{self, Observation};
 
@@ -19,25 +20,29 @@ use crate::controller::status::{self, Observation};
 /// the Redis's config, pod and Service.
 pub async fn apply_all(
     client: &Client,
-    namespace: &str,
+    mc: &ModelCache,
     desired: &DesiredResources,
 ) -> Result<(), ReconcileError> {
+    let namespace = &super::dereference::namespace(mc);
+    let owner = &mc.name_any();
     if let Some(prompts) = &desired.warmup {
-        apply(client, namespace, prompts, "ConfigMap").await?;
+        apply(client, namespace, owner, prompts, "ConfigMap").await?;
     }
     if let Some(redis) = &desired.redis {
-        apply(client, namespace, &redis.config_map, "ConfigMap").await?;
-        apply(client, namespace, &redis.stateful_set, "StatefulSet").await?;
-        apply(client, namespace, &redis.service, "Service").await?;
+        apply(client, namespace, owner, &redis.config_map, "ConfigMap").await?;
+        apply(client, namespace, owner, &redis.stateful_set, "StatefulSet").await?;
+        apply(client, namespace, owner, &redis.service, "Service").await?;
     }
     Ok(())
 }
 
-/// Server-side apply with the controller's field manager. `force` takes over
-/// fields another manager set by hand: the controller owns these objects.
+/// Server-side apply with the controller's field manager, to an object that
+/// is absent or ours. `force` takes over fields another manager set by hand
+/// on our objects (drift is undone); someone else's object is refused.
 async fn apply<K>(
     client: &Client,
     namespace: &str,
+    owner: &str,
     obj: &K,
     kind: &'static str,
 ) -> Result<K, ReconcileError>
@@ -50,14 +55,21 @@ where
     K::DynamicType: Default,
 {
     let name = obj.meta().name.clone().unwrap_or_default();
-    Api::<K>::namespaced(client.clone(), namespace)
-        .patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(obj),
-        )
+    let api = Api::<K>::namespaced(client.clone(), namespace);
+    let existing = api
+        .get_opt(&name)
         .await
-        .map_err(kube_error("apply", kind, namespace, &name))
+        .map_err(kube_error("read", kind, namespace, &name))?;
+    if existing.is_some_and(|e| !is_ours(e.meta(), owner)) {
+        return Err(not_ours(kind, namespace, &name, owner));
+    }
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .map_err(kube_error("apply", kind, namespace, &name))
 }
 
 /// Writes the status built from what this reconcile observed, and returns it.

@@ -146,6 +146,14 @@ async fn generated_secret(
         .await
         .map_err(kube_error("read", "Secret", namespace, &name))?;
     let secret = match existing {
+        Some(s) if !super::ownership::is_ours(&s.metadata, &mc.name_any()) => {
+            return Err(super::ownership::not_ours(
+                "Secret",
+                namespace,
+                &name,
+                &mc.name_any(),
+            ));
+        }
         Some(s) => s,
         None => {
             let params = PostParams {
