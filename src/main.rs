@@ -575,11 +575,7 @@ fn check_redis(args: CheckRedisArgs) -> Result<ExitCode> {
         memory: Some(Quantity(m)),
         ..Default::default()
     });
-    let target = RedisTarget {
-        url: args.redis_url,
-        username: None,
-        password: args.password,
-    };
+    let target = RedisTarget::from_url(&args.redis_url, args.password);
     let report = runtime()?.block_on(controller::check::check_redis(
         &target,
         &policy,
@@ -636,11 +632,7 @@ fn validate(files: &[PathBuf]) -> Result<ExitCode> {
 }
 
 fn invalidate(args: InvalidateArgs) -> Result<ExitCode> {
-    let target = RedisTarget {
-        url: args.redis_url,
-        username: None,
-        password: args.password,
-    };
+    let target = RedisTarget::from_url(&args.redis_url, args.password);
     let keep: std::collections::BTreeSet<String> = args.keep.into_iter().collect();
     let pace = sweep::Pace {
         keys_per_second: args.keys_per_second,

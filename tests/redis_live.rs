@@ -219,3 +219,37 @@ async fn a_dead_redis_is_not_ready() {
     let status = model_cache_status(None, None, &obs, Time(Timestamp::now()));
     assert_eq!(condition_status(&status.conditions, READY), Some("False"));
 }
+
+/// A password in `--redis-url` (`redis://:pw@host`) is taken out of the URL
+/// before anything prints it: not in the report, not in the status the
+/// report shows, not in an error.
+#[test]
+fn a_password_in_the_redis_url_is_never_printed() {
+    let redis = RedisServer::start_with(Some("s3cret-pw"), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let bin = env!("CARGO_BIN_EXE_modelcache");
+    let check = |url: String| {
+        let out = std::process::Command::new(bin)
+            .args(["check-redis", "--apply", "--redis-url", &url])
+            .env_remove("MODELCACHE_REDIS_PASSWORD")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = check(format!("redis://:s3cret-pw@127.0.0.1:{}", redis.port()));
+    assert!(ok, "the password from the URL is used: {text}");
+    assert!(!text.contains("s3cret-pw"), "{text}");
+    assert!(
+        text.contains(&format!("redis://127.0.0.1:{}", redis.port())),
+        "{text}"
+    );
+
+    let closed = support::free_port();
+    let (ok, text) = check(format!("redis://user:s3cret-pw@127.0.0.1:{closed}"));
+    assert!(!ok);
+    assert!(!text.contains("s3cret-pw"), "{text}");
+}

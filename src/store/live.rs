@@ -82,6 +82,35 @@ impl std::fmt::Debug for RedisTarget {
 }
 
 impl RedisTarget {
+    /// A target from a URL that may carry credentials (`redis://user:pw@host`,
+    /// as users paste them): they move into `username` and `password` (an
+    /// explicit `password` wins) and out of `url`, which is printed in
+    /// reports, status and errors.
+    pub fn from_url(url: &str, password: Option<String>) -> RedisTarget {
+        let Ok(mut parsed) = url::Url::parse(url) else {
+            return RedisTarget {
+                url: url.to_owned(),
+                username: None,
+                password,
+            };
+        };
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let username = Some(decode(parsed.username())).filter(|u| !u.is_empty());
+        let from_url = parsed.password().map(decode);
+        // Both succeed on a URL with a host, which any usable Redis URL has.
+        let _ = parsed.set_username("");
+        let _ = parsed.set_password(None);
+        RedisTarget {
+            url: parsed.to_string(),
+            username,
+            password: password.or(from_url),
+        }
+    }
+
     /// A client with the credentials set, for [`crate::keyspace::registry::Follower`]
     /// and other users that open their own connections.
     pub fn client(&self) -> Result<redis::Client, LiveError> {
@@ -272,5 +301,28 @@ pub async fn enable_active_defrag(
             endpoint: endpoint.to_owned(),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_leave_the_url() {
+        let t = RedisTarget::from_url("rediss://app:p%40ss%3Aword@cache.example:6380/2", None);
+        assert_eq!(t.url, "rediss://cache.example:6380/2");
+        assert_eq!(t.username.as_deref(), Some("app"));
+        assert_eq!(t.password.as_deref(), Some("p@ss:word"));
+        let t = RedisTarget::from_url("redis://:pw@127.0.0.1:6379", Some("given".into()));
+        assert_eq!(
+            (t.url.as_str(), t.username, t.password.as_deref()),
+            ("redis://127.0.0.1:6379", None, Some("given"))
+        );
+        let t = RedisTarget::from_url("redis://127.0.0.1:6379", None);
+        assert_eq!(
+            (t.url.as_str(), t.password),
+            ("redis://127.0.0.1:6379", None)
+        );
     }
 }
