@@ -299,7 +299,25 @@ fn a_cdn_source_gets_its_headers_and_signing_key_as_mounted_files() {
         secret_of("modelcache-cloudfront-key")["secretName"],
         "cloudfront-key"
     );
-    assert_eq!(secret_of("modelcache-cloudfront-key")["defaultMode"], 0o400);
+    // The kubelet writes Secret files as root and our containers run as
+    // 65532: 0400 could not be read (the pod may have no fsGroup). 0444 is
+    // safe because no other container mounts these volumes.
+    for volume in ["modelcache-cdn-headers", "modelcache-cloudfront-key"] {
+        assert_eq!(secret_of(volume)["defaultMode"], 0o444, "{volume}");
+        let mounted_by: Vec<&str> = patched["spec"]["initContainers"]
+            .as_array()
+            .into_iter()
+            .chain(patched["spec"]["containers"].as_array())
+            .flatten()
+            .filter(|c| {
+                c["volumeMounts"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().any(|m| m["name"] == volume))
+            })
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(mounted_by, ["modelcache-fetch"], "{volume}");
+    }
     // Secrets only as files: no env var of the fetch container reads one.
     assert!(fetch["env"].as_array().unwrap().iter().all(|e| {
         e.get("valueFrom")

@@ -43,6 +43,9 @@ const HEADERS_VOLUME: &str = "modelcache-cdn-headers";
 const HEADERS_PATH: &str = "/etc/modelcache/cdn-headers";
 const SIGNING_PATH: &str = "/etc/modelcache/cloudfront";
 const WARM_PORT: i32 = 8089;
+/// Mode of the Secret files mounted into the fetch container: readable by its
+/// non-root user whatever the pod's fsGroup, and mounted nowhere else.
+const SECRET_FILE_MODE: i32 = 0o444;
 
 /// What a webhook does when a pod names a ModelCache it cannot inject from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -267,12 +270,15 @@ fn fetch_container(mc: &ModelCache, pod: &Pod, image: &str) -> (Container, Vec<V
         }
         if let Some(secret) = &cdn.headers_secret_ref {
             // Each key of the Secret is a header; mounted, never in the env.
+            // The kubelet writes Secret files as root, and our container runs
+            // as 65532 with no fsGroup of ours: 0400 would be unreadable.
+            // 0444 reaches no one else, since only this container mounts it.
             env_vars.push(env("MODELCACHE_HEADERS_DIR", HEADERS_PATH));
             volumes.push(Volume {
                 name: HEADERS_VOLUME.into(),
                 secret: Some(SecretVolumeSource {
                     secret_name: Some(secret.name.clone()),
-                    default_mode: Some(0o400),
+                    default_mode: Some(SECRET_FILE_MODE),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -299,7 +305,7 @@ fn fetch_container(mc: &ModelCache, pod: &Pod, image: &str) -> (Container, Vec<V
                         path: "key.pem".into(),
                         ..Default::default()
                     }]),
-                    default_mode: Some(0o400),
+                    default_mode: Some(SECRET_FILE_MODE),
                     ..Default::default()
                 }),
                 ..Default::default()
