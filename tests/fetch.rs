@@ -896,3 +896,30 @@ fn a_pod_writing_through_its_file_cannot_poison_the_node_cache() {
         "only the damaged file again"
     );
 }
+
+/// A manifest whose sizes add up past what u64 holds (or past any model) is
+/// refused as the integrity failure it is: before, the sum panicked in a
+/// debug build and wrapped in a release build, which skipped the free-space
+/// check.
+#[test]
+fn a_manifest_whose_sizes_overflow_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("origin");
+    let dir = root.join("m").join("huge");
+    std::fs::create_dir_all(&dir).unwrap();
+    let digest = modelcache::digest::sha256_hex(b"abc");
+    let manifest = serde_json::json!({
+        "formatVersion": 1, "model": "m", "version": "huge",
+        "files": [
+            {"path": "a.bin", "size": u64::MAX / 2 + 1, "sha256": digest},
+            {"path": "b.bin", "size": u64::MAX / 2 + 1, "sha256": digest}
+        ]
+    });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    let dest = tmp.path().join("pod");
+    let source = format!("file://{}", root.display());
+    let o = http_fetch(&source, "huge", &dest, &[]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(stderr(&o).contains("add up to more than"), "{}", stderr(&o));
+    assert!(tree(&dest).is_empty());
+}

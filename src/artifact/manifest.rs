@@ -72,7 +72,15 @@ pub enum ManifestError {
     },
     #[error("manifest {origin} lists no files; a version needs at least one")]
     Empty { origin: String },
+    #[error(
+        "manifest {origin}: its files add up to more than {max} bytes; no model is that large, so the manifest is wrong"
+    )]
+    Total { origin: String, max: u64 },
 }
+
+/// The most bytes a version's files may add up to (1 PiB): far above any
+/// model, far below where sums of sizes could overflow.
+pub const MAX_VERSION_BYTES: u64 = 1 << 50;
 
 /// One file of a version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,6 +197,16 @@ pub fn check_files(origin: &str, files: &[ManifestFile]) -> Result<(), ManifestE
         path: path.into(),
         why,
     };
+    let total = files
+        .iter()
+        .try_fold(0u64, |sum, f| sum.checked_add(f.size))
+        .filter(|t| *t <= MAX_VERSION_BYTES);
+    if total.is_none() {
+        return Err(ManifestError::Total {
+            origin: origin.into(),
+            max: MAX_VERSION_BYTES,
+        });
+    }
     let mut seen = BTreeSet::new();
     for file in files {
         check_path(&file.path).map_err(|why| bad(&file.path, why))?;
