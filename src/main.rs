@@ -65,8 +65,8 @@ enum Command {
     ///
     /// Exit codes: 0 done; 1 local I/O failure; 2 bad arguments; 4 the origin
     /// refused (403/404: credentials, signature, version not published); 5
-    /// integrity (a digest mismatch twice, an invalid manifest, a path that
-    /// leaves the destination); 6 not enough disk space; 7 transient failures
+    /// integrity (a digest mismatch twice, an object shorter than its manifest
+    /// entry, an invalid manifest, a path that leaves the destination); 6 not enough disk space; 7 transient failures
     /// outlasted the retries or the deadline (progress is kept for the next run).
     Fetch(Box<FetchArgs>),
     /// Release a directory as a version: build its sha256 manifest, upload

@@ -923,3 +923,29 @@ fn a_manifest_whose_sizes_overflow_is_refused() {
     assert!(stderr(&o).contains("add up to more than"), "{}", stderr(&o));
     assert!(tree(&dest).is_empty());
 }
+
+/// An object at the origin shorter than its manifest entry is not what the
+/// manifest says: an integrity failure (exit 5) at once, not a transient one
+/// retried until the attempts run out (exit 7). Both the directory and the
+/// HTTP origin (416, or a Content-Range total short of the manifest) say so.
+#[test]
+fn an_object_shorter_than_its_manifest_entry_is_an_integrity_failure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir(tmp.path(), 12, 1);
+    let (http, root) = http_origin(tmp.path());
+    publish_dir(&model, &root, "v1");
+    let object = root.join("m/v1/tokenizer.json");
+    let bytes = std::fs::read(&object).unwrap();
+    std::fs::write(&object, &bytes[..bytes.len() / 2]).unwrap();
+    let file_source = format!("file://{}", root.display());
+    for (source, dest) in [
+        (file_source.as_str(), "pod-file"),
+        (http.base_url().as_str(), "pod-http"),
+    ] {
+        let dest = tmp.path().join(dest);
+        let o = http_fetch(source, "v1", &dest, &[]);
+        assert_eq!(o.status.code(), Some(5), "{source}: {}", stderr(&o));
+        assert!(stderr(&o).contains("tokenizer.json"), "{}", stderr(&o));
+        assert!(!dest.join("tokenizer.json").exists());
+    }
+}

@@ -244,6 +244,7 @@ impl FetchError {
             FetchError::Name(_) | FetchError::Connect(_) => 2,
             FetchError::Source { source, .. } => match source.failure {
                 Failure::Transient => 7,
+                Failure::Mismatch => 5,
                 _ => 4,
             },
             FetchError::Manifest { .. }

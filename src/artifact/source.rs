@@ -124,8 +124,28 @@ pub enum Failure {
     NotFound,
     /// 401/403: credentials, signature or policy.
     Denied,
+    /// The object is shorter than its manifest entry says: it is not the
+    /// file the manifest describes, and retrying cannot change that.
+    Mismatch,
     /// Anything else that retrying will not change.
     Permanent,
+}
+
+/// The object ends before the range asked for (taken from its manifest
+/// entry): whatever the origin serves, it is not that file.
+fn shorter(url: &str, total: u64, range: &Range<u64>) -> SourceError {
+    let detail = format!(
+        "the object has {total} bytes, but its manifest entry needs at least {}: it is not \
+         the file the manifest describes; publish the version again (as a new version) or \
+         repair the object",
+        range.end
+    );
+    failed(url, Failure::Mismatch, detail)
+}
+
+/// The total size in a `Content-Range: bytes a-b/total` value.
+fn content_range_total(value: &str) -> Option<u64> {
+    value.rsplit_once('/')?.1.trim().parse().ok()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -471,9 +491,26 @@ async fn get_s3(
         request = request.range(format!("bytes={}-{}", r.start, r.end - 1));
     }
     let response = request.send().await.map_err(|e| {
+        if let (Some(r), SdkError::ServiceError(service)) = (&range, &e) {
+            let raw = service.raw();
+            let total = raw
+                .headers()
+                .get("content-range")
+                .and_then(content_range_total);
+            if let (416, Some(total)) = (raw.status().as_u16(), total) {
+                return shorter(&url, total, r);
+            }
+        }
         let (failure, detail) = s3_failure(&e);
         failed(&url, failure, detail)
     })?;
+    if let (Some(r), Some(total)) = (
+        &range,
+        response.content_range().and_then(content_range_total),
+    ) && total < r.end
+    {
+        return Err(shorter(&url, total, r));
+    }
     let body = response.body;
     Ok(
         futures::stream::unfold((body, url), |(mut body, url)| async move {
@@ -533,6 +570,18 @@ impl HttpGet<'_> {
             failed(&url, Failure::Transient, detail)
         })?;
         let status = response.status().as_u16();
+        let total = response
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(content_range_total);
+        if let Some(r) = &range {
+            match (status, total) {
+                (416, Some(total)) => return Err(shorter(&url, total, r)),
+                (206, Some(total)) if total < r.end => return Err(shorter(&url, total, r)),
+                _ => {}
+            }
+        }
         if !(200..300).contains(&status) {
             let hint = match status_failure(status) {
                 Failure::Denied => "; check the headers, the CloudFront key pair and the key group",
@@ -582,6 +631,11 @@ fn get_file(
         .metadata()
         .map_err(|e| failed(&url, Failure::Permanent, e.to_string()))?
         .len();
+    if let Some(r) = &range
+        && len < r.end
+    {
+        return Err(shorter(&url, len, r));
+    }
     let range = range.unwrap_or(0..len);
     let file = Arc::new(file);
     Ok(futures::stream::unfold(range.start, move |at| {
