@@ -767,3 +767,63 @@ async fn per_entry_thresholds_learn_from_outcomes_that_any_replica_records() {
         .unwrap();
     assert!(!exists, "recording must not recreate an evicted entry");
 }
+
+/// A vector that is not finite and of unit length (a garbage entry written
+/// by a broken or hostile peer, or a bad query) must never decide a hit: a
+/// NaN similarity compared as "not below the threshold" and sorted first, so
+/// one such entry answered every unrelated question.
+#[tokio::test]
+async fn entries_and_queries_whose_vectors_are_not_unit_never_hit() {
+    let redis = RedisServer::start().unwrap();
+    let stored = "How do I renew my passport?";
+    let writer = replica(&redis, "v1", 100).await;
+    writer
+        .put(stored, &embed(stored), &json!("Apply online."), &json!({}))
+        .await
+        .unwrap();
+    // A peer overwrites the entry's vector with NaNs.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = modelcache::keyspace::keys::entry(
+        "chat",
+        "v1",
+        modelcache::keyspace::keys::Layer::Semantic,
+        &modelcache::cache::semantic::entry_id(stored),
+    );
+    let nan: Vec<u8> = (0..384).flat_map(|_| f32::NAN.to_le_bytes()).collect();
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("v")
+        .arg(nan)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // A new replica builds its index from Redis.
+    let reader = replica(&redis, "v1", 100).await;
+    let unrelated = "What is the capital of France?";
+    assert!(
+        reader
+            .get(unrelated, &embed(unrelated))
+            .await
+            .unwrap()
+            .is_none(),
+        "a NaN entry must not answer an unrelated question"
+    );
+    // Bad vectors from the caller: a miss to look up, an error to store.
+    let mut bad = embed(unrelated);
+    bad[0] = f32::NAN;
+    assert!(reader.get(unrelated, &bad).await.unwrap().is_none());
+    let long: Vec<f32> = embed(unrelated).iter().map(|x| x * 3.0).collect();
+    assert!(
+        reader
+            .put(unrelated, &long, &json!("x"), &json!({}))
+            .await
+            .is_err()
+    );
+    assert!(
+        reader
+            .put(unrelated, &[0.5; 3], &json!("x"), &json!({}))
+            .await
+            .is_err()
+    );
+}

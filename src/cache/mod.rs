@@ -95,6 +95,11 @@ pub enum CacheError {
          publish one (the controller does on rollout) or use a fixed version"
     )]
     NoVersion { model: String },
+    #[error(
+        "refused to store a semantic entry of model {model:?}: its vector is not {dim} finite \
+         numbers of unit length; embed with the cache's model and normalize"
+    )]
+    Vector { model: String, dim: usize },
 }
 
 /// Which model version a cache reads and writes.

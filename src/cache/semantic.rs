@@ -256,12 +256,18 @@ fn vector_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// A stored vector, if it is one the index may use: `dim` finite numbers of
+/// unit length. Entries are written by every replica (and whatever else can
+/// reach Redis), so one that is not is left out of the index.
 fn bytes_vector(b: &[u8], dim: usize) -> Option<Vec<f32>> {
-    (b.len() == dim * 4).then(|| {
-        b.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    })
+    if b.len() != dim * 4 {
+        return None;
+    }
+    let v: Vec<f32> = b
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    crate::vector::is_unit(&v, dim).then_some(v)
 }
 
 /// The entry id of a question: its sha256, so one question is one entry.
@@ -548,10 +554,17 @@ impl Core {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(Lookup::Miss);
         }
+        let dim = self.state.read().index.dim();
+        if !crate::vector::is_unit(vector, dim) {
+            // No similarity with it means anything: a miss, not an error.
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            return Ok(Lookup::Miss);
+        }
         let candidates = self.state.read().index.search(vector, CANDIDATES);
         let mut conn = self.conn.clone();
         for c in candidates {
-            if c.similarity < self.config.threshold {
+            // A NaN similarity stops here too (it compares false).
+            if c.similarity.is_nan() || c.similarity < self.config.threshold {
                 break;
             }
             type Fields = (
@@ -649,7 +662,12 @@ return 1";
         let version = self.versions.require(&self.model)?;
         let indexed = self.indexed_or_rebuild(&version);
         let dim = self.state.read().index.dim();
-        assert_eq!(vector.len(), dim, "vector of the wrong dimension");
+        if !crate::vector::is_unit(vector, dim) {
+            return Err(CacheError::Vector {
+                model: self.model.clone(),
+                dim,
+            });
+        }
         let id = entry_id(query);
         let key = self.key(&version, &id);
         let value = codec::encode(answer).map_err(CacheError::Encode)?;
@@ -751,9 +769,12 @@ mod tests {
 
     #[test]
     fn vectors_round_trip_and_wrong_sizes_are_refused() {
-        let v = vec![0.5f32, -1.25, 3.0];
+        let v = vec![0.6f32, -0.8, 0.0];
         assert_eq!(bytes_vector(&vector_bytes(&v), 3), Some(v));
         assert_eq!(bytes_vector(&[0u8; 8], 3), None);
+        // Not of unit length, or not finite: no use to the index.
+        assert_eq!(bytes_vector(&vector_bytes(&[0.5, -1.25, 3.0]), 3), None);
+        assert_eq!(bytes_vector(&vector_bytes(&[f32::NAN, 0.0, 1.0]), 3), None);
     }
 
     #[test]
