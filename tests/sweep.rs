@@ -299,3 +299,54 @@ async fn invalidate_dry_run_deletes_nothing_and_the_active_version_is_refused() 
     assert!(stderr.contains("it is the active version"), "{stderr}");
     assert_eq!(census(&mut conn).await, before);
 }
+
+/// A Redis (or something in its place) that answers SCAN with keys that do
+/// not match the pattern asked for: they are skipped, not a panic on a slice.
+#[tokio::test]
+async fn a_scan_reply_with_keys_outside_the_pattern_is_skipped() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(garbage_scan_peer(stream));
+        }
+    });
+    let target = modelcache::store::RedisTarget {
+        url: format!("redis://127.0.0.1:{port}"),
+        username: None,
+        password: None,
+    };
+    let mut conn = target.connect().await.unwrap();
+    let versions = modelcache::keyspace::sweep::versions_with_keys(&mut conn, "chat", 100)
+        .await
+        .unwrap();
+    assert!(versions.is_empty(), "{versions:?}");
+}
+
+/// Reads RESP commands; SCAN gets a last page of keys shorter than any
+/// model's prefix, anything else `+OK`.
+async fn garbage_scan_peer(stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let Some(n) = line.strip_prefix('*').and_then(|n| n.parse::<usize>().ok()) else {
+            continue;
+        };
+        let mut args = Vec::new();
+        for _ in 0..n {
+            let _len = lines.next_line().await;
+            if let Ok(Some(arg)) = lines.next_line().await {
+                args.push(arg);
+            }
+        }
+        let reply: &[u8] = if args.first().is_some_and(|c| c.eq_ignore_ascii_case("SCAN")) {
+            b"*2\r\n$1\r\n0\r\n*2\r\n$1\r\nx\r\n$2\r\nmc\r\n"
+        } else {
+            b"+OK\r\n"
+        };
+        if write.write_all(reply).await.is_err() {
+            return;
+        }
+    }
+}

@@ -240,7 +240,10 @@ pub async fn versions_with_keys(
     let mut versions = BTreeSet::new();
     scan_all(conn, &pattern, batch, |found| {
         for key in found {
-            let rest = &key[prefix.len()..];
+            // A reply is not trusted to match the pattern asked for.
+            let Some(rest) = key.strip_prefix(prefix.as_bytes()) else {
+                continue;
+            };
             if let Some(end) = rest.iter().position(|b| *b == b':')
                 && let Some(version) = keys::unescape(&rest[..end])
             {
