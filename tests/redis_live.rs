@@ -253,3 +253,60 @@ fn a_password_in_the_redis_url_is_never_printed() {
     assert!(!ok);
     assert!(!text.contains("s3cret-pw"), "{text}");
 }
+
+/// The Redis pod's probes, run as the kubelet runs them, against a real
+/// redis-server that is busy in a long script: readiness fails (it cannot
+/// serve), but liveness passes, since restarting a busy cache would lose
+/// every key for nothing.
+#[test]
+fn a_busy_redis_is_unready_but_alive() {
+    use modelcache::crd::ModelCache;
+    let redis = RedisServer::start_with(Some("pw"), &[("busy-reply-threshold", "100")])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mc: ModelCache = serde_json::from_value(serde_json::json!({
+        "apiVersion": "modelcache.dev/v1alpha1", "kind": "ModelCache",
+        "metadata": {"name": "chat", "namespace": "ml", "uid": "u1"},
+        "spec": {"model": "m", "version": "v1", "source": {"uri": "s3://models/x"}}
+    }))
+    .unwrap();
+    let settings = resolve(&CachePolicySpec::default(), None).unwrap();
+    let sts = modelcache::controller::builders::stateful_set(&mc, &settings, "uid");
+    let pod = sts.spec.template.spec.unwrap();
+    let container = &pod.containers[0];
+    let run = |probe: &Option<k8s_openapi::api::core::v1::Probe>| {
+        let command = probe
+            .as_ref()
+            .unwrap()
+            .exec
+            .as_ref()
+            .unwrap()
+            .command
+            .clone()
+            .unwrap();
+        let script = command[2].replace("-p 6379", &format!("-p {}", redis.port()));
+        std::process::Command::new(&command[0])
+            .args([&command[1], &script])
+            .env("REDISCLI_AUTH", "pw")
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(run(&container.readiness_probe) && run(&container.liveness_probe));
+
+    // A script that runs for a second: Redis answers BUSY meanwhile.
+    let url = redis.url();
+    let busy = std::thread::spawn(move || {
+        let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let _: redis::RedisResult<()> = redis::cmd("EVAL")
+            .arg("local t = redis.call('TIME') while redis.call('TIME')[1] - t[1] < 2 do end")
+            .arg(0)
+            .query(&mut conn);
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        !run(&container.readiness_probe),
+        "a busy Redis is not ready"
+    );
+    assert!(run(&container.liveness_probe), "a busy Redis is alive");
+    busy.join().unwrap();
+}

@@ -158,15 +158,28 @@ pub fn warmup_config_map(mc: &ModelCache) -> Option<ConfigMap> {
 
 /// A command that pings Redis with the password from the environment, so the
 /// password is neither in the pod spec nor on a command line.
+/// Readiness: Redis answers PONG.
 fn ping_probe(initial_delay: i32, failure_threshold: i32) -> Probe {
+    probe("PONG", initial_delay, failure_threshold)
+}
+
+/// Liveness: the server answers at all. BUSY (a long script) and LOADING
+/// mean it is working: restarting it would lose every key for nothing.
+fn alive_probe(initial_delay: i32, failure_threshold: i32) -> Probe {
+    probe("PONG|BUSY|LOADING", initial_delay, failure_threshold)
+}
+
+/// An authenticated PING whose answer must match `answers` (an ERE).
+fn probe(answers: &str, initial_delay: i32, failure_threshold: i32) -> Probe {
     Probe {
         exec: Some(ExecAction {
             command: Some(vec![
                 "sh".into(),
                 "-c".into(),
-                "cli=$(command -v valkey-cli || command -v redis-cli) && \
-                 \"$cli\" -p 6379 ping | grep -q PONG"
-                    .into(),
+                format!(
+                    "cli=$(command -v valkey-cli || command -v redis-cli) && \
+                     \"$cli\" -p 6379 ping 2>&1 | grep -qE '{answers}'"
+                ),
             ]),
         }),
         initial_delay_seconds: Some(initial_delay),
@@ -243,7 +256,7 @@ pub fn stateful_set(mc: &ModelCache, settings: &RedisSettings, secret_uid: &str)
             ..Default::default()
         }),
         readiness_probe: Some(ping_probe(2, 3)),
-        liveness_probe: Some(ping_probe(15, 6)),
+        liveness_probe: Some(alive_probe(15, 6)),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
