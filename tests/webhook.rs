@@ -7,6 +7,7 @@
 mod support;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use modelcache::controller::inject::{FailurePolicy, InjectConfig};
 use modelcache::controller::webhook;
@@ -87,5 +88,56 @@ async fn the_webhook_answers_over_tls_with_its_own_ca() {
             .await
             .is_err()
     );
+    server.abort();
+}
+
+/// A client that connects and never says hello must not stall every other
+/// admission: handshakes run side by side, each within its own timeout. (They
+/// ran one at a time inside accept(), with a 10 s timeout equal to the
+/// webhook's own, so one idle client made the API server time out.)
+#[tokio::test]
+async fn an_idle_client_does_not_hold_back_other_admissions() {
+    let names = vec!["localhost".to_string()];
+    let material = webhook::issue(&names, k8s_openapi::jiff::Timestamp::now()).unwrap();
+    let serving = webhook::ServingCert::new(&material.cert_pem, &material.key_pem).unwrap();
+    let tls = webhook::server_config(serving).unwrap();
+    let listener = webhook::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let lookup: webhook::Lookup =
+        Arc::new(|_: String, _: String| Box::pin(async move { Ok(None) }));
+    let server = tokio::spawn(webhook::serve(
+        listener,
+        tls,
+        lookup,
+        InjectConfig {
+            image: "ghcr.io/modelcache/modelcache:0.1.0".into(),
+            failure_policy: FailurePolicy::Fail,
+        },
+    ));
+    // Three connections that send nothing, held open throughout.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(material.ca_pem.as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    let request = client
+        .post(format!("https://localhost:{port}/mutate"))
+        .header("content-type", "application/json")
+        .body(fixture("unannotated.json"))
+        .send();
+    // Well inside the 10 s an idle handshake may take.
+    let answered = tokio::time::timeout(Duration::from_secs(5), request).await;
+    assert!(
+        matches!(&answered, Ok(Ok(r)) if r.status() == 200),
+        "{answered:?}"
+    );
+    drop(idle);
     server.abort();
 }

@@ -441,18 +441,71 @@ pub async fn serve(
             }
         }),
     );
-    let listener = TlsListener {
-        tcp: listener,
-        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+    let Ok(listener) = TlsListener::start(listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+    else {
+        tracing::error!("the webhook's listener has no local address");
+        return;
     };
     let _ = axum::serve(listener, app).await;
 }
 
-/// TCP accepted, then the TLS handshake (bounded, so that a stalled client
-/// holds the next one back 10 s at most; the API server is the only client).
+/// How long one client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// TCP accepted in a task of its own, each TLS handshake in a task of its
+/// own (bounded by [`HANDSHAKE_TIMEOUT`]), the streams that completed handed
+/// to the server: a client that stalls holds back no one else.
 struct TlsListener {
-    tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    local: SocketAddr,
+    ready: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        SocketAddr,
+    )>,
+    _accepting: AbortOnDrop,
+}
+
+/// Stops the accept loop with the listener.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl TlsListener {
+    fn start(
+        tcp: tokio::net::TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+    ) -> std::io::Result<TlsListener> {
+        let local = tcp.local_addr()?;
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        let accepting = tokio::spawn(async move {
+            loop {
+                let (stream, addr) = match tcp.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors, say: do not spin.
+                        tracing::warn!(error = %e, "the webhook failed to accept a connection");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let handshake = acceptor.accept(stream);
+                    if let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                        let _ = tx.send((tls, addr)).await;
+                    }
+                });
+            }
+        });
+        Ok(TlsListener {
+            local,
+            ready,
+            _accepting: AbortOnDrop(accepting),
+        })
+    }
 }
 
 impl axum::serve::Listener for TlsListener {
@@ -460,21 +513,15 @@ impl axum::serve::Listener for TlsListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Ok((tcp, addr)) = self.tcp.accept().await else {
-                continue;
-            };
-            let handshake = self.acceptor.accept(tcp);
-            if let Ok(Ok(stream)) =
-                tokio::time::timeout(std::time::Duration::from_secs(10), handshake).await
-            {
-                return (stream, addr);
-            }
+        match self.ready.recv().await {
+            Some(accepted) => accepted,
+            // The accept loop ended (it never does while the listener lives).
+            None => std::future::pending().await,
         }
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
+        Ok(self.local)
     }
 }
 
