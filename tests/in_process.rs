@@ -350,6 +350,32 @@ fn warm_command_fills_the_prefix_cache_from_a_fetched_model() {
         assert_eq!(code, Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(expect), "{args:?}: {stderr}");
     }
+    // GGUF metadata that would make candle divide by zero (alignment 0):
+    // refused by our reader first, for warm and kv-size alike.
+    let mut zero_alignment = b"GGUF".to_vec();
+    zero_alignment.extend(3u32.to_le_bytes());
+    zero_alignment.extend(0u64.to_le_bytes());
+    zero_alignment.extend(1u64.to_le_bytes());
+    zero_alignment.extend(17u64.to_le_bytes());
+    zero_alignment.extend(b"general.alignment");
+    zero_alignment.extend(4u32.to_le_bytes());
+    zero_alignment.extend(0u32.to_le_bytes());
+    let bad = model_dir.path().join("model.gguf");
+    std::fs::write(&bad, &zero_alignment).unwrap();
+    let (code, _, stderr) = warm(&[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("general.alignment"), "{stderr}");
+    let kv = std::process::Command::new(env!("CARGO_BIN_EXE_modelcache"))
+        .args(["kv-size", "--gguf"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(
+        kv.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&kv.stderr)
+    );
     std::fs::write(model_dir.path().join("model.gguf"), b"not a model").unwrap();
     let (code, _, stderr) = warm(&[]);
     assert_eq!(code, Some(2), "{stderr}");

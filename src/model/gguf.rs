@@ -1,12 +1,9 @@
 //! The metadata of a GGUF file (<https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>):
-//! header and key/value pairs, read with candle's GGUF reader and kept as
-//! plain data. Tensor data is not read.
+//! header and key/value pairs, read as plain data. Tensor data is not read.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Seek};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-
-use candle_core::quantized::gguf_file;
 
 /// One metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,6 +99,19 @@ pub enum GgufError {
     Format { path: PathBuf, why: String },
 }
 
+/// Strings and arrays longer than this are refused: no real key, value or
+/// vocabulary comes close, and a corrupt length must not allocate gigabytes.
+const MAX_LEN: u64 = 64 << 20;
+
+/// Array elements in the whole file at most. A value takes 32 bytes in
+/// memory for one byte in the file, so without a budget a 64 MiB array of
+/// u8 would take 2 GiB; the largest vocabularies with their merges and
+/// scores hold about two million.
+const MAX_ELEMENTS: u64 = 8 << 20;
+
+/// The largest `general.alignment` accepted (llama.cpp writes 32).
+const MAX_ALIGNMENT: u64 = 1 << 20;
+
 /// Read the metadata of the GGUF file at `path`.
 pub fn read(path: &Path) -> Result<Metadata, GgufError> {
     let file = std::fs::File::open(path).map_err(|source| GgufError::Io {
@@ -132,60 +142,110 @@ enum ParseError {
     Format(String),
 }
 
-impl From<candle_core::Error> for ParseError {
-    fn from(e: candle_core::Error) -> Self {
-        match e {
-            candle_core::Error::Io(e) => ParseError::Io(e),
-            candle_core::Error::WithBacktrace { inner, .. } => ParseError::from(*inner),
-            other => ParseError::Format(other.to_string()),
-        }
+impl From<std::io::Error> for ParseError {
+    fn from(e: std::io::Error) -> Self {
+        ParseError::Io(e)
     }
 }
 
-/// Candle's reader (it bounds every length by the bytes left in the file,
-/// so a corrupt length cannot allocate gigabytes), then its values as ours:
-/// plain data, sorted by key. Tensor data is not read.
-fn parse(mut r: impl Read + Seek) -> Result<Metadata, ParseError> {
-    let content = gguf_file::Content::read(&mut r)?;
-    let version = match content.magic {
-        gguf_file::VersionedMagic::GgufV1 => 1,
-        gguf_file::VersionedMagic::GgufV2 => 2,
-        gguf_file::VersionedMagic::GgufV3 => 3,
-    };
+fn parse(mut r: impl Read) -> Result<Metadata, ParseError> {
+    let mut magic = [0u8; 4];
+    r.read_exact(&mut magic)?;
+    if &magic != b"GGUF" {
+        return Err(ParseError::Format("the magic bytes are not `GGUF`".into()));
+    }
+    let version = u32::from_le_bytes(bytes(&mut r)?);
     if !(2..=3).contains(&version) {
-        let why = format!("version {version} is not 2 or 3");
-        return Err(ParseError::Format(why));
+        return Err(ParseError::Format(format!(
+            "version {version} is not 2 or 3"
+        )));
+    }
+    let tensor_count = u64::from_le_bytes(bytes(&mut r)?);
+    let kv_count = u64::from_le_bytes(bytes(&mut r)?);
+    if kv_count > MAX_LEN {
+        return Err(ParseError::Format(format!("{kv_count} metadata entries")));
+    }
+    let mut values = BTreeMap::new();
+    let mut budget = MAX_ELEMENTS;
+    for _ in 0..kv_count {
+        let key = string(&mut r)?;
+        let kind = u32::from_le_bytes(bytes(&mut r)?);
+        let value = value(&mut r, kind, 0, &mut budget)?;
+        values.insert(key, value);
+    }
+    // Tensor data starts at the next multiple of the alignment: zero would
+    // divide by zero in the loaders the file is handed to next (candle's).
+    if let Some(alignment) = values.get("general.alignment") {
+        let valid = alignment
+            .as_u64()
+            .is_some_and(|a| a.is_power_of_two() && a <= MAX_ALIGNMENT);
+        if !valid {
+            return Err(ParseError::Format(format!(
+                "general.alignment is {alignment:?}; expected a power of two up to {MAX_ALIGNMENT}"
+            )));
+        }
     }
     Ok(Metadata {
         version,
-        tensor_count: content.tensor_infos.len() as u64,
-        values: content
-            .metadata
-            .into_iter()
-            .map(|(k, v)| (k, Value::from(v)))
-            .collect(),
+        tensor_count,
+        values,
     })
 }
 
-impl From<gguf_file::Value> for Value {
-    fn from(v: gguf_file::Value) -> Self {
-        use gguf_file::Value as G;
-        match v {
-            G::U8(v) => Value::U8(v),
-            G::I8(v) => Value::I8(v),
-            G::U16(v) => Value::U16(v),
-            G::I16(v) => Value::I16(v),
-            G::U32(v) => Value::U32(v),
-            G::I32(v) => Value::I32(v),
-            G::U64(v) => Value::U64(v),
-            G::I64(v) => Value::I64(v),
-            G::F32(v) => Value::F32(v),
-            G::F64(v) => Value::F64(v),
-            G::Bool(v) => Value::Bool(v),
-            G::String(v) => Value::String(v),
-            G::Array(v) => Value::Array(v.into_iter().map(Value::from).collect()),
-        }
+fn bytes<const N: usize>(r: &mut impl Read) -> Result<[u8; N], ParseError> {
+    let mut b = [0u8; N];
+    r.read_exact(&mut b)?;
+    Ok(b)
+}
+
+fn length(r: &mut impl Read) -> Result<u64, ParseError> {
+    let n = u64::from_le_bytes(bytes(r)?);
+    if n > MAX_LEN {
+        return Err(ParseError::Format(format!("a length of {n}")));
     }
+    Ok(n)
+}
+
+fn string(r: &mut impl Read) -> Result<String, ParseError> {
+    let n = length(r)? as usize;
+    let mut buf = vec![0u8; n];
+    r.read_exact(&mut buf)?;
+    String::from_utf8(buf).map_err(|_| ParseError::Format("a string is not UTF-8".into()))
+}
+
+fn value(r: &mut impl Read, kind: u32, depth: u32, budget: &mut u64) -> Result<Value, ParseError> {
+    Ok(match kind {
+        0 => Value::U8(u8::from_le_bytes(bytes(r)?)),
+        1 => Value::I8(i8::from_le_bytes(bytes(r)?)),
+        2 => Value::U16(u16::from_le_bytes(bytes(r)?)),
+        3 => Value::I16(i16::from_le_bytes(bytes(r)?)),
+        4 => Value::U32(u32::from_le_bytes(bytes(r)?)),
+        5 => Value::I32(i32::from_le_bytes(bytes(r)?)),
+        6 => Value::F32(f32::from_le_bytes(bytes(r)?)),
+        7 => Value::Bool(u8::from_le_bytes(bytes(r)?) != 0),
+        8 => Value::String(string(r)?),
+        9 => {
+            if depth > 2 {
+                return Err(ParseError::Format("arrays nested too deep".into()));
+            }
+            let inner = u32::from_le_bytes(bytes(r)?);
+            let n = length(r)?;
+            *budget = budget.checked_sub(n).ok_or_else(|| {
+                ParseError::Format(format!(
+                    "its arrays hold more than {MAX_ELEMENTS} elements in all"
+                ))
+            })?;
+            let mut items = Vec::with_capacity(n.min(1 << 16) as usize);
+            for _ in 0..n {
+                items.push(value(r, inner, depth + 1, budget)?);
+            }
+            Value::Array(items)
+        }
+        10 => Value::U64(u64::from_le_bytes(bytes(r)?)),
+        11 => Value::I64(i64::from_le_bytes(bytes(r)?)),
+        12 => Value::F64(f64::from_le_bytes(bytes(r)?)),
+        other => return Err(ParseError::Format(format!("unknown value type {other}"))),
+    })
 }
 
 #[cfg(test)]
@@ -221,7 +281,7 @@ mod tests {
             b.extend((t.len() as u64).to_le_bytes());
             b.extend(t.as_bytes());
         }
-        let m = parse(std::io::Cursor::new(&b[..])).unwrap();
+        let m = parse(&b[..]).unwrap();
         assert_eq!(m.architecture(), Some("llama"));
         assert_eq!(m.get("llama.block_count").and_then(Value::as_u64), Some(30));
         assert_eq!(
@@ -234,28 +294,52 @@ mod tests {
     }
 
     #[test]
+    fn refuses_a_zero_alignment_and_arrays_past_the_element_budget() {
+        // alignment 0 made candle divide by zero when the file was loaded.
+        for alignment in [0u32, 3, 1 << 21] {
+            let mut b = header(1);
+            key(&mut b, "general.alignment", 4);
+            b.extend(alignment.to_le_bytes());
+            let err = parse(&b[..]).unwrap_err();
+            assert!(
+                matches!(&err, ParseError::Format(why) if why.contains("general.alignment")),
+                "{alignment}: {err:?}"
+            );
+        }
+        let mut b = header(1);
+        key(&mut b, "general.alignment", 4);
+        b.extend(32u32.to_le_bytes());
+        assert!(parse(&b[..]).is_ok());
+        // Two arrays that each fit the length bound but not the budget.
+        let n = MAX_ELEMENTS / 2 + 1;
+        let mut b = header(2);
+        for k in ["a", "b"] {
+            key(&mut b, k, 9);
+            b.extend(0u32.to_le_bytes());
+            b.extend(n.to_le_bytes());
+            b.extend(std::iter::repeat_n(0u8, n as usize));
+        }
+        let err = parse(&b[..]).unwrap_err();
+        assert!(
+            matches!(&err, ParseError::Format(why) if why.contains("elements in all")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
     fn refuses_what_is_not_gguf_or_is_cut_short() {
         assert!(matches!(
-            parse(std::io::Cursor::new(&b"GGML\x03\0\0\0"[..])),
+            parse(&b"GGML\x03\0\0\0"[..]),
             Err(ParseError::Format(_))
         ));
         let mut b = header(1);
         key(&mut b, "x", 8);
         b.extend(u64::MAX.to_le_bytes());
         assert!(
-            matches!(
-                parse(std::io::Cursor::new(&b[..])),
-                Err(ParseError::Format(_))
-            ),
+            matches!(parse(&b[..]), Err(ParseError::Format(_))),
             "huge lengths are refused"
         );
         let b = header(1);
-        // Cut short: candle finds it from the declared counts before reading
-        // on, and a file cut short is refused as not a GGUF model.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cut.gguf");
-        std::fs::write(&path, &b).unwrap();
-        let cut = read(&path);
-        assert!(matches!(cut, Err(GgufError::Format { .. })), "{cut:?}");
+        assert!(matches!(parse(&b[..]), Err(ParseError::Io(_))));
     }
 }

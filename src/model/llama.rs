@@ -159,6 +159,20 @@ impl Llama {
             path: path.into(),
             why,
         };
+        // Our reader first: it refuses what would make candle's panic (an
+        // alignment of zero) or allocate without bound.
+        if let Err(e) = super::gguf::read(path) {
+            return Err(match e {
+                super::gguf::GgufError::Io { source, .. } => LlamaError::Open {
+                    path: path.into(),
+                    source,
+                },
+                other => load(format!(
+                    "it is not a readable GGUF file ({other}); expected a .gguf file, or a \
+                     directory with config.json and *.safetensors"
+                )),
+            });
+        }
         let mut file = std::fs::File::open(path).map_err(|source| LlamaError::Open {
             path: path.into(),
             source,
