@@ -74,9 +74,14 @@ impl Tensor {
                 self.dtype
             )
         })?;
-        // Whole-byte element types only (the three above).
-        let want = self.shape.iter().product::<usize>() * dtype.bitsize() / 8;
-        if want != self.data.len() {
+        // Whole-byte element types only (the three above). A shape read
+        // from a file may not fit in usize: that is a mismatch, not a panic.
+        let want = self
+            .shape
+            .iter()
+            .try_fold(dtype.bitsize() / 8, |n, d| n.checked_mul(*d));
+        if want != Some(self.data.len()) {
+            let want = want.map_or("more than memory holds".to_string(), |w| w.to_string());
             return Err(format!(
                 "{name} has {} bytes, its shape {:?} needs {want}",
                 self.data.len(),
@@ -205,6 +210,11 @@ fn data_section(bytes: &[u8]) -> Option<&[u8]> {
 
 /// safetensors bytes with the sha256 of the data section in the metadata.
 fn encode(kv: &BlockKv) -> Result<Vec<u8>, String> {
+    encode_counted(kv, kv.layers.len().to_string())
+}
+
+/// [`encode`] with `layers` as the metadata's layer count.
+fn encode_counted(kv: &BlockKv, layers: String) -> Result<Vec<u8>, String> {
     let mut tensors = Vec::with_capacity(kv.layers.len() * 2);
     for (l, (k, v)) in kv.layers.iter().enumerate() {
         for (name, t) in [(format!("k.{l}"), k), (format!("v.{l}"), v)] {
@@ -215,7 +225,6 @@ fn encode(kv: &BlockKv) -> Result<Vec<u8>, String> {
     let serialize = |tensors: Vec<(String, Checked<'_>)>, meta| {
         safetensors::serialize(tensors, Some(meta)).map_err(|e| format!("safetensors: {e}"))
     };
-    let layers = kv.layers.len().to_string();
     // The crate decides the data's order, and the digest goes in the header
     // before it: a first pass lays the data out, the second writes the file.
     let unsigned = serialize(
@@ -245,6 +254,10 @@ fn decode(bytes: &[u8]) -> Option<BlockKv> {
         return None;
     }
     let layers: usize = meta.get("layers")?.parse().ok()?;
+    // A key and a value per layer: the header bounds what the count may say.
+    if layers.checked_mul(2)? != header.tensors().len() {
+        return None;
+    }
     let tensor = |name: String| -> Option<Tensor> {
         let info = header.info(&name)?;
         let (dtype, _) = DTYPES.iter().find(|(_, d)| *d == info.dtype)?;
@@ -285,6 +298,31 @@ mod tests {
         (0..n as u32)
             .map(|i| i.wrapping_mul(2654435761).wrapping_add(seed) % 49152)
             .collect()
+    }
+
+    #[test]
+    fn a_layer_count_the_header_cannot_back_is_refused_without_allocating() {
+        let kv = block(1, 2);
+        assert_eq!(decode(&encode(&kv).unwrap()), Some(kv.clone()));
+        // Sized a Vec::with_capacity before: a capacity overflow panic.
+        for layers in [usize::MAX.to_string(), "3".into(), "1".into()] {
+            let bytes = encode_counted(&kv, layers.clone()).unwrap();
+            assert_eq!(decode(&bytes), None, "layers = {layers}");
+        }
+    }
+
+    #[test]
+    fn a_shape_whose_product_overflows_is_a_mismatch() {
+        let t = Tensor {
+            dtype: "F32".into(),
+            shape: vec![usize::MAX, 2],
+            data: vec![0; 8],
+        };
+        assert!(
+            t.check("k.0")
+                .unwrap_err()
+                .contains("more than memory holds")
+        );
     }
 
     #[test]
