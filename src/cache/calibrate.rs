@@ -61,6 +61,12 @@ pub struct Pair {
     pub equivalent: bool,
 }
 
+/// A line of the pairs file at most: two questions and a label. Without a
+/// cap, a small gzip of one endless line inflates into memory.
+const MAX_LINE_BYTES: u64 = 64 << 10;
+/// Pairs read at most (Quora's whole set is 400k).
+const MAX_PAIRS: usize = 2_000_000;
+
 /// Read labeled pairs from JSONL, gunzipped when the file starts with the
 /// gzip magic.
 pub fn read_pairs(path: &Path) -> Result<Vec<Pair>, CalibrateError> {
@@ -78,17 +84,41 @@ pub fn read_pairs(path: &Path) -> Result<Vec<Pair>, CalibrateError> {
         Box::new(BufReader::new(file))
     };
     let mut pairs = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let line = line.map_err(read_error)?;
-        if line.trim().is_empty() {
+    let mut reader = reader;
+    let mut line = Vec::new();
+    for i in 1.. {
+        line.clear();
+        // At most one byte past the cap is read, however long the line.
+        let n = (&mut reader)
+            .take(MAX_LINE_BYTES + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(read_error)?;
+        if n == 0 {
+            break;
+        }
+        if line.len() as u64 > MAX_LINE_BYTES {
+            return Err(CalibrateError::Parse {
+                path: path.into(),
+                line: i,
+                why: format!("the line is longer than {MAX_LINE_BYTES} bytes"),
+            });
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let pair: Pair = serde_json::from_str(&line).map_err(|e| CalibrateError::Parse {
+        let pair: Pair = serde_json::from_slice(&line).map_err(|e| CalibrateError::Parse {
             path: path.into(),
-            line: i + 1,
+            line: i,
             why: e.to_string(),
         })?;
         pairs.push(pair);
+        if pairs.len() > MAX_PAIRS {
+            return Err(CalibrateError::Parse {
+                path: path.into(),
+                line: i,
+                why: format!("more than {MAX_PAIRS} pairs; calibrate on a sample"),
+            });
+        }
     }
     if pairs.is_empty() {
         return Err(CalibrateError::Empty { path: path.into() });
@@ -114,6 +144,28 @@ pub fn split<T: Clone>(items: &[T], seed: u64, held_out_share: f64) -> (Vec<T>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endless_line_is_refused_after_the_cap_not_read_whole() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pairs.jsonl.gz");
+        let mut gz = flate2::write::GzEncoder::new(
+            std::fs::File::create(&path).unwrap(),
+            flate2::Compression::best(),
+        );
+        gz.write_all(b"{\"a\": \"").unwrap();
+        // 64 MiB of one line from a gzip of about 64 KiB.
+        for _ in 0..1024 {
+            gz.write_all(&[b'x'; 64 << 10]).unwrap();
+        }
+        gz.finish().unwrap();
+        let err = read_pairs(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("line 1") && err.contains("longer than 65536 bytes"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn split_is_fixed_by_the_seed_and_disjoint() {
