@@ -949,3 +949,31 @@ fn an_object_shorter_than_its_manifest_entry_is_an_integrity_failure() {
         assert!(!dest.join("tokenizer.json").exists());
     }
 }
+
+/// The destination's `.modelcache` (locks, partial files, the marker) must be
+/// a directory of its own: a symlink there would have the fetcher write
+/// wherever it points.
+#[test]
+fn a_symlinked_state_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir(tmp.path(), 13, 1);
+    let root = tmp.path().join("origin");
+    publish_dir(&model, &root, "v1");
+    let dest = tmp.path().join("pod");
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&dest).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, dest.join(".modelcache")).unwrap();
+    let o = http_fetch(&format!("file://{}", root.display()), "v1", &dest, &[]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(".modelcache") && stderr(&o).contains("symlink"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "nothing written through the link"
+    );
+}

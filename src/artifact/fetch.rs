@@ -314,6 +314,15 @@ impl Destination {
             .canonicalize()
             .map_err(io_err("resolve the destination", dest))?;
         let state = dir.join(STATE_DIR);
+        // The state directory is written (locks, partial files, the marker):
+        // a link there would have the fetcher write wherever it points.
+        if std::fs::symlink_metadata(&state).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(FetchError::Escape {
+                file: STATE_DIR.into(),
+                path: state,
+                dest: dir,
+            });
+        }
         let partial = state.join("partial");
         std::fs::create_dir_all(&partial).map_err(io_err("create", &partial))?;
         Ok(Destination {
