@@ -977,3 +977,36 @@ fn a_symlinked_state_directory_is_refused() {
         "nothing written through the link"
     );
 }
+
+/// A version of many files fetches under a small open-files limit: only a
+/// bounded number of transfers is open at once (each holds its partial file
+/// and its journal). Every file was opened at once before, so 600 files
+/// under `ulimit -n 256` ended in EMFILE.
+#[test]
+fn many_files_fetch_under_a_small_open_files_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("many");
+    for i in 0..600 {
+        let p = model
+            .join(format!("shard-{:03}/part.bin", i % 7))
+            .with_file_name(format!("part-{i}.bin"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, format!("file {i}\n").repeat(i % 5 + 1)).unwrap();
+    }
+    let root = tmp.path().join("origin");
+    publish_dir(&model, &root, "v1");
+    let dest = tmp.path().join("pod");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -n 256 && exec "$0" "$@""#)
+        .arg(BIN)
+        .args(["fetch", "--source", &format!("file://{}", root.display())])
+        .args(["--model", "m", "--version", "v1", "--progress", "off"])
+        .arg("--dest")
+        .arg(&dest)
+        .output()
+        .unwrap();
+    let summary = summary(&out);
+    assert_eq!(summary["files"], 600);
+    assert!(tree(&dest) == tree(&model), "the files arrive intact");
+}

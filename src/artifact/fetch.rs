@@ -777,14 +777,22 @@ async fn get_manifest(ctx: &Ctx) -> Result<Vec<u8>, FetchError> {
 
 /// Download, verify and move to their verified paths every file in `files`.
 /// A file whose digest does not match is downloaded once more, then refused.
+/// Files whose transfers are open at once, at most.
+const OPEN_AT_ONCE: usize = 64;
+
 async fn download(
     ctx: &Ctx,
-    mut files: Vec<ManifestFile>,
+    files: Vec<ManifestFile>,
     resumed: &mut u64,
 ) -> Result<(), FetchError> {
     let mut mismatched = BTreeSet::new();
-    while !files.is_empty() {
-        let transfers = files
+    let mut queue: std::collections::VecDeque<ManifestFile> = files.into();
+    while !queue.is_empty() {
+        // A transfer holds two files open (data and journal): a version of
+        // thousands of files is fetched a batch at a time, so that it fits
+        // the container's open-files limit.
+        let batch: Vec<ManifestFile> = queue.drain(..queue.len().min(OPEN_AT_ONCE)).collect();
+        let transfers = batch
             .iter()
             .map(|f| Transfer::open(&ctx.partial_dir, f, ctx.engine.part_size))
             .collect::<Result<Vec<_>, _>>()?;
@@ -796,7 +804,6 @@ async fn download(
                 .fetch_sub(t.resumed(), Ordering::Relaxed);
         }
         ctx.engine.run(&transfers, ctx.concurrency).await?;
-        files.clear();
         for t in &transfers {
             let actual = t.digest().await?;
             let f = &t.file;
@@ -836,7 +843,7 @@ async fn download(
                 .counters
                 .total
                 .fetch_add(f.size, Ordering::Relaxed);
-            files.push(f.clone());
+            queue.push_back(f.clone());
         }
     }
     Ok(())
