@@ -525,11 +525,12 @@ fn reserve_space(
         }
     }
     let need: u64 = to_download.iter().map(|f| f.size).sum();
+    let still_needed = to_finish(&to_download, &ctx.partial_dir);
     let mut evicted = 0;
     if let (Some(cache), Some(quota)) = (&ctx.cache, opts.cache_quota) {
         evicted += cache.evict(quota, need, version_id).evicted_versions.len();
     }
-    check_space(opts, &ctx.partial_dir, need)?;
+    check_space(opts, &ctx.partial_dir, still_needed)?;
     if let Some(cache) = &ctx.cache
         && !same_filesystem(cache.root(), &dest.dir)
     {
@@ -544,6 +545,26 @@ fn reserve_space(
     }
     ctx.engine.counters.total.store(need, Ordering::Relaxed);
     Ok((to_download, evicted))
+}
+
+/// Bytes still to be written to finish `files` in `partial_dir`: what
+/// interrupted runs already wrote takes no more space (a resume used to be
+/// checked as if it needed the whole size again).
+fn to_finish(files: &[ManifestFile], partial_dir: &Path) -> u64 {
+    files
+        .iter()
+        .map(|f| {
+            let written = allocated(&partial_dir.join(format!("{}.part", f.sha256)));
+            f.size.saturating_sub(written)
+        })
+        .sum()
+}
+
+/// Bytes the file takes on disk (its allocated blocks: partial files are
+/// sparse until filled); 0 when it does not exist.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
 }
 
 /// Downloads and verifies the files within the fetch's deadline, showing
@@ -957,6 +978,24 @@ fn read_local_manifest(state: &Path, digest: &str) -> Option<VerifiedManifest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn space_to_finish_counts_what_interrupted_runs_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |sha: &str, size: u64| ManifestFile {
+            path: format!("{sha}.bin"),
+            size,
+            sha256: sha.repeat(64),
+        };
+        let (a, b) = (file("a", 3 << 20), file("b", 1 << 20));
+        // A quarter of `a` was written (at its end: partial files are sparse).
+        let partial = std::fs::File::create(dir.path().join(format!("{}.part", a.sha256))).unwrap();
+        partial.set_len(3 << 20).unwrap();
+        use std::os::unix::fs::FileExt as _;
+        partial.write_all_at(&vec![1u8; 1 << 20], 2 << 20).unwrap();
+        partial.sync_all().unwrap();
+        assert_eq!(to_finish(&[a, b], dir.path()), (2 << 20) + (1 << 20));
+    }
 
     #[test]
     fn placed_entries_round_trip_paths_with_spaces() {
