@@ -827,3 +827,36 @@ async fn entries_and_queries_whose_vectors_are_not_unit_never_hit() {
             .is_err()
     );
 }
+
+/// A key under the semantic prefix that is not an entry (a stray string, a
+/// peer's garbage) must not fail the index rebuild: before, its WRONGTYPE
+/// reply failed the whole HGET pipeline and a new replica hit nothing.
+#[tokio::test]
+async fn a_stray_key_under_the_prefix_does_not_break_the_rebuild() {
+    let redis = RedisServer::start().unwrap();
+    let stored = "How do I renew my passport?";
+    let writer = replica(&redis, "v1", 100).await;
+    writer
+        .put(stored, &embed(stored), &json!("Apply online."), &json!({}))
+        .await
+        .unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let stray = modelcache::keyspace::keys::entry(
+        "chat",
+        "v1",
+        modelcache::keyspace::keys::Layer::Semantic,
+        "not-an-entry",
+    );
+    let _: () = redis::cmd("SET")
+        .arg(stray)
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let reader = replica(&redis, "v1", 100).await;
+    assert!(
+        eventually(|| async { reader.get(stored, &embed(stored)).await.unwrap().is_some() }).await,
+        "the entry is found after a rebuild past the stray key"
+    );
+}

@@ -488,10 +488,18 @@ impl Core {
             "{}*",
             keys::glob_escape(&keys::entry(&self.model, &version, Layer::Semantic, ""))
         );
+        // Entries are hashes: any other key under the prefix (a stray SET)
+        // would fail the whole HGET pipeline. The index holds max_entries
+        // at most, so no more are read.
         let mut found: Vec<Vec<u8>> = Vec::new();
-        crate::keyspace::sweep::scan_all(&mut conn, &pattern, 1000, |keys| found.extend(keys))
-            .await
-            .map_err(self.redis_error("scan"))?;
+        let cap = self.config.max_entries;
+        crate::keyspace::sweep::scan_while(&mut conn, &pattern, Some("hash"), 1000, |keys| {
+            found.extend(keys);
+            found.len() < cap
+        })
+        .await
+        .map_err(self.redis_error("scan"))?;
+        found.truncate(cap);
         let dim = self.state.read().index.dim();
         let mut index = Index::new(dim);
         let mut ids = Vec::new();

@@ -181,17 +181,37 @@ pub(crate) async fn scan_all(
     batch: u64,
     mut each: impl FnMut(Vec<Vec<u8>>),
 ) -> Result<(), redis::RedisError> {
+    scan_while(conn, pattern, None, batch, |found| {
+        each(found);
+        true
+    })
+    .await
+}
+
+/// SCAN the keys matching `pattern` (of Redis type `kind` only, when given),
+/// handing each batch to `each` until it returns false.
+pub(crate) async fn scan_while(
+    conn: &mut MultiplexedConnection,
+    pattern: &str,
+    kind: Option<&str>,
+    batch: u64,
+    mut each: impl FnMut(Vec<Vec<u8>>) -> bool,
+) -> Result<(), redis::RedisError> {
     let mut cursor = 0u64;
     loop {
-        let (next, found): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
             .arg("MATCH")
             .arg(pattern)
             .arg("COUNT")
-            .arg(batch.max(1))
-            .query_async(conn)
-            .await?;
-        each(found);
+            .arg(batch.max(1));
+        if let Some(kind) = kind {
+            scan.arg("TYPE").arg(kind);
+        }
+        let (next, found): (u64, Vec<Vec<u8>>) = scan.query_async(conn).await?;
+        if !each(found) {
+            return Ok(());
+        }
         cursor = next;
         if cursor == 0 {
             return Ok(());
