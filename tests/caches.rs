@@ -345,3 +345,51 @@ async fn entity_events_retire_that_entitys_entries_only_even_if_published_while_
         .unwrap();
     assert_eq!(generation, 1);
 }
+
+/// A pod that read an entity event and died before acknowledging it, and
+/// never came back under its name: another consumer takes the event over
+/// once it has been left long enough, so the invalidation is not lost.
+#[tokio::test]
+async fn an_event_a_dead_consumer_read_is_applied_by_another() {
+    let redis = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let mut conn = connect(&redis).await;
+    registry::transition(&mut conn, "ranker", "v1", Transition::Activate)
+        .await
+        .unwrap();
+    let features = FeatureCache::new(conn.clone(), "ranker", fixed("v1"), 300);
+    features
+        .put_many(&[("user:1", "clicks_7d", json!(3))])
+        .await
+        .unwrap();
+    let dead = EntityConsumer::join(connect(&redis).await, "ranker", "pod-dead")
+        .await
+        .unwrap();
+    drop(dead);
+    entity::publish(&mut conn, "ranker", "user:1")
+        .await
+        .unwrap();
+    // pod-dead reads the event (as its last act) and is gone for good.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(modelcache::cache::entity::GROUP)
+        .arg("pod-dead")
+        .arg("COUNT")
+        .arg(10)
+        .arg("STREAMS")
+        .arg(modelcache::keyspace::keys::entity_events("ranker"))
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut alive = EntityConsumer::join(connect(&redis).await, "ranker", "pod-b")
+        .await
+        .unwrap()
+        .claim_after(Duration::from_millis(100));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let applied = alive.apply_once(Duration::from_millis(100)).await.unwrap();
+    assert_eq!(applied, vec!["user:1"]);
+    assert_eq!(
+        features.get_many(&[("user:1", "clicks_7d")]).await.unwrap(),
+        vec![None]
+    );
+}

@@ -102,7 +102,13 @@ pub struct EntityConsumer {
     conn: MultiplexedConnection,
     model: String,
     name: String,
+    claim_after: Duration,
 }
+
+/// How long an event may sit read but unacknowledged by another consumer
+/// (a pod that died and never came back under its name) before this one
+/// takes it over: without that, its invalidations would never be applied.
+pub const CLAIM_AFTER: Duration = Duration::from_secs(60);
 
 impl EntityConsumer {
     /// Joins the group (creating it, from the start of the stream, if needed).
@@ -136,7 +142,15 @@ impl EntityConsumer {
             conn,
             model: model.to_owned(),
             name: name.to_owned(),
+            claim_after: CLAIM_AFTER,
         })
+    }
+
+    /// Takes over other consumers' events unacknowledged for `idle` (by
+    /// default [`CLAIM_AFTER`]).
+    pub fn claim_after(mut self, idle: Duration) -> Self {
+        self.claim_after = idle;
+        self
     }
 
     fn err(&self, action: &'static str) -> impl FnOnce(RedisError) -> EntityError {
@@ -153,10 +167,34 @@ impl EntityConsumer {
     /// for them. Returns the entities invalidated.
     pub async fn apply_once(&mut self, block: Duration) -> Result<Vec<String>, EntityError> {
         let mut applied = self.read_and_apply("0", None).await?;
+        if applied.is_empty() && self.claim_abandoned().await? {
+            applied = self.read_and_apply("0", None).await?;
+        }
         if applied.is_empty() {
             applied = self.read_and_apply(">", Some(block)).await?;
         }
         Ok(applied)
+    }
+
+    /// Makes events that another consumer read and left unacknowledged for
+    /// `claim_after` pending for this one; whether any were.
+    async fn claim_abandoned(&mut self) -> Result<bool, EntityError> {
+        let idle = u64::try_from(self.claim_after.as_millis()).unwrap_or(u64::MAX);
+        // Reply: next cursor, the claimed entries, the ids deleted meanwhile.
+        let (_, claimed, _): (String, Vec<redis::Value>, Vec<redis::Value>) =
+            redis::cmd("XAUTOCLAIM")
+                .arg(keys::entity_events(&self.model))
+                .arg(GROUP)
+                .arg(&self.name)
+                .arg(idle)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(500)
+                .arg("JUSTID")
+                .query_async(&mut self.conn)
+                .await
+                .map_err(self.err("claim the abandoned events of"))?;
+        Ok(!claimed.is_empty())
     }
 
     async fn read_and_apply(
