@@ -282,6 +282,17 @@ pub async fn ensure_tls(
                     }
                 }
                 Some(old) => {
+                    // The other replicas serve the old certificate until they
+                    // reload (up to 6 h): the bundle keeps the old CA too.
+                    let mut material = material;
+                    let old_ca = old
+                        .data
+                        .as_ref()
+                        .and_then(|d| d.get("ca.crt"))
+                        .and_then(|b| std::str::from_utf8(&b.0).ok())
+                        .unwrap_or_default();
+                    material.ca_pem = ca_bundle(&material.ca_pem, old_ca);
+                    let desired = tls_secret(secret_name, namespace, &material, &dns_names);
                     // Replace only the version we read, so two replicas
                     // renewing at once do not each install their own.
                     let mut desired = desired;
@@ -313,6 +324,21 @@ pub async fn ensure_tls(
             .map_err(kube_err("set the caBundle of", what))?;
     }
     Ok(material)
+}
+
+/// The CA bundle after a renewal: the new CA, then the previous one (the
+/// first certificate of the old bundle), so that a replica still serving a
+/// certificate of the old CA is trusted until it reloads. Two at most.
+pub fn ca_bundle(new_ca: &str, old_bundle: &str) -> String {
+    const END: &str = "-----END CERTIFICATE-----";
+    let previous = old_bundle
+        .find(END)
+        .map(|i| old_bundle[..i + END.len()].trim())
+        .filter(|p| !p.is_empty() && *p != new_ca.trim());
+    match previous {
+        Some(previous) => format!("{}\n{previous}\n", new_ca.trim_end()),
+        None => new_ca.to_owned(),
+    }
 }
 
 /// Looks a ModelCache up by namespace and name: `Ok(None)` when there is
@@ -538,6 +564,26 @@ mod tests {
 
     fn at(s: i64) -> jiff::Timestamp {
         jiff::Timestamp::from_second(s).unwrap()
+    }
+
+    #[test]
+    fn a_renewal_keeps_the_previous_ca_in_the_bundle_and_no_older_one() {
+        let names = service_dns_names("modelcache-webhook", "modelcache-system");
+        let (a, b, c) = (
+            issue(&names, at(1_800_000_000)).unwrap().ca_pem,
+            issue(&names, at(1_800_000_000)).unwrap().ca_pem,
+            issue(&names, at(1_800_000_000)).unwrap().ca_pem,
+        );
+        assert_eq!(ca_bundle(&a, ""), a, "a first issue has no previous CA");
+        let ab = ca_bundle(&b, &a);
+        assert!(
+            ab.starts_with(b.trim_end()) && ab.contains(a.trim()),
+            "{ab}"
+        );
+        let bca = ca_bundle(&c, &ab);
+        assert_eq!(bca.matches("BEGIN CERTIFICATE").count(), 2, "{bca}");
+        assert!(bca.contains(b.trim()) && !bca.contains(a.trim()));
+        assert_eq!(ca_bundle(&a, &a), a, "the same CA once");
     }
 
     #[test]
