@@ -30,6 +30,18 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
 
 const BIN: &str = env!("CARGO_BIN_EXE_modelcache");
 
+/// The tests that run an engine take turns. Retention is judged from
+/// timings (a warmed prefix answers in under half its cold time), and two
+/// engines prefilling side by side on this machine's two cores made a cold
+/// measurement slow enough that a later re-prefill passed for a hit.
+static ENGINE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_engine_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ENGINE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A shared system prompt of a few hundred tokens, different per `tag`.
 fn prompt(tag: &str) -> String {
     format!(
@@ -47,6 +59,7 @@ fn prompts_file(dir: &std::path::Path, prompts: &[String]) -> std::path::PathBuf
 
 #[test]
 fn once_warms_each_prefix_and_reports_what_the_engine_kept() {
+    let _turn = one_engine_at_a_time();
     let engine = LlamaServer::start(None).unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
     let file = prompts_file(dir.path(), &[prompt("first"), prompt("second")]);
@@ -100,6 +113,7 @@ fn report(port: u16) -> serde_json::Value {
 
 #[test]
 fn the_sidecar_turns_ready_only_when_warm_and_again_after_an_engine_restart() {
+    let _turn = one_engine_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let file = prompts_file(dir.path(), &[prompt("sidecar")]);
     let engine_port = free_port();
