@@ -1010,3 +1010,61 @@ fn many_files_fetch_under_a_small_open_files_limit() {
     assert_eq!(summary["files"], 600);
     assert!(tree(&dest) == tree(&model), "the files arrive intact");
 }
+
+/// Two versions that share files, fetched at once into one node cache (two
+/// pods of a rollout on one node): each shared blob is downloaded once, by
+/// one of them, and the other waits for it. The lock was per version, so
+/// both wrote the same partial file.
+#[test]
+fn two_versions_sharing_files_fetched_at_once_download_them_once() {
+    let s3 = moto_with_bucket();
+    let tmp = tempfile::tempdir().unwrap();
+    let v1 = model_dir(tmp.path(), 14, 16);
+    let v2 = tmp.path().join("model-14-v2");
+    std::fs::create_dir_all(&v2).unwrap();
+    for (rel, data) in tree(&v1) {
+        let p = v2.join(&rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+    std::fs::write(
+        v2.join("release-notes.txt"),
+        b"v2: a configuration release\n",
+    )
+    .unwrap();
+    publish_s3(&s3, &v1, "v1");
+    publish_s3(&s3, &v2, "v2");
+    let (_rt, proxy) = Proxy::start_blocking(s3.port(), ProxyConfig::default());
+    let endpoint = proxy.endpoint();
+    let env = creds(&s3);
+    let cache = tmp.path().join("cache");
+    let children: Vec<_> = [("a", "v1"), ("b", "v2")]
+        .iter()
+        .map(|(pod, version)| {
+            let dest = tmp.path().join(pod);
+            let mut args = fetch_args(&endpoint, version, dest.to_str().unwrap());
+            args.extend(["--cache-dir", cache.to_str().unwrap()]);
+            modelcache(&args, &env_of(&env))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        summary(&c.wait_with_output().unwrap());
+    }
+    assert!(tree(&tmp.path().join("a")) == tree(&v1));
+    assert!(tree(&tmp.path().join("b")) == tree(&v2));
+    let body = proxy
+        .stats
+        .body_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    // The distinct content of both versions (two files of v1 are equal),
+    // plus the two manifests; a split range may add what was in flight.
+    let distinct: u64 = tree(&v2).values().map(|d| d.len() as u64).sum::<u64>() - 14;
+    assert!(
+        body < distinct + distinct / 4 + 4096,
+        "the shared files crossed the wire once: {body} bytes for {distinct}"
+    );
+}

@@ -798,6 +798,37 @@ async fn get_manifest(ctx: &Ctx) -> Result<Vec<u8>, FetchError> {
 
 /// Download, verify and move to their verified paths every file in `files`.
 /// A file whose digest does not match is downloaded once more, then refused.
+/// With a node cache: takes each blob's lock (in sha256 order, the same in
+/// every fetcher, so that two cannot wait on each other) and leaves out the
+/// blobs another fetcher completed meanwhile. Returns the locks, held until
+/// the batch is done, and the files still to download.
+async fn lock_blobs(
+    ctx: &Ctx,
+    mut batch: Vec<ManifestFile>,
+) -> Result<(Vec<File>, Vec<ManifestFile>), FetchError> {
+    let Some(cache) = ctx.cache.clone() else {
+        return Ok((Vec::new(), batch));
+    };
+    batch.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+    let (locks, todo, done) = tokio::task::spawn_blocking(move || {
+        let mut locks = Vec::new();
+        let (mut todo, mut done) = (Vec::new(), 0);
+        for f in batch {
+            locks.push(cache.lock_blob(&f.sha256)?);
+            if cache.has_blob(&f.sha256, f.size) {
+                done += f.size;
+            } else {
+                todo.push(f);
+            }
+        }
+        Ok::<_, NodeCacheError>((locks, todo, done))
+    })
+    .await
+    .expect("lock task panicked")?;
+    ctx.engine.counters.total.fetch_sub(done, Ordering::Relaxed);
+    Ok((locks, todo))
+}
+
 /// Files whose transfers are open at once, at most.
 const OPEN_AT_ONCE: usize = 64;
 
@@ -813,6 +844,7 @@ async fn download(
         // thousands of files is fetched a batch at a time, so that it fits
         // the container's open-files limit.
         let batch: Vec<ManifestFile> = queue.drain(..queue.len().min(OPEN_AT_ONCE)).collect();
+        let (_blob_locks, batch) = lock_blobs(ctx, batch).await?;
         let transfers = batch
             .iter()
             .map(|f| Transfer::open(&ctx.partial_dir, f, ctx.engine.part_size))

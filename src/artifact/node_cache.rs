@@ -192,6 +192,16 @@ impl NodeCache {
         Ok(file)
     }
 
+    /// Block until this process is the only one downloading the blob: two
+    /// versions that share a file, fetched at once, would otherwise write the
+    /// same partial file.
+    pub fn lock_blob(&self, sha256: &str) -> Result<File, NodeCacheError> {
+        let path = self.lock_path(&format!("blob-{sha256}"));
+        let file = lock_file(&path).map_err(io(&path))?;
+        file.lock().map_err(io(&path))?;
+        Ok(file)
+    }
+
     /// The version's record and manifest, when a complete fetch left them.
     pub fn lookup(&self, id: &str) -> Option<(VersionRecord, VerifiedManifest)> {
         let bytes = std::fs::read(self.record_path(id)).ok()?;
