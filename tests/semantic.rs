@@ -768,28 +768,39 @@ async fn per_entry_thresholds_learn_from_outcomes_that_any_replica_records() {
     assert!(!exists, "recording must not recreate an evicted entry");
 }
 
+/// A Redis holding one entry for `stored` under v1, and a connection to it.
+async fn one_entry(stored: &str) -> (RedisServer, redis::aio::MultiplexedConnection) {
+    let redis = RedisServer::start().unwrap();
+    let writer = replica(&redis, "v1", 100).await;
+    writer
+        .put(stored, &embed(stored), &json!("Apply online."), &json!({}))
+        .await
+        .unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    (redis, conn)
+}
+
+/// The Redis key of semantic entry `id` of model chat, version v1.
+fn semantic_key(id: &str) -> String {
+    modelcache::keyspace::keys::entry(
+        "chat",
+        "v1",
+        modelcache::keyspace::keys::Layer::Semantic,
+        id,
+    )
+}
+
 /// A vector that is not finite and of unit length (a garbage entry written
 /// by a broken or hostile peer, or a bad query) must never decide a hit: a
 /// NaN similarity compared as "not below the threshold" and sorted first, so
 /// one such entry answered every unrelated question.
 #[tokio::test]
 async fn entries_and_queries_whose_vectors_are_not_unit_never_hit() {
-    let redis = RedisServer::start().unwrap();
     let stored = "How do I renew my passport?";
-    let writer = replica(&redis, "v1", 100).await;
-    writer
-        .put(stored, &embed(stored), &json!("Apply online."), &json!({}))
-        .await
-        .unwrap();
+    let (redis, mut conn) = one_entry(stored).await;
     // A peer overwrites the entry's vector with NaNs.
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let key = modelcache::keyspace::keys::entry(
-        "chat",
-        "v1",
-        modelcache::keyspace::keys::Layer::Semantic,
-        &modelcache::cache::semantic::entry_id(stored),
-    );
+    let key = semantic_key(&modelcache::cache::semantic::entry_id(stored));
     let nan: Vec<u8> = (0..384).flat_map(|_| f32::NAN.to_le_bytes()).collect();
     let _: () = redis::cmd("HSET")
         .arg(&key)
@@ -833,21 +844,9 @@ async fn entries_and_queries_whose_vectors_are_not_unit_never_hit() {
 /// reply failed the whole HGET pipeline and a new replica hit nothing.
 #[tokio::test]
 async fn a_stray_key_under_the_prefix_does_not_break_the_rebuild() {
-    let redis = RedisServer::start().unwrap();
     let stored = "How do I renew my passport?";
-    let writer = replica(&redis, "v1", 100).await;
-    writer
-        .put(stored, &embed(stored), &json!("Apply online."), &json!({}))
-        .await
-        .unwrap();
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let stray = modelcache::keyspace::keys::entry(
-        "chat",
-        "v1",
-        modelcache::keyspace::keys::Layer::Semantic,
-        "not-an-entry",
-    );
+    let (redis, mut conn) = one_entry(stored).await;
+    let stray = semantic_key("not-an-entry");
     let _: () = redis::cmd("SET")
         .arg(stray)
         .arg("x")

@@ -18,14 +18,31 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(format!("tests/fixtures/inject/{name}")).unwrap()
 }
 
-#[tokio::test]
-async fn the_webhook_answers_over_tls_with_its_own_ca() {
+/// The webhook on a free loopback port, with a certificate for `localhost`
+/// from its own CA: the port, the issued material and the server's task.
+async fn start(
+    lookup: webhook::Lookup,
+) -> (u16, webhook::TlsMaterial, tokio::task::JoinHandle<()>) {
     let names = vec!["localhost".to_string()];
     let material = webhook::issue(&names, k8s_openapi::jiff::Timestamp::now()).unwrap();
     let serving = webhook::ServingCert::new(&material.cert_pem, &material.key_pem).unwrap();
-    let tls = webhook::server_config(serving.clone()).unwrap();
+    let tls = webhook::server_config(serving).unwrap();
     let listener = webhook::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(webhook::serve(
+        listener,
+        tls,
+        lookup,
+        InjectConfig {
+            image: "ghcr.io/modelcache/modelcache:0.1.0".into(),
+            failure_policy: FailurePolicy::Fail,
+        },
+    ));
+    (port, material, server)
+}
+
+#[tokio::test]
+async fn the_webhook_answers_over_tls_with_its_own_ca() {
     let chat: ModelCache = serde_saphyr::from_str(
         &std::fs::read_to_string("tests/fixtures/builders/chat/modelcache.yaml").unwrap(),
     )
@@ -37,15 +54,7 @@ async fn the_webhook_answers_over_tls_with_its_own_ca() {
         let found = (namespace == "ml-serving" && name == "chat").then(|| chat.clone());
         Box::pin(async move { Ok(found) })
     });
-    let server = tokio::spawn(webhook::serve(
-        listener,
-        tls,
-        lookup,
-        InjectConfig {
-            image: "ghcr.io/modelcache/modelcache:0.1.0".into(),
-            failure_policy: FailurePolicy::Fail,
-        },
-    ));
+    let (port, material, server) = start(lookup).await;
 
     let url = format!("https://localhost:{port}/mutate");
     let trusting = reqwest::Client::builder()
@@ -97,23 +106,9 @@ async fn the_webhook_answers_over_tls_with_its_own_ca() {
 /// webhook's own, so one idle client made the API server time out.)
 #[tokio::test]
 async fn an_idle_client_does_not_hold_back_other_admissions() {
-    let names = vec!["localhost".to_string()];
-    let material = webhook::issue(&names, k8s_openapi::jiff::Timestamp::now()).unwrap();
-    let serving = webhook::ServingCert::new(&material.cert_pem, &material.key_pem).unwrap();
-    let tls = webhook::server_config(serving).unwrap();
-    let listener = webhook::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let port = listener.local_addr().unwrap().port();
     let lookup: webhook::Lookup =
         Arc::new(|_: String, _: String| Box::pin(async move { Ok(None) }));
-    let server = tokio::spawn(webhook::serve(
-        listener,
-        tls,
-        lookup,
-        InjectConfig {
-            image: "ghcr.io/modelcache/modelcache:0.1.0".into(),
-            failure_policy: FailurePolicy::Fail,
-        },
-    ));
+    let (port, material, server) = start(lookup).await;
     // Three connections that send nothing, held open throughout.
     let mut idle = Vec::new();
     for _ in 0..3 {

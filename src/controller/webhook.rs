@@ -255,9 +255,9 @@ pub async fn ensure_tls(
         Some(m) => m,
         None => {
             let material = issue(&dns_names, now)?;
-            let desired = tls_secret(secret_name, namespace, &material, &dns_names);
             match existing {
                 None => {
+                    let desired = tls_secret(secret_name, namespace, &material, &dns_names);
                     match secrets.create(&PostParams::default(), &desired).await {
                         Ok(_) => material,
                         // Another replica created it meanwhile: use theirs.
@@ -292,10 +292,9 @@ pub async fn ensure_tls(
                         .and_then(|b| std::str::from_utf8(&b.0).ok())
                         .unwrap_or_default();
                     material.ca_pem = ca_bundle(&material.ca_pem, old_ca);
-                    let desired = tls_secret(secret_name, namespace, &material, &dns_names);
                     // Replace only the version we read, so two replicas
                     // renewing at once do not each install their own.
-                    let mut desired = desired;
+                    let mut desired = tls_secret(secret_name, namespace, &material, &dns_names);
                     desired.metadata.resource_version = old.metadata.resource_version.clone();
                     secrets
                         .replace(secret_name, &PostParams::default(), &desired)
