@@ -304,11 +304,86 @@ async fn invalidate_dry_run_deletes_nothing_and_the_active_version_is_refused() 
 /// not match the pattern asked for: they are skipped, not a panic on a slice.
 #[tokio::test]
 async fn a_scan_reply_with_keys_outside_the_pattern_is_skipped() {
+    let mut conn = fake_redis(|command| match command {
+        "SCAN" => b"*2\r\n$1\r\n0\r\n*2\r\n$1\r\nx\r\n$2\r\nmc\r\n",
+        "DBSIZE" => b":2\r\n",
+        _ => b"+OK\r\n",
+    })
+    .await
+    .0;
+    let versions = modelcache::keyspace::sweep::versions_with_keys(&mut conn, "chat", 100)
+        .await
+        .unwrap();
+    assert!(versions.is_empty(), "{versions:?}");
+}
+
+/// A peer whose SCAN cursor never returns to 0 ends each iteration in an
+/// error after a bounded number of calls (about 4 * DBSIZE / COUNT + 1024);
+/// before, sweeps, counts and version discovery looped forever.
+#[tokio::test]
+async fn a_scan_cursor_that_never_returns_to_0_is_an_error() {
+    let (mut conn, scans) = fake_redis(|command| match command {
+        "SCAN" => b"*2\r\n$1\r\n7\r\n*0\r\n",
+        "DBSIZE" => b":10\r\n",
+        "HGET" => b"$-1\r\n",
+        _ => b"+OK\r\n",
+    })
+    .await;
+    use modelcache::keyspace::sweep;
+    let bounded = |what: &str, message: String| {
+        assert!(
+            message.contains("SCAN cursor did not return to 0")
+                && message.contains("in a database of 10 keys"),
+            "{what}: {message}"
+        );
+        let calls = scans.swap(0, std::sync::atomic::Ordering::SeqCst);
+        assert!((1000..=1100).contains(&calls), "{what}: {calls} SCAN calls");
+    };
+    let pace = sweep::Pace {
+        keys_per_second: 1_000_000,
+        batch: 100,
+    };
+    let err = sweep::sweep_version(&mut conn, "chat", "v1", pace)
+        .await
+        .unwrap_err();
+    bounded("sweep", format!("{:?}", anyhow_chain(&err)));
+    let err = sweep::count_version(&mut conn, "chat", "v1", 100)
+        .await
+        .unwrap_err();
+    bounded("count", format!("{:?}", anyhow_chain(&err)));
+    let err = sweep::versions_with_keys(&mut conn, "chat", 100)
+        .await
+        .unwrap_err();
+    bounded("discovery", format!("{:?}", anyhow_chain(&err)));
+}
+
+/// An error and its sources, one line.
+fn anyhow_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
+/// A RESP peer on loopback that answers each command by its name with
+/// `reply`, and a connection to it; the counter counts SCAN calls.
+async fn fake_redis(
+    reply: fn(&str) -> &'static [u8],
+) -> (
+    redis::aio::MultiplexedConnection,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    let scans = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = scans.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(garbage_scan_peer(stream));
+            tokio::spawn(resp_peer(stream, reply, counter.clone()));
         }
     });
     let target = modelcache::store::RedisTarget {
@@ -316,16 +391,15 @@ async fn a_scan_reply_with_keys_outside_the_pattern_is_skipped() {
         username: None,
         password: None,
     };
-    let mut conn = target.connect().await.unwrap();
-    let versions = modelcache::keyspace::sweep::versions_with_keys(&mut conn, "chat", 100)
-        .await
-        .unwrap();
-    assert!(versions.is_empty(), "{versions:?}");
+    (target.connect().await.unwrap(), scans)
 }
 
-/// Reads RESP commands; SCAN gets a last page of keys shorter than any
-/// model's prefix, anything else `+OK`.
-async fn garbage_scan_peer(stream: tokio::net::TcpStream) {
+/// Reads RESP commands and answers each with `reply` of its name.
+async fn resp_peer(
+    stream: tokio::net::TcpStream,
+    reply: fn(&str) -> &'static [u8],
+    scans: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
@@ -340,12 +414,14 @@ async fn garbage_scan_peer(stream: tokio::net::TcpStream) {
                 args.push(arg);
             }
         }
-        let reply: &[u8] = if args.first().is_some_and(|c| c.eq_ignore_ascii_case("SCAN")) {
-            b"*2\r\n$1\r\n0\r\n*2\r\n$1\r\nx\r\n$2\r\nmc\r\n"
-        } else {
-            b"+OK\r\n"
-        };
-        if write.write_all(reply).await.is_err() {
+        let command = args
+            .first()
+            .map(|c| c.to_ascii_uppercase())
+            .unwrap_or_default();
+        if command == "SCAN" {
+            scans.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        if write.write_all(reply(&command)).await.is_err() {
             return;
         }
     }

@@ -118,6 +118,9 @@ async fn sweep_with_checkpoint(
     // Deleted keys not yet added to the checkpoint's count; they go with the
     // next round trip, so a crash can only under-report the earlier count.
     let mut unrecorded = 0u64;
+    let mut budget = ScanBudget::start(conn, batch)
+        .await
+        .map_err(err("count keys"))?;
     loop {
         let (next, found): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
             .arg(cursor)
@@ -129,6 +132,9 @@ async fn sweep_with_checkpoint(
             .await
             .map_err(err("scan"))?;
         report.scans += 1;
+        if next != 0 {
+            budget.spend(conn).await.map_err(err("scan"))?;
+        }
         // The pattern is exact by construction; checking the prefix again
         // means no pattern bug can ever widen a sweep.
         let doomed: Vec<Vec<u8>> = found
@@ -157,8 +163,11 @@ async fn sweep_with_checkpoint(
         if cursor == 0 {
             break;
         }
-        // Pace: never ahead of `rate` keys per second since the start.
-        let due = Duration::from_secs_f64(report.deleted as f64 / rate);
+        // Pace: never ahead of `rate` keys per second since the start. A
+        // SCAN call counts as one key, so a peer that answers pages without
+        // keys is paced too.
+        let work = report.deleted + report.scans;
+        let due = Duration::from_secs_f64(work as f64 / rate);
         let elapsed = started.elapsed();
         if due > elapsed {
             tokio::time::sleep(due - elapsed).await;
@@ -198,13 +207,15 @@ pub(crate) async fn scan_while(
     mut each: impl FnMut(Vec<Vec<u8>>) -> bool,
 ) -> Result<(), redis::RedisError> {
     let mut cursor = 0u64;
+    let batch = batch.max(1);
+    let mut budget = ScanBudget::start(conn, batch).await?;
     loop {
         let mut scan = redis::cmd("SCAN");
         scan.arg(cursor)
             .arg("MATCH")
             .arg(pattern)
             .arg("COUNT")
-            .arg(batch.max(1));
+            .arg(batch);
         if let Some(kind) = kind {
             scan.arg("TYPE").arg(kind);
         }
@@ -216,7 +227,71 @@ pub(crate) async fn scan_while(
         if cursor == 0 {
             return Ok(());
         }
+        budget.spend(conn).await?;
     }
+}
+
+/// The most SCAN calls one iteration may take, so that a peer whose cursor
+/// never returns to 0 (not a Redis, or a broken one) ends in an error instead
+/// of a loop that never ends.
+///
+/// A Redis SCAN call returns `COUNT` keys or visits `10 * COUNT` buckets, and
+/// its table holds at most about twice as many buckets as keys, so a full
+/// iteration takes about `2 * keys / COUNT` calls. The budget allows twice
+/// that, plus room for small databases; when it runs out, DBSIZE is read
+/// again, since writers may have grown the keyspace, and only a keyspace
+/// that did not grow with the calls is an error. A sweep that ends so
+/// resumes from its checkpoint on the next try.
+struct ScanBudget {
+    batch: u64,
+    calls: u64,
+    /// DBSIZE when last read.
+    keys: u64,
+}
+
+impl ScanBudget {
+    /// A Redis holds at most 2^32 keys; a DBSIZE above that is not believed.
+    const MOST_KEYS: u64 = 1 << 32;
+    /// Calls allowed on top of the key-count bound, for small databases.
+    const SLACK: u64 = 1024;
+
+    async fn start(conn: &mut MultiplexedConnection, batch: u64) -> Result<Self, RedisError> {
+        Ok(ScanBudget {
+            batch: batch.max(1),
+            calls: 0,
+            keys: db_size(conn).await?,
+        })
+    }
+
+    fn allowed(&self) -> u64 {
+        4 * (self.keys / self.batch + 1) + Self::SLACK
+    }
+
+    /// Counts one call whose cursor was not 0.
+    async fn spend(&mut self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
+        self.calls += 1;
+        if self.calls <= self.allowed() {
+            return Ok(());
+        }
+        self.keys = db_size(conn).await?;
+        if self.calls <= self.allowed() {
+            return Ok(());
+        }
+        Err(RedisError::from((
+            redis::ErrorKind::Parse,
+            "SCAN cursor did not return to 0",
+            format!(
+                "after {} calls of COUNT {} in a database of {} keys; the peer is not iterating \
+                 its keyspace",
+                self.calls, self.batch, self.keys
+            ),
+        )))
+    }
+}
+
+async fn db_size(conn: &mut MultiplexedConnection) -> Result<u64, RedisError> {
+    let keys: u64 = redis::cmd("DBSIZE").query_async(conn).await?;
+    Ok(keys.min(ScanBudget::MOST_KEYS))
 }
 
 /// Counts a version's keys without deleting them (for `--dry-run`).
