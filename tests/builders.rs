@@ -59,13 +59,22 @@ fn render_case(case: &str) {
         &yaml(&builders::stateful_set(&mc, &settings, "secret-uid-1")),
     );
     check_golden(case, "service.yaml", &yaml(&builders::service(&mc)));
+    check_golden(
+        case,
+        "headless-service.yaml",
+        &yaml(&builders::headless_service(&mc)),
+    );
     if let Some(prompts) = builders::warmup_config_map(&mc) {
         check_golden(case, "warmup-configmap.yaml", &yaml(&prompts));
     }
     check_golden(
         case,
         "secret.yaml",
-        &yaml(&builders::secret(&mc, "not-a-real-password")),
+        &yaml(&builders::secret(
+            &mc,
+            "not-a-real-admin-password",
+            "not-a-real-password",
+        )),
     );
 }
 

@@ -393,3 +393,119 @@ async fn an_event_a_dead_consumer_read_is_applied_by_another() {
         vec![None]
     );
 }
+
+/// A provisioned Redis's users (issue 16, item 6): serving pods log in as
+/// `default` with the password alone and reach their model's keys, registry,
+/// events and entity streams, and nothing else: another model's keys and
+/// every `@dangerous` command (CONFIG, FLUSHALL, KEYS, INFO, ACL, SAVE) are
+/// refused. The controller's user does all of it. Before, the one password
+/// every pod holds could flush or reconfigure the Redis.
+#[tokio::test]
+async fn serving_pods_reach_their_models_keys_and_nothing_else() {
+    use modelcache::store::acl;
+    let conf = acl::auth_conf("chat", "admin-pw", "serving-pw");
+    let redis = RedisServer::start_with_users(&conf, acl::ADMIN_USER, "admin-pw")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut admin = connect(&redis).await;
+    registry::transition(&mut admin, "chat", "v1", Transition::Activate)
+        .await
+        .unwrap();
+    let serving_url = format!("redis://:serving-pw@127.0.0.1:{}", redis.port());
+    let mut serving = redis::Client::open(serving_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&support::patient())
+        .await
+        .unwrap();
+
+    // What serving code does, with the serving password.
+    let follower = Follower::start(redis::Client::open(serving_url.as_str()).unwrap(), "chat");
+    let state = follower
+        .wait_for(Duration::from_secs(10), |s| {
+            s.active.as_deref() == Some("v1")
+        })
+        .await;
+    assert!(state.is_some(), "{:?}", follower.current());
+    let cache = ResultCache::new(
+        serving.clone(),
+        "chat",
+        Versions::Registry(follower.subscribe()),
+        60,
+    );
+    let q = json!({"q": "What is our PTO policy?", "temperature": 0});
+    cache.put(&q, &json!("25 days")).await.unwrap();
+    assert_eq!(cache.get(&q).await.unwrap(), Some(json!("25 days")));
+    let mut consumer = EntityConsumer::join(serving.clone(), "chat", "pod-a")
+        .await
+        .unwrap();
+    entity::publish(&mut serving, "chat", "user:1")
+        .await
+        .unwrap();
+    assert_eq!(
+        consumer
+            .apply_once(Duration::from_millis(500))
+            .await
+            .unwrap(),
+        vec!["user:1"]
+    );
+
+    // Another model's keys, and dangerous commands, are refused.
+    let other = ResultCache::new(serving.clone(), "ranker", fixed("v1"), 60);
+    let err = other.put(&q, &json!("x")).await.unwrap_err();
+    assert!(err.to_string().contains("failed"), "{err}");
+    let refused = async |cmd: &mut redis::Cmd| {
+        let mut conn = serving.clone();
+        let err = cmd
+            .query_async::<redis::Value>(&mut conn)
+            .await
+            .unwrap_err();
+        err.to_string()
+    };
+    for (name, mut cmd) in [
+        (
+            "another model",
+            redis::cmd("GET").arg("mc:ranker:v1:x").clone(),
+        ),
+        (
+            "a foreign key",
+            redis::cmd("SET").arg("session:1").arg("x").clone(),
+        ),
+        (
+            "CONFIG",
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("maxmemory")
+                .arg("1")
+                .clone(),
+        ),
+        ("FLUSHALL", redis::cmd("FLUSHALL").clone()),
+        ("KEYS", redis::cmd("KEYS").arg("*").clone()),
+        ("INFO", redis::cmd("INFO").clone()),
+        ("ACL", redis::cmd("ACL").arg("LIST").clone()),
+        ("SAVE", redis::cmd("SAVE").clone()),
+    ] {
+        let message = refused(&mut cmd).await;
+        assert!(
+            message.to_uppercase().contains("NOPERM"),
+            "{name}: {message}"
+        );
+    }
+    let anonymous = format!("redis://127.0.0.1:{}", redis.port());
+    let mut conn = redis::Client::open(anonymous.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&support::patient())
+        .await
+        .unwrap();
+    let err = redis::cmd("GET")
+        .arg(keys::registry("chat"))
+        .query_async::<redis::Value>(&mut conn)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("NOAUTH"), "{err}");
+
+    // The controller's user may do everything.
+    assert_eq!(support::config_get(&redis, "maxmemory").await, "0");
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+}

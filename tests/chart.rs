@@ -68,6 +68,13 @@ fn rendered_chart_passes_strict_validation() {
     for (name, sets) in [
         ("cluster", vec![]),
         ("namespaced", vec!["watchNamespace=ml"]),
+        (
+            "network-policy",
+            vec![
+                "networkPolicy.enabled=true",
+                "networkPolicy.apiServerCIDRs={10.0.0.0/28}",
+            ],
+        ),
     ] {
         let path = dir.path().join(format!("{name}.yaml"));
         let rendered = render(&sets);
@@ -113,7 +120,8 @@ fn rbac_is_least_privilege_and_scoped_as_configured() {
             r#""modelcache.dev" ["modelcaches/status"] ["patch"]"#,
             r#""modelcache.dev" ["cachepolicies"] ["get","list","watch"]"#,
             r#""" ["configmaps","services"] ["get","list","watch","create","patch"]"#,
-            r#""apps" ["statefulsets"] ["get","list","watch","create","patch"]"#,
+            r#""apps" ["statefulsets"] ["get","list","watch","create","patch","delete"]"#,
+            r#""networking.k8s.io" ["networkpolicies"] ["get","create","patch"]"#,
             r#""apps" ["deployments"] ["get"]"#,
             r#""" ["pods"] ["list"]"#,
             r#""" ["secrets"] ["get","create"]"#,
@@ -166,7 +174,7 @@ fn rbac_is_least_privilege_and_scoped_as_configured() {
         .iter()
         .find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == "ml")
         .unwrap();
-    assert_eq!(role["rules"].as_array().unwrap().len(), 9);
+    assert_eq!(role["rules"].as_array().unwrap().len(), 10);
 
     // The Lease is the only thing in the controller's own namespace.
     let lease = docs
@@ -259,6 +267,54 @@ fn the_webhook_sees_annotated_pods_only_and_fails_closed_by_default() {
         .find(|d| d["kind"] == "MutatingWebhookConfiguration")
         .unwrap();
     assert_eq!(config["webhooks"][0]["failurePolicy"], "Ignore");
+}
+
+/// With `networkPolicy.enabled`, the webhook port admits only the API
+/// server's addresses (`/mutate` answers any caller), and the metrics port
+/// the peers configured; without the addresses the chart refuses to render
+/// rather than block admissions. Off by default.
+#[test]
+fn the_network_policy_admits_only_the_api_server_to_the_webhook() {
+    let policies = |docs: &[serde_json::Value]| {
+        docs.iter()
+            .filter(|d| d["kind"] == "NetworkPolicy")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(policies(&documents(&render(&[]))).is_empty());
+    let docs = documents(&render(&[
+        "networkPolicy.enabled=true",
+        "networkPolicy.apiServerCIDRs={10.0.0.0/28,192.168.1.10/32}",
+    ]));
+    let policy = &policies(&docs)[0];
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(
+        policy["spec"]["ingress"],
+        serde_json::json!([
+            {"ports": [{"port": "webhook", "protocol": "TCP"}],
+             "from": [{"ipBlock": {"cidr": "10.0.0.0/28"}}, {"ipBlock": {"cidr": "192.168.1.10/32"}}]},
+            {"ports": [{"port": "http", "protocol": "TCP"}]},
+        ])
+    );
+
+    let mut cmd = Command::new(helm());
+    cmd.args(["template", "mc"])
+        .arg(chart())
+        .args(["--set", "networkPolicy.enabled=true"]);
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "rendered without the API server's addresses"
+    );
+    assert!(
+        stderr.contains("networkPolicy.apiServerCIDRs is empty"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -111,7 +111,7 @@ async fn api_server_accepts_examples_and_rejects_bad_resources() {
 }
 
 /// The controller, run in-process against the cluster, provisions a Redis for
-/// a ModelCache, reports it Ready, and the generated password opens it. The
+/// a ModelCache, reports it Ready, and the generated passwords open it. The
 /// test reaches the Redis pod through `kubectl port-forward` (from
 /// scripts/setup.sh), so it also works with a kind cluster from outside.
 #[tokio::test]
@@ -218,13 +218,35 @@ async fn controller_provisions_a_ready_redis() {
             .get("chat-redis")
             .await
             .unwrap();
-        let password = String::from_utf8(secret.data.unwrap()["password"].0.clone()).unwrap();
-        let redis =
-            redis::Client::open(format!("redis://:{password}@127.0.0.1:{local_port}")).unwrap();
-        let mut conn = redis
+        let data = secret.data.unwrap();
+        let value = |key: &str| String::from_utf8(data[key].0.clone()).unwrap();
+        // Serving pods' password: their model's keys, nothing dangerous.
+        let serving = redis::Client::open(format!(
+            "redis://:{}@127.0.0.1:{local_port}",
+            value("password")
+        ))
+        .unwrap();
+        let mut conn = serving
             .get_multiplexed_async_connection()
             .await
-            .expect("the generated password opens Redis");
+            .expect("the serving password opens Redis");
+        let refused = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async::<Vec<String>>(&mut conn)
+            .await
+            .unwrap_err();
+        assert!(refused.to_string().contains("NOPERM"), "{refused}");
+        let admin = redis::Client::open(format!(
+            "redis://{}:{}@127.0.0.1:{local_port}",
+            modelcache::store::acl::ADMIN_USER,
+            value("admin-password")
+        ))
+        .unwrap();
+        let mut conn = admin
+            .get_multiplexed_async_connection()
+            .await
+            .expect("the controller's password opens Redis");
         let policy: Vec<String> = redis::cmd("CONFIG")
             .arg("GET")
             .arg("maxmemory-policy")

@@ -23,6 +23,8 @@ const SECRET: &str = "/api/v1/namespaces/ml/secrets/chat-redis";
 const CONFIG_MAP: &str = "/api/v1/namespaces/ml/configmaps/chat-redis-config";
 const STATEFUL_SET: &str = "/apis/apps/v1/namespaces/ml/statefulsets/chat-redis";
 const SERVICE: &str = "/api/v1/namespaces/ml/services/chat-redis";
+const HEADLESS: &str = "/api/v1/namespaces/ml/services/chat-redis-headless";
+const NETWORK_POLICY: &str = "/apis/networking.k8s.io/v1/namespaces/ml/networkpolicies/chat-redis";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ml/events";
 
 fn model_cache(policy: Option<&str>) -> Value {
@@ -100,24 +102,33 @@ fn condition(api: &FakeApiServer, type_: &str) -> Value {
         .unwrap_or_else(|| panic!("no {type_} condition in {}", mc["status"]))
 }
 
-fn password(api: &FakeApiServer) -> String {
+/// A value of the generated Secret.
+fn secret_value(api: &FakeApiServer, key: &str) -> String {
     let secret = api.get(SECRET).expect("the Secret was created");
-    let encoded = secret["data"]["password"].as_str().unwrap();
-    String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .unwrap(),
+    let encoded = secret["data"][key].as_str().unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .unwrap();
+    String::from_utf8(bytes).unwrap()
+}
+
+/// A real redis-server with the users of the generated Secret's auth.conf,
+/// as the provisioned pod runs; `url()` logs in as the controller does.
+fn provisioned_redis(api: &FakeApiServer) -> RedisServer {
+    RedisServer::start_with_users(
+        &secret_value(api, "auth.conf"),
+        modelcache::store::acl::ADMIN_USER,
+        &secret_value(api, "admin-password"),
     )
-    .unwrap()
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Brings up the ModelCache: the first reconcile creates the objects (Redis is
-/// not up yet), then a real redis-server starts with the generated password.
+/// not up yet), then a real redis-server starts with the generated users.
 async fn bring_up(api: &FakeApiServer, client: &Client) -> (RedisServer, Arc<Context>) {
     let closed = format!("redis://127.0.0.1:{}", free_port());
     reconcile_stored(api, &context(client, closed)).await;
-    let redis =
-        RedisServer::start_with(Some(&password(api)), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let redis = provisioned_redis(api);
     let ctx = context(client, format!("redis://127.0.0.1:{}", redis.port()));
     reconcile_stored(api, &ctx).await;
     (redis, ctx)
@@ -142,10 +153,14 @@ async fn first_reconcile_creates_everything_and_a_second_changes_nothing() {
             // else's is never taken over.
             format!("GET {CONFIG_MAP}"),
             format!("PATCH {CONFIG_MAP}"),
+            format!("GET {HEADLESS}"),
+            format!("PATCH {HEADLESS}"),
             format!("GET {STATEFUL_SET}"),
             format!("PATCH {STATEFUL_SET}"),
             format!("GET {SERVICE}"),
             format!("PATCH {SERVICE}"),
+            format!("GET {NETWORK_POLICY}"),
+            format!("PATCH {NETWORK_POLICY}"),
             format!("PATCH {MC}/status"),
         ]
     );
@@ -178,28 +193,46 @@ async fn first_reconcile_creates_everything_and_a_second_changes_nothing() {
     assert_eq!(condition(&api, "Ready")["status"], "False");
     assert_eq!(condition(&api, "Ready")["reason"], "RedisUnavailable");
     let secret_before = api.get(SECRET).unwrap();
+    // Only the ModelCache's clients and the controller reach the Redis.
+    let policy = &body_of(&first, "PATCH", NETWORK_POLICY)["spec"];
+    assert_eq!(policy["podSelector"], sts["spec"]["selector"]);
+    assert_eq!(policy["policyTypes"], json!(["Ingress"]));
+    let rule = &policy["ingress"][0];
+    assert_eq!(rule["ports"], json!([{"port": 6379, "protocol": "TCP"}]));
+    assert_eq!(
+        rule["from"],
+        json!([
+            {"podSelector": {"matchLabels": {"modelcache.dev/client": "chat"}}},
+            {"namespaceSelector": {}, "podSelector": {"matchLabels": {
+                "app.kubernetes.io/component": "controller",
+                "app.kubernetes.io/name": "modelcache"}}},
+        ])
+    );
 
-    // The Redis pod is up with the generated password.
-    let redis =
-        RedisServer::start_with(Some(&password(&api)), &[]).unwrap_or_else(|e| panic!("{e}"));
+    // The Redis pod is up with the generated users.
+    let redis = provisioned_redis(&api);
     let ctx = context(&client, format!("redis://127.0.0.1:{}", redis.port()));
     let action = reconcile_stored(&api, &ctx).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(30)));
     let second = api.take_requests();
     assert_eq!(
-        lines(&second)[..8],
+        lines(&second)[..12],
         [
             format!("GET {SECRET}"),
             format!("GET {CONFIG_MAP}"),
             format!("PATCH {CONFIG_MAP}"),
+            format!("GET {HEADLESS}"),
+            format!("PATCH {HEADLESS}"),
             format!("GET {STATEFUL_SET}"),
             format!("PATCH {STATEFUL_SET}"),
             format!("GET {SERVICE}"),
             format!("PATCH {SERVICE}"),
+            format!("GET {NETWORK_POLICY}"),
+            format!("PATCH {NETWORK_POLICY}"),
             format!("PATCH {MC}/status"),
         ]
     );
-    for path in [CONFIG_MAP, STATEFUL_SET, SERVICE] {
+    for path in [CONFIG_MAP, HEADLESS, STATEFUL_SET, SERVICE, NETWORK_POLICY] {
         assert_eq!(
             body_of(&first, "PATCH", path),
             body_of(&second, "PATCH", path),
@@ -241,14 +274,18 @@ async fn first_reconcile_creates_everything_and_a_second_changes_nothing() {
             format!("GET {SECRET}"),
             format!("GET {CONFIG_MAP}"),
             format!("PATCH {CONFIG_MAP}"),
+            format!("GET {HEADLESS}"),
+            format!("PATCH {HEADLESS}"),
             format!("GET {STATEFUL_SET}"),
             format!("PATCH {STATEFUL_SET}"),
             format!("GET {SERVICE}"),
             format!("PATCH {SERVICE}"),
+            format!("GET {NETWORK_POLICY}"),
+            format!("PATCH {NETWORK_POLICY}"),
             format!("PATCH {MC}/status"),
         ]
     );
-    for path in [CONFIG_MAP, STATEFUL_SET, SERVICE] {
+    for path in [CONFIG_MAP, HEADLESS, STATEFUL_SET, SERVICE, NETWORK_POLICY] {
         assert_eq!(
             body_of(&first, "PATCH", path),
             body_of(&third, "PATCH", path),
@@ -278,6 +315,58 @@ async fn a_deleted_child_is_recreated() {
     assert_eq!(after["spec"], before["spec"]);
     assert!(api.get(SERVICE).is_some(), "the Service was recreated");
     assert_eq!(condition(&api, "Ready")["status"], "True");
+}
+
+/// A StatefulSet from a release whose `serviceName` was the clients'
+/// ClusterIP Service: the field cannot change in place (the API server
+/// refuses the apply), so it is deleted with its pod left running (Orphan,
+/// preconditioned on its uid), and the next reconcile creates it anew with
+/// the headless Service; its pod template is unchanged, so the adopted pod
+/// keeps its keys.
+#[tokio::test]
+async fn a_stateful_set_naming_the_clients_service_is_recreated_leaving_its_pod() {
+    let (client, api) = FakeApiServer::start();
+    api.insert(MC, model_cache(None));
+    let (_redis, ctx) = bring_up(&api, &client).await;
+    let current = api.get(STATEFUL_SET).unwrap();
+    assert_eq!(current["spec"]["serviceName"], "chat-redis-headless");
+    let headless = api.get(HEADLESS).expect("the headless Service exists");
+    assert_eq!(headless["spec"]["clusterIP"], "None");
+    assert_eq!(
+        api.get(SERVICE).unwrap()["spec"]["type"],
+        "ClusterIP",
+        "clients keep their ClusterIP Service"
+    );
+    let mut old = current.clone();
+    old["spec"]["serviceName"] = json!("chat-redis");
+    api.insert(STATEFUL_SET, old.clone());
+    let old_uid = api.get(STATEFUL_SET).unwrap()["metadata"]["uid"].clone();
+    api.take_requests();
+
+    reconcile_stored(&api, &ctx).await;
+    let requests = api.take_requests();
+    let delete = requests
+        .iter()
+        .find(|r| r.method == "DELETE")
+        .unwrap_or_else(|| panic!("no DELETE in {:?}", lines(&requests)));
+    assert_eq!(delete.path, STATEFUL_SET);
+    let body = delete.body.as_ref().unwrap();
+    assert_eq!(body["propagationPolicy"], "Orphan", "{body}");
+    assert_eq!(body["preconditions"]["uid"], old_uid, "{body}");
+    assert!(
+        !lines(&requests).contains(&format!("PATCH {STATEFUL_SET}")),
+        "the old StatefulSet is not applied to: {:?}",
+        lines(&requests)
+    );
+
+    reconcile_stored(&api, &ctx).await;
+    let created = api.get(STATEFUL_SET).expect("the StatefulSet was created");
+    assert_eq!(created["spec"]["serviceName"], "chat-redis-headless");
+    assert_eq!(created["spec"]["template"], old["spec"]["template"]);
+    assert!(
+        api.take_requests().iter().all(|r| r.method != "DELETE"),
+        "one deletion only"
+    );
 }
 
 #[tokio::test]

@@ -63,6 +63,10 @@ fn the_explicit_deployment_is_what_the_webhook_makes_of_the_injected_one() {
             "spec.{field} of examples/deploy/vllm-explicit.yaml differs from the webhook's (MODELCACHE_PRINT=1 prints it)"
         );
     }
+    assert_eq!(
+        explicit["metadata"]["labels"], injected["metadata"]["labels"],
+        "the labels of examples/deploy/vllm-explicit.yaml's pods differ from the webhook's"
+    );
 }
 
 fn kustomize(dir: &Path) -> Vec<Value> {

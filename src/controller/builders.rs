@@ -22,8 +22,12 @@ use crate::store::settings::{AUTH_CONF_PATH, RedisSettings, redis_conf};
 
 /// The port of every provisioned Redis.
 pub const REDIS_PORT: i32 = 6379;
-/// Key of the generated Secret that holds the password clients use.
+/// Key of the generated Secret that holds the password clients use (the
+/// `default` user's, with serving rights only: see [`crate::store::acl`]).
 pub const PASSWORD_KEY: &str = "password";
+/// Key of the generated Secret that holds the controller's own password
+/// ([`crate::store::acl::ADMIN_USER`]); no pod mounts it.
+pub const ADMIN_PASSWORD_KEY: &str = "admin-password";
 /// Key of the generated Secret that redis.conf `include`s.
 pub const AUTH_CONF_KEY: &str = "auth.conf";
 /// Pod-template annotation that follows the Secret's identity: a recreated
@@ -40,8 +44,10 @@ pub const MAX_NAME_LEN: usize = 46;
 /// Names of the owned objects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
-    /// Secret, StatefulSet and Service.
+    /// Secret, StatefulSet and the clients' Service.
     pub redis: String,
+    /// The headless Service that governs the StatefulSet (its pods' DNS).
+    pub headless: String,
     /// The ConfigMap with redis.conf.
     pub config_map: String,
     /// The inline warm-up prompts, for model pods to mount.
@@ -56,6 +62,7 @@ pub fn names(mc: &ModelCache) -> Names {
     let base = mc.metadata.name.clone().unwrap_or_default();
     Names {
         redis: format!("{base}-redis"),
+        headless: format!("{base}-redis-headless"),
         config_map: format!("{base}-redis-config"),
         warmup: format!("{base}-warmup"),
     }
@@ -78,7 +85,7 @@ pub fn labels(mc: &ModelCache) -> BTreeMap<String, String> {
     ])
 }
 
-fn selector_labels(mc: &ModelCache) -> BTreeMap<String, String> {
+pub(crate) fn selector_labels(mc: &ModelCache) -> BTreeMap<String, String> {
     let mut l = labels(mc);
     l.retain(|k, _| k == "app.kubernetes.io/instance" || k == "modelcache.dev/modelcache");
     l
@@ -91,7 +98,7 @@ fn owner(mc: &ModelCache) -> Option<OwnerReference> {
     mc.controller_owner_ref(&())
 }
 
-fn meta(mc: &ModelCache, name: &str) -> ObjectMeta {
+pub(crate) fn meta(mc: &ModelCache, name: &str) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.to_owned()),
         namespace: mc.metadata.namespace.clone(),
@@ -101,9 +108,11 @@ fn meta(mc: &ModelCache, name: &str) -> ObjectMeta {
     }
 }
 
-/// The Secret with the Redis password. Created once (never applied again), so
-/// that the password is not rotated by accident.
-pub fn secret(mc: &ModelCache, password: &str) -> Secret {
+/// The Secret with the Redis passwords and the ACL users built from them.
+/// Created once (never applied again), so that no password is rotated by
+/// accident.
+pub fn secret(mc: &ModelCache, admin_password: &str, password: &str) -> Secret {
+    let auth_conf = crate::store::acl::auth_conf(&mc.spec.model, admin_password, password);
     Secret {
         metadata: meta(mc, &names(mc).redis),
         type_: Some("Opaque".into()),
@@ -113,9 +122,10 @@ pub fn secret(mc: &ModelCache, password: &str) -> Secret {
                 ByteString(password.as_bytes().to_vec()),
             ),
             (
-                AUTH_CONF_KEY.into(),
-                ByteString(format!("requirepass {password}\n").into_bytes()),
+                ADMIN_PASSWORD_KEY.into(),
+                ByteString(admin_password.as_bytes().to_vec()),
             ),
+            (AUTH_CONF_KEY.into(), ByteString(auth_conf.into_bytes())),
         ])),
         ..Default::default()
     }
@@ -325,7 +335,7 @@ pub fn stateful_set(mc: &ModelCache, settings: &RedisSettings, secret_uid: &str)
         metadata: meta(mc, &n.redis),
         spec: StatefulSetSpec {
             replicas: Some(1),
-            service_name: Some(n.redis.clone()),
+            service_name: Some(n.headless.clone()),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(mc)),
                 ..Default::default()
@@ -365,6 +375,27 @@ pub fn service(mc: &ModelCache) -> Service {
         }),
         ..Default::default()
     }
+}
+
+/// The headless Service that a StatefulSet needs as its `serviceName`: it
+/// gives the pod its stable DNS name, and lists it before it is ready (the
+/// clients' Service lists only a ready Redis).
+pub fn headless_service(mc: &ModelCache) -> Service {
+    let mut service = service(mc);
+    service.metadata = meta(mc, &names(mc).headless);
+    if let Some(spec) = service.spec.as_mut() {
+        spec.cluster_ip = Some("None".into());
+        spec.publish_not_ready_addresses = Some(true);
+    }
+    service
+}
+
+/// Whether a StatefulSet that exists must be deleted (leaving its pod) and
+/// created anew to become `desired`: `serviceName` cannot be changed in place,
+/// and releases before the headless Service named the clients' Service.
+pub fn must_recreate(existing: &StatefulSet, desired: &StatefulSet) -> bool {
+    let service_name = |s: &StatefulSet| s.spec.service_name.clone();
+    service_name(existing) != service_name(desired)
 }
 
 /// The in-cluster address of a provisioned Redis.

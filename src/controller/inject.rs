@@ -24,6 +24,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
 
 use super::builders;
+use super::network::CLIENT_LABEL;
 use crate::crd::model_cache::{DEFAULT_VERSION_LABEL, ModelCache};
 
 /// The annotation that asks for injection; its value names the ModelCache.
@@ -408,6 +409,17 @@ pub fn patch(pod: &Pod, mc: &ModelCache, image: &str) -> Vec<Value> {
     if !has(&pod.metadata.labels) && !has(&pod.metadata.annotations) {
         let pointer = key.replace('~', "~0").replace('/', "~1");
         ops.push(json!({"op": "add", "path": format!("/metadata/annotations/{pointer}"), "value": mc.spec.version}));
+    }
+
+    // A provisioned Redis's NetworkPolicy admits pods with this label.
+    let provisioned = mc.spec.redis.as_ref().is_none_or(|r| r.external.is_none());
+    let name = mc.metadata.name.clone().unwrap_or_default();
+    let labels = pod.metadata.labels.as_ref();
+    if provisioned && labels.and_then(|l| l.get(CLIENT_LABEL)) != Some(&name) {
+        ops.push(match labels {
+            None => json!({"op": "add", "path": "/metadata/labels", "value": {CLIENT_LABEL: name}}),
+            Some(_) => json!({"op": "add", "path": format!("/metadata/labels/{}", CLIENT_LABEL.replace('/', "~1")), "value": name}),
+        });
     }
 
     let (fetch, mut volumes) = fetch_container(mc, pod, image);

@@ -12,6 +12,7 @@ pub mod http;
 pub mod inject;
 pub mod leader;
 pub mod metrics;
+pub mod network;
 pub mod reconcile;
 pub mod rollout;
 pub mod status;
@@ -267,6 +268,7 @@ pub async fn run_with_client(
         config.health_interval,
     );
     ctx.redis_url_override = config.redis_url_override.clone();
+    ctx.controller_namespace = Some(config.lease_namespace.clone());
     let stop = {
         let (mut stop, mut lost) = (stop_rx.clone(), lost_rx.clone());
         async move {

@@ -96,6 +96,9 @@ pub struct Context {
     /// Address used instead of the in-cluster Service of a provisioned Redis:
     /// for a controller run outside the cluster, and for tests.
     pub redis_url_override: Option<String>,
+    /// The controller's own namespace, which a Redis's NetworkPolicy admits
+    /// the controller from; `None` admits its pods from any namespace.
+    pub controller_namespace: Option<String>,
     /// Consecutive failures per object, for per-object backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Running sweeps and key counts of retired versions.
@@ -116,6 +119,7 @@ impl Context {
             recorder,
             health_interval,
             redis_url_override: None,
+            controller_namespace: None,
             failures: Mutex::new(HashMap::new()),
             tasks: follow::Tasks::default(),
         }
@@ -195,8 +199,11 @@ async fn stages(mc: &ModelCache, ctx: &Context) -> Result<Action, ReconcileError
     let policy = dereference::policy(client, mc).await?;
     let spec = validate::validate(mc, policy)?;
     let credentials = dereference::credentials(client, mc, &spec.redis).await?;
-    let override_url = ctx.redis_url_override.as_deref();
-    let desired = desired::build(mc, &spec, &credentials, override_url);
+    let placement = desired::Placement {
+        redis_url_override: ctx.redis_url_override.as_deref(),
+        controller_namespace: ctx.controller_namespace.as_deref(),
+    };
+    let desired = desired::build(mc, &spec, &credentials, placement);
     apply::apply_all(client, mc, &desired).await?;
 
     let threshold = spec.policy.fragmentation_threshold;

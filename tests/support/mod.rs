@@ -280,6 +280,10 @@ fn answers_http(port: u16) -> bool {
 pub struct RedisServer {
     pub process: Process,
     pub password: Option<String>,
+    /// The user `url()` logs in as; `None`: `default`.
+    pub username: Option<String>,
+    /// Holds an included config file for as long as the server runs.
+    _conf: Option<tempfile::TempDir>,
 }
 
 impl RedisServer {
@@ -305,6 +309,28 @@ impl RedisServer {
     pub fn start_with_args(password: Option<&str>, args: &[&str]) -> Result<Self, HarnessError> {
         let binary = find_program("redis-server", "MODELCACHE_REDIS_SERVER", &[])?;
         Self::start_program(&binary, password, args)
+    }
+
+    /// Starts with the users of `auth_conf` (as a provisioned Redis includes
+    /// it from its Secret); `url()` logs in as `username`.
+    pub fn start_with_users(
+        auth_conf: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<Self, HarnessError> {
+        let failed = |source| HarnessError::Spawn {
+            service: "redis-server".into(),
+            command: "writing auth.conf".into(),
+            source,
+        };
+        let dir = tempfile::tempdir().map_err(failed)?;
+        let path = dir.path().join("auth.conf");
+        std::fs::write(&path, auth_conf).map_err(failed)?;
+        let mut server = Self::start_with_args(None, &["--include", &path.to_string_lossy()])?;
+        server.username = Some(username.to_owned());
+        server.password = Some(password.to_owned());
+        server._conf = Some(dir);
+        Ok(server)
     }
 
     /// Starts the given redis-server binary.
@@ -339,6 +365,8 @@ impl RedisServer {
         Ok(RedisServer {
             process,
             password: password.map(str::to_owned),
+            username: None,
+            _conf: None,
         })
     }
 
@@ -346,10 +374,11 @@ impl RedisServer {
         self.process.port
     }
 
-    /// `redis://[:password@]127.0.0.1:port`
+    /// `redis://[[user]:password@]127.0.0.1:port`
     pub fn url(&self) -> String {
+        let user = self.username.as_deref().unwrap_or_default();
         match &self.password {
-            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", self.port()),
+            Some(pw) => format!("redis://{user}:{pw}@127.0.0.1:{}", self.port()),
             None => format!("redis://127.0.0.1:{}", self.port()),
         }
     }

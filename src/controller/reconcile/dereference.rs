@@ -16,8 +16,9 @@ use crate::crd::model_cache::{WorkloadKind, WorkloadRef};
 use crate::crd::{CachePolicy, ModelCache};
 
 use super::{MANAGER, ReconcileError, kube_error};
-use crate::controller::builders::{self, PASSWORD_KEY};
+use crate::controller::builders::{self, ADMIN_PASSWORD_KEY, PASSWORD_KEY};
 use crate::controller::validate::{Invalid, RedisBackend};
+use crate::store::acl::ADMIN_USER;
 
 /// The referenced CachePolicy's spec: `Ok(None)` when the ModelCache names
 /// none (the defaults apply), `Err(name)` when the named one does not exist.
@@ -41,7 +42,11 @@ pub enum Credentials {
     /// The generated Secret of a provisioned Redis; its uid rolls the Redis
     /// pod when the Secret is recreated.
     Generated {
-        /// The password.
+        /// The controller's user, [`crate::store::acl::ADMIN_USER`]; `None`
+        /// for a Secret made before the ACL users, whose `default` user may
+        /// do everything.
+        username: Option<String>,
+        /// That user's password.
         password: String,
         /// The Secret's uid, which the Redis pod template carries.
         secret_uid: String,
@@ -51,6 +56,14 @@ pub enum Credentials {
 }
 
 impl Credentials {
+    /// The user name, for the client that talks to Redis (`None`: `default`).
+    pub fn username(&self) -> Option<&str> {
+        match self {
+            Credentials::Generated { username, .. } => username.as_deref(),
+            Credentials::External(_) => None,
+        }
+    }
+
     /// The password, for the client that talks to Redis.
     pub fn password(&self) -> Option<&str> {
         match self {
@@ -160,7 +173,7 @@ async fn generated_secret(
                 field_manager: Some(MANAGER.into()),
                 ..Default::default()
             };
-            let new = builders::secret(mc, &generate_password()?);
+            let new = builders::secret(mc, &generate_password()?, &generate_password()?);
             match api.create(&params, &new).await {
                 Ok(s) => s,
                 // Another reconcile created it first: use theirs.
@@ -172,13 +185,19 @@ async fn generated_secret(
             }
         }
     };
-    let password = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(PASSWORD_KEY))
-        .and_then(|b| String::from_utf8(b.0.clone()).ok());
-    match password {
-        Some(password) => Ok(Credentials::Generated {
+    let value = |key: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+    };
+    // A Secret from before the ACL users has only the all-powerful `default`
+    // password; it keeps working until it is deleted (docs/controller.md).
+    let admin = value(ADMIN_PASSWORD_KEY).map(|p| (Some(ADMIN_USER.to_owned()), p));
+    match admin.or_else(|| value(PASSWORD_KEY).map(|p| (None, p))) {
+        Some((username, password)) => Ok(Credentials::Generated {
+            username,
             password,
             secret_uid: secret.uid().unwrap_or_default(),
         }),

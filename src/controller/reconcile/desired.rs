@@ -7,14 +7,15 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::crd::ModelCache;
 use crate::store::live::RedisTarget;
 use crate::store::settings;
 
 use super::dereference::Credentials;
-use crate::controller::builders;
 use crate::controller::validate::{RedisBackend, ValidSpec};
+use crate::controller::{builders, network};
 
 /// The objects to apply and the Redis to bring in line.
 #[derive(Debug, Clone)]
@@ -43,16 +44,28 @@ pub struct RedisObjects {
     pub stateful_set: StatefulSet,
     /// Its in-cluster address.
     pub service: Service,
+    /// The StatefulSet's governing Service.
+    pub headless: Service,
+    /// Who may connect to it.
+    pub network_policy: NetworkPolicy,
 }
 
-/// Builds the desired resources. `redis_url_override` replaces the in-cluster
-/// Service address of a provisioned Redis (a controller run outside the
-/// cluster, and tests).
+/// Where the controller runs, as far as the objects it builds depend on it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Placement<'a> {
+    /// Replaces the in-cluster Service address of a provisioned Redis (a
+    /// controller run outside the cluster, and tests).
+    pub redis_url_override: Option<&'a str>,
+    /// The controller's namespace, for the Redis NetworkPolicy.
+    pub controller_namespace: Option<&'a str>,
+}
+
+/// Builds the desired resources.
 pub fn build(
     mc: &ModelCache,
     spec: &ValidSpec,
     credentials: &Credentials,
-    redis_url_override: Option<&str>,
+    placement: Placement<'_>,
 ) -> DesiredResources {
     let warmup = builders::warmup_config_map(mc);
     let password = credentials.password().map(str::to_owned);
@@ -62,7 +75,8 @@ pub fn build(
                 Credentials::Generated { secret_uid, .. } => secret_uid.as_str(),
                 Credentials::External(_) => "",
             };
-            let url = redis_url_override
+            let url = placement
+                .redis_url_override
                 .map(str::to_owned)
                 .unwrap_or_else(|| builders::service_url(mc));
             DesiredResources {
@@ -71,10 +85,15 @@ pub fn build(
                     config_map: builders::config_map(mc, settings),
                     stateful_set: builders::stateful_set(mc, settings, secret_uid),
                     service: builders::service(mc),
+                    headless: builders::headless_service(mc),
+                    network_policy: network::redis_network_policy(
+                        mc,
+                        placement.controller_namespace,
+                    ),
                 }),
                 target: RedisTarget {
                     url,
-                    username: None,
+                    username: credentials.username().map(str::to_owned),
                     password,
                 },
                 config: settings::desired_config(settings),
