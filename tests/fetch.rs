@@ -105,9 +105,11 @@ fn env_of<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     v.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
-fn create_bucket(s3: &S3Server, bucket: &str) {
+/// A runtime and an S3 client with the server's credentials, for what a
+/// test does to the bucket outside the code under test.
+fn admin_client(s3: &S3Server) -> (tokio::runtime::Runtime, aws_sdk_s3::Client) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    let client = rt.block_on(async {
         let cfg = modelcache::artifact::source::SourceConfig {
             endpoint: Some(s3.endpoint()),
             region: Some(s3.region.clone()),
@@ -120,10 +122,15 @@ fn create_bucket(s3: &S3Server, bucket: &str) {
             std::env::set_var("AWS_SECRET_ACCESS_KEY", &s3.secret_key);
             std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
         }
-        let client =
-            modelcache::artifact::source::s3_client(&cfg, Duration::from_secs(30), true).await;
-        client.create_bucket().bucket(bucket).send().await.unwrap();
+        modelcache::artifact::source::s3_client(&cfg, Duration::from_secs(30), true).await
     });
+    (rt, client)
+}
+
+fn create_bucket(s3: &S3Server, bucket: &str) {
+    let (rt, client) = admin_client(s3);
+    rt.block_on(client.create_bucket().bucket(bucket).send())
+        .unwrap();
 }
 
 fn publish_s3(s3: &S3Server, dir: &Path, version: &str) -> serde_json::Value {
@@ -1067,4 +1074,154 @@ fn two_versions_sharing_files_fetched_at_once_download_them_once() {
         body < distinct + distinct / 4 + 4096,
         "the shared files crossed the wire once: {body} bytes for {distinct}"
     );
+}
+
+/// Two directories that differ in one file, as two publishes of one version
+/// would carry (two CI jobs releasing at once).
+fn rival_dirs(root: &Path) -> (PathBuf, PathBuf) {
+    let make = |name: &str, seed: u64| {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), b"{\"layers\": 2}\n").unwrap();
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let weights: Vec<u8> = (0..(4 << 20)).map(|_| rng.u8(..)).collect();
+        std::fs::write(dir.join("weights.bin"), weights).unwrap();
+        dir
+    };
+    (make("rival-a", 1), make("rival-b", 2))
+}
+
+/// Publishes of one version running at the same time (issue 16, item 12):
+/// each object is written only where none is, so exactly one publish wins
+/// and the other is refused (exit 3), and the version that stays is whole.
+/// Before, both checked for a manifest, found none, and both reported
+/// success while overwriting each other's files and manifest (a version
+/// whose bytes changed after its publish had succeeded).
+#[test]
+fn concurrent_publishes_of_one_version_leave_one_whole_winner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = rival_dirs(tmp.path());
+    let root = tmp.path().join("origin");
+    let to = format!("file://{}", root.display());
+    for round in 0..6 {
+        let version = format!("r{round}");
+        let start = |dir: &Path| {
+            modelcache(
+                &[
+                    "publish",
+                    "--dir",
+                    dir.to_str().unwrap(),
+                    "--to",
+                    &to,
+                    "--model",
+                    "m",
+                    "--version",
+                    &version,
+                ],
+                &[],
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+        };
+        let (first, second) = (start(&a), start(&b));
+        let outcomes = [
+            first.wait_with_output().unwrap(),
+            second.wait_with_output().unwrap(),
+        ];
+        let codes: Vec<Option<i32>> = outcomes.iter().map(|o| o.status.code()).collect();
+        let winners: Vec<usize> = (0..2).filter(|&i| codes[i] == Some(0)).collect();
+        assert_eq!(
+            winners.len(),
+            1,
+            "round {round}: exit codes {codes:?}: {} / {}",
+            stderr(&outcomes[0]),
+            stderr(&outcomes[1])
+        );
+        let loser = &outcomes[1 - winners[0]];
+        assert_eq!(loser.status.code(), Some(3), "{}", stderr(loser));
+        assert!(
+            stderr(loser).contains("versions are immutable"),
+            "{}",
+            stderr(loser)
+        );
+        // What stays is the winner's directory, byte for byte, and a fetch
+        // verifies it.
+        let winner = [&a, &b][winners[0]];
+        let dest = tmp.path().join(format!("dest-{round}"));
+        let fetched = run(
+            &[
+                "fetch",
+                "--source",
+                &to,
+                "--model",
+                "m",
+                "--version",
+                &version,
+                "--dest",
+                dest.to_str().unwrap(),
+                "--progress",
+                "off",
+            ],
+            &[],
+        );
+        summary(&fetched);
+        assert_eq!(tree(&dest), tree(winner), "round {round}");
+    }
+}
+
+/// On S3 (s3s-fs), the objects of a publish that stopped before its manifest
+/// are not overwritten by another directory's publish of the same version
+/// (If-None-Match: *); the first publish resumes over its own objects.
+#[test]
+fn an_s3_publish_never_overwrites_another_publishs_objects() {
+    let s3 = S3Server::s3s_fs().unwrap_or_else(|e| panic!("{e}"));
+    create_bucket(&s3, "models");
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = rival_dirs(tmp.path());
+    publish_s3(&s3, &a, "v1");
+    // As if the publish of `a` had stopped after its files.
+    delete_object(&s3, "models", "prod/m/v1/manifest.json");
+
+    let env = creds(&s3);
+    let refused = run(
+        &[
+            "publish",
+            "--dir",
+            b.to_str().unwrap(),
+            "--to",
+            "s3://models/prod",
+            "--model",
+            "m",
+            "--version",
+            "v1",
+            "--endpoint",
+            &s3.endpoint(),
+            "--path-style",
+        ],
+        &env_of(&env),
+    );
+    assert_eq!(refused.status.code(), Some(3), "{}", stderr(&refused));
+    let message = stderr(&refused);
+    assert!(
+        message.contains("already holds other bytes for weights.bin"),
+        "{message}"
+    );
+
+    // The first directory's publish resumes: its objects are its own.
+    let resumed = publish_s3(&s3, &a, "v1");
+    assert_eq!(resumed["alreadyPublished"], false);
+    let dest = tmp.path().join("dest");
+    summary(&run(
+        &fetch_args(&s3.endpoint(), "v1", dest.to_str().unwrap()),
+        &env_of(&env),
+    ));
+    assert_eq!(tree(&dest), tree(&a));
+}
+
+fn delete_object(s3: &S3Server, bucket: &str, key: &str) {
+    let (rt, client) = admin_client(s3);
+    rt.block_on(client.delete_object().bucket(bucket).key(key).send())
+        .unwrap();
 }

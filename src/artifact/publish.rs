@@ -3,6 +3,13 @@
 //! publish did not finish, and fetchers refuse it. Versions are immutable: a
 //! second publish with the same bytes does nothing, with different bytes it
 //! is refused.
+//!
+//! Immutability holds under concurrent publishes too: every object is written
+//! only where none is (S3 `If-None-Match: *`; a hard link for directories), so
+//! the first writer of each object wins and a publish that finds another's
+//! object there checks it byte for byte (sha256) before going on. A check of
+//! the manifest before the upload alone would let two publishes that both
+//! found none overwrite each other's files and manifest.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -79,6 +86,17 @@ pub enum PublishError {
         existing: String,
         new: String,
     },
+    #[error(
+        "failed to publish {model}/{version}: {url} already holds other bytes for {file} (sha256 {existing}, this directory's is {new}); another publish of this version ran at the same time or earlier, and versions are immutable, so publish under a new version"
+    )]
+    FileExists {
+        model: String,
+        version: String,
+        file: String,
+        url: String,
+        existing: String,
+        new: String,
+    },
     #[error("failed to upload {file} to {url}: {detail}")]
     Upload {
         file: String,
@@ -98,7 +116,7 @@ impl PublishError {
             PublishError::Name(_)
             | PublishError::Build { .. }
             | PublishError::Unsupported { .. } => 2,
-            PublishError::Exists { .. } => 3,
+            PublishError::Exists { .. } | PublishError::FileExists { .. } => 3,
             PublishError::Upload { .. } => 4,
         }
     }
@@ -156,7 +174,23 @@ pub async fn publish(opts: PublishOptions) -> Result<PublishSummary, PublishErro
             .buffer_unordered(opts.concurrency.clamp(1, 16))
             .try_collect::<Vec<()>>()
             .await?;
-            target.put_manifest(&opts, &verified.bytes).await?;
+            if !target.put_manifest(&opts, &verified.bytes).await? {
+                // Another publish put its manifest between our check and ours.
+                match target.existing_manifest(&opts).await? {
+                    Some(existing) if existing == verified.bytes => {
+                        summary.already_published = true
+                    }
+                    existing => {
+                        return Err(PublishError::Exists {
+                            model: opts.model.clone(),
+                            version: opts.version.clone(),
+                            url: target.url(&opts, MANIFEST_NAME),
+                            existing: crate::digest::sha256_hex(&existing.unwrap_or_default()),
+                            new: verified.digest.clone(),
+                        });
+                    }
+                }
+            }
         }
     }
     summary.seconds = (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
@@ -260,22 +294,31 @@ impl Target {
                     let body = ByteStream::from_path(&local)
                         .await
                         .map_err(|e| self.upload_error(opts, &f.path, e.to_string()))?;
-                    client
+                    let put = client
                         .put_object()
                         .bucket(bucket)
                         .key(&key)
+                        .if_none_match("*")
                         .body(body)
                         .send()
-                        .await
-                        .map_err(|e| self.upload_error(opts, &f.path, s3_failure(&e).1))?;
-                    return Ok(());
+                        .await;
+                    return match put {
+                        Ok(_) => Ok(()),
+                        Err(e) if precondition_failed(&e) => self.same_bytes(opts, f).await,
+                        Err(e) => Err(self.upload_error(opts, &f.path, s3_failure(&e).1)),
+                    };
                 }
                 self.multipart(opts, client, bucket, &key, &local, f).await
             }
             Target::Dir(_) => {
                 let target = PathBuf::from(self.url(opts, &f.path));
-                copy_atomic(&local, &target)
-                    .map_err(|e| self.upload_error(opts, &f.path, e.to_string()))
+                match copy_new(&local, &target) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        self.same_bytes(opts, f).await
+                    }
+                    Err(e) => Err(self.upload_error(opts, &f.path, e.to_string())),
+                }
             }
         }
     }
@@ -355,6 +398,7 @@ impl Target {
             .bucket(bucket)
             .key(key)
             .upload_id(&upload_id)
+            .if_none_match("*")
             .multipart_upload(
                 CompletedMultipartUpload::builder()
                     .set_parts(Some(parts))
@@ -364,6 +408,16 @@ impl Target {
             .await;
         match completed {
             Ok(_) => Ok(()),
+            Err(e) if precondition_failed(&e) => {
+                let _ = client
+                    .abort_multipart_upload()
+                    .bucket(bucket)
+                    .key(key)
+                    .upload_id(&upload_id)
+                    .send()
+                    .await;
+                self.same_bytes(opts, f).await
+            }
             // moto answers 200 with a `CompleteMultipartUploadResponse` root
             // that the SDK refuses to decode; the object is complete when its
             // size says so.
@@ -385,14 +439,21 @@ impl Target {
         }
     }
 
-    async fn put_manifest(&self, opts: &PublishOptions, bytes: &[u8]) -> Result<(), PublishError> {
+    /// Puts the manifest where none is; `false` when another publish's
+    /// manifest got there first.
+    async fn put_manifest(
+        &self,
+        opts: &PublishOptions,
+        bytes: &[u8],
+    ) -> Result<bool, PublishError> {
+        let err = |detail: String| self.upload_error(opts, MANIFEST_NAME, detail);
         match self {
             Target::S3 {
                 client,
                 bucket,
                 prefix,
             } => {
-                client
+                let put = client
                     .put_object()
                     .bucket(bucket)
                     .key(version_key(
@@ -402,30 +463,123 @@ impl Target {
                         MANIFEST_NAME,
                     ))
                     .content_type("application/json")
+                    .if_none_match("*")
                     .body(ByteStream::from(bytes.to_vec()))
                     .send()
-                    .await
-                    .map_err(|e| self.upload_error(opts, MANIFEST_NAME, s3_failure(&e).1))?;
-                Ok(())
+                    .await;
+                match put {
+                    Ok(_) => Ok(true),
+                    Err(e) if precondition_failed(&e) => Ok(false),
+                    Err(e) => Err(err(s3_failure(&e).1)),
+                }
             }
             Target::Dir(_) => {
                 let target = PathBuf::from(self.url(opts, MANIFEST_NAME));
                 if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent)
-                        .map_err(|e| self.upload_error(opts, MANIFEST_NAME, e.to_string()))?;
+                    std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
                 }
-                super::disk::write_atomic(&target, bytes)
-                    .map_err(|e| self.upload_error(opts, MANIFEST_NAME, e.to_string()))
+                let tmp = target.with_extension(format!(
+                    "publishing{}-{:x}",
+                    std::process::id(),
+                    fastrand::u64(..)
+                ));
+                let placed =
+                    super::disk::write_atomic(&tmp, bytes).and_then(|()| place_new(&tmp, &target));
+                match placed {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                    Err(e) => Err(err(e.to_string())),
+                }
             }
         }
     }
+
+    /// For an object another publish wrote first: going on is right only if
+    /// it holds the very bytes this one would have written.
+    async fn same_bytes(
+        &self,
+        opts: &PublishOptions,
+        f: &ManifestFile,
+    ) -> Result<(), PublishError> {
+        let err = |detail: String| self.upload_error(opts, &f.path, detail);
+        let existing = match self {
+            Target::S3 {
+                client,
+                bucket,
+                prefix,
+            } => {
+                let key = version_key(prefix, &opts.model, &opts.version, &f.path);
+                let out = client
+                    .get_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .map_err(|e| err(s3_failure(&e).1))?;
+                let mut body = out.body;
+                let mut hasher = crate::digest::Sha256::default();
+                while let Some(chunk) = body
+                    .try_next()
+                    .await
+                    .map_err(|e| err(format!("reading the existing object: {e}")))?
+                {
+                    hasher.update(&chunk);
+                }
+                hasher.finish_hex()
+            }
+            Target::Dir(_) => {
+                let path = PathBuf::from(self.url(opts, &f.path));
+                let hashed = tokio::task::spawn_blocking(move || {
+                    crate::digest::hash_reader(std::fs::File::open(path)?)
+                })
+                .await
+                .map_err(|e| err(e.to_string()))?;
+                let (_, existing) =
+                    hashed.map_err(|e| err(format!("reading the existing file: {e}")))?;
+                existing
+            }
+        };
+        if existing == f.sha256 {
+            return Ok(());
+        }
+        Err(PublishError::FileExists {
+            model: opts.model.clone(),
+            version: opts.version.clone(),
+            file: f.path.clone(),
+            url: self.url(opts, &f.path),
+            existing,
+            new: f.sha256.clone(),
+        })
+    }
 }
 
-fn copy_atomic(from: &Path, to: &Path) -> std::io::Result<()> {
+/// S3's answer to a conditional write whose condition failed: an object is
+/// already at the key.
+fn precondition_failed<E>(
+    e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> bool {
+    e.raw_response().is_some_and(|r| r.status().as_u16() == 412)
+}
+
+/// Copies `from` to `to` only if nothing is at `to` (AlreadyExists
+/// otherwise): through a temporary file, then a hard link, which unlike a
+/// rename never replaces what is there.
+fn copy_new(from: &Path, to: &Path) -> std::io::Result<()> {
     if let Some(parent) = to.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let tmp = to.with_extension(format!("publishing{}", std::process::id()));
+    let tmp = to.with_extension(format!(
+        "publishing{}-{:x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
     std::fs::copy(from, &tmp)?;
-    std::fs::rename(&tmp, to)
+    place_new(&tmp, to)
+}
+
+/// Moves `tmp` to `to` unless something is there.
+fn place_new(tmp: &Path, to: &Path) -> std::io::Result<()> {
+    let linked = std::fs::hard_link(tmp, to);
+    let _ = std::fs::remove_file(tmp);
+    linked
 }
