@@ -801,6 +801,42 @@ async fn inline_warmup_prompts_are_applied_as_a_config_map_for_the_pods() {
     );
 }
 
+/// Inline CDN headers become a ConfigMap that the injected fetch container
+/// mounts, so that their values are in neither the webhook's answer nor the
+/// pod spec; a header name that cannot be a file name is an invalid spec.
+#[tokio::test]
+async fn inline_cdn_headers_are_applied_as_a_config_map_and_bad_names_are_invalid() {
+    let (client, api) = FakeApiServer::start();
+    let mut mc = model_cache(None);
+    mc["spec"]["source"] = json!({
+        "uri": "https://d111111abcdef8.cloudfront.net/models",
+        "cdn": {"headers": {"X-Tenant": "acme"}}
+    });
+    api.insert(MC, mc.clone());
+    let closed = format!("redis://127.0.0.1:{}", free_port());
+    let ctx = context(&client, closed);
+    reconcile_stored(&api, &ctx).await;
+    let requests = api.take_requests();
+    let path = "/api/v1/namespaces/ml/configmaps/chat-cdn-headers";
+    let cm = body_of(&requests, "PATCH", path);
+    assert_eq!(cm["data"], json!({"X-Tenant": "acme"}));
+    assert_eq!(cm["metadata"]["ownerReferences"][0]["uid"], "mc-uid-1");
+
+    mc["spec"]["source"]["cdn"]["headers"] = json!({"X Tenant": "acme"});
+    api.insert(MC, mc);
+    reconcile_stored(&api, &ctx).await;
+    let spec_valid = condition(&api, "SpecValid");
+    assert_eq!(spec_valid["status"], "False");
+    assert_eq!(spec_valid["reason"], "CdnHeaderInvalid");
+    assert!(
+        spec_valid["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"X Tenant\""),
+        "{spec_valid}"
+    );
+}
+
 /// With leader election off (`leaderElection.enabled: false` in the chart)
 /// the controller must reconcile until it is stopped. It once stopped at
 /// start instead: the lost-lease signal fired when no elector held its sender.

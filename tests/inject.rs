@@ -246,6 +246,9 @@ fn a_pod_without_a_version_gets_the_modelcache_version() {
 
 #[test]
 fn a_cdn_source_gets_its_headers_and_signing_key_as_mounted_files() {
+    // Header values never travel in the patch (the webhook's answer) or in
+    // the pod spec: inline ones come from the ConfigMap the controller
+    // makes of them. Before, they were `--header` arguments.
     let mut mc = chat();
     mc.spec.source = serde_json::from_value(json!({
         "uri": "https://d111111abcdef8.cloudfront.net/models",
@@ -262,15 +265,16 @@ fn a_cdn_source_gets_its_headers_and_signing_key_as_mounted_files() {
     let request = fixture("annotated.json");
     let found = move |_: &str, _: &str| Ok(Some(mc.clone()));
     let response = review(&request, found, &config(FailurePolicy::Fail));
-    let mut patched = apply(
-        request["request"]["object"].clone(),
-        &ops(&response).unwrap(),
+    let patch = ops(&response).unwrap();
+    // The patch travels base64-encoded in the answer: look at it decoded.
+    let decoded = serde_json::to_string(&patch).unwrap();
+    assert!(
+        !decoded.contains("acme"),
+        "a header value in the patch: {decoded}"
     );
+    let mut patched = apply(request["request"]["object"].clone(), &patch);
     let fetch = &patched["spec"]["initContainers"][0];
-    assert_eq!(
-        fetch["args"],
-        json!(["fetch", "--header", "X-Tenant: acme"])
-    );
+    assert_eq!(fetch["args"], json!(["fetch"]));
     let env: Vec<(&str, &str)> = fetch["env"]
         .as_array()
         .unwrap()
@@ -284,26 +288,33 @@ fn a_cdn_source_gets_its_headers_and_signing_key_as_mounted_files() {
         "/etc/modelcache/cloudfront/key.pem"
     )));
     let volumes = patched["spec"]["volumes"].as_array().unwrap();
-    let secret_of = |name: &str| {
+    let volume = |name: &str| {
         volumes
             .iter()
             .find(|v| v["name"] == name)
-            .unwrap_or_else(|| panic!("no volume {name}"))["secret"]
+            .unwrap_or_else(|| panic!("no volume {name}"))
             .clone()
     };
     assert_eq!(
-        secret_of("modelcache-cdn-headers")["secretName"],
-        "cdn-headers"
+        volume("modelcache-cdn-headers")["projected"]["sources"],
+        json!([{"configMap": {"name": "chat-cdn-headers"}}, {"secret": {"name": "cdn-headers"}}])
     );
     assert_eq!(
-        secret_of("modelcache-cloudfront-key")["secretName"],
+        volume("modelcache-cloudfront-key")["secret"]["secretName"],
         "cloudfront-key"
     );
     // The kubelet writes Secret files as root and our containers run as
     // 65532: 0400 could not be read (the pod may have no fsGroup). 0444 is
     // safe because no other container mounts these volumes.
+    assert_eq!(
+        volume("modelcache-cdn-headers")["projected"]["defaultMode"],
+        0o444
+    );
+    assert_eq!(
+        volume("modelcache-cloudfront-key")["secret"]["defaultMode"],
+        0o444
+    );
     for volume in ["modelcache-cdn-headers", "modelcache-cloudfront-key"] {
-        assert_eq!(secret_of(volume)["defaultMode"], 0o444, "{volume}");
         let mounted_by: Vec<&str> = patched["spec"]["initContainers"]
             .as_array()
             .into_iter()

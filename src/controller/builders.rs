@@ -52,6 +52,8 @@ pub struct Names {
     pub config_map: String,
     /// The inline warm-up prompts, for model pods to mount.
     pub warmup: String,
+    /// The inline CDN request headers, for the fetch container to mount.
+    pub cdn_headers: String,
 }
 
 /// The key of the warm-up ConfigMap that holds the prompts.
@@ -65,6 +67,7 @@ pub fn names(mc: &ModelCache) -> Names {
         headless: format!("{base}-redis-headless"),
         config_map: format!("{base}-redis-config"),
         warmup: format!("{base}-warmup"),
+        cdn_headers: format!("{base}-cdn-headers"),
     }
 }
 
@@ -164,6 +167,38 @@ pub fn warmup_config_map(mc: &ModelCache) -> Option<ConfigMap> {
         )])),
         ..Default::default()
     })
+}
+
+/// The inline `spec.source.cdn.headers`, one key per header, for the fetch
+/// container to mount: so that their values stay out of the admission
+/// webhook's answer and out of the pod spec (anyone who may read pods, or
+/// reach the webhook, would see them there).
+pub fn cdn_headers_config_map(mc: &ModelCache) -> Option<ConfigMap> {
+    let cdn = mc.spec.source.cdn.as_ref()?;
+    if cdn.headers.is_empty() {
+        return None;
+    }
+    let mut metadata = meta(mc, &names(mc).cdn_headers);
+    let labels = metadata.labels.get_or_insert_with(Default::default);
+    labels.insert("app.kubernetes.io/name".into(), "modelcache".into());
+    labels.insert("app.kubernetes.io/component".into(), "cdn-headers".into());
+    Some(ConfigMap {
+        metadata,
+        data: Some(cdn.headers.clone()),
+        ..Default::default()
+    })
+}
+
+/// Whether `name` can be a ConfigMap key (`[-._a-zA-Z0-9]+`, at most 253),
+/// as a header name must be to be mounted as a file.
+pub fn is_config_map_key(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
 }
 
 /// A command that pings Redis with the password from the environment, so the

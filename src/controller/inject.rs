@@ -16,9 +16,10 @@
 //! so a second pass changes nothing.
 
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, Pod, Probe, SecretKeySelector, SecretVolumeSource,
-    SecurityContext, Volume, VolumeMount,
+    ConfigMapProjection, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource,
+    SecretKeySelector, SecretProjection, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
@@ -261,24 +262,42 @@ fn fetch_container(mc: &ModelCache, pod: &Pod, image: &str) -> (Container, Vec<V
             ..env("AWS_SESSION_TOKEN", "")
         });
     }
-    let mut args = vec!["fetch".to_string()];
+    let args = vec!["fetch".to_string()];
     let mut mounts = vec![mount(WEIGHTS_VOLUME, WEIGHTS_PATH, false)];
     let mut volumes = Vec::new();
     if let Some(cdn) = &source.cdn {
-        for (k, v) in &cdn.headers {
-            args.push("--header".into());
-            args.push(format!("{k}: {v}"));
+        // Headers are files, never arguments or environment variables: the
+        // inline ones from the ConfigMap the controller makes of them (so
+        // their values are not in this patch), the secret ones from their
+        // Secret, both in one directory. The kubelet writes the files as
+        // root, and our container runs as 65532 with no fsGroup of ours:
+        // 0400 would be unreadable. 0444 reaches no one else, since only
+        // this container mounts them.
+        let mut sources = Vec::new();
+        if !cdn.headers.is_empty() {
+            sources.push(VolumeProjection {
+                config_map: Some(ConfigMapProjection {
+                    name: builders::names(mc).cdn_headers,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
         }
         if let Some(secret) = &cdn.headers_secret_ref {
-            // Each key of the Secret is a header; mounted, never in the env.
-            // The kubelet writes Secret files as root, and our container runs
-            // as 65532 with no fsGroup of ours: 0400 would be unreadable.
-            // 0444 reaches no one else, since only this container mounts it.
+            sources.push(VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: secret.name.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        if !sources.is_empty() {
             env_vars.push(env("MODELCACHE_HEADERS_DIR", HEADERS_PATH));
             volumes.push(Volume {
                 name: HEADERS_VOLUME.into(),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(secret.name.clone()),
+                projected: Some(ProjectedVolumeSource {
+                    sources: Some(sources),
                     default_mode: Some(SECRET_FILE_MODE),
                     ..Default::default()
                 }),

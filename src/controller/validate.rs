@@ -77,6 +77,7 @@ pub fn validate(
         });
     }
     check_source(&mc.spec.source.uri)?;
+    check_headers(mc)?;
     let policy = match policy {
         Ok(p) => p.unwrap_or_default(),
         Err(missing) => {
@@ -106,6 +107,25 @@ pub fn validate(
         })?),
     };
     Ok(ValidSpec { policy, redis })
+}
+
+/// Inline CDN headers are mounted as files of a ConfigMap, named by header.
+fn check_headers(mc: &ModelCache) -> Result<(), Invalid> {
+    let headers = mc.spec.source.cdn.iter().flat_map(|c| c.headers.keys());
+    match headers
+        .into_iter()
+        .find(|h| !super::builders::is_config_map_key(h))
+    {
+        None => Ok(()),
+        Some(name) => Err(Invalid {
+            reason: "CdnHeaderInvalid",
+            message: format!(
+                "spec.source.cdn.headers has a header named {name:?}; inline headers are \
+                 mounted as files, so a name may hold only letters, digits, '-', '.' and '_': \
+                 rename it, or put it in the Secret of spec.source.cdn.headersSecretRef"
+            ),
+        }),
+    }
 }
 
 /// The schema checks the URI on admission; this catches objects admitted

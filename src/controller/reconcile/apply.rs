@@ -18,8 +18,8 @@ use super::ownership::{is_ours, not_ours};
 use super::{MANAGER, ReconcileError, kube_error};
 use crate::controller::status::{self, Observation};
 
-/// Applies the desired objects: warm-up prompts first (pods mount them), then
-/// the Redis's config, pod, Services and NetworkPolicy.
+/// Applies the desired objects: warm-up prompts and CDN headers first (pods
+/// mount them), then the Redis's config, pod, Services and NetworkPolicy.
 pub async fn apply_all(
     client: &Client,
     mc: &ModelCache,
@@ -27,8 +27,11 @@ pub async fn apply_all(
 ) -> Result<(), ReconcileError> {
     let namespace = &super::dereference::namespace(mc);
     let owner = &mc.name_any();
-    if let Some(prompts) = &desired.warmup {
-        apply(client, namespace, owner, prompts, "ConfigMap").await?;
+    for mounted in [&desired.warmup, &desired.cdn_headers]
+        .into_iter()
+        .flatten()
+    {
+        apply(client, namespace, owner, mounted, "ConfigMap").await?;
     }
     if let Some(redis) = &desired.redis {
         apply(client, namespace, owner, &redis.config_map, "ConfigMap").await?;

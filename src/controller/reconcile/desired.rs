@@ -22,6 +22,8 @@ use crate::controller::{builders, network};
 pub struct DesiredResources {
     /// The warm-up prompts for model pods, when the spec has inline prompts.
     pub warmup: Option<ConfigMap>,
+    /// The inline CDN headers for the fetch container, when the spec has any.
+    pub cdn_headers: Option<ConfigMap>,
     /// A provisioned Redis's objects; `None` for an external Redis.
     pub redis: Option<RedisObjects>,
     /// How the controller reaches the Redis.
@@ -68,6 +70,7 @@ pub fn build(
     placement: Placement<'_>,
 ) -> DesiredResources {
     let warmup = builders::warmup_config_map(mc);
+    let cdn_headers = builders::cdn_headers_config_map(mc);
     let password = credentials.password().map(str::to_owned);
     match &spec.redis {
         RedisBackend::Provisioned(settings) => {
@@ -81,6 +84,7 @@ pub fn build(
                 .unwrap_or_else(|| builders::service_url(mc));
             DesiredResources {
                 warmup,
+                cdn_headers,
                 redis: Some(RedisObjects {
                     config_map: builders::config_map(mc, settings),
                     stateful_set: builders::stateful_set(mc, settings, secret_uid),
@@ -103,6 +107,7 @@ pub fn build(
         }
         RedisBackend::External { redis, desired } => DesiredResources {
             warmup,
+            cdn_headers,
             redis: None,
             target: RedisTarget {
                 url: redis.url.clone(),
