@@ -247,6 +247,11 @@ struct FetchArgs {
     /// used versions that no pod pins are evicted beyond it.
     #[arg(long, env = "MODELCACHE_CACHE_QUOTA", requires = "cache_dir", value_parser = quantity_arg)]
     cache_quota: Option<u64>,
+    /// Copy files out of the node cache instead of hard-linking them: for
+    /// pods that do not trust each other (another tenant's pod could write
+    /// through a link it shares with the cache; a copy shares nothing).
+    #[arg(long, env = "MODELCACHE_CACHE_COPY", requires = "cache_dir")]
+    cache_copy: bool,
     /// Requests in flight at once.
     #[arg(long, env = "MODELCACHE_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     concurrency: u16,
@@ -721,6 +726,7 @@ fn fetch(args: FetchArgs) -> Result<ExitCode> {
     }
     opts.cache_dir = args.cache_dir;
     opts.cache_quota = args.cache_quota;
+    opts.cache_copy = args.cache_copy;
     opts.part_size = args.part_size;
     opts.concurrency = args.concurrency as usize;
     opts.deadline = Duration::from_secs(args.deadline.max(1));

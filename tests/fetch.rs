@@ -904,6 +904,37 @@ fn a_pod_writing_through_its_file_cannot_poison_the_node_cache() {
     );
 }
 
+/// With `--cache-copy` (pods that do not trust each other) a pod's files are
+/// copies: they share no inode with the cache's blobs, so whatever a pod
+/// does to them, the next pod is served from the cache, untouched, with no
+/// re-hash and no download.
+#[test]
+fn with_cache_copy_a_pods_files_share_nothing_with_the_node_cache() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir(tmp.path(), 12, 1);
+    let root = tmp.path().join("origin");
+    publish_dir(&model, &root, "v1");
+    let source = format!("file://{}", root.display());
+    let cache = tmp.path().join("node-cache");
+    let args = ["--cache-dir", cache.to_str().unwrap(), "--cache-copy"];
+    let (a, b) = (tmp.path().join("pod-a"), tmp.path().join("pod-b"));
+    summary(&http_fetch(&source, "v1", &a, &args));
+
+    let file = a.join("tokenizer.json");
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!(meta.nlink(), 1, "a copy, not a link to the blob");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    std::io::Write::write_all(&mut f, b"EVIL!").unwrap();
+    drop(f);
+
+    let second = summary(&http_fetch(&source, "v1", &b, &args));
+    assert_eq!(tree(&b), tree(&model));
+    assert_eq!(second["downloadedBytes"], 0, "{second}");
+    assert_eq!(second["cacheHits"], 6, "{second}");
+}
+
 /// A manifest whose sizes add up past what u64 holds (or past any model) is
 /// refused as the integrity failure it is: before, the sum panicked in a
 /// debug build and wrapped in a release build, which skipped the free-space

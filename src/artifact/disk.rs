@@ -39,6 +39,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Put a copy of `from` at `to`, through `tmp` and a rename, so that `to` is
+/// never half-written.
+pub fn copy_atomic(from: &Path, tmp: &Path, to: &Path) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(tmp);
+    std::fs::copy(from, tmp)?;
+    std::fs::rename(tmp, to)
+}
+
 /// Put a copy of `from` at `to`: a hard link when both are on one filesystem,
 /// else a copy (copy_file_range where the kernel can). Atomic at `to`: through
 /// `tmp`, then a rename. Returns whether it linked.

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::disk::{available_bytes, link_or_copy, write_atomic};
+use super::disk::{available_bytes, copy_atomic, link_or_copy, write_atomic};
 use super::manifest::{
     self, MANIFEST_NAME, ManifestError, ManifestFile, STATE_DIR, VerifiedManifest,
 };
@@ -57,6 +57,10 @@ pub struct FetchOptions {
     pub cache_dir: Option<PathBuf>,
     /// Bytes the node cache may hold; unbounded when `None`.
     pub cache_quota: Option<u64>,
+    /// Copies files out of the node cache instead of hard-linking them, so
+    /// that nothing a pod does to its files reaches the cache (pods that do
+    /// not trust each other).
+    pub cache_copy: bool,
     /// Requests in flight at once.
     pub concurrency: usize,
     /// Bytes per ranged request; adaptive when `None`.
@@ -84,6 +88,7 @@ impl FetchOptions {
             dest: dest.into(),
             cache_dir: None,
             cache_quota: None,
+            cache_copy: false,
             concurrency: 16,
             part_size: None,
             deadline: Duration::from_secs(2 * 3600),
@@ -391,7 +396,12 @@ pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
     let plans = plan_files(files, &dest.dir, &placed, &ctx);
     let (to_download, mut evicted) = reserve_space(&opts, &ctx, &dest, files, &plans, &version_id)?;
     let resumed = download_in_time(&ctx, &opts, to_download).await?;
-    let (cache_hits, cache_hit_bytes) = place_all(&ctx, &dest, files, &plans, &mut placed)?;
+    let placement = match opts.cache_copy {
+        true => Placement::Copy,
+        false => Placement::Link,
+    };
+    let (cache_hits, cache_hit_bytes) =
+        place_all(&ctx, &dest, files, &plans, placement, &mut placed)?;
     forget_others(&dest, files, &mut placed)?;
     evicted += mark_complete(&ctx, &dest, &opts, &source_id, &version_id, &verified)?;
 
@@ -532,7 +542,7 @@ fn reserve_space(
     }
     check_space(opts, &ctx.partial_dir, still_needed)?;
     if let Some(cache) = &ctx.cache
-        && !same_filesystem(cache.root(), &dest.dir)
+        && (opts.cache_copy || !same_filesystem(cache.root(), &dest.dir))
     {
         // Copies, not links, into the destination.
         let copies: u64 = files
@@ -590,13 +600,25 @@ async fn download_in_time(
     }
 }
 
-/// Everything is verified: moves (or, from the node cache, links) each file
-/// into place and logs it. Returns the files and bytes the node cache served.
+/// How files come out of the node cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// Hard links where the filesystem allows (no bytes copied, and the
+    /// blob is pinned while the pod holds it).
+    Link,
+    /// Copies: the pod's files share nothing with the cache.
+    Copy,
+}
+
+/// Everything is verified: moves (or, from the node cache, links or copies)
+/// each file into place and logs it. Returns the files and bytes the node
+/// cache served.
 fn place_all(
     ctx: &Ctx,
     dest: &Destination,
     files: &[ManifestFile],
     plans: &[Plan],
+    placement: Placement,
     placed: &mut BTreeMap<String, PlacedEntry>,
 ) -> Result<(usize, u64), FetchError> {
     let log_path = &dest.placed_log;
@@ -619,6 +641,8 @@ fn place_all(
             if let Some(first) = first_at.get(f.sha256.as_str()) {
                 // Same content under a second path.
                 link_or_copy(first, &tmp, &target).map_err(io_err("place", &target))?;
+            } else if ctx.cache.is_some() && placement == Placement::Copy {
+                copy_atomic(&verified_path, &tmp, &target).map_err(io_err("place", &target))?;
             } else if ctx.cache.is_some() {
                 link_or_copy(&verified_path, &tmp, &target).map_err(io_err("place", &target))?;
             } else {
