@@ -402,7 +402,7 @@ async fn an_event_a_dead_consumer_read_is_applied_by_another() {
 /// every pod holds could flush or reconfigure the Redis.
 #[tokio::test]
 async fn serving_pods_reach_their_models_keys_and_nothing_else() {
-    use modelcache::store::acl;
+    use modelcache::keyspace::acl;
     let conf = acl::auth_conf("chat", "admin-pw", "serving-pw");
     let redis = RedisServer::start_with_users(&conf, acl::ADMIN_USER, "admin-pw")
         .unwrap_or_else(|e| panic!("{e}"));

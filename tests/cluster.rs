@@ -239,7 +239,7 @@ async fn controller_provisions_a_ready_redis() {
         assert!(refused.to_string().contains("NOPERM"), "{refused}");
         let admin = redis::Client::open(format!(
             "redis://{}:{}@127.0.0.1:{local_port}",
-            modelcache::store::acl::ADMIN_USER,
+            modelcache::keyspace::acl::ADMIN_USER,
             value("admin-password")
         ))
         .unwrap();

@@ -117,7 +117,7 @@ fn secret_value(api: &FakeApiServer, key: &str) -> String {
 fn provisioned_redis(api: &FakeApiServer) -> RedisServer {
     RedisServer::start_with_users(
         &secret_value(api, "auth.conf"),
-        modelcache::store::acl::ADMIN_USER,
+        modelcache::keyspace::acl::ADMIN_USER,
         &secret_value(api, "admin-password"),
     )
     .unwrap_or_else(|e| panic!("{e}"))

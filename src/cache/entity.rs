@@ -14,6 +14,7 @@ use std::time::Duration;
 use redis::RedisError;
 use redis::aio::MultiplexedConnection;
 
+use super::Connection;
 use crate::keyspace::keys;
 use crate::keyspace::registry;
 
@@ -44,7 +45,7 @@ pub enum EntityError {
 
 /// The current generation of an entity under a version (0 before any event).
 pub async fn generation(
-    conn: &mut MultiplexedConnection,
+    conn: &mut impl Connection,
     model: &str,
     version: &str,
     entity: &str,
@@ -58,7 +59,7 @@ pub async fn generation(
 
 /// Generations of several entities in one MGET.
 pub async fn generations(
-    conn: &mut MultiplexedConnection,
+    conn: &mut impl Connection,
     model: &str,
     version: &str,
     entities: &[&str],
@@ -76,7 +77,7 @@ pub async fn generations(
 
 /// Producer side: announces that `entity` acted (its derived entries are stale).
 pub async fn publish(
-    conn: &mut MultiplexedConnection,
+    conn: &mut impl Connection,
     model: &str,
     entity: &str,
 ) -> Result<String, EntityError> {
@@ -98,8 +99,8 @@ pub async fn publish(
 }
 
 /// One consumer of a model's entity events, in the shared consumer group.
-pub struct EntityConsumer {
-    conn: MultiplexedConnection,
+pub struct EntityConsumer<C = MultiplexedConnection> {
+    conn: C,
     model: String,
     name: String,
     claim_after: Duration,
@@ -110,15 +111,11 @@ pub struct EntityConsumer {
 /// takes it over: without that, its invalidations would never be applied.
 pub const CLAIM_AFTER: Duration = Duration::from_secs(60);
 
-impl EntityConsumer {
+impl<C: Connection> EntityConsumer<C> {
     /// Joins the group (creating it, from the start of the stream, if needed).
     /// `name` identifies this consumer across restarts (the pod name), so its
     /// unacknowledged events are handed back to it.
-    pub async fn join(
-        mut conn: MultiplexedConnection,
-        model: &str,
-        name: &str,
-    ) -> Result<Self, EntityError> {
+    pub async fn join(mut conn: C, model: &str, name: &str) -> Result<Self, EntityError> {
         let created: Result<(), RedisError> = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(keys::entity_events(model))

@@ -7,7 +7,7 @@ use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 
 use super::codec;
-use super::{CacheError, SharedStats, StatsSnapshot, Versions, entity};
+use super::{CacheError, Connection, SharedStats, StatsSnapshot, Versions, entity};
 use crate::keyspace::keys::Layer;
 
 /// Features of one model's entities.
@@ -16,22 +16,17 @@ use crate::keyspace::keys::Layer;
 /// generation numbers (which make an entity event retire its features at
 /// once), one MGET (or one pipeline of SETs) for the features themselves.
 #[derive(Clone)]
-pub struct FeatureCache {
-    conn: MultiplexedConnection,
+pub struct FeatureCache<C = MultiplexedConnection> {
+    conn: C,
     model: String,
     versions: Versions,
     ttl: Option<u64>,
     stats: SharedStats,
 }
 
-impl FeatureCache {
+impl<C: Connection> FeatureCache<C> {
     /// `ttl_seconds` from the policy's `ttlSeconds.feature`; 0 stores without expiry.
-    pub fn new(
-        conn: MultiplexedConnection,
-        model: &str,
-        versions: Versions,
-        ttl_seconds: i64,
-    ) -> Self {
+    pub fn new(conn: C, model: &str, versions: Versions, ttl_seconds: i64) -> Self {
         FeatureCache {
             conn,
             model: model.to_owned(),
@@ -57,7 +52,7 @@ impl FeatureCache {
 
     async fn keys_for<'a>(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut C,
         version: &str,
         items: impl Iterator<Item = (&'a str, &'a str)> + Clone,
     ) -> Result<Vec<String>, CacheError> {

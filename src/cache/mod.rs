@@ -102,6 +102,17 @@ pub enum CacheError {
     Vector { model: String, dim: usize },
 }
 
+/// A connection the caches can use: anything that talks to Redis and is
+/// cheap to clone. Serving processes pass a
+/// [`redis::aio::ConnectionManager`] (from
+/// [`crate::store::RedisTarget::connect_managed`]), which reconnects when
+/// Redis restarts; a [`redis::aio::MultiplexedConnection`] stays dead after
+/// the server it reached went away, so a cache on one never serves again
+/// after a Redis restart (fine for tests and one-shot tools).
+pub trait Connection: redis::aio::ConnectionLike + Clone + Send + Sync + 'static {}
+
+impl<T: redis::aio::ConnectionLike + Clone + Send + Sync + 'static> Connection for T {}
+
 /// Which model version a cache reads and writes.
 #[derive(Clone, Debug)]
 pub enum Versions {

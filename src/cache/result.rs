@@ -4,13 +4,13 @@ use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 
 use super::codec;
-use super::{CacheError, SharedStats, Stats, StatsSnapshot, Versions, entity};
+use super::{CacheError, Connection, SharedStats, Stats, StatsSnapshot, Versions, entity};
 use crate::keyspace::keys::Layer;
 
 /// Results of one model, keyed by sha256 of canonical JSON of model + inputs.
 #[derive(Clone)]
-pub struct ResultCache {
-    conn: MultiplexedConnection,
+pub struct ResultCache<C = MultiplexedConnection> {
+    conn: C,
     model: String,
     versions: Versions,
     ttl: Option<u64>,
@@ -23,14 +23,9 @@ pub fn temperature(inputs: &Value) -> Option<f64> {
     inputs.get("temperature").and_then(Value::as_f64)
 }
 
-impl ResultCache {
+impl<C: Connection> ResultCache<C> {
     /// `ttl_seconds` from the policy's `ttlSeconds.result`; 0 stores without expiry.
-    pub fn new(
-        conn: MultiplexedConnection,
-        model: &str,
-        versions: Versions,
-        ttl_seconds: i64,
-    ) -> Self {
+    pub fn new(conn: C, model: &str, versions: Versions, ttl_seconds: i64) -> Self {
         ResultCache {
             conn,
             model: model.to_owned(),
@@ -106,7 +101,7 @@ impl ResultCache {
     /// The entity and its current generation, for a personalized key.
     async fn personal<'e>(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut C,
         version: &str,
         entity: Option<&'e str>,
     ) -> Result<Option<(&'e str, u64)>, CacheError> {

@@ -39,7 +39,7 @@ use super::codec;
 pub use super::guard::guard_allows;
 use super::index::Index;
 use super::per_entry::{self, Observation, Prior};
-use super::{CacheError, Versions};
+use super::{CacheError, Connection, Versions};
 use crate::keyspace::keys::{self, Layer};
 
 /// Events kept in the stream (approximately): replicas further behind than
@@ -224,15 +224,15 @@ impl State {
 /// The semantic cache of one model. Clones share the index; the follower
 /// stops when the last clone is dropped.
 #[derive(Clone)]
-pub struct SemanticCache {
-    core: Core,
+pub struct SemanticCache<C = MultiplexedConnection> {
+    core: Core<C>,
     follower: Arc<FollowerGuard>,
 }
 
 /// What the follower task shares with the handles.
 #[derive(Clone)]
-struct Core {
-    conn: MultiplexedConnection,
+struct Core<C> {
+    conn: C,
     model: String,
     versions: Versions,
     config: SemanticConfig,
@@ -259,7 +259,7 @@ fn vector_bytes(v: &[f32]) -> Vec<u8> {
 /// A stored vector, if it is one the index may use: `dim` finite numbers of
 /// unit length. Entries are written by every replica (and whatever else can
 /// reach Redis), so one that is not is left out of the index.
-fn bytes_vector(b: &[u8], dim: usize) -> Option<Vec<f32>> {
+pub(crate) fn bytes_vector(b: &[u8], dim: usize) -> Option<Vec<f32>> {
     if b.len() != dim * 4 {
         return None;
     }
@@ -275,16 +275,16 @@ pub fn entry_id(query: &str) -> String {
     codec::sha256_hex(query.as_bytes())
 }
 
-impl SemanticCache {
+impl<C: Connection> SemanticCache<C> {
     /// A cache of vectors of `dim` dimensions. Call [`SemanticCache::start`]
     /// to build the index and follow other replicas.
     pub fn new(
-        conn: MultiplexedConnection,
+        conn: C,
         model: &str,
         versions: Versions,
         dim: usize,
         config: SemanticConfig,
-    ) -> SemanticCache {
+    ) -> SemanticCache<C> {
         SemanticCache {
             core: Core {
                 conn,
@@ -376,7 +376,7 @@ impl SemanticCache {
     }
 }
 
-impl Core {
+impl<C: Connection> Core<C> {
     fn redis_error(&self, action: &'static str) -> impl FnOnce(redis::RedisError) -> CacheError {
         super::redis_error(&self.model, "semantic", action)
     }

@@ -23,10 +23,10 @@ use crate::store::settings::{AUTH_CONF_PATH, RedisSettings, redis_conf};
 /// The port of every provisioned Redis.
 pub const REDIS_PORT: i32 = 6379;
 /// Key of the generated Secret that holds the password clients use (the
-/// `default` user's, with serving rights only: see [`crate::store::acl`]).
+/// `default` user's, with serving rights only: see [`crate::keyspace::acl`]).
 pub const PASSWORD_KEY: &str = "password";
 /// Key of the generated Secret that holds the controller's own password
-/// ([`crate::store::acl::ADMIN_USER`]); no pod mounts it.
+/// ([`crate::keyspace::acl::ADMIN_USER`]); no pod mounts it.
 pub const ADMIN_PASSWORD_KEY: &str = "admin-password";
 /// Key of the generated Secret that redis.conf `include`s.
 pub const AUTH_CONF_KEY: &str = "auth.conf";
@@ -115,7 +115,7 @@ pub(crate) fn meta(mc: &ModelCache, name: &str) -> ObjectMeta {
 /// Created once (never applied again), so that no password is rotated by
 /// accident.
 pub fn secret(mc: &ModelCache, admin_password: &str, password: &str) -> Secret {
-    let auth_conf = crate::store::acl::auth_conf(&mc.spec.model, admin_password, password);
+    let auth_conf = crate::keyspace::acl::auth_conf(&mc.spec.model, admin_password, password);
     Secret {
         metadata: meta(mc, &names(mc).redis),
         type_: Some("Opaque".into()),

@@ -169,6 +169,15 @@ pub fn belongs_to(key: &[u8], model: &str, version: &str) -> bool {
     key.starts_with(version_prefix(model, version).as_bytes())
 }
 
+/// The version a key of `model` belongs to (`mc:<model>:<version>:...`), or
+/// `None` for a key that is not one. Keys come from SCAN replies, which are
+/// not trusted to match the pattern asked for.
+pub fn version_of(key: &[u8], model: &str) -> Option<String> {
+    let rest = key.strip_prefix(model_prefix(model).as_bytes())?;
+    let end = rest.iter().position(|b| *b == b':')?;
+    unescape(&rest[..end])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

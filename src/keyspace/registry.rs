@@ -10,7 +10,6 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisError, Script};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -95,7 +94,7 @@ return epoch
 
 /// Records a transition; returns the new epoch.
 pub async fn transition(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
     model: &str,
     version: &str,
     transition: Transition,
@@ -127,7 +126,7 @@ pub async fn transition(
 
 /// Reads the whole registry in one atomic round trip.
 pub async fn read(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
     model: &str,
 ) -> Result<RegistryState, RegistryError> {
     let (active, epoch, live): (Option<String>, Option<u64>, BTreeSet<String>) = redis::pipe()
@@ -156,7 +155,7 @@ pub type StreamReply = Vec<(String, Vec<(String, Vec<(String, String)>)>)>;
 /// The id of the newest entry of a stream (`0-0` when it is empty): read it
 /// before a snapshot, then follow from it, and nothing in between is missed.
 pub(crate) async fn last_stream_id(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
     stream: &str,
 ) -> Result<String, redis::RedisError> {
     let last: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")

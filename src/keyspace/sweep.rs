@@ -200,7 +200,7 @@ pub(crate) async fn scan_all(
 /// SCAN the keys matching `pattern` (of Redis type `kind` only, when given),
 /// handing each batch to `each` until it returns false.
 pub(crate) async fn scan_while(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
     pattern: &str,
     kind: Option<&str>,
     batch: u64,
@@ -255,7 +255,10 @@ impl ScanBudget {
     /// Calls allowed on top of the key-count bound, for small databases.
     const SLACK: u64 = 1024;
 
-    async fn start(conn: &mut MultiplexedConnection, batch: u64) -> Result<Self, RedisError> {
+    async fn start(
+        conn: &mut (impl redis::aio::ConnectionLike + Send),
+        batch: u64,
+    ) -> Result<Self, RedisError> {
         Ok(ScanBudget {
             batch: batch.max(1),
             calls: 0,
@@ -268,7 +271,10 @@ impl ScanBudget {
     }
 
     /// Counts one call whose cursor was not 0.
-    async fn spend(&mut self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
+    async fn spend(
+        &mut self,
+        conn: &mut (impl redis::aio::ConnectionLike + Send),
+    ) -> Result<(), RedisError> {
         self.calls += 1;
         if self.calls <= self.allowed() {
             return Ok(());
@@ -289,7 +295,7 @@ impl ScanBudget {
     }
 }
 
-async fn db_size(conn: &mut MultiplexedConnection) -> Result<u64, RedisError> {
+async fn db_size(conn: &mut (impl redis::aio::ConnectionLike + Send)) -> Result<u64, RedisError> {
     let keys: u64 = redis::cmd("DBSIZE").query_async(conn).await?;
     Ok(keys.min(ScanBudget::MOST_KEYS))
 }
@@ -330,21 +336,10 @@ pub async fn versions_with_keys(
     model: &str,
     batch: u64,
 ) -> Result<BTreeSet<String>, SweepError> {
-    let prefix = keys::model_prefix(model);
-    let pattern = format!("{}*", keys::glob_escape(&prefix));
+    let pattern = format!("{}*", keys::glob_escape(&keys::model_prefix(model)));
     let mut versions = BTreeSet::new();
     scan_all(conn, &pattern, batch, |found| {
-        for key in found {
-            // A reply is not trusted to match the pattern asked for.
-            let Some(rest) = key.strip_prefix(prefix.as_bytes()) else {
-                continue;
-            };
-            if let Some(end) = rest.iter().position(|b| *b == b':')
-                && let Some(version) = keys::unescape(&rest[..end])
-            {
-                versions.insert(version);
-            }
-        }
+        versions.extend(found.iter().filter_map(|key| keys::version_of(key, model)));
     })
     .await
     .map_err(|source| SweepError::Discover {

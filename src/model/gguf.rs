@@ -137,7 +137,7 @@ pub fn read(path: &Path) -> Result<Metadata, GgufError> {
 }
 
 #[derive(Debug)]
-enum ParseError {
+pub(crate) enum ParseError {
     Io(std::io::Error),
     Format(String),
 }
@@ -148,7 +148,7 @@ impl From<std::io::Error> for ParseError {
     }
 }
 
-fn parse(mut r: impl Read) -> Result<Metadata, ParseError> {
+pub(crate) fn parse(mut r: impl Read) -> Result<Metadata, ParseError> {
     let mut magic = [0u8; 4];
     r.read_exact(&mut magic)?;
     if &magic != b"GGUF" {

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError};
 
 use super::info::{RedisInfo, parse_info};
@@ -16,6 +16,9 @@ use super::settings::config_drift;
 
 /// Bounds every Redis round trip, so one hung Redis cannot stall reconciles.
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// Connect and response timeout of a serving connection
+/// ([`RedisTarget::connect_managed`]).
+pub const SERVING_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why talking to a running Redis failed.
 /// Each variant is documented by its message.
@@ -140,6 +143,30 @@ impl RedisTarget {
             .set_response_timeout(Some(TIMEOUT));
         self.client()?
             .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|source| LiveError::Connect {
+                endpoint: self.url.clone(),
+                source,
+            })
+    }
+}
+
+impl RedisTarget {
+    /// A connection that reconnects by itself when Redis restarts: what a
+    /// serving process hands the caches. A multiplexed connection stays dead
+    /// once its server went away, so a cache on one would never serve again
+    /// after a Redis pod restart. A request waits at most [`SERVING_TIMEOUT`]
+    /// for an answer, and while Redis is away for one reconnection attempt
+    /// of as long, then fails, so the caller answers from the source and
+    /// counts it: a cache must cost a request little when it cannot help.
+    pub async fn connect_managed(&self) -> Result<ConnectionManager, LiveError> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(SERVING_TIMEOUT))
+            .set_response_timeout(Some(SERVING_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(100))
+            .set_max_delay(Duration::from_secs(2));
+        ConnectionManager::new_with_config(self.client()?, config)
             .await
             .map_err(|source| LiveError::Connect {
                 endpoint: self.url.clone(),

@@ -1,8 +1,6 @@
 //! The Redis that holds a model's caches: the settings it should run with
-//! ([`settings`]), its users ([`acl`]), its live config ([`live`]) and its
-//! health ([`info`]).
+//! ([`settings`]), its live config ([`live`]) and its health ([`info`]).
 
-pub mod acl;
 pub mod info;
 pub mod live;
 pub mod settings;

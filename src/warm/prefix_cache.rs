@@ -245,7 +245,7 @@ fn encode_counted(kv: &BlockKv, layers: String) -> Result<Vec<u8>, String> {
 }
 
 /// The block in `bytes`, or `None` when anything about it is wrong.
-fn decode(bytes: &[u8]) -> Option<BlockKv> {
+pub(crate) fn decode(bytes: &[u8]) -> Option<BlockKv> {
     let data = data_section(bytes)?;
     // One parse of the header; the crate checks the offsets against the file.
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes).ok()?;

@@ -18,7 +18,7 @@ use crate::crd::{CachePolicy, ModelCache};
 use super::{MANAGER, ReconcileError, kube_error};
 use crate::controller::builders::{self, ADMIN_PASSWORD_KEY, PASSWORD_KEY};
 use crate::controller::validate::{Invalid, RedisBackend};
-use crate::store::acl::ADMIN_USER;
+use crate::keyspace::acl::ADMIN_USER;
 
 /// The referenced CachePolicy's spec: `Ok(None)` when the ModelCache names
 /// none (the defaults apply), `Err(name)` when the named one does not exist.
@@ -42,7 +42,7 @@ pub enum Credentials {
     /// The generated Secret of a provisioned Redis; its uid rolls the Redis
     /// pod when the Secret is recreated.
     Generated {
-        /// The controller's user, [`crate::store::acl::ADMIN_USER`]; `None`
+        /// The controller's user, [`crate::keyspace::acl::ADMIN_USER`]; `None`
         /// for a Secret made before the ACL users, whose `default` user may
         /// do everything.
         username: Option<String>,
