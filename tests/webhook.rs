@@ -136,3 +136,41 @@ async fn an_idle_client_does_not_hold_back_other_admissions() {
     drop(idle);
     server.abort();
 }
+
+/// A replica notices another's renewal by reading the Secret (`read_tls`,
+/// every minute), not only at its own six-hourly check: it serves the new
+/// certificate within a minute, and the read writes nothing.
+#[tokio::test]
+async fn a_renewal_by_another_replica_is_read_without_writing() {
+    use support::fake_api::FakeApiServer;
+    let (client, api) = FakeApiServer::start();
+    let configuration = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/mc";
+    api.insert(
+        configuration,
+        serde_json::json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": "mc"},
+            "webhooks": [{"name": "inject.modelcache.dev", "admissionReviewVersions": ["v1"],
+                          "sideEffects": "None",
+                          "clientConfig": {"service": {"name": "mc-webhook", "namespace": "mc-system"}}}]
+        }),
+    );
+    let secret = "/api/v1/namespaces/mc-system/secrets/mc-webhook-tls";
+    let ensure = || webhook::ensure_tls(&client, "mc-system", "mc-webhook-tls", "mc-webhook", "mc");
+    let read = || webhook::read_tls(&client, "mc-system", "mc-webhook-tls", "mc-webhook");
+
+    assert!(read().await.unwrap().is_none(), "no Secret yet");
+    let first = ensure().await.unwrap();
+    assert_eq!(read().await.unwrap().unwrap().cert_pem, first.cert_pem);
+    // Another replica issues anew (here: after the Secret was lost).
+    api.remove(secret).unwrap();
+    let renewed = ensure().await.unwrap();
+    assert_ne!(renewed.cert_pem, first.cert_pem);
+    api.take_requests();
+    let seen = read().await.unwrap().expect("current material");
+    assert_eq!(seen.cert_pem, renewed.cert_pem);
+    assert_eq!(seen.key_pem, renewed.key_pem);
+    let requests: Vec<String> = api.take_requests().iter().map(|r| r.line()).collect();
+    assert_eq!(requests, [format!("GET {secret}")]);
+}

@@ -125,6 +125,28 @@ fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
 /// How often the webhook's certificate is checked for renewal (ours) or
 /// rotation (cert-manager's files).
 const WEBHOOK_CERT_CHECK: Duration = Duration::from_secs(6 * 3600);
+/// How often the certificate's source is read for a change made elsewhere
+/// (another replica's renewal, cert-manager's rotation): one GET or two file
+/// reads; the serving certificate is swapped only when it changed.
+const WEBHOOK_CERT_WATCH: Duration = Duration::from_secs(60);
+
+/// The webhook's certificate and key as its source holds them now, without
+/// renewing: `None` when the Secret holds nothing current (the next full
+/// check issues).
+async fn webhook_cert_now(
+    client: &Client,
+    tls: &WebhookTls,
+    namespace: &str,
+) -> Result<Option<(String, String)>, webhook::WebhookError> {
+    match tls {
+        WebhookTls::Managed {
+            secret, service, ..
+        } => Ok(webhook::read_tls(client, namespace, secret, service)
+            .await?
+            .map(|m| (m.cert_pem, m.key_pem))),
+        WebhookTls::Files(_) => webhook_cert(client, tls, namespace).await.map(Some),
+    }
+}
 
 /// The webhook's certificate and key, as they are now.
 async fn webhook_cert(
@@ -182,15 +204,30 @@ async fn start_webhook(
     Ok(tokio::spawn(async move {
         // Aborting this task stops the server too.
         let server = AbortOnDrop(server);
+        let mut served = (cert, key);
+        let mut last_full = tokio::time::Instant::now();
         loop {
-            tokio::time::sleep(WEBHOOK_CERT_CHECK).await;
+            tokio::time::sleep(WEBHOOK_CERT_WATCH).await;
             if server.0.is_finished() {
                 return;
             }
-            let fresh = webhook_cert(&client, &tls_source, &namespace)
-                .await
-                .and_then(|(cert, key)| serving.replace(&cert, &key));
-            if let Err(e) = fresh {
+            let fresh = if last_full.elapsed() >= WEBHOOK_CERT_CHECK {
+                last_full = tokio::time::Instant::now();
+                webhook_cert(&client, &tls_source, &namespace)
+                    .await
+                    .map(Some)
+            } else {
+                webhook_cert_now(&client, &tls_source, &namespace).await
+            };
+            let swapped = match fresh {
+                Ok(Some(now)) if now != served => serving.replace(&now.0, &now.1).map(|()| {
+                    served = now;
+                    tracing::info!("serving the webhook's new certificate");
+                }),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = swapped {
                 tracing::warn!(error = %crate::error::chain(&e), "failed to refresh the webhook certificate; serving the current one");
             }
         }

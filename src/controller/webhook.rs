@@ -224,6 +224,30 @@ pub fn set_ca_bundle(configuration: &mut MutatingWebhookConfiguration, ca_pem: &
     changed
 }
 
+/// The material the TLS Secret holds now, if it is current, without
+/// issuing or writing anything: how a replica notices, within a minute, a
+/// renewal another replica made (so that it serves the new certificate long
+/// before its own six-hourly check).
+pub async fn read_tls(
+    client: &kube::Client,
+    namespace: &str,
+    secret_name: &str,
+    service: &str,
+) -> Result<Option<TlsMaterial>, WebhookError> {
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), namespace);
+    let secret = secrets
+        .get_opt(secret_name)
+        .await
+        .map_err(|source| WebhookError::Kube {
+            action: "read",
+            what: format!("Secret {namespace}/{secret_name}"),
+            source,
+        })?;
+    let dns_names = service_dns_names(service, namespace);
+    let now = jiff::Timestamp::now();
+    Ok(secret.and_then(|s| current_material(&s, &dns_names, now)))
+}
+
 /// Make sure the TLS Secret holds current material and the webhook
 /// configuration trusts its CA; returns the material to serve with.
 pub async fn ensure_tls(
