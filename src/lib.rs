@@ -18,6 +18,9 @@ pub mod crd;
 pub mod digest;
 /// Error helpers shared by every layer.
 pub mod error;
+/// Entry points for the fuzz targets in `fuzz/` and their regression tests.
+#[doc(hidden)]
+pub mod fuzzing;
 /// The GPU probe: the CUDA driver loaded at run time.
 pub mod gpu;
 /// The key schema, the version registry and the sweeper.
