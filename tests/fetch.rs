@@ -1257,8 +1257,10 @@ fn delete_object(s3: &S3Server, bucket: &str, key: &str) {
         .unwrap();
 }
 
-/// Fault injection (issue 16): `fetch` killed with SIGKILL at random points,
-/// again and again, into one destination and one node cache, at a moment
+/// Fault injection (issue 16): as `kill_nine_at_random_moments_...` but
+/// through a node cache, whose blobs, proofs and locks a kill can cut too:
+/// `fetch` killed with SIGKILL again and again, into one destination and one
+/// node cache, at a moment
 /// drawn uniformly from the time a whole fetch takes here (measured first),
 /// so that it is cut anywhere: manifest, ranges, verification, placing.
 /// After every kill, no file at a final path and no blob in the node cache
@@ -1375,4 +1377,63 @@ fn fetch_killed_at_random_points_never_leaves_a_wrong_file() {
         took / 1000
     );
     assert!(kills >= 20, "too few kills to mean anything: {kills}");
+}
+
+/// An origin on loopback that answers every request with `reply` (and keeps
+/// the connection open); `None` answers nothing at all.
+fn raw_origin(reply: Option<&'static [u8]>) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                // One read per request is enough for these small GETs.
+                while let Ok(n) = std::io::Read::read(&mut &stream, &mut buf) {
+                    if n == 0 {
+                        return;
+                    }
+                    if let Some(bytes) = reply {
+                        let _ = std::io::Write::write_all(&mut &stream, bytes);
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Fault injection (issue 16): an origin that accepts and never answers ends
+/// the fetch at its deadline (exit 7, transient: the next run may succeed),
+/// and one that answers garbage for the manifest ends it as the integrity
+/// failure it is (exit 5); neither leaves anything at a final path.
+#[test]
+fn a_stalled_or_garbage_speaking_origin_ends_the_fetch_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, reply, code) in [
+        ("stalled", None, 7),
+        (
+            "garbage",
+            Some(&b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{\"files\":"[..]),
+            5,
+        ),
+    ] {
+        let port = raw_origin(reply);
+        let dest = tmp.path().join(name);
+        let started = Instant::now();
+        let out = http_fetch(
+            &format!("http://127.0.0.1:{port}"),
+            "v1",
+            &dest,
+            &["--deadline", "3"],
+        );
+        let took = started.elapsed();
+        assert_eq!(out.status.code(), Some(code), "{name}: {}", stderr(&out));
+        assert!(took < Duration::from_secs(20), "{name}: took {took:?}");
+        assert!(tree(&dest).is_empty(), "{name}: {:?}", tree(&dest).keys());
+        println!(
+            "fault injection: {name} origin: exit {code} after {:.1} s",
+            took.as_secs_f64()
+        );
+    }
 }

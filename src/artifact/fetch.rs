@@ -476,7 +476,13 @@ async fn version_manifest(
     if let Some((_, m)) = ctx.cache.as_ref().and_then(|c| c.lookup(version_id)) {
         return Ok(m);
     }
-    let bytes = get_manifest(ctx).await?;
+    // The deadline covers the whole fetch: an origin that accepts and never
+    // answers must not hold the manifest request past it (it did, until the
+    // 30 s idle timeout, whatever --deadline said).
+    let deadline = ctx.engine.deadline.into();
+    let bytes = tokio::time::timeout_at(deadline, get_manifest(ctx))
+        .await
+        .map_err(|_| past_deadline(opts))??;
     let origin = ctx
         .engine
         .source
@@ -488,6 +494,14 @@ async fn version_manifest(
             source: Box::new(source),
         }
     })
+}
+
+fn past_deadline(opts: &FetchOptions) -> FetchError {
+    FetchError::Deadline {
+        model: opts.model.clone(),
+        version: opts.version.clone(),
+        seconds: opts.deadline.as_secs(),
+    }
 }
 
 /// Where each file comes from.
@@ -592,11 +606,7 @@ async fn download_in_time(
     reporter.finish().await;
     match outcome {
         Ok(result) => result.map(|()| resumed),
-        Err(_elapsed) => Err(FetchError::Deadline {
-            model: opts.model.clone(),
-            version: opts.version.clone(),
-            seconds: opts.deadline.as_secs(),
-        }),
+        Err(_elapsed) => Err(past_deadline(opts)),
     }
 }
 
