@@ -37,6 +37,20 @@ async fn service(backend: Arc<AtomicU16>) -> u16 {
     port
 }
 
+/// What the controller does on a rollout: makes `version` the registry's
+/// active one. Returns its connection.
+async fn activate(url: &str, version: &str) -> redis::aio::MultiplexedConnection {
+    let mut admin = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&support::patient())
+        .await
+        .unwrap();
+    registry::transition(&mut admin, "chat", version, Transition::Activate)
+        .await
+        .unwrap();
+    admin
+}
+
 /// What one serving replica counts.
 #[derive(Default)]
 struct Tally {
@@ -84,13 +98,7 @@ async fn redis_killed_and_replaced_under_traffic() {
     let backend = Arc::new(AtomicU16::new(first.port()));
     let url = format!("redis://127.0.0.1:{}", service(backend.clone()).await);
     let client = redis::Client::open(url.as_str()).unwrap();
-    let mut admin = client
-        .get_multiplexed_async_connection_with_config(&support::patient())
-        .await
-        .unwrap();
-    registry::transition(&mut admin, "chat", "v1", Transition::Activate)
-        .await
-        .unwrap();
+    activate(&url, "v1").await;
     let follower = Follower::start(client.clone(), "chat");
     follower
         .wait_for(Duration::from_secs(10), |s| {
@@ -157,14 +165,7 @@ async fn redis_killed_and_replaced_under_traffic() {
     // A new Redis behind the same address, restored from a snapshot that
     // still holds v1's answers and names v1 active; then the rollout to v2.
     let second = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
-    let mut admin = redis::Client::open(second.url())
-        .unwrap()
-        .get_multiplexed_async_connection_with_config(&support::patient())
-        .await
-        .unwrap();
-    registry::transition(&mut admin, "chat", "v1", Transition::Activate)
-        .await
-        .unwrap();
+    let mut admin = activate(&second.url(), "v1").await;
     let restored = ResultCache::new(admin.clone(), "chat", Versions::Fixed("v1".into()), 600);
     for i in 0..40 {
         let q = format!("question {i}");

@@ -133,9 +133,10 @@ fn create_bucket(s3: &S3Server, bucket: &str) {
         .unwrap();
 }
 
-fn publish_s3(s3: &S3Server, dir: &Path, version: &str) -> serde_json::Value {
+/// `modelcache publish` of `dir` as model `m` to `s3://models/prod`.
+fn run_publish_s3(s3: &S3Server, dir: &Path, version: &str) -> Output {
     let env = creds(s3);
-    summary(&run(
+    run(
         &[
             "publish",
             "--dir",
@@ -151,7 +152,11 @@ fn publish_s3(s3: &S3Server, dir: &Path, version: &str) -> serde_json::Value {
             "--path-style",
         ],
         &env_of(&env),
-    ))
+    )
+}
+
+fn publish_s3(s3: &S3Server, dir: &Path, version: &str) -> serde_json::Value {
+    summary(&run_publish_s3(s3, dir, version))
 }
 
 fn fetch_args<'a>(endpoint: &'a str, version: &'a str, dest: &'a str) -> Vec<&'a str> {
@@ -192,23 +197,7 @@ fn s3_fetch_is_byte_identical_and_the_node_cache_serves_the_second_pod_without_r
     assert_eq!(publish_s3(&s3, &src, "v1")["alreadyPublished"], true);
     let other = model_dir(tmp.path(), 2, 1);
     let env = creds(&s3);
-    let refused = run(
-        &[
-            "publish",
-            "--dir",
-            other.to_str().unwrap(),
-            "--to",
-            "s3://models/prod",
-            "--model",
-            "m",
-            "--version",
-            "v1",
-            "--endpoint",
-            &s3.endpoint(),
-            "--path-style",
-        ],
-        &env_of(&env),
-    );
+    let refused = run_publish_s3(&s3, &other, "v1");
     assert_eq!(refused.status.code(), Some(3), "{}", stderr(&refused));
     assert!(
         stderr(&refused).contains("versions are immutable"),
@@ -1216,23 +1205,7 @@ fn an_s3_publish_never_overwrites_another_publishs_objects() {
     delete_object(&s3, "models", "prod/m/v1/manifest.json");
 
     let env = creds(&s3);
-    let refused = run(
-        &[
-            "publish",
-            "--dir",
-            b.to_str().unwrap(),
-            "--to",
-            "s3://models/prod",
-            "--model",
-            "m",
-            "--version",
-            "v1",
-            "--endpoint",
-            &s3.endpoint(),
-            "--path-style",
-        ],
-        &env_of(&env),
-    );
+    let refused = run_publish_s3(&s3, &b, "v1");
     assert_eq!(refused.status.code(), Some(3), "{}", stderr(&refused));
     let message = stderr(&refused);
     assert!(

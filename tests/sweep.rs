@@ -346,27 +346,15 @@ async fn a_scan_cursor_that_never_returns_to_0_is_an_error() {
     let err = sweep::sweep_version(&mut conn, "chat", "v1", pace)
         .await
         .unwrap_err();
-    bounded("sweep", format!("{:?}", anyhow_chain(&err)));
+    bounded("sweep", modelcache::error::chain(&err));
     let err = sweep::count_version(&mut conn, "chat", "v1", 100)
         .await
         .unwrap_err();
-    bounded("count", format!("{:?}", anyhow_chain(&err)));
+    bounded("count", modelcache::error::chain(&err));
     let err = sweep::versions_with_keys(&mut conn, "chat", 100)
         .await
         .unwrap_err();
-    bounded("discovery", format!("{:?}", anyhow_chain(&err)));
-}
-
-/// An error and its sources, one line.
-fn anyhow_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
+    bounded("discovery", modelcache::error::chain(&err));
 }
 
 /// A RESP peer on loopback that answers each command by its name with

@@ -380,16 +380,21 @@ impl Target {
             .buffered(4)
             .try_collect::<Vec<_>>()
             .await;
+        // Parts of an upload that will not complete cost storage until
+        // aborted; an abort that fails leaves that to the bucket's lifecycle.
+        let abort = async || {
+            let _ = client
+                .abort_multipart_upload()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+        };
         let parts = match result {
             Ok(parts) => parts,
             Err(e) => {
-                let _ = client
-                    .abort_multipart_upload()
-                    .bucket(bucket)
-                    .key(key)
-                    .upload_id(&upload_id)
-                    .send()
-                    .await;
+                abort().await;
                 return Err(e);
             }
         };
@@ -409,13 +414,7 @@ impl Target {
         match completed {
             Ok(_) => Ok(()),
             Err(e) if precondition_failed(&e) => {
-                let _ = client
-                    .abort_multipart_upload()
-                    .bucket(bucket)
-                    .key(key)
-                    .upload_id(&upload_id)
-                    .send()
-                    .await;
+                abort().await;
                 self.same_bytes(opts, f).await
             }
             // moto answers 200 with a `CompleteMultipartUploadResponse` root
