@@ -6,7 +6,7 @@
 #
 # Each target starts from fuzz/seeds/<target> and fuzz/corpus/<target> and
 # adds what it finds to the corpus, which is then minimized (cargo fuzz cmin)
-# and kept in the repository. A crash leaves its input in
+# and kept in the repository as fuzz/corpus.tar.gz (unpacked here first). A crash leaves its input in
 # fuzz/artifacts/<target>/; copy it into fuzz/regressions/<target>/ under a
 # name that says what it found, fix the cause, and tests/fuzz_regressions.rs
 # keeps it fixed. Exit status: 1 if any target crashed, timed out or ran out
@@ -30,6 +30,9 @@ fuzz=(cargo +nightly fuzz)
 flags=(-s none -a)
 
 "${fuzz[@]}" build "${flags[@]}"
+if [ -f fuzz/corpus.tar.gz ]; then
+  tar -xzf fuzz/corpus.tar.gz -C fuzz
+fi
 if [ "$#" -gt 0 ]; then
   targets=("$@")
 else
@@ -47,7 +50,7 @@ for t in "${targets[@]}"; do
     -print_final_stats=1 >"$log" 2>&1
   rc=$?
   set -e
-  runs=$(awk -F: '/stat::number_of_executed_units/ { gsub(/ /, "", $2); print $2 }' "$log" | tail -1)
+  runs=$(awk '/stat::number_of_executed_units/ { print $NF }' "$log" | tail -1)
   if [ "$rc" -ne 0 ]; then
     failed+=("$t")
     echo "fuzz: $t FAILED (exit $rc); the input is in fuzz/artifacts/$t/:"
@@ -59,6 +62,9 @@ for t in "${targets[@]}"; do
   rm -f "$log"
 done
 
+# Packed reproducibly, so that an unchanged corpus is an unchanged file.
+tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=2026-01-01 \
+  -czf fuzz/corpus.tar.gz -C fuzz corpus
 echo "fuzz: ${seconds}s per target"
 printf 'fuzz: %s\n' "${summary[@]}"
 if [ "${#failed[@]}" -gt 0 ]; then
