@@ -627,6 +627,27 @@ fn rollout_fixture(grace: i64) -> (Client, FakeApiServer) {
     (client, api)
 }
 
+/// The Redis admits the pods of the workload a ModelCache names, by that
+/// Deployment's selector, besides the webhook-labelled clients and the
+/// controller.
+#[tokio::test]
+async fn the_redis_admits_the_pods_of_the_named_workload() {
+    let (client, api) = rollout_fixture(0);
+    let closed = format!("redis://127.0.0.1:{}", free_port());
+    reconcile_stored(&api, &context(&client, closed)).await;
+    let requests = api.take_requests();
+    let from = &body_of(&requests, "PATCH", NETWORK_POLICY)["spec"]["ingress"][0]["from"];
+    assert_eq!(
+        from[0]["podSelector"]["matchLabels"],
+        json!({"modelcache.dev/client": "chat"})
+    );
+    assert_eq!(
+        from[1],
+        json!({"podSelector": {"matchLabels": {"app": "chat"}}})
+    );
+    assert_eq!(from.as_array().unwrap().len(), 3, "{from}");
+}
+
 #[tokio::test]
 async fn a_rollout_sweeps_the_retired_version_once_no_pod_serves_it() {
     let (client, api) = rollout_fixture(0);

@@ -7,7 +7,8 @@
 //! - pods of the ModelCache's namespace that carry [`CLIENT_LABEL`] with its
 //!   name (the webhook adds it to every pod it injects; other client pods
 //!   carry it by hand);
-//! - pods the ModelCache's `workload.selector` matches, in that namespace;
+//! - pods of the ModelCache's workload (its `workload.selector`, or the
+//!   selector of the Deployment or StatefulSet it names), in that namespace;
 //! - the controller's pods, in the controller's namespace.
 //!
 //! It has no effect on a cluster whose network plugin does not enforce
@@ -37,10 +38,14 @@ pub fn controller_labels() -> BTreeMap<String, String> {
     ])
 }
 
-/// The NetworkPolicy `<name>-redis`. `controller_namespace` is where the
-/// controller runs; `None` (a controller outside the cluster) admits the
-/// controller's labels in any namespace.
-pub fn redis_network_policy(mc: &ModelCache, controller_namespace: Option<&str>) -> NetworkPolicy {
+/// The NetworkPolicy `<name>-redis`. `workload` selects the workload's pods;
+/// `controller_namespace` is where the controller runs (`None`, a controller
+/// outside the cluster, admits the controller's labels in any namespace).
+pub fn redis_network_policy(
+    mc: &ModelCache,
+    workload: Option<&LabelSelector>,
+    controller_namespace: Option<&str>,
+) -> NetworkPolicy {
     let pods = |labels: BTreeMap<String, String>| LabelSelector {
         match_labels: Some(labels),
         ..Default::default()
@@ -49,9 +54,9 @@ pub fn redis_network_policy(mc: &ModelCache, controller_namespace: Option<&str>)
         pod_selector: Some(pods(BTreeMap::from([(CLIENT_LABEL.into(), mc.name_any())]))),
         ..Default::default()
     }];
-    if let Some(selector) = mc.spec.workload.as_ref().and_then(|w| w.selector.clone()) {
+    if let Some(selector) = workload {
         from.push(NetworkPolicyPeer {
-            pod_selector: Some(selector),
+            pod_selector: Some(selector.clone()),
             ..Default::default()
         });
     }

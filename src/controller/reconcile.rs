@@ -35,7 +35,7 @@ use crate::error::chain as error_chain;
 
 use super::metrics::{ErrorCategory, Metrics, Outcome};
 use super::status::{Observation, READY};
-use super::validate::{self, Invalid};
+use super::validate::{self, Invalid, RedisBackend};
 pub use observe::observe;
 
 /// Field manager for every object the controller applies.
@@ -199,9 +199,14 @@ async fn stages(mc: &ModelCache, ctx: &Context) -> Result<Action, ReconcileError
     let policy = dereference::policy(client, mc).await?;
     let spec = validate::validate(mc, policy)?;
     let credentials = dereference::credentials(client, mc, &spec.redis).await?;
+    let clients = match &spec.redis {
+        RedisBackend::Provisioned(_) => dereference::client_selector(client, mc).await?,
+        RedisBackend::External { .. } => None,
+    };
     let placement = desired::Placement {
         redis_url_override: ctx.redis_url_override.as_deref(),
         controller_namespace: ctx.controller_namespace.as_deref(),
+        clients: clients.as_ref(),
     };
     let desired = desired::build(mc, &spec, &credentials, placement);
     apply::apply_all(client, mc, &desired).await?;

@@ -280,7 +280,43 @@ async fn workload_selector(
     name: &str,
 ) -> Result<LabelSelector, ReconcileError> {
     let kind = workload.kind.unwrap_or_default();
-    let selector = match kind {
+    let selector = read_workload_selector(client, namespace, workload, name).await?;
+    selector.ok_or_else(|| {
+        ReconcileError::Invalid(Invalid {
+            reason: "WorkloadNotFound",
+            message: format!(
+                "{kind:?} {name:?} does not exist in namespace {namespace}: create it, or fix \
+                 spec.workload; until then no version is retired"
+            ),
+        })
+    })
+}
+
+/// The selector of the pods that serve the ModelCache's model, for the
+/// Redis's NetworkPolicy: `spec.workload.selector`, or the named workload's
+/// (`None` while it does not exist: its pods are then admitted once it does,
+/// at the next reconcile).
+pub async fn client_selector(
+    client: &Client,
+    mc: &ModelCache,
+) -> Result<Option<LabelSelector>, ReconcileError> {
+    let Some(workload) = &mc.spec.workload else {
+        return Ok(None);
+    };
+    match (&workload.name, &workload.selector) {
+        (Some(name), _) => read_workload_selector(client, &namespace(mc), workload, name).await,
+        (None, selector) => Ok(selector.clone()),
+    }
+}
+
+async fn read_workload_selector(
+    client: &Client,
+    namespace: &str,
+    workload: &WorkloadRef,
+    name: &str,
+) -> Result<Option<LabelSelector>, ReconcileError> {
+    let kind = workload.kind.unwrap_or_default();
+    Ok(match kind {
         WorkloadKind::Deployment => Api::<Deployment>::namespaced(client.clone(), namespace)
             .get_opt(name)
             .await
@@ -291,15 +327,6 @@ async fn workload_selector(
             .await
             .map_err(kube_error("read", "StatefulSet", namespace, name))?
             .map(|s| s.spec.selector),
-    };
-    selector.ok_or_else(|| {
-        ReconcileError::Invalid(Invalid {
-            reason: "WorkloadNotFound",
-            message: format!(
-                "{kind:?} {name:?} does not exist in namespace {namespace}: create it, or fix \
-                 spec.workload; until then no version is retired"
-            ),
-        })
     })
 }
 

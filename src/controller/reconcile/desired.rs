@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::crd::ModelCache;
 use crate::store::live::RedisTarget;
@@ -60,6 +61,8 @@ pub struct Placement<'a> {
     pub redis_url_override: Option<&'a str>,
     /// The controller's namespace, for the Redis NetworkPolicy.
     pub controller_namespace: Option<&'a str>,
+    /// The selector of the workload's pods, which the Redis admits.
+    pub clients: Option<&'a LabelSelector>,
 }
 
 /// Builds the desired resources.
@@ -92,6 +95,7 @@ pub fn build(
                     headless: builders::headless_service(mc),
                     network_policy: network::redis_network_policy(
                         mc,
+                        placement.clients,
                         placement.controller_namespace,
                     ),
                 }),
