@@ -137,6 +137,23 @@ async fn a_redis_we_do_not_own_is_only_compared() {
     );
 }
 
+/// The serving password of a provisioned Redis may not run CONFIG (it is in
+/// `@dangerous`): the error says which user may, so `check-redis` with the
+/// wrong password points at the right one.
+#[tokio::test]
+async fn config_refused_to_the_serving_user_names_the_admin_user() {
+    let conf = modelcache::keyspace::acl::auth_conf("chat", "admin-pw", "serving-pw");
+    let redis = RedisServer::start_with_users(&conf, "default", "serving-pw")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let serving = RedisTarget::from_url(&redis.url(), None);
+    let mut conn = serving.connect().await.unwrap();
+    let err = live::read_config(&mut conn, &serving.url, [&"maxmemory".to_string()])
+        .await
+        .expect_err("CONFIG is not a serving right");
+    assert!(matches!(err, LiveError::ConfigForbidden { .. }), "{err:?}");
+    assert!(err.to_string().contains("modelcache-admin"), "{err}");
+}
+
 #[tokio::test]
 async fn forbidden_config_is_reported_plainly_and_info_still_read() {
     // What managed services do: CONFIG is renamed away.

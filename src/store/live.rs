@@ -39,7 +39,9 @@ pub enum LiveError {
     },
     #[error(
         "failed to run CONFIG on {endpoint}: the server forbids it (managed services often rename \
-         or disable CONFIG), so maxmemory and the eviction policy cannot be checked"
+         or disable CONFIG; a Redis that modelcache provisioned allows it only to the user \
+         modelcache-admin, with the admin-password of its Secret), so maxmemory and the eviction \
+         policy cannot be checked"
     )]
     ConfigForbidden {
         endpoint: String,
