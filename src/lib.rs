@@ -21,6 +21,8 @@ pub mod error;
 /// Entry points for the fuzz targets in `fuzz/` and their regression tests.
 #[doc(hidden)]
 pub mod fuzzing;
+/// The OpenAI-compatible caching gateway, in parts: so far the request side.
+pub mod gateway;
 /// The GPU probe: the CUDA driver loaded at run time.
 pub mod gpu;
 /// The key schema, the version registry and the sweeper.
