@@ -851,6 +851,16 @@ fn cloudfront_signatures_match_openssl_and_never_reach_logs() {
     }
 }
 
+/// What a pod running as the file's owner or root can do to its read-only
+/// file: make it writable and overwrite its start with as many bytes, so
+/// that its size does not change.
+fn write_through(file: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    std::io::Write::write_all(&mut f, b"EVIL!").unwrap();
+}
+
 /// A pod that writes through its copy of a file (a hard link to the node
 /// cache's blob) must not change what the next pod on the node gets: blobs
 /// are read-only, and a hit is proven (the blob's inode, size and times as
@@ -876,11 +886,7 @@ fn a_pod_writing_through_its_file_cannot_poison_the_node_cache() {
         "a cached blob (and every link to it) is read-only"
     );
     // Root (or the file's owner) can still write: that is what must not spread.
-    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    // Same size, so a check by size alone cannot see it.
-    let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
-    std::io::Write::write_all(&mut f, b"EVIL!").unwrap();
-    drop(f);
+    write_through(&file);
 
     let second = summary(&http_fetch(&source, "v1", &b, &cache_arg));
     assert!(
@@ -899,7 +905,7 @@ fn a_pod_writing_through_its_file_cannot_poison_the_node_cache() {
 /// re-hash and no download.
 #[test]
 fn with_cache_copy_a_pods_files_share_nothing_with_the_node_cache() {
-    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    use std::os::unix::fs::MetadataExt as _;
     let tmp = tempfile::tempdir().unwrap();
     let model = model_dir(tmp.path(), 12, 1);
     let root = tmp.path().join("origin");
@@ -913,10 +919,7 @@ fn with_cache_copy_a_pods_files_share_nothing_with_the_node_cache() {
     let file = a.join("tokenizer.json");
     let meta = std::fs::metadata(&file).unwrap();
     assert_eq!(meta.nlink(), 1, "a copy, not a link to the blob");
-    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
-    std::io::Write::write_all(&mut f, b"EVIL!").unwrap();
-    drop(f);
+    write_through(&file);
 
     let second = summary(&http_fetch(&source, "v1", &b, &args));
     assert_eq!(tree(&b), tree(&model));

@@ -482,8 +482,7 @@ impl Target {
                     std::process::id(),
                     fastrand::u64(..)
                 ));
-                let placed =
-                    super::disk::write_atomic(&tmp, bytes).and_then(|()| place_new(&tmp, &target));
+                let placed = write_synced(&tmp, bytes).and_then(|()| place_new(&tmp, &target));
                 match placed {
                     Ok(()) => Ok(true),
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
@@ -574,6 +573,13 @@ fn copy_new(from: &Path, to: &Path) -> std::io::Result<()> {
     ));
     std::fs::copy(from, &tmp)?;
     place_new(&tmp, to)
+}
+
+/// Writes a new file, on disk before it is linked into place.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(path)?;
+    std::io::Write::write_all(&mut file, bytes)?;
+    file.sync_data()
 }
 
 /// Moves `tmp` to `to` unless something is there.

@@ -155,18 +155,32 @@ pub fn warmup_config_map(mc: &ModelCache) -> Option<ConfigMap> {
     if warmup.prompts.is_empty() {
         return None;
     }
-    let mut metadata = meta(mc, &names(mc).warmup);
+    let prompts = crate::warm::prompts::to_jsonl(&warmup.prompts);
+    Some(mounted_config_map(
+        mc,
+        &names(mc).warmup,
+        "warmup",
+        BTreeMap::from([(WARMUP_PROMPTS_KEY.into(), prompts)]),
+    ))
+}
+
+/// A ConfigMap that model pods mount (not the Redis's), labelled as ours
+/// with its `component`.
+fn mounted_config_map(
+    mc: &ModelCache,
+    name: &str,
+    component: &str,
+    data: BTreeMap<String, String>,
+) -> ConfigMap {
+    let mut metadata = meta(mc, name);
     let labels = metadata.labels.get_or_insert_with(Default::default);
     labels.insert("app.kubernetes.io/name".into(), "modelcache".into());
-    labels.insert("app.kubernetes.io/component".into(), "warmup".into());
-    Some(ConfigMap {
+    labels.insert("app.kubernetes.io/component".into(), component.into());
+    ConfigMap {
         metadata,
-        data: Some(BTreeMap::from([(
-            WARMUP_PROMPTS_KEY.into(),
-            crate::warm::prompts::to_jsonl(&warmup.prompts),
-        )])),
+        data: Some(data),
         ..Default::default()
-    })
+    }
 }
 
 /// The inline `spec.source.cdn.headers`, one key per header, for the fetch
@@ -178,15 +192,12 @@ pub fn cdn_headers_config_map(mc: &ModelCache) -> Option<ConfigMap> {
     if cdn.headers.is_empty() {
         return None;
     }
-    let mut metadata = meta(mc, &names(mc).cdn_headers);
-    let labels = metadata.labels.get_or_insert_with(Default::default);
-    labels.insert("app.kubernetes.io/name".into(), "modelcache".into());
-    labels.insert("app.kubernetes.io/component".into(), "cdn-headers".into());
-    Some(ConfigMap {
-        metadata,
-        data: Some(cdn.headers.clone()),
-        ..Default::default()
-    })
+    Some(mounted_config_map(
+        mc,
+        &names(mc).cdn_headers,
+        "cdn-headers",
+        cdn.headers.clone(),
+    ))
 }
 
 /// Whether `name` can be a ConfigMap key (`[-._a-zA-Z0-9]+`, at most 253),

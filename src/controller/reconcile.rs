@@ -203,12 +203,12 @@ async fn stages(mc: &ModelCache, ctx: &Context) -> Result<Action, ReconcileError
         RedisBackend::Provisioned(_) => dereference::client_selector(client, mc).await?,
         RedisBackend::External { .. } => None,
     };
-    let placement = desired::Placement {
+    let surroundings = desired::Surroundings {
         redis_url_override: ctx.redis_url_override.as_deref(),
         controller_namespace: ctx.controller_namespace.as_deref(),
         clients: clients.as_ref(),
     };
-    let desired = desired::build(mc, &spec, &credentials, placement);
+    let desired = desired::build(mc, &spec, &credentials, surroundings);
     apply::apply_all(client, mc, &desired).await?;
 
     let threshold = spec.policy.fragmentation_threshold;

@@ -53,9 +53,10 @@ pub struct RedisObjects {
     pub network_policy: NetworkPolicy,
 }
 
-/// Where the controller runs, as far as the objects it builds depend on it.
+/// What the objects depend on besides the spec and the credentials: where the
+/// controller runs, and the pods of the workload.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Placement<'a> {
+pub struct Surroundings<'a> {
     /// Replaces the in-cluster Service address of a provisioned Redis (a
     /// controller run outside the cluster, and tests).
     pub redis_url_override: Option<&'a str>,
@@ -70,7 +71,7 @@ pub fn build(
     mc: &ModelCache,
     spec: &ValidSpec,
     credentials: &Credentials,
-    placement: Placement<'_>,
+    surroundings: Surroundings<'_>,
 ) -> DesiredResources {
     let warmup = builders::warmup_config_map(mc);
     let cdn_headers = builders::cdn_headers_config_map(mc);
@@ -81,7 +82,7 @@ pub fn build(
                 Credentials::Generated { secret_uid, .. } => secret_uid.as_str(),
                 Credentials::External(_) => "",
             };
-            let url = placement
+            let url = surroundings
                 .redis_url_override
                 .map(str::to_owned)
                 .unwrap_or_else(|| builders::service_url(mc));
@@ -95,8 +96,8 @@ pub fn build(
                     headless: builders::headless_service(mc),
                     network_policy: network::redis_network_policy(
                         mc,
-                        placement.clients,
-                        placement.controller_namespace,
+                        surroundings.clients,
+                        surroundings.controller_namespace,
                     ),
                 }),
                 target: RedisTarget {
