@@ -57,6 +57,7 @@ def checks(manifest):
         "llama-cpp-python": [PY, "-c", "from llama_cpp import Llama; import numpy"],
         # tests/semantic.rs: the reference embeddings.
         "sentence-transformers": [PY, "-c", "from sentence_transformers import SentenceTransformer"],
+        "openai": [PY, "-c", "import openai; assert int(openai.__version__.split('.')[0]) >= 1"],
         # The tokenizer, prefix-cache and model tests' independent readers.
         "gguf, tokenizers, safetensors": [
             PY, "-c",

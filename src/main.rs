@@ -105,8 +105,93 @@ enum Command {
     /// failed (I/O); 2 bad input (model, tokenizer, prompts, digest, device);
     /// 3 the GPU lacks the memory.
     Warm(WarmArgs),
+    /// Serve an OpenAI-compatible caching gateway in front of one upstream
+    /// (the OpenAI API, vLLM, SGLang, llama.cpp's server): chat and
+    /// completions through the version-scoped exact layer, per caller,
+    /// streamed hits replayed chunk for chunk, identical concurrent misses
+    /// coalesced; anything else passed through. A cache failure never fails a
+    /// request. Exit codes: 0 stopped; 1 failed to serve; 2 bad input.
+    Gateway(Box<GatewayArgs>),
     /// Print the version and the API version served.
     Version,
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("versions").required(true).args(["version", "follow_registry"])))]
+struct GatewayArgs {
+    /// The upstream's base URL, e.g. http://127.0.0.1:8000 or https://api.openai.com.
+    #[arg(long, env = "MODELCACHE_UPSTREAM_URL")]
+    upstream: String,
+    /// A key sent upstream instead of the caller's Authorization (an
+    /// external API); by default the caller's is passed on.
+    #[arg(long, env = "MODELCACHE_UPSTREAM_KEY", hide_env_values = true)]
+    upstream_key: Option<String>,
+    /// The ModelCache's model: its keys and the metrics' label.
+    #[arg(long, env = "MODELCACHE_MODEL")]
+    model: String,
+    /// Serve this version's entries (sidecar: the pod's own version).
+    #[arg(long, env = "MODELCACHE_VERSION")]
+    version: Option<String>,
+    /// Serve the registry's active version (standalone), following rollouts.
+    #[arg(long)]
+    follow_registry: bool,
+    /// The model's Redis (redis://host:port[/db]); without it the gateway
+    /// is a plain proxy.
+    #[arg(long, env = "MODELCACHE_REDIS_URL")]
+    redis_url: Option<String>,
+    /// Redis password (better from the environment).
+    #[arg(long, env = "MODELCACHE_REDIS_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// The gateway's secret (at least 16 bytes): callers' scopes are HMACs
+    /// of their Authorization under it. Every replica needs the same one.
+    #[arg(long, env = "MODELCACHE_GATEWAY_SECRET", hide_env_values = true)]
+    secret: String,
+    /// Who shares entries: each credential its own (callers without one share
+    /// an anonymous scope), credentials required (401 without), or everyone
+    /// (an explicit opt-in).
+    #[arg(
+        long,
+        env = "MODELCACHE_GATEWAY_SHARING",
+        value_enum,
+        default_value = "per-credential"
+    )]
+    sharing: SharingArg,
+    /// Cache sampled requests (temperature > 0) and n > 1 too.
+    #[arg(long, env = "MODELCACHE_GATEWAY_ALLOW_SAMPLING")]
+    allow_sampling: bool,
+    /// Entries expire after this many seconds; 0 keeps them until evicted or swept.
+    #[arg(long, env = "MODELCACHE_GATEWAY_TTL", default_value_t = 0)]
+    ttl: u64,
+    /// A Redis lookup slower than this (milliseconds) is a miss.
+    #[arg(long, env = "MODELCACHE_GATEWAY_LATENCY_BUDGET_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    latency_budget_ms: u64,
+    /// Serving address.
+    #[arg(long, env = "MODELCACHE_GATEWAY_ADDR", default_value = "0.0.0.0:8090")]
+    listen: std::net::SocketAddr,
+    /// /healthz, /readyz and /metrics.
+    #[arg(
+        long,
+        env = "MODELCACHE_GATEWAY_ADMIN_ADDR",
+        default_value = "0.0.0.0:8091"
+    )]
+    admin_addr: std::net::SocketAddr,
+    /// Price per 1,000 prompt tokens, for the estimated cost saved.
+    #[arg(long, env = "MODELCACHE_PRICE_INPUT_PER_1K", default_value_t = 0.0)]
+    price_input_per_1k: f64,
+    /// Price per 1,000 completion tokens.
+    #[arg(long, env = "MODELCACHE_PRICE_OUTPUT_PER_1K", default_value_t = 0.0)]
+    price_output_per_1k: f64,
+    /// Do not ask a streaming upstream for the usage chunk the client did
+    /// not ask for (for upstreams that refuse stream_options).
+    #[arg(long)]
+    no_upstream_usage: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SharingArg {
+    PerCredential,
+    CredentialRequired,
+    Shared,
 }
 
 #[derive(clap::Args)]
@@ -503,6 +588,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::KvSize(args) => kv_size(args),
         Command::Calibrate(args) => calibrate(args),
         Command::Warm(args) => warm(args),
+        Command::Gateway(args) => gateway(*args),
         Command::Gpu { json } => gpu(json),
         Command::Publish(args) => publish(args),
         Command::Controller(args) => run_controller(args),
@@ -515,6 +601,84 @@ fn run(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn gateway(args: GatewayArgs) -> Result<ExitCode> {
+    use modelcache::gateway::{self, metrics::Price, server};
+    let upstream = match url::Url::parse(&args.upstream) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => u,
+        _ => {
+            return usage(anyhow::anyhow!(
+                "--upstream {:?} is not an http(s) URL; give the engine's base URL, e.g. \
+                 http://127.0.0.1:8000",
+                args.upstream
+            ));
+        }
+    };
+    if args.secret.len() < 16 {
+        return usage(anyhow::anyhow!(
+            "--secret (MODELCACHE_GATEWAY_SECRET) has {} bytes; give at least 16 random bytes, \
+             e.g. `openssl rand -hex 32`, the same on every replica",
+            args.secret.len()
+        ));
+    }
+    let target = args
+        .redis_url
+        .as_deref()
+        .map(|u| modelcache::store::RedisTarget::from_url(u, args.password.clone()));
+    let rt = runtime()?;
+    let _guard = rt.enter();
+    let (versions, _follower) = match (&args.version, &target) {
+        (Some(v), _) => (modelcache::cache::Versions::Fixed(v.clone()), None),
+        (None, Some(target)) => {
+            let follower =
+                modelcache::keyspace::registry::Follower::start(target.client()?, &args.model);
+            (
+                modelcache::cache::Versions::Registry(follower.subscribe()),
+                Some(follower),
+            )
+        }
+        (None, None) => {
+            return usage(anyhow::anyhow!(
+                "--follow-registry needs --redis-url: the registry lives in the model's Redis"
+            ));
+        }
+    };
+    let mut config = server::Config::new(&args.model, upstream, args.secret.into_bytes(), versions);
+    config.upstream_key = args.upstream_key;
+    config.sharing = match args.sharing {
+        SharingArg::PerCredential => server::Sharing::PerCredential,
+        SharingArg::CredentialRequired => server::Sharing::CredentialRequired,
+        SharingArg::Shared => server::Sharing::Shared,
+    };
+    config.allow_sampling = args.allow_sampling;
+    config.ttl = (args.ttl > 0).then(|| Duration::from_secs(args.ttl));
+    config.latency_budget = Duration::from_millis(args.latency_budget_ms);
+    config.upstream_usage = !args.no_upstream_usage;
+    let options = gateway::Options {
+        config,
+        listen: args.listen,
+        admin: args.admin_addr,
+        redis: target,
+        price: Price {
+            input_per_1k: args.price_input_per_1k,
+            output_per_1k: args.price_output_per_1k,
+        },
+    };
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    tracing::info!(listen = %args.listen, admin = %args.admin_addr, "gateway serving");
+    rt.block_on(gateway::run(options, shutdown))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn gpu(json: bool) -> Result<ExitCode> {

@@ -366,3 +366,97 @@ fn cert_manager_mode_issues_the_certificate_and_the_controller_only_reads_it() {
     let cert = docs.iter().find(|d| d["kind"] == "Certificate").unwrap();
     assert_eq!(cert["spec"]["issuerRef"]["kind"], "ClusterIssuer");
 }
+
+/// The series names Prometheus scrapes from a registry's text: counters
+/// end in `_total`, histograms in `_bucket`, `_sum` and `_count`.
+fn scraped_names(exposition: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in exposition.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let (name, kind) = rest.split_once(' ').unwrap();
+        match kind {
+            "counter" => {
+                names.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+            _ => {
+                names.insert(name.to_owned());
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn the_grafana_dashboard_queries_only_metrics_that_exist() {
+    let docs = documents(&render(&[]));
+    let dashboard = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["labels"]["grafana_dashboard"] == "1")
+        .expect("the chart ships the dashboard ConfigMap");
+    let json: serde_json::Value =
+        serde_json::from_str(dashboard["data"]["modelcache.json"].as_str().unwrap()).unwrap();
+    // A controller with one ModelCache reported, so that its per-cache
+    // families have a series (families without one are not exposed).
+    let controller = modelcache::controller::metrics::Metrics::new();
+    let info = modelcache::store::RedisInfo {
+        used_memory: Some(1),
+        maxmemory: Some(2),
+        mem_fragmentation_ratio: Some(1.0),
+        evicted_keys: Some(0),
+        keyspace_hits: Some(1),
+        keyspace_misses: Some(1),
+        ..Default::default()
+    };
+    controller.cache("ml", "faq", true, 0, Some(&info));
+    let known: std::collections::BTreeSet<String> = scraped_names(
+        &(modelcache::gateway::metrics::Metrics::new("m", Default::default()).encode()
+            + &controller.encode()),
+    );
+    for name in modelcache::gateway::metrics::NAMES {
+        assert!(
+            known.iter().any(|k| k.starts_with(name)),
+            "{name} is not exported"
+        );
+    }
+    let mut used = std::collections::BTreeSet::new();
+    let panels = json["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10);
+    for panel in panels {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let metrics: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("modelcache_"))
+                .collect();
+            assert!(!metrics.is_empty(), "{}: {expr}", panel["title"]);
+            for m in metrics {
+                assert!(known.contains(m), "{}: {m} is not a metric", panel["title"]);
+                used.insert(m.to_owned());
+            }
+            // Labels the metrics do not carry would make empty panels.
+            for label in ["tenant", "prompt", "user", "key"] {
+                assert!(!expr.contains(&format!("{label}=")), "{expr}");
+            }
+        }
+    }
+    // Every gateway metric has a panel.
+    for name in modelcache::gateway::metrics::NAMES {
+        assert!(
+            used.iter()
+                .any(|u| u.starts_with(name.trim_end_matches("_total"))),
+            "no panel shows {name}"
+        );
+    }
+    // The variable's query reads a gateway metric too.
+    let variable = json["templating"]["list"][1]["definition"]
+        .as_str()
+        .unwrap();
+    assert!(variable.contains("modelcache_gateway_requests_total"));
+}

@@ -1,6 +1,96 @@
-//! The OpenAI-compatible caching gateway (issue 17), built up in parts. So
-//! far: the request side ([`request`]): which requests may be answered from
-//! the exact layer, the key of those that may, and whose cache they read.
-//! The server, streaming, the semantic layer and coalescing come next.
+//! `modelcache gateway`: an OpenAI-compatible caching gateway in front of
+//! one upstream (the OpenAI API, vLLM, SGLang, llama.cpp's server), so that
+//! any client gets the caches by pointing its `base_url` at it.
+//!
+//! - [`request`]: which requests the exact layer may answer, their key, and
+//!   whose cache they read ([`request::Scope`]).
+//! - [`control`]: the request's `Cache-Control`.
+//! - [`sse`]: event streams parsed as they arrive, relayed event by event.
+//! - [`response`]: what is stored of an answer, when, and how a stored
+//!   stream answers a plain request and the other way round.
+//! - [`flight`]: identical concurrent misses share one upstream call.
+//! - [`server`]: the HTTP server; [`metrics`]: its Prometheus metrics.
 
+pub mod control;
+pub mod flight;
+pub mod metrics;
 pub mod request;
+pub mod response;
+pub mod server;
+pub mod sse;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::store::RedisTarget;
+
+/// Where a gateway listens and what it connects to.
+pub struct Options {
+    /// How requests are served and cached.
+    pub config: server::Config,
+    /// The serving port.
+    pub listen: SocketAddr,
+    /// `/healthz`, `/readyz` and `/metrics`.
+    pub admin: SocketAddr,
+    /// The model's Redis; `None` runs without a cache (a plain proxy).
+    pub redis: Option<RedisTarget>,
+    /// The metrics' prices.
+    pub price: metrics::Price,
+}
+
+/// How long to wait between attempts to reach Redis at start.
+const CONNECT_RETRY: Duration = Duration::from_secs(1);
+
+/// Runs a gateway until `shutdown` resolves. It serves at once: until Redis
+/// answers (and whenever it does not) requests go to the upstream.
+pub async fn run(
+    options: Options,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), server::GatewayError> {
+    let metrics = Arc::new(metrics::Metrics::new(&options.config.model, options.price));
+    let (tx, rx) = watch::channel(None);
+    if let Some(target) = options.redis {
+        tokio::spawn(async move {
+            loop {
+                match target.connect_managed().await {
+                    Ok(conn) => {
+                        tracing::info!(redis = %target.url, "gateway connected to Redis");
+                        let _ = tx.send(Some(conn));
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error::chain(&e), "gateway cannot reach Redis yet; serving from the upstream");
+                        tokio::time::sleep(CONNECT_RETRY).await;
+                    }
+                }
+            }
+        });
+    }
+    let gateway = server::Gateway::new(options.config, rx, Arc::clone(&metrics))?;
+    // Both ports are taken before either serves: a gateway that cannot
+    // expose its probes does not start.
+    let listener = server::bind(options.listen).await?;
+    let admin_listener = server::bind(options.admin).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let admin = tokio::spawn(server::serve(
+        admin_listener,
+        server::admin_router(metrics),
+        stopped(stop_rx.clone()),
+    ));
+    let serving = server::serve(listener, gateway.router(), stopped(stop_rx));
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let served = serving.await;
+    match admin.await {
+        Ok(Err(e)) => Err(e),
+        _ => served,
+    }
+}

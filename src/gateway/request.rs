@@ -117,6 +117,19 @@ pub enum Scope {
     Caller(String),
     /// Callers that sent no credential.
     Anonymous,
+    /// Every caller: a policy's explicit opt-in (one company-wide FAQ).
+    Shared,
+}
+
+impl Scope {
+    /// The scope's part of an entry's key.
+    pub fn tag(&self) -> String {
+        match self {
+            Scope::Caller(hmac) => format!("caller:{hmac}"),
+            Scope::Anonymous => "anonymous".into(),
+            Scope::Shared => "shared".into(),
+        }
+    }
 }
 
 /// The scope of a request from its `Authorization` header (`None`: absent

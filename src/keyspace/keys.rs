@@ -38,6 +38,8 @@ pub enum Layer {
     Semantic,
     /// Feature vectors.
     Feature,
+    /// The gateway's stored responses.
+    Response,
 }
 
 impl Layer {
@@ -47,6 +49,7 @@ impl Layer {
             Layer::Result => "result",
             Layer::Semantic => "semantic",
             Layer::Feature => "feature",
+            Layer::Response => "response",
         }
     }
 }
