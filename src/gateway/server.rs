@@ -29,6 +29,7 @@ use super::metrics::{CacheErrorKind, Metrics, Operation, Outcome};
 use super::request::{self, Endpoint, Scope};
 use super::response::{self, Form, Stored};
 use super::sse;
+use crate::cache::semantic::{Lookup, SemanticCache, SemanticConfig};
 use crate::cache::{Connection, Versions, codec};
 use crate::keyspace::keys::{self, Layer};
 
@@ -91,6 +92,26 @@ pub struct Config {
     pub upstream_usage: bool,
     /// Which version's entries are read and written.
     pub versions: Versions,
+    /// The semantic layer, where one is configured.
+    pub semantic: Option<SemanticLayer>,
+}
+
+/// The semantic layer's model and decision.
+#[derive(Clone)]
+pub struct SemanticLayer {
+    /// The embedding model (all-MiniLM-L6-v2 or another BERT).
+    pub embedder: Arc<crate::model::bert::SentenceEmbedder>,
+    /// The threshold (from the CachePolicy, calibrated), TTL and bound.
+    pub config: SemanticConfig,
+}
+
+/// What the gateway reaches Redis through, once it can.
+#[derive(Clone)]
+pub struct Backend<C> {
+    /// The exact layer's connection.
+    pub conn: C,
+    /// The semantic layer's cache, once its index is built.
+    pub semantic: Option<SemanticCache<C>>,
 }
 
 impl Config {
@@ -111,6 +132,7 @@ impl Config {
             max_entry_bytes: 4 << 20,
             upstream_usage: true,
             versions,
+            semantic: None,
         }
     }
 }
@@ -118,7 +140,7 @@ impl Config {
 /// A running gateway's shared state.
 pub struct Gateway<C> {
     config: Config,
-    redis: watch::Receiver<Option<C>>,
+    redis: watch::Receiver<Option<Backend<C>>>,
     http: reqwest::Client,
     flights: Arc<Flights>,
     metrics: Arc<Metrics>,
@@ -149,7 +171,7 @@ impl<C: Connection> Gateway<C> {
     /// until connected: a gateway without Redis is a plain proxy).
     pub fn new(
         config: Config,
-        redis: watch::Receiver<Option<C>>,
+        redis: watch::Receiver<Option<Backend<C>>>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Gateway<C>>, GatewayError> {
         let http = reqwest::Client::builder()
@@ -416,6 +438,17 @@ impl<C: Connection> Gateway<C> {
         {
             return self.hit(stored, delivery, started);
         }
+        let mut semantic = None;
+        if !controls.no_cache
+            && let Some((found, asked)) = self.semantic_lookup(endpoint, &value, &scope).await
+        {
+            match found {
+                Some((stored, similarity)) if controls.accepts(stored.age(now())) => {
+                    return self.semantic_hit(stored, similarity, delivery, started);
+                }
+                _ => semantic = Some(asked),
+            }
+        }
         let (flight, outcome) = if controls.no_cache {
             (Flight::alone(), Outcome::Miss)
         } else {
@@ -432,6 +465,7 @@ impl<C: Connection> Gateway<C> {
                 flight,
                 store: (!controls.no_store).then(|| key.clone()),
                 key,
+                semantic: semantic.filter(|_| !controls.no_store),
             };
             tokio::spawn(driver.run(self.driver_context(), request));
         }
@@ -466,7 +500,7 @@ impl<C: Connection> Gateway<C> {
     /// The stored answer under `key`; `None` on a miss and on any failure
     /// (counted), so the request goes upstream.
     async fn lookup(&self, key: &str) -> Option<Stored> {
-        let Some(mut conn) = self.redis.borrow().clone() else {
+        let Some(mut conn) = self.redis.borrow().as_ref().map(|b| b.conn.clone()) else {
             self.metrics
                 .cache_error(Operation::Read, CacheErrorKind::Unavailable);
             return None;
@@ -495,10 +529,36 @@ impl<C: Connection> Gateway<C> {
     }
 
     fn hit(&self, stored: Stored, delivery: Delivery, started: Instant) -> Response {
+        self.answer_hit(stored, delivery, started, Outcome::Hit)
+    }
+
+    fn semantic_hit(
+        &self,
+        stored: Stored,
+        similarity: f32,
+        delivery: Delivery,
+        started: Instant,
+    ) -> Response {
+        let mut resp = self.answer_hit(stored, delivery, started, Outcome::SemanticHit);
+        set_header(
+            resp.headers_mut(),
+            headers::SIMILARITY,
+            format!("{similarity:.4}"),
+        );
+        resp
+    }
+
+    fn answer_hit(
+        &self,
+        stored: Stored,
+        delivery: Delivery,
+        started: Instant,
+        outcome: Outcome,
+    ) -> Response {
         let usage = stored.form.usage();
         let mut resp = delivery.render(&stored.form, StatusCode::OK);
         let headers = resp.headers_mut();
-        set_header(headers, headers::OUTCOME, Outcome::Hit.header());
+        set_header(headers, headers::OUTCOME, outcome.header());
         set_header(headers, "age", stored.age(now()));
         if let Some(usage) = usage {
             set_header(
@@ -508,8 +568,76 @@ impl<C: Connection> Gateway<C> {
             );
             self.metrics.saved(usage);
         }
-        self.metrics.request(Outcome::Hit, Some(started.elapsed()));
+        self.metrics.request(outcome, Some(started.elapsed()));
         resp
+    }
+
+    /// The semantic layer's lookup: `None` when it does not apply (not
+    /// configured, no question, no cache yet, the embedding failed);
+    /// otherwise the answer found, if any, and what to store the upstream's
+    /// answer under.
+    async fn semantic_lookup(
+        &self,
+        endpoint: Endpoint,
+        value: &Value,
+        scope: &Scope,
+    ) -> Option<(Option<(Stored, f32)>, SemanticStore<C>)> {
+        let layer = self.config.semantic.as_ref()?;
+        let question = super::semantic::question(endpoint, value, scope)?;
+        let Some(cache) = self
+            .redis
+            .borrow()
+            .as_ref()
+            .and_then(|b| b.semantic.clone())
+        else {
+            self.metrics
+                .cache_error(Operation::Read, CacheErrorKind::Unavailable);
+            return None;
+        };
+        let embedder = Arc::clone(&layer.embedder);
+        let text = question.text.clone();
+        // Embedding is CPU work of milliseconds: off the async workers.
+        let vector = tokio::task::spawn_blocking(move || embedder.embed(&[text]))
+            .await
+            .ok()?
+            .ok()?
+            .pop()?;
+        let lookup = cache.lookup_in(&question.partition, &question.text, &vector);
+        let found = match tokio::time::timeout(self.config.latency_budget, lookup).await {
+            Ok(Ok(Lookup::Hit(hit))) => match Stored::from_json(&hit.answer) {
+                Some(stored) => Some((stored, hit.similarity)),
+                None => {
+                    self.metrics
+                        .cache_error(Operation::Read, CacheErrorKind::Garbage);
+                    None
+                }
+            },
+            // Per-entry verification is for library callers that can judge
+            // an answer; the gateway treats it as a miss.
+            Ok(Ok(Lookup::Verify(_) | Lookup::Miss)) => None,
+            Ok(Err(crate::cache::CacheError::NoVersion { .. })) => {
+                self.metrics
+                    .cache_error(Operation::Read, CacheErrorKind::NoVersion);
+                None
+            }
+            Ok(Err(_)) => {
+                self.metrics
+                    .cache_error(Operation::Read, CacheErrorKind::Unavailable);
+                None
+            }
+            Err(_) => {
+                self.metrics
+                    .cache_error(Operation::Read, CacheErrorKind::Timeout);
+                None
+            }
+        };
+        let store = SemanticStore {
+            cache,
+            partition: question.partition,
+            text: question.text,
+            vector,
+        };
+        Some((found, store))
     }
 
     fn driver_context(&self) -> DriverContext<C> {
@@ -527,7 +655,7 @@ impl<C: Connection> Gateway<C> {
 /// What a flight's driver needs of the gateway; it outlives the request
 /// that started it.
 struct DriverContext<C> {
-    redis: watch::Receiver<Option<C>>,
+    redis: watch::Receiver<Option<Backend<C>>>,
     metrics: Arc<Metrics>,
     flights: Arc<Flights>,
     ttl: Option<Duration>,
@@ -535,13 +663,23 @@ struct DriverContext<C> {
     max_entry_bytes: usize,
 }
 
+/// Where a semantic-layer miss stores the upstream's answer.
+struct SemanticStore<C> {
+    cache: SemanticCache<C>,
+    partition: String,
+    text: String,
+    vector: Vec<f32>,
+}
+
 /// The task that makes a flight's upstream call, feeds its readers, and
 /// stores a complete answer.
-struct Driver {
+struct Driver<C> {
     flight: Arc<Flight>,
     /// The entry's key; `None` with `no-store`.
     store: Option<String>,
     key: String,
+    /// The semantic layer's entry too, where the request had one.
+    semantic: Option<SemanticStore<C>>,
 }
 
 /// What a driver keeps of an answer to store it: its payloads or its body,
@@ -602,12 +740,19 @@ impl Kept {
     }
 }
 
-impl Driver {
-    async fn run<C: Connection>(self, ctx: DriverContext<C>, request: reqwest::RequestBuilder) {
+impl<C: Connection> Driver<C> {
+    async fn run(self, ctx: DriverContext<C>, request: reqwest::RequestBuilder) {
         let _guard = self.flight.guard();
         let form = self.call(&ctx, request).await;
         if let (Some(form), Some(key)) = (&form, &self.store) {
-            store(&ctx, key, form).await;
+            let stored = Stored {
+                created: now(),
+                form: form.clone(),
+            };
+            store(&ctx, key, &stored).await;
+            if let Some(semantic) = &self.semantic {
+                store_semantic(&ctx, semantic, &stored).await;
+            }
         }
         ctx.flights.land(&self.key, &self.flight);
         // Every reader but the first was spared an upstream call.
@@ -624,11 +769,7 @@ impl Driver {
 
     /// Makes the call and relays it into the flight; the answer if it may
     /// be stored.
-    async fn call<C>(
-        &self,
-        ctx: &DriverContext<C>,
-        request: reqwest::RequestBuilder,
-    ) -> Option<Form> {
+    async fn call(&self, ctx: &DriverContext<C>, request: reqwest::RequestBuilder) -> Option<Form> {
         let started = Instant::now();
         let resp = match request.send().await {
             Ok(resp) => resp,
@@ -714,17 +855,39 @@ impl Driver {
     }
 }
 
+/// Stores a complete answer in the semantic layer too; a failure is
+/// counted, never returned.
+async fn store_semantic<C: Connection>(
+    ctx: &DriverContext<C>,
+    semantic: &SemanticStore<C>,
+    stored: &Stored,
+) {
+    let answer = stored.to_json();
+    let put = semantic.cache.put_in(
+        &semantic.partition,
+        &semantic.text,
+        &semantic.vector,
+        &answer,
+        &Value::Null,
+    );
+    match tokio::time::timeout(ctx.store_timeout, put).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => ctx
+            .metrics
+            .cache_error(Operation::Write, CacheErrorKind::Unavailable),
+        Err(_) => ctx
+            .metrics
+            .cache_error(Operation::Write, CacheErrorKind::Timeout),
+    }
+}
+
 /// Stores a complete answer under `key`, off the request's path; a failure
 /// is counted, never returned.
-async fn store<C: Connection>(ctx: &DriverContext<C>, key: &str, form: &Form) {
-    let Some(mut conn) = ctx.redis.borrow().clone() else {
+async fn store<C: Connection>(ctx: &DriverContext<C>, key: &str, stored: &Stored) {
+    let Some(mut conn) = ctx.redis.borrow().as_ref().map(|b| b.conn.clone()) else {
         ctx.metrics
             .cache_error(Operation::Write, CacheErrorKind::Unavailable);
         return;
-    };
-    let stored = Stored {
-        created: now(),
-        form: form.clone(),
     };
     let Ok(value) = codec::encode(&stored.to_json()) else {
         return;
