@@ -142,6 +142,9 @@ struct GatewayArgs {
     /// Redis password (better from the environment).
     #[arg(long, env = "MODELCACHE_REDIS_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// Redis ACL user, if not `default`.
+    #[arg(long, env = "MODELCACHE_REDIS_USERNAME")]
+    redis_username: Option<String>,
     /// The gateway's secret (at least 16 bytes): callers' scopes are HMACs
     /// of their Authorization under it. Every replica needs the same one.
     #[arg(long, env = "MODELCACHE_GATEWAY_SECRET", hide_env_values = true)]
@@ -197,6 +200,10 @@ struct GatewayArgs {
     /// (the CachePolicy's semantic.threshold).
     #[arg(long, env = "MODELCACHE_SEMANTIC_THRESHOLD", requires = "embedding_model", value_parser = threshold_arg)]
     semantic_threshold: Option<f32>,
+    /// How often (seconds) this gateway adds its counts to the model's
+    /// counters in Redis, which the controller reports in status.
+    #[arg(long, env = "MODELCACHE_GATEWAY_REPORT_INTERVAL", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    report_interval: u64,
     /// Semantic entries kept at most.
     #[arg(
         long,
@@ -651,10 +658,13 @@ fn gateway(args: GatewayArgs) -> Result<ExitCode> {
             args.secret.len()
         ));
     }
-    let target = args
-        .redis_url
-        .as_deref()
-        .map(|u| modelcache::store::RedisTarget::from_url(u, args.password.clone()));
+    let target = args.redis_url.as_deref().map(|u| {
+        let mut target = modelcache::store::RedisTarget::from_url(u, args.password.clone());
+        if args.redis_username.is_some() {
+            target.username = args.redis_username.clone();
+        }
+        target
+    });
     let rt = runtime()?;
     let _guard = rt.enter();
     let (versions, _follower) = match (&args.version, &target) {
@@ -701,6 +711,7 @@ fn gateway(args: GatewayArgs) -> Result<ExitCode> {
         });
     }
     let options = gateway::Options {
+        report_interval: Duration::from_secs(args.report_interval),
         config,
         listen: args.listen,
         admin: args.admin_addr,
@@ -741,6 +752,7 @@ fn run_controller(args: ControllerArgs) -> Result<ExitCode> {
         .identity
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("modelcache-{}", std::process::id()));
+    let image = args.image.clone();
     let webhook = match (args.webhook_addr, args.image) {
         (None, _) => None,
         (Some(_), None) => {
@@ -775,6 +787,7 @@ fn run_controller(args: ControllerArgs) -> Result<ExitCode> {
         lease_duration: Duration::from_secs(15),
         redis_url_override: args.redis_url_override,
         webhook,
+        image,
     };
     runtime()?.block_on(controller::run(config))?;
     Ok(ExitCode::SUCCESS)

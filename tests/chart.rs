@@ -122,7 +122,7 @@ fn rbac_is_least_privilege_and_scoped_as_configured() {
             r#""" ["configmaps","services"] ["get","list","watch","create","patch"]"#,
             r#""apps" ["statefulsets"] ["get","list","watch","create","patch","delete"]"#,
             r#""networking.k8s.io" ["networkpolicies"] ["get","create","patch"]"#,
-            r#""apps" ["deployments"] ["get"]"#,
+            r#""apps" ["deployments"] ["get","create","patch"]"#,
             r#""" ["pods"] ["list"]"#,
             r#""" ["secrets"] ["get","create"]"#,
             r#""events.k8s.io" ["events"] ["create","patch"]"#,

@@ -150,6 +150,7 @@ async fn controller_provisions_a_ready_redis() {
         lease_duration: Duration::from_secs(15),
         redis_url_override: Some(format!("redis://127.0.0.1:{local_port}")),
         webhook: None,
+        image: None,
     };
     let controller = tokio::spawn(run(config));
 

@@ -877,6 +877,7 @@ async fn without_leader_election_the_controller_reconciles_until_stopped() {
         lease_duration: Duration::from_secs(15),
         redis_url_override: Some(format!("redis://127.0.0.1:{}", free_port())),
         webhook: None,
+        image: None,
     };
     let controller = tokio::spawn(run_with_client(client, config));
     let status = format!("PATCH {MC}/status");
@@ -1042,4 +1043,135 @@ async fn an_object_of_the_same_name_made_by_someone_else_is_not_taken_over() {
         api.get(STATEFUL_SET).is_none(),
         "nothing is built on their Secret"
     );
+}
+
+/// A context whose controller knows its image (a standalone gateway runs it).
+fn context_with_image(client: &Client, redis_url: String) -> Arc<Context> {
+    let reporter = Reporter {
+        controller: MANAGER.into(),
+        instance: Some("test".into()),
+    };
+    let mut ctx = Context::new(
+        client.clone(),
+        Arc::new(Metrics::new()),
+        Recorder::new(client.clone(), reporter),
+        Duration::from_secs(30),
+    );
+    ctx.redis_url_override = Some(redis_url);
+    ctx.image = Some("modelcache:test".into());
+    Arc::new(ctx)
+}
+
+#[tokio::test]
+async fn a_standalone_gateway_gets_its_objects_and_its_counters_reach_the_status() {
+    let (client, api) = FakeApiServer::start();
+    let mut mc = model_cache(Some("faq"));
+    mc["spec"]["gateway"] = json!({
+        "mode": "Standalone",
+        "upstreamUrl": "https://api.openai.com",
+        "upstreamKeySecretRef": {"name": "openai", "key": "api-key"},
+        "price": {"inputPer1k": 0.03, "outputPer1k": 0.06}
+    });
+    api.insert(MC, mc);
+    let mut faq = policy("faq", "allkeys-lru", 0.8);
+    faq["spec"]["gateway"] = json!({"sharing": "Shared"});
+    api.insert(&format!("{POLICIES}/faq"), faq);
+
+    // Without its image the controller cannot run a standalone gateway.
+    let closed = format!("redis://127.0.0.1:{}", free_port());
+    let _ = reconcile(
+        Arc::new(serde_json::from_value(api.get(MC).unwrap()).unwrap()),
+        context(&client, closed.clone()),
+    )
+    .await;
+    assert_eq!(
+        condition(&api, "SpecValid")["reason"],
+        "GatewayImageUnknown"
+    );
+    api.take_requests();
+
+    reconcile_stored(&api, &context_with_image(&client, closed)).await;
+    let requests = api.take_requests();
+    let seen = lines(&requests);
+    for path in [
+        "/api/v1/namespaces/ml/configmaps/chat-gateway",
+        "/apis/apps/v1/namespaces/ml/deployments/chat-gateway",
+        "/api/v1/namespaces/ml/services/chat-gateway",
+    ] {
+        assert!(seen.contains(&format!("PATCH {path}")), "{path}: {seen:?}");
+    }
+    assert!(
+        seen.contains(&"POST /api/v1/namespaces/ml/secrets".to_string()),
+        "{seen:?}"
+    );
+    let config = body_of(
+        &requests,
+        "PATCH",
+        "/api/v1/namespaces/ml/configmaps/chat-gateway",
+    );
+    assert_eq!(config["data"]["MODELCACHE_GATEWAY_SHARING"], "shared");
+    let deployment = body_of(
+        &requests,
+        "PATCH",
+        "/apis/apps/v1/namespaces/ml/deployments/chat-gateway",
+    );
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["image"], "modelcache:test");
+    assert_eq!(container["args"], json!(["gateway", "--follow-registry"]));
+    assert_eq!(
+        deployment["metadata"]["ownerReferences"][0]["uid"],
+        "mc-uid-1"
+    );
+    let gateway_secret = api
+        .get("/api/v1/namespaces/ml/secrets/chat-gateway")
+        .expect("the gateway Secret");
+    assert!(gateway_secret["data"]["secret"].as_str().unwrap().len() >= 32);
+
+    // The gateways add their counts to Redis as the serving user; the next
+    // reconcile reports them.
+    let redis = provisioned_redis(&api);
+    let serving = format!(
+        "redis://:{}@127.0.0.1:{}",
+        secret_value(&api, "password"),
+        redis.port()
+    );
+    let mut conn = redis::Client::open(serving)
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&support::patient())
+        .await
+        .unwrap();
+    let _: () = redis::pipe()
+        .cmd("HINCRBY")
+        .arg("mc:~{smollm2}:gateway")
+        .arg("requests")
+        .arg(10)
+        .ignore()
+        .cmd("HINCRBY")
+        .arg("mc:~{smollm2}:gateway")
+        .arg("hits")
+        .arg(7)
+        .ignore()
+        .cmd("HINCRBY")
+        .arg("mc:~{smollm2}:gateway")
+        .arg("tokens_saved")
+        .arg(420)
+        .ignore()
+        .cmd("HINCRBY")
+        .arg("mc:~{smollm2}:gateway")
+        .arg("cost_saved_micros")
+        .arg(12_600)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ctx = context_with_image(&client, format!("redis://127.0.0.1:{}", redis.port()));
+    reconcile_stored(&api, &ctx).await;
+    let status = &api.get(MC).unwrap()["status"]["gateway"];
+    assert_eq!(status["requests"], 10);
+    assert_eq!(status["hits"], 7);
+    assert_eq!(status["hitRate"], 0.7);
+    assert_eq!(status["tokensSaved"], 420);
+    assert_eq!(status["costSaved"], 0.0126);
+    assert_eq!(status["endpoint"], "http://chat-gateway.ml.svc:8090/v1");
+    assert_eq!(status["readyReplicas"], 0);
 }

@@ -1000,7 +1000,13 @@ async fn the_binary_serves_the_cache_with_its_probes_and_metrics() {
     let _gateway = Child(
         std::process::Command::new(env!("CARGO_BIN_EXE_modelcache"))
             .args(["gateway", "--upstream", &upstream, "--model", MODEL])
-            .args(["--version", "v1", "--redis-url", &redis.url()])
+            .args(["--redis-url", &redis.url(), "--report-interval", "1"])
+            // As the sidecar gets them: the pod's version, the policy's
+            // settings from the gateway ConfigMap.
+            .env("MODELCACHE_VERSION", "v1")
+            .env("MODELCACHE_GATEWAY_ALLOW_SAMPLING", "false")
+            .env("MODELCACHE_GATEWAY_SHARING", "per-credential")
+            .env("MODELCACHE_GATEWAY_TTL", "0")
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
             .env(
@@ -1050,6 +1056,28 @@ async fn the_binary_serves_the_cache_with_its_probes_and_metrics() {
         "{metrics}"
     );
     assert!(stub.calls.load(Ordering::SeqCst) >= 1);
+    // A sampled request bypasses: "false" from the environment is false.
+    let mut sampled = chat("When is payday?");
+    sampled["temperature"] = json!(0.9);
+    let a = post(&client, &url, CHAT, Some("sk-alice"), &[], &sampled).await;
+    assert_eq!(a.outcome(), "bypass");
+    // The counts reach the model's counters in Redis for the status.
+    let mut conn = managed(&redis).await;
+    let mut counts = std::collections::HashMap::<String, u64>::new();
+    while counts.get("hits").copied().unwrap_or(0) < 1 {
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(10),
+            "{counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        counts = redis::cmd("HGETALL")
+            .arg("mc:~{smollm2}:gateway")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    assert!(counts["requests"] >= 2, "{counts:?}");
+    assert!(counts["tokens_saved"] > 0, "{counts:?}");
 }
 
 #[test]

@@ -340,3 +340,47 @@ fn a_cdn_source_gets_its_headers_and_signing_key_as_mounted_files() {
     std::fs::write(&file, serde_json::to_vec(&patched).unwrap()).unwrap();
     support::strict_validate(&[&file]);
 }
+
+#[test]
+fn a_sidecar_gateway_fronts_the_engine_in_the_pod_and_the_pod_stays_valid() {
+    let mut mc = chat();
+    mc.spec.gateway = Some(serde_json::from_value(json!({"mode": "Sidecar"})).unwrap());
+    let with_gateway =
+        |namespace: &str, name: &str| find(namespace, name).map(|found| found.map(|_| mc.clone()));
+    let request = fixture("annotated.json");
+    let response = review(&request, with_gateway, &config(FailurePolicy::Fail));
+    let mut patched = apply(
+        request["request"]["object"].clone(),
+        &ops(&response).unwrap(),
+    );
+    let init = patched["spec"]["initContainers"].as_array().unwrap();
+    let gateway = init
+        .iter()
+        .find(|c| c["name"] == "modelcache-gateway")
+        .expect("the gateway sidecar");
+    assert_eq!(gateway["restartPolicy"], "Always");
+    assert_eq!(gateway["image"], IMAGE);
+    let env: Vec<&Value> = gateway["env"].as_array().unwrap().iter().collect();
+    let var = |name: &str| env.iter().find(|e| e["name"] == name).copied().unwrap();
+    assert_eq!(
+        var("MODELCACHE_UPSTREAM_URL")["value"],
+        "http://127.0.0.1:8000"
+    );
+    // The pod's own version, through the downward API.
+    assert_eq!(
+        var("MODELCACHE_VERSION")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.annotations['modelcache.dev/version']"
+    );
+    assert_eq!(
+        var("MODELCACHE_GATEWAY_SECRET")["valueFrom"]["secretKeyRef"]["name"],
+        "chat-gateway"
+    );
+    assert_eq!(gateway["securityContext"]["readOnlyRootFilesystem"], true);
+    // After the fetch container: the weights come first.
+    assert_eq!(init[0]["name"], "modelcache-fetch");
+    patched["metadata"]["name"] = json!("chat-vllm-7d9f8c6b5-x7k2p");
+    let dir = tempfile::tempdir().unwrap();
+    let file: PathBuf = dir.path().join("pod.json");
+    std::fs::write(&file, serde_json::to_vec(&patched).unwrap()).unwrap();
+    support::strict_validate(&[&file]);
+}

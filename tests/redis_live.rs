@@ -167,7 +167,7 @@ async fn forbidden_config_is_reported_plainly_and_info_still_read() {
     assert!(err.to_string().contains("forbids"), "{err}");
 
     let want = desired(EvictionPolicy::AllkeysLru, 0.8, "1Gi");
-    let obs = observe(&t, &want, false, 1.5).await;
+    let obs = observe(&t, &want, false, 1.5, None).await;
     assert!(obs.config_unreadable.is_some(), "{obs:?}");
     assert!(obs.info.is_some(), "INFO is still read: {obs:?}");
     let status = model_cache_status(None, None, &obs, Time(Timestamp::now()));
@@ -202,7 +202,7 @@ async fn info_becomes_status_fields() {
     }
     let t = target(&redis);
     let want = desired(EvictionPolicy::AllkeysLru, 0.8, "1Gi");
-    let obs = observe(&t, &want, true, 1.5).await;
+    let obs = observe(&t, &want, true, 1.5, None).await;
     let info = obs.info.clone().unwrap();
     assert_eq!(info.keyspace_hits, Some(3));
     assert_eq!(info.keyspace_misses, Some(1));
@@ -225,7 +225,7 @@ async fn a_dead_redis_is_not_ready() {
     let redis = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
     let t = target(&redis);
     drop(redis);
-    let obs = observe(&t, &BTreeMap::new(), true, 1.5).await;
+    let obs = observe(&t, &BTreeMap::new(), true, 1.5, None).await;
     assert!(
         obs.unreachable
             .as_deref()

@@ -261,6 +261,77 @@ fn secret_env(name: &str, secret: &str) -> EnvVar {
     }
 }
 
+/// A plain environment variable.
+pub(crate) fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+/// An environment variable from one key of a Secret.
+pub(crate) fn secret_key_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// What a client of the model's Redis needs to reach it: the URL, the user
+/// of an external Redis, and the password from its Secret.
+pub(crate) fn redis_env(mc: &ModelCache) -> Vec<EnvVar> {
+    let mut out = Vec::new();
+    match mc.spec.redis.as_ref().and_then(|r| r.external.as_ref()) {
+        Some(external) => {
+            out.push(env("MODELCACHE_REDIS_URL", &external.url));
+            if let Some(user) = &external.username {
+                out.push(env("MODELCACHE_REDIS_USERNAME", user));
+            }
+            if let Some(r) = &external.password_secret_ref {
+                out.push(secret_key_env("MODELCACHE_REDIS_PASSWORD", &r.name, &r.key));
+            }
+        }
+        None => {
+            out.push(env("MODELCACHE_REDIS_URL", &service_url(mc)));
+            out.push(secret_key_env(
+                "MODELCACHE_REDIS_PASSWORD",
+                &names(mc).redis,
+                PASSWORD_KEY,
+            ));
+        }
+    }
+    out
+}
+
+/// Our containers run as non-root on a read-only root filesystem, with no
+/// privileges to gain; they write only to the shared volumes.
+pub(crate) fn locked_down() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(65532),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     VolumeMount {
         name: name.into(),

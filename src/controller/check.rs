@@ -33,7 +33,14 @@ pub async fn check_redis(
 ) -> Result<CheckReport, SettingsError> {
     let resolved = settings::resolve(policy, overrides)?;
     let desired = settings::desired_config(&resolved);
-    let observation = observe(target, &desired, apply, policy.fragmentation_threshold).await;
+    let observation = observe(
+        target,
+        &desired,
+        apply,
+        policy.fragmentation_threshold,
+        None,
+    )
+    .await;
     let status = model_cache_status(None, None, &observation, Time(Timestamp::now()));
     Ok(CheckReport {
         observation,

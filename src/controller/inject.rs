@@ -18,13 +18,12 @@
 use k8s_openapi::api::core::v1::{
     ConfigMapProjection, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource,
-    SecretKeySelector, SecretProjection, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
-    VolumeProjection,
+    SecretKeySelector, SecretProjection, SecretVolumeSource, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
 
-use super::builders;
+use super::builders::{self, env, locked_down, secret_key_env};
 use super::network::CLIENT_LABEL;
 use crate::crd::model_cache::{DEFAULT_VERSION_LABEL, ModelCache};
 
@@ -117,29 +116,6 @@ pub fn decide(
     }
 }
 
-fn env(name: &str, value: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..Default::default()
-    }
-}
-
-fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: secret.into(),
-                key: key.into(),
-                optional: None,
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 /// The label or annotation that holds a pod's version.
 fn version_key(mc: &ModelCache) -> String {
     mc.spec
@@ -173,49 +149,10 @@ fn version_env(mc: &ModelCache, pod: &Pod) -> EnvVar {
 
 /// What serving code needs to reach the cache.
 fn serving_env(mc: &ModelCache, pod: &Pod) -> Vec<EnvVar> {
-    let mut out = Vec::new();
-    match mc.spec.redis.as_ref().and_then(|r| r.external.as_ref()) {
-        Some(external) => {
-            out.push(env("MODELCACHE_REDIS_URL", &external.url));
-            if let Some(user) = &external.username {
-                out.push(env("MODELCACHE_REDIS_USERNAME", user));
-            }
-            if let Some(r) = &external.password_secret_ref {
-                out.push(secret_env("MODELCACHE_REDIS_PASSWORD", &r.name, &r.key));
-            }
-        }
-        None => {
-            out.push(env("MODELCACHE_REDIS_URL", &builders::service_url(mc)));
-            out.push(secret_env(
-                "MODELCACHE_REDIS_PASSWORD",
-                &builders::names(mc).redis,
-                builders::PASSWORD_KEY,
-            ));
-        }
-    }
+    let mut out = builders::redis_env(mc);
     out.push(env("MODELCACHE_MODEL", &mc.spec.model));
     out.push(version_env(mc, pod));
     out
-}
-
-/// Our containers run as non-root on a read-only root filesystem, with no
-/// privileges to gain; they write only to the shared volumes.
-fn locked_down() -> SecurityContext {
-    SecurityContext {
-        run_as_non_root: Some(true),
-        run_as_user: Some(65532),
-        read_only_root_filesystem: Some(true),
-        allow_privilege_escalation: Some(false),
-        capabilities: Some(k8s_openapi::api::core::v1::Capabilities {
-            drop: Some(vec!["ALL".into()]),
-            ..Default::default()
-        }),
-        seccomp_profile: Some(k8s_openapi::api::core::v1::SeccompProfile {
-            type_: "RuntimeDefault".into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
@@ -248,7 +185,7 @@ fn fetch_container(mc: &ModelCache, pod: &Pod, image: &str) -> (Container, Vec<V
     }
     if let Some(secret) = &source.credentials_secret_ref {
         for key in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
-            env_vars.push(secret_env(key, &secret.name, key));
+            env_vars.push(secret_key_env(key, &secret.name, key));
         }
         env_vars.push(EnvVar {
             value_from: Some(EnvVarSource {
@@ -456,6 +393,10 @@ pub fn patch(pod: &Pod, mc: &ModelCache, image: &str) -> Vec<Value> {
     if let Some((warm, volume)) = warm_container(mc, image) {
         init.push(warm);
         volumes.push(volume);
+    }
+    // The gateway last: it fronts the engine, which the warm-up primes.
+    if let Some(gateway) = super::gateway::sidecar(mc, image, version_env(mc, pod)) {
+        init.push(gateway);
     }
     match spec.init_containers.as_deref() {
         None | Some([]) => {

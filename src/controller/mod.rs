@@ -8,6 +8,7 @@
 
 pub mod builders;
 pub mod check;
+pub mod gateway;
 pub mod http;
 pub mod inject;
 pub mod leader;
@@ -80,6 +81,8 @@ pub struct ControllerConfig {
     pub redis_url_override: Option<String>,
     /// Serve the pod-injection webhook (every replica serves it).
     pub webhook: Option<WebhookSettings>,
+    /// The modelcache image, which standalone gateways run.
+    pub image: Option<String>,
 }
 
 /// The injection webhook's address, behaviour and TLS.
@@ -306,6 +309,7 @@ pub async fn run_with_client(
     );
     ctx.redis_url_override = config.redis_url_override.clone();
     ctx.controller_namespace = Some(config.lease_namespace.clone());
+    ctx.image = config.image.clone();
     let stop = {
         let (mut stop, mut lost) = (stop_rx.clone(), lost_rx.clone());
         async move {

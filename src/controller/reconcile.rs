@@ -31,6 +31,7 @@ use parking_lot::Mutex;
 
 use crate::crd::ModelCache;
 use crate::crd::condition::condition_status;
+use crate::crd::model_cache::GatewayMode;
 use crate::error::chain as error_chain;
 
 use super::metrics::{ErrorCategory, Metrics, Outcome};
@@ -99,6 +100,8 @@ pub struct Context {
     /// The controller's own namespace, which a Redis's NetworkPolicy admits
     /// the controller from; `None` admits its pods from any namespace.
     pub controller_namespace: Option<String>,
+    /// The modelcache image, which standalone gateways run.
+    pub image: Option<String>,
     /// Consecutive failures per object, for per-object backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Running sweeps and key counts of retired versions.
@@ -120,6 +123,7 @@ impl Context {
             health_interval,
             redis_url_override: None,
             controller_namespace: None,
+            image: None,
             failures: Mutex::new(HashMap::new()),
             tasks: follow::Tasks::default(),
         }
@@ -203,16 +207,41 @@ async fn stages(mc: &ModelCache, ctx: &Context) -> Result<Action, ReconcileError
         RedisBackend::Provisioned(_) => dereference::client_selector(client, mc).await?,
         RedisBackend::External { .. } => None,
     };
+    if let Some(gateway) = &mc.spec.gateway {
+        if gateway.mode == GatewayMode::Standalone && ctx.image.is_none() {
+            return Err(ReconcileError::Invalid(Invalid {
+                reason: "GatewayImageUnknown",
+                message: "spec.gateway.mode Standalone runs the modelcache image, which this \
+                          controller was not given: run it with --image (MODELCACHE_IMAGE; the \
+                          chart sets it)"
+                    .into(),
+            }));
+        }
+        dereference::gateway_secret(client, mc).await?;
+    }
     let surroundings = desired::Surroundings {
         redis_url_override: ctx.redis_url_override.as_deref(),
         controller_namespace: ctx.controller_namespace.as_deref(),
         clients: clients.as_ref(),
+        image: ctx.image.as_deref(),
     };
     let desired = desired::build(mc, &spec, &credentials, surroundings);
-    apply::apply_all(client, mc, &desired).await?;
+    let gateway_ready = apply::apply_all(client, mc, &desired).await?;
 
     let threshold = spec.policy.fragmentation_threshold;
-    let mut obs = observe(&desired.target, &desired.config, desired.enforce, threshold).await;
+    let gateway_model = mc.spec.gateway.as_ref().map(|_| mc.spec.model.as_str());
+    let mut obs = observe(
+        &desired.target,
+        &desired.config,
+        desired.enforce,
+        threshold,
+        gateway_model,
+    )
+    .await;
+    if let Some(gateway) = &mut obs.gateway {
+        gateway.ready_replicas = gateway_ready;
+        gateway.endpoint = crate::controller::gateway::endpoint(mc);
+    }
     let rollout = match obs.unreachable {
         Some(_) => None,
         None => {

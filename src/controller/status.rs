@@ -6,7 +6,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::crd::condition::{condition, set_condition};
-use crate::crd::model_cache::{ModelCacheStatus, RedisStatus, VersionStatus};
+use crate::crd::model_cache::{GatewayStatus, ModelCacheStatus, RedisStatus, VersionStatus};
 use crate::store::RedisInfo;
 use crate::store::live::{ConfigOutcome, Defrag};
 
@@ -45,6 +45,33 @@ pub struct Observation {
     /// Version phases and the version published as active, when the rollout
     /// was followed on this reconcile.
     pub rollout: Option<(Vec<VersionStatus>, Option<String>)>,
+    /// The gateways' report, when the spec has a gateway.
+    pub gateway: Option<GatewayStatus>,
+}
+
+/// The gateways' counters (the hash every gateway adds to, see
+/// [`crate::keyspace::keys::gateway_stats`]) as status. Fields that are
+/// missing or not numbers count as 0: the hash is written by pods.
+pub fn gateway_status(counts: &std::collections::HashMap<String, String>) -> GatewayStatus {
+    let int = |k: &str| {
+        counts
+            .get(k)
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0)
+            .max(0)
+    };
+    let (requests, hits) = (int("requests"), int("hits").min(int("requests")));
+    GatewayStatus {
+        endpoint: None,
+        ready_replicas: None,
+        requests,
+        hits,
+        hit_rate: (requests > 0).then(|| hits as f64 / requests as f64),
+        tokens_saved: int("tokens_saved"),
+        cost_saved: counts
+            .contains_key("cost_saved_micros")
+            .then(|| int("cost_saved_micros") as f64 / 1e6),
+    }
 }
 
 /// Fragmentation below this many bytes is ignored whatever the ratio: on a
@@ -100,6 +127,10 @@ pub fn model_cache_status(
         }
     }
     status.redis = Some(redis_status(status.redis.take(), obs, now));
+    // While Redis cannot be read, the last report stands.
+    if obs.unreachable.is_none() {
+        status.gateway = obs.gateway.clone();
+    }
     status
 }
 

@@ -183,6 +183,7 @@ mod tests {
                 workload: None,
                 redis: None,
                 warmup: None,
+                gateway: None,
             },
         );
         mc.metadata.namespace = Some("ml".into());

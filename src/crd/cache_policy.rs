@@ -100,6 +100,52 @@ pub struct CachePolicySpec {
     /// a ModelCache's own `redis` fields override these.
     #[serde(default)]
     pub redis: RedisDefaults,
+
+    /// What the caching gateway (a ModelCache's `spec.gateway`) may share
+    /// and store.
+    #[serde(default)]
+    pub gateway: GatewayPolicy,
+}
+
+/// Who shares the gateway's cached answers, and which requests it caches.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayPolicy {
+    /// `PerCredential`: each API key has its own entries, callers without
+    /// one share an anonymous scope. `CredentialRequired`: the same, and a
+    /// request without an Authorization header gets 401. `Shared`: every
+    /// caller reads every caller's entries (one company-wide FAQ): an
+    /// explicit opt-in.
+    #[serde(default)]
+    pub sharing: GatewaySharing,
+
+    /// Cache sampled requests (temperature above 0, or none given: the
+    /// OpenAI default is 1) and n above 1 too. Their answers vary from call
+    /// to call, so by default they are not cached.
+    #[serde(default)]
+    pub allow_sampling: bool,
+}
+
+/// Gateway sharing: `PerCredential`, `CredentialRequired` or `Shared`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+// The values are named in the enum's doc (see EvictionPolicy).
+#[allow(missing_docs)]
+pub enum GatewaySharing {
+    #[default]
+    PerCredential,
+    CredentialRequired,
+    Shared,
+}
+
+impl GatewaySharing {
+    /// The value of `modelcache gateway --sharing`.
+    pub fn flag(self) -> &'static str {
+        match self {
+            GatewaySharing::PerCredential => "per-credential",
+            GatewaySharing::CredentialRequired => "credential-required",
+            GatewaySharing::Shared => "shared",
+        }
+    }
 }
 
 fn default_maxmemory_ratio() -> f64 {
@@ -373,6 +419,7 @@ impl Default for CachePolicySpec {
             invalidation: InvalidationSettings::default(),
             fragmentation_threshold: default_fragmentation_threshold(),
             redis: RedisDefaults::default(),
+            gateway: GatewayPolicy::default(),
         }
     }
 }

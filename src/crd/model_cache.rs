@@ -108,7 +108,89 @@ pub struct ModelCacheSpec {
     /// Prefix-cache warm-up before model pods turn ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup: Option<WarmupSettings>,
+
+    /// An OpenAI-compatible caching gateway: clients point their base URL at
+    /// it and get the version-scoped caches with no code change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewaySettings>,
 }
+
+/// The caching gateway: `modelcache gateway` in front of the model's engine
+/// (`Sidecar`, injected into the model pods, serving the pod's own version)
+/// or of an external API (`Standalone`, a Deployment and Service the
+/// controller runs, serving the registry's active version, which is this
+/// ModelCache's `version` once rolled out). Sharing and sampling come from
+/// the CachePolicy's `gateway`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.mode == 'Sidecar' || has(self.upstreamUrl)").message("a Standalone gateway needs upstreamUrl: the API it fronts, e.g. https://api.openai.com"),
+)]
+pub struct GatewaySettings {
+    /// `Sidecar` (default) or `Standalone`.
+    #[serde(default)]
+    pub mode: GatewayMode,
+
+    /// The upstream's base URL. Sidecar: the engine as seen from inside the
+    /// pod (default `http://127.0.0.1:8000`); Standalone: the API, e.g.
+    /// `https://api.openai.com`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://[^/\s]+(/\S*)?$"))]
+    pub upstream_url: Option<String>,
+
+    /// A Secret key with the API key the gateway sends upstream instead of
+    /// the caller's (an external API paid for centrally). Unset: callers'
+    /// keys are passed on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_key_secret_ref: Option<SecretKeyRef>,
+
+    /// Standalone: gateway replicas.
+    #[serde(default = "default_gateway_replicas")]
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas: i32,
+
+    /// The port clients call (the admin port, with /metrics, is the next).
+    #[serde(default = "default_gateway_port")]
+    #[schemars(range(min = 1024, max = 65534))]
+    pub port: i32,
+
+    /// Upstream prices, for the estimated cost saved (metrics and status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<TokenPrice>,
+}
+
+/// Gateway placement: `Sidecar` or `Standalone`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+// The values are named in the enum's doc (see CachePolicy's EvictionPolicy).
+#[allow(missing_docs)]
+pub enum GatewayMode {
+    #[default]
+    Sidecar,
+    Standalone,
+}
+
+/// Prices per 1,000 tokens, in any currency.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenPrice {
+    /// Per 1,000 prompt (input) tokens.
+    #[schemars(range(min = 0.0))]
+    pub input_per_1k: f64,
+    /// Per 1,000 completion (output) tokens.
+    #[schemars(range(min = 0.0))]
+    pub output_per_1k: f64,
+}
+
+fn default_gateway_replicas() -> i32 {
+    2
+}
+
+fn default_gateway_port() -> i32 {
+    8090
+}
+
+/// The upstream of a sidecar gateway without `upstreamUrl`.
+pub const DEFAULT_GATEWAY_UPSTREAM: &str = "http://127.0.0.1:8000";
 
 /// Location of versioned model artifacts: `<uri>/<model>/<version>/` holds the
 /// files and a `manifest.json` listing path, size and sha256 of each.
@@ -433,6 +515,36 @@ pub struct ModelCacheStatus {
     /// Facts read from the model's Redis.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisStatus>,
+
+    /// The caching gateway: readiness and what it saved, summed over every
+    /// gateway of the model since its Redis started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayStatus>,
+}
+
+/// What the gateways of a model report.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayStatus {
+    /// Standalone: the gateway Service's in-cluster URL, the clients' base URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Standalone: ready replicas of the gateway Deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// Chat and completions requests served.
+    pub requests: i64,
+    /// Of them, answered without an upstream call (hits, semantic hits,
+    /// coalesced).
+    pub hits: i64,
+    /// hits / requests (bypassed requests excluded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hit_rate: Option<f64>,
+    /// Prompt plus completion tokens the upstream did not process.
+    pub tokens_saved: i64,
+    /// Estimated cost saved, at `spec.gateway.price`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_saved: Option<f64>,
 }
 
 /// Lifecycle of one model version's cache keys.

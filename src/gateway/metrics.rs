@@ -3,7 +3,7 @@
 //! the layer and the outcome from fixed sets. Never a tenant, a prompt, a
 //! key or an error string.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -167,8 +167,49 @@ pub const NAMES: [&str; 7] = [
     "modelcache_gateway_cache_errors_total",
 ];
 
+/// Counts since the last report, which every gateway adds to the model's
+/// counters in Redis for the controller's status.
+#[derive(Debug, Default)]
+struct Totals {
+    requests: AtomicU64,
+    hits: AtomicU64,
+    tokens_saved: AtomicU64,
+    cost_saved_micros: AtomicU64,
+}
+
+/// One report's counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Chat and completions requests through the caches (bypasses left out).
+    pub requests: u64,
+    /// Of them, answered without an upstream call.
+    pub hits: u64,
+    /// Prompt plus completion tokens saved.
+    pub tokens_saved: u64,
+    /// Estimated cost saved, in millionths.
+    pub cost_saved_micros: u64,
+}
+
+impl Report {
+    /// The hash fields and increments.
+    pub fn fields(&self) -> [(&'static str, u64); 4] {
+        [
+            ("requests", self.requests),
+            ("hits", self.hits),
+            ("tokens_saved", self.tokens_saved),
+            ("cost_saved_micros", self.cost_saved_micros),
+        ]
+    }
+
+    /// Whether there is nothing to report.
+    pub fn is_empty(&self) -> bool {
+        self.fields().iter().all(|(_, n)| *n == 0)
+    }
+}
+
 /// The gateway's metrics.
 pub struct Metrics {
+    totals: Totals,
     model: String,
     price: Price,
     registry: Registry,
@@ -236,6 +277,7 @@ impl Metrics {
             errors.clone(),
         );
         let metrics = Metrics {
+            totals: Totals::default(),
             model: model.to_owned(),
             price,
             registry,
@@ -313,8 +355,38 @@ impl Metrics {
         }
     }
 
+    /// The counts since the last call (the report to send).
+    pub fn take_report(&self) -> Report {
+        let t = &self.totals;
+        Report {
+            requests: t.requests.swap(0, Ordering::Relaxed),
+            hits: t.hits.swap(0, Ordering::Relaxed),
+            tokens_saved: t.tokens_saved.swap(0, Ordering::Relaxed),
+            cost_saved_micros: t.cost_saved_micros.swap(0, Ordering::Relaxed),
+        }
+    }
+
+    /// Puts back a report that could not be sent, for the next one.
+    pub fn restore_report(&self, r: Report) {
+        let t = &self.totals;
+        t.requests.fetch_add(r.requests, Ordering::Relaxed);
+        t.hits.fetch_add(r.hits, Ordering::Relaxed);
+        t.tokens_saved.fetch_add(r.tokens_saved, Ordering::Relaxed);
+        t.cost_saved_micros
+            .fetch_add(r.cost_saved_micros, Ordering::Relaxed);
+    }
+
     /// Counts a request by outcome; a hit's latency too.
     pub fn request(&self, outcome: Outcome, hit_latency: Option<Duration>) {
+        if outcome != Outcome::Bypass {
+            self.totals.requests.fetch_add(1, Ordering::Relaxed);
+        }
+        if matches!(
+            outcome,
+            Outcome::Hit | Outcome::SemanticHit | Outcome::Coalesced
+        ) {
+            self.totals.hits.fetch_add(1, Ordering::Relaxed);
+        }
         self.requests
             .get_or_create(&self.request_labels(outcome))
             .inc();
@@ -351,6 +423,12 @@ impl Metrics {
         self.cost_saved
             .get_or_create(&self.model_labels())
             .inc_by(cost);
+        self.totals
+            .tokens_saved
+            .fetch_add(usage.prompt + usage.completion, Ordering::Relaxed);
+        self.totals
+            .cost_saved_micros
+            .fetch_add((cost * 1e6).round() as u64, Ordering::Relaxed);
     }
 
     /// Counts a failed cache operation.

@@ -40,10 +40,43 @@ pub struct Options {
     pub redis: Option<RedisTarget>,
     /// The metrics' prices.
     pub price: metrics::Price,
+    /// How often the counts go to Redis ([`REPORT_INTERVAL`] by default).
+    pub report_interval: Duration,
 }
 
 /// How long to wait between attempts to reach Redis at start.
 const CONNECT_RETRY: Duration = Duration::from_secs(1);
+/// How often a gateway adds its counts to the model's counters in Redis.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Adds the counts since the last report to the model's counters in Redis
+/// (the controller reads them into the ModelCache's status), every
+/// `interval`; counts that could not be sent wait for the next report.
+pub async fn report<C: crate::cache::Connection>(
+    metrics: Arc<metrics::Metrics>,
+    backend: watch::Receiver<Option<server::Backend<C>>>,
+    model: String,
+    interval: Duration,
+) {
+    let key = crate::keyspace::keys::gateway_stats(&model);
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(mut conn) = backend.borrow().as_ref().map(|b| b.conn.clone()) else {
+            continue;
+        };
+        let counts = metrics.take_report();
+        if counts.is_empty() {
+            continue;
+        }
+        let mut pipe = redis::pipe();
+        for (field, n) in counts.fields() {
+            pipe.cmd("HINCRBY").arg(&key).arg(field).arg(n).ignore();
+        }
+        if pipe.query_async::<()>(&mut conn).await.is_err() {
+            metrics.restore_report(counts);
+        }
+    }
+}
 
 /// Connects to Redis (retrying until it answers) and publishes the exact
 /// layer's connection, then the semantic layer's cache once its index is
@@ -112,6 +145,12 @@ pub async fn run(
         });
         tokio::spawn(connect(target, semantic, tx));
     }
+    tokio::spawn(report(
+        Arc::clone(&metrics),
+        rx.clone(),
+        options.config.model.clone(),
+        options.report_interval,
+    ));
     let gateway = server::Gateway::new(options.config, rx, Arc::clone(&metrics))?;
     // Both ports are taken before either serves: a gateway that cannot
     // expose its probes does not start.

@@ -9,6 +9,7 @@
 //! mc:~{<model>}:events                       registry event log (stream) and channel
 //! mc:~{<model>}:entity-events                entity invalidation events (stream)
 //! mc:~{<model>}:semantic-events              semantic-cache entry events (stream)
+//! mc:~{<model>}:gateway                      the gateways' counters (hash)
 //! mc:~{<model>}:sweep:<version>              sweep checkpoint (hash)
 //! mc:~{~n<i>}:sweep:<model>:<version>:<node> sweep checkpoint of one cluster primary
 //! ```
@@ -159,6 +160,12 @@ pub fn entity_events(model: &str) -> String {
 /// index follows.
 pub fn semantic_events(model: &str) -> String {
     format!("{}semantic-events", model_meta(model))
+}
+
+/// The gateways' counters of a model: requests, hits, tokens saved (a hash
+/// every gateway adds to, the controller reads into status).
+pub fn gateway_stats(model: &str) -> String {
+    format!("{}gateway", model_meta(model))
 }
 
 /// Checkpoint of the sweep of one version.

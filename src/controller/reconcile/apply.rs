@@ -19,12 +19,13 @@ use super::{MANAGER, ReconcileError, kube_error};
 use crate::controller::status::{self, Observation};
 
 /// Applies the desired objects: warm-up prompts and CDN headers first (pods
-/// mount them), then the Redis's config, pod, Services and NetworkPolicy.
+/// mount them), then the Redis's config, pod, Services and NetworkPolicy,
+/// then the gateway's. Returns the standalone gateway's ready replicas.
 pub async fn apply_all(
     client: &Client,
     mc: &ModelCache,
     desired: &DesiredResources,
-) -> Result<(), ReconcileError> {
+) -> Result<Option<i32>, ReconcileError> {
     let namespace = &super::dereference::namespace(mc);
     let owner = &mc.name_any();
     for mounted in [&desired.warmup, &desired.cdn_headers]
@@ -47,7 +48,18 @@ pub async fn apply_all(
         )
         .await?;
     }
-    Ok(())
+    let Some(gateway) = &desired.gateway else {
+        return Ok(None);
+    };
+    apply(client, namespace, owner, &gateway.config_map, "ConfigMap").await?;
+    let Some((deployment, service)) = &gateway.standalone else {
+        return Ok(None);
+    };
+    let applied = apply(client, namespace, owner, deployment, "Deployment").await?;
+    apply(client, namespace, owner, service, "Service").await?;
+    Ok(Some(
+        applied.status.and_then(|s| s.ready_replicas).unwrap_or(0),
+    ))
 }
 
 /// Applies the Redis StatefulSet, or, when a field that cannot change in

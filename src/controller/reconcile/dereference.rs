@@ -211,6 +211,38 @@ async fn generated_secret(
     }
 }
 
+/// Creates the gateway's Secret once, with a new secret; an existing one is
+/// left as it is (a new secret would give every caller a new scope, and
+/// their entries would be lost to them), and refused unless it is ours.
+pub async fn gateway_secret(client: &Client, mc: &ModelCache) -> Result<(), ReconcileError> {
+    let namespace = namespace(mc);
+    let name = crate::controller::gateway::name(mc);
+    let api = Api::<Secret>::namespaced(client.clone(), &namespace);
+    match api
+        .get_opt(&name)
+        .await
+        .map_err(kube_error("read", "Secret", &namespace, &name))?
+    {
+        Some(s) if !super::ownership::is_ours(&s.metadata, &mc.name_any()) => Err(
+            super::ownership::not_ours("Secret", &namespace, &name, &mc.name_any()),
+        ),
+        Some(_) => Ok(()),
+        None => {
+            let params = PostParams {
+                field_manager: Some(MANAGER.into()),
+                ..Default::default()
+            };
+            let new = crate::controller::gateway::secret(mc, &generate_password()?);
+            match api.create(&params, &new).await {
+                // Another reconcile created it first: theirs stands.
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                Err(e) => Err(kube_error("create", "Secret", &namespace, &name)(e)),
+            }
+        }
+    }
+}
+
 /// 24 random bytes as hex.
 pub(super) fn generate_password() -> Result<String, ReconcileError> {
     let mut bytes = [0u8; 24];

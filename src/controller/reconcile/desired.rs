@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -16,7 +16,7 @@ use crate::store::settings;
 
 use super::dereference::Credentials;
 use crate::controller::validate::{RedisBackend, ValidSpec};
-use crate::controller::{builders, network};
+use crate::controller::{builders, gateway, network};
 
 /// The objects to apply and the Redis to bring in line.
 #[derive(Debug, Clone)]
@@ -36,6 +36,17 @@ pub struct DesiredResources {
     pub enforce: bool,
     /// Whether the Redis is a cluster (keys spread over primaries).
     pub cluster: bool,
+    /// The caching gateway's objects, when the spec asks for one.
+    pub gateway: Option<GatewayObjects>,
+}
+
+/// The caching gateway's objects (its Secret is created once, apart).
+#[derive(Debug, Clone)]
+pub struct GatewayObjects {
+    /// The policy's decisions, as every gateway's environment.
+    pub config_map: ConfigMap,
+    /// A standalone gateway's Deployment and Service.
+    pub standalone: Option<(Deployment, Service)>,
 }
 
 /// The objects of a provisioned Redis.
@@ -64,6 +75,8 @@ pub struct Surroundings<'a> {
     pub controller_namespace: Option<&'a str>,
     /// The selector of the workload's pods, which the Redis admits.
     pub clients: Option<&'a LabelSelector>,
+    /// The modelcache image, which a standalone gateway runs.
+    pub image: Option<&'a str>,
 }
 
 /// Builds the desired resources.
@@ -75,6 +88,12 @@ pub fn build(
 ) -> DesiredResources {
     let warmup = builders::warmup_config_map(mc);
     let cdn_headers = builders::cdn_headers_config_map(mc);
+    let gateway = mc.spec.gateway.as_ref().map(|_| GatewayObjects {
+        config_map: gateway::config_map(mc, &spec.policy),
+        standalone: surroundings
+            .image
+            .and_then(|image| gateway::standalone(mc, image)),
+    });
     let password = credentials.password().map(str::to_owned);
     match &spec.redis {
         RedisBackend::Provisioned(settings) => {
@@ -108,6 +127,7 @@ pub fn build(
                 config: settings::desired_config(settings),
                 enforce: true,
                 cluster: false,
+                gateway,
             }
         }
         RedisBackend::External { redis, desired } => DesiredResources {
@@ -122,6 +142,7 @@ pub fn build(
             config: desired.clone(),
             enforce: false,
             cluster: redis.cluster,
+            gateway,
         },
     }
 }

@@ -10,12 +10,14 @@ use crate::store::live::{self, Defrag, LiveError, RedisTarget};
 use crate::controller::status::Observation;
 
 /// Talks to Redis: config (set only where it differs, when we own it),
-/// INFO, and active defragmentation when fragmented.
+/// INFO, active defragmentation when fragmented, and the counters of the
+/// gateways of `gateway_model`, when it has gateways.
 pub async fn observe(
     target: &RedisTarget,
     desired: &BTreeMap<String, String>,
     enforce: bool,
     fragmentation_threshold: f64,
+    gateway_model: Option<&str>,
 ) -> Observation {
     let mut obs = Observation {
         endpoint: Some(target.url.clone()),
@@ -46,6 +48,17 @@ pub async fn observe(
             obs.unreachable = Some(error_chain(&e));
             return obs;
         }
+    }
+    if let Some(model) = gateway_model {
+        // Counters are a report, not a health check: unreadable ones leave
+        // the status without them and nothing else.
+        let counts: Result<std::collections::HashMap<String, String>, _> = redis::cmd("HGETALL")
+            .arg(crate::keyspace::keys::gateway_stats(model))
+            .query_async(&mut conn)
+            .await;
+        obs.gateway = Some(crate::controller::status::gateway_status(
+            &counts.unwrap_or_default(),
+        ));
     }
     if enforce && obs.fragmented() {
         obs.defrag = Some(
