@@ -23,6 +23,10 @@
 # - calibrates a semantic-cache threshold on labeled Quora pairs, then sends
 #   paraphrased questions through two serving replicas: hits, LLM calls
 #   avoided, near misses (a negation, another number) refused;
+# - puts modelcache gateway in front of the engine and sends an FAQ bot's
+#   traffic with the official openai client, some streamed: hit rate, LLM
+#   calls avoided, hit vs miss latency, tokens saved; then v2's gateway
+#   serves none of v1's answers, and v1's entries are swept;
 # - runs the whole flow in one program (examples/flow.rs): two versions of
 #   SmolLM2 published, v1 fetched verified and warmed, result, semantic and
 #   feature traffic, v2 rolled out through the registry, v1 swept after its
@@ -220,6 +224,51 @@ step "Semantic cache: paraphrased questions through two replicas at that thresho
 cargo build --locked --quiet --example semantic
 target/debug/examples/semantic "$url" "$minilm" "$threshold"
 
+step "The caching gateway: the openai client sends an FAQ bot's traffic through modelcache gateway in front of the engine, then v2 rolls out"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+export MODELCACHE_GATEWAY_SECRET="$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+gateway() { # VERSION PORT ADMIN_PORT: one gateway, as a pod of VERSION runs it beside its engine
+  "$bin" gateway --upstream "http://127.0.0.1:$engine_port" --model faq-bot --version "$1" \
+    --redis-url "$url" --embedding-model "$minilm" --semantic-threshold "$threshold" \
+    --listen "127.0.0.1:$2" --admin-addr "127.0.0.1:$3" >"$work/gateway-$1.log" 2>&1 &
+}
+gw1=$(free_port); gw1_admin=$(free_port); gw2=$(free_port); gw2_admin=$(free_port)
+gateway v1 "$gw1" "$gw1_admin"; gw1_pid=$!
+gateway v2 "$gw2" "$gw2_admin"; gw2_pid=$!
+trap 'kill $redis_pid $moto_pid $engine_pid $gw1_pid $gw2_pid 2>/dev/null; rm -rf "$work"' EXIT
+for log in "$work/gateway-v1.log" "$work/gateway-v2.log"; do
+  for _ in $(seq 300); do grep -q "semantic index built" "$log" && break; sleep 0.2; done
+  grep -q "semantic index built" "$log" || { echo "a gateway did not start:" >&2; cat "$log" >&2; exit 1; }
+done
+echo "  v1 and v2 gateways in front of llama-cpp-python (SmolLM2), semantic threshold $threshold"
+python3 scripts/gateway_faq.py "http://127.0.0.1:$gw1" "http://127.0.0.1:$gw2" >"$work/faq.json"
+python3 - "$work/faq.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+o, after = r["outcomes"], r["afterRollout"]
+sims = [s["similarity"] for s in r["semanticHits"]]
+print(f"  {r['requests']} requests from the openai client: {r['llmCalls']} reached the LLM, {r['llmCallsAvoided']} avoided (hit rate {r['hitRate']:.2f}): "
+      f"{o.get('hit', 0)} exact hits, {o.get('semantic-hit', 0)} semantic hits"
+      + (f" (similarity {min(sims):.3f} to {max(sims):.3f})" if sims else ""))
+print(f"  {r['streamedHits']} of the {r['llmCallsAvoided']} hits streamed, replayed chunk by chunk; latency p50 as the client sees it: hit {r['hitMsP50']} ms, miss {r['missMsP50']} ms; tokens saved {r['tokensSaved']}")
+print(f"  after the rollout: {after['answeredFromV1']} of {after['requests']} answers came from v1's entries; "
+      f"asked again on v2, {after['secondPassHits']} hits on v2's own")
+if r["hitsWithAnotherAnswer"]:
+    sys.exit(f"hits returned another answer: {r['hitsWithAnotherAnswer']}")
+if after["answeredFromV1"]:
+    sys.exit("v2 served v1's answers")
+PY
+echo "  the v1 gateway's metrics:"
+python3 - "http://127.0.0.1:$gw1_admin/metrics" <<'PY'
+import sys, urllib.request
+for line in urllib.request.urlopen(sys.argv[1]).read().decode().splitlines():
+    if line.startswith(("modelcache_gateway_requests_total", "modelcache_gateway_tokens_saved_total")) and not line.endswith(" 0"):
+        print("    " + line)
+PY
+kill $gw1_pid $gw2_pid 2>/dev/null || true
+echo "  v1 retired: its gateway entries swept"
+"$bin" invalidate --redis-url "$url" --model faq-bot --keep v2 | sed 's/^/  /'
+
 step "The whole flow: publish v1 and v2 of SmolLM2, fetch v1 verified, warm it, serve result, semantic and feature traffic, roll out v2, sweep v1"
 cargo build --locked --quiet --example flow
 mkdir -p "$work/release-v1" "$work/release-v2"
@@ -240,4 +289,4 @@ for version in 1.30.0 1.37.0; do
   echo "  Kubernetes $version: every rendered object passes"
 done
 
-step "Done: CRDs and examples valid, bad resources rejected, Redis configured as a cache and drift repaired, a rollout swept the retired version, a real model published and fetched verified (second pod from the node cache, a damaged object refused), a real engine's prefix cache warmed, the same model's KV warmed in process and reused, a calibrated semantic cache serving paraphrases across replicas and refusing near misses, the whole flow from publish to sweep, chart valid"
+step "Done: CRDs and examples valid, bad resources rejected, Redis configured as a cache and drift repaired, a rollout swept the retired version, a real model published and fetched verified (second pod from the node cache, a damaged object refused), a real engine's prefix cache warmed, the same model's KV warmed in process and reused, a calibrated semantic cache serving paraphrases across replicas and refusing near misses, the openai client's FAQ traffic answered through the caching gateway with no old answer after a rollout, the whole flow from publish to sweep, chart valid"

@@ -1251,3 +1251,59 @@ async fn paraphrases_hit_the_semantic_layer_only_in_their_own_context() {
         "miss"
     );
 }
+
+/// The main job's gateway step (`scripts/gateway_faq.py`, the `openai`
+/// client) against two gateways, v1 and v2, on one Redis: its report.
+#[tokio::test]
+async fn the_main_jobs_faq_workload_reports_hits_and_a_clean_rollout() {
+    use modelcache::cache::semantic::SemanticConfig;
+    use modelcache::model::bert::SentenceEmbedder;
+    let redis = RedisServer::start().unwrap();
+    let (stub, upstream) = start_stub().await;
+    let layer = server::SemanticLayer {
+        embedder: Arc::new(SentenceEmbedder::load(&minilm(), &candle_core::Device::Cpu).unwrap()),
+        config: SemanticConfig {
+            threshold: 0.9,
+            per_entry: None,
+            ttl_seconds: 0,
+            max_entries: 1000,
+        },
+    };
+    let v1 = start_gateway(&upstream, Some(&redis), |c| {
+        c.semantic = Some(layer.clone())
+    })
+    .await;
+    let v2 = start_gateway(&upstream, Some(&redis), |c| {
+        c.semantic = Some(layer.clone());
+        c.versions = Versions::Fixed("v2".into());
+    })
+    .await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gateway_faq.py");
+    let (a, b) = (v1.url.clone(), v2.url.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        support::run_python(
+            &[script.as_os_str(), a.as_ref(), b.as_ref()],
+            b"",
+            "scripts/gateway_faq.py",
+        )
+    })
+    .await
+    .unwrap();
+    let report: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(report["requests"], 25, "{report}");
+    assert_eq!(report["llmCalls"], 8, "{report}");
+    assert_eq!(report["llmCallsAvoided"], 17, "{report}");
+    assert_eq!(
+        report["semanticHits"].as_array().unwrap().len(),
+        9,
+        "{report}"
+    );
+    assert!(report["streamedHits"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["tokensSaved"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["hitsWithAnotherAnswer"], json!([]), "{report}");
+    assert_eq!(report["afterRollout"]["answeredFromV1"], 0, "{report}");
+    assert_eq!(report["afterRollout"]["secondPassHits"], 8, "{report}");
+    // 8 questions for v1, the same 8 again for v2: no paraphrase, no repeat
+    // reached the upstream.
+    assert_eq!(stub.calls.load(Ordering::SeqCst), 16);
+}
