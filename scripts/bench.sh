@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-scripts/setup.sh
+scripts/setup.sh --bench
+# The gateway benchmark's ceiling server.
+cargo build --locked --release --quiet --example ceiling
 if [ $# -eq 0 ]; then
   cargo bench --locked
 else

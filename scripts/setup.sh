@@ -27,12 +27,20 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 quiet() { "$@" >/dev/null 2>&1; }
 since() { echo "$(( $(date +%s) - $1 )) s"; }
 
+# --bench: also the benchmarks' peers that neither the tests nor the main
+# job need (LiteLLM's proxy, in a virtual environment of its own, so that
+# its many pinned dependencies never move the tests' packages).
+bench=0
+if [ "${1:-}" = "--bench" ]; then
+  bench=1
+  shift
+fi
 while_cmd=()
 if [ "${1:-}" = "--while" ]; then
   shift
   while_cmd=("$@")
 elif [ $# -gt 0 ]; then
-  echo "usage: scripts/setup.sh [--while COMMAND...]" >&2
+  echo "usage: scripts/setup.sh [--bench] [--while COMMAND...]" >&2
   exit 2
 fi
 
@@ -203,7 +211,23 @@ start_phase() {
   ) &
   pids+=($!)
 }
+# LiteLLM's proxy with its Redis cache, the gateway benchmark's peer.
+litellm_version=1.108.7
+bench_phase() {
+  local venv="$MODELCACHE_BENCH_VENV"
+  if quiet "$venv/bin/litellm" --version \
+    && [ "$("$venv/bin/python3" -c 'import importlib.metadata as m; print(m.version("litellm"))')" = "$litellm_version" ]; then
+    return 0
+  fi
+  log "bench: installing litellm[proxy]==$litellm_version into $venv (once per machine)"
+  python3 -m venv --clear "$venv"
+  "$venv/bin/python3" -m pip install -q --disable-pip-version-check \
+    "litellm[proxy]==$litellm_version" redis
+  quiet "$venv/bin/litellm" --version
+}
+
 start_phase python python_phase
+[ "$bench" -eq 1 ] && start_phase bench bench_phase
 start_phase s3s-fs s3s_phase
 start_phase tools tools_phase
 if [ ${#while_cmd[@]} -gt 0 ]; then
@@ -216,7 +240,7 @@ fi
 failed=0
 for p in "${pids[@]}"; do wait "$p" || true; done
 pids=()
-for name in python s3s-fs tools while; do
+for name in python s3s-fs tools bench while; do
   [ -f "$logs/$name.done" ] || continue
   read -r rc secs <"$logs/$name.done"
   what=$name
