@@ -186,18 +186,28 @@ async fn first_byte_ms(url: &str, body: &str, requests: usize) -> f64 {
     quantile(&times, 0.5)
 }
 
-/// Whether `url` answers a GET with 2xx (plain HTTP/1.1 on loopback).
+/// Whether `url` answers a GET with 2xx. Only the status line is read, and
+/// the request is not half-closed (hyper drops a request whose client shut
+/// its side before the answer was ready).
 fn answers(url: &str) -> bool {
+    use std::io::{Read, Write};
     let Ok(parsed) = url::Url::parse(url) else {
         return false;
     };
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", parsed.port().unwrap_or(80)))
+    else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
         parsed.path()
     );
-    support::raw_request(parsed.port().unwrap_or(80), request.as_bytes())
-        .map(|r| r.starts_with(b"HTTP/1.1 2"))
-        .unwrap_or(false)
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 2")
 }
 
 fn wait_http(url: &str, what: &str, limit: Duration) {
@@ -255,7 +265,8 @@ fn start_litellm(stub_port: u16, redis_port: u16, work: &std::path::Path) -> (Ch
             "model_list:\n  - model_name: bench\n    litellm_params:\n      model: openai/bench\n      \
              api_base: http://127.0.0.1:{stub_port}/v1\n      api_key: sk-stub\n\
              litellm_settings:\n  cache: true\n  cache_params:\n    type: redis\n    \
-             host: 127.0.0.1\n    port: {redis_port}\n"
+             host: 127.0.0.1\n    port: {redis_port}\n\
+             general_settings:\n  master_key: sk-bench\n"
         ),
     )
     .unwrap();
@@ -271,12 +282,20 @@ fn start_litellm(stub_port: u16, redis_port: u16, work: &std::path::Path) -> (Ch
         .spawn()
         .unwrap();
     let url = format!("http://127.0.0.1:{port}");
-    wait_http(
-        &format!("{url}/health/liveliness"),
-        "LiteLLM's proxy",
-        Duration::from_secs(180),
-    );
-    (Child(child), url)
+    let child = Child(child);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !answers(&format!("{url}/health/liveliness")) {
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(work.join("litellm.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!(
+                "LiteLLM's proxy did not answer within 180 s; its log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    (child, url)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

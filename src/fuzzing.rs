@@ -95,6 +95,66 @@ pub fn prompts(bytes: &[u8]) -> bool {
     std::str::from_utf8(bytes).is_ok_and(|text| crate::warm::prompts::parse(text).is_ok())
 }
 
+/// An upstream's answer as the gateway reads it: the first byte picks the
+/// size of the pieces the rest arrives in; the rest is an event stream (or,
+/// as a whole, a JSON body). Whatever it is, parsing it piece by piece gives
+/// the same events as parsing it whole, and checking, assembling, splitting
+/// and replaying it never panics.
+pub fn upstream_answer(bytes: &[u8]) -> bool {
+    use crate::gateway::request::Endpoint;
+    use crate::gateway::{response, sse};
+    let Some((&step, stream)) = bytes.split_first() else {
+        return false;
+    };
+    let limit = 1 << 16;
+    let mut whole = sse::Parser::new(limit);
+    let expected = whole.push(stream).and_then(|mut e| {
+        e.extend(whole.finish()?);
+        Ok(e)
+    });
+    let mut pieces = sse::Parser::new(limit);
+    let mut got = Ok(Vec::new());
+    for piece in stream.chunks(usize::from(step).max(1)) {
+        if let Ok(events) = &mut got {
+            match pieces.push(piece) {
+                Ok(more) => events.extend(more),
+                Err(e) => got = Err(e),
+            }
+        }
+    }
+    if let Ok(events) = &mut got {
+        match pieces.finish() {
+            Ok(more) => events.extend(more),
+            Err(e) => got = Err(e),
+        }
+    }
+    // A stream refused whole may be refused earlier in pieces (a long event
+    // is seen before its end), never the other way round.
+    if let (Ok(a), Ok(b)) = (&expected, &got) {
+        assert_eq!(a, b, "pieces of {step} bytes parse differently");
+    }
+    let chunks: Vec<String> = expected
+        .iter()
+        .flatten()
+        .filter_map(|e| e.data.clone())
+        .filter(|d| d != sse::DONE)
+        .collect();
+    for endpoint in [Endpoint::Chat, Endpoint::Completions] {
+        let form = response::Form::Chunks(chunks.clone());
+        let _ = response::check_chunks(&chunks, true);
+        let body = form.body(endpoint);
+        let _ = form.events(endpoint, true);
+        let _ = form.usage();
+        let _ = response::Form::Body(body).events(endpoint, false);
+        if let Ok(value) = serde_json::from_slice::<Value>(stream) {
+            let _ = response::check_body(200, &value);
+            let _ = response::assemble(endpoint, &response::split(endpoint, &value));
+            let _ = response::Stored::from_json(&value);
+        }
+    }
+    response::check_chunks(&chunks, true).is_ok()
+}
+
 /// The ModelCache the admission target finds: a CDN source with headers
 /// and signing, inline warm-up prompts and the default Redis, so that every
 /// branch of the patch is built.

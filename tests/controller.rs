@@ -1047,17 +1047,7 @@ async fn an_object_of_the_same_name_made_by_someone_else_is_not_taken_over() {
 
 /// A context whose controller knows its image (a standalone gateway runs it).
 fn context_with_image(client: &Client, redis_url: String) -> Arc<Context> {
-    let reporter = Reporter {
-        controller: MANAGER.into(),
-        instance: Some("test".into()),
-    };
-    let mut ctx = Context::new(
-        client.clone(),
-        Arc::new(Metrics::new()),
-        Recorder::new(client.clone(), reporter),
-        Duration::from_secs(30),
-    );
-    ctx.redis_url_override = Some(redis_url);
+    let mut ctx = Arc::into_inner(context(client, redis_url)).unwrap();
     ctx.image = Some("modelcache:test".into());
     Arc::new(ctx)
 }

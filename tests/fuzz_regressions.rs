@@ -19,6 +19,7 @@ fn target(name: &str) -> fn(&[u8]) -> bool {
         "scan_keys" => f::scan_keys,
         "redis_replies" => f::redis_replies,
         "prompts" => f::prompts,
+        "upstream_answer" => f::upstream_answer,
         other => panic!("fuzz/{other}: no such target in tests/fuzz_regressions.rs"),
     }
 }

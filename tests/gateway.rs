@@ -1129,6 +1129,21 @@ fn minilm() -> std::path::PathBuf {
     )
 }
 
+/// The semantic layer on all-MiniLM-L6-v2 at `threshold`.
+fn semantic_layer(threshold: f32) -> server::SemanticLayer {
+    use modelcache::cache::semantic::SemanticConfig;
+    use modelcache::model::bert::SentenceEmbedder;
+    server::SemanticLayer {
+        embedder: Arc::new(SentenceEmbedder::load(&minilm(), &candle_core::Device::Cpu).unwrap()),
+        config: SemanticConfig {
+            threshold,
+            per_entry: None,
+            ttl_seconds: 0,
+            max_entries: 1000,
+        },
+    }
+}
+
 fn chat_as(system: &str, q: &str) -> Value {
     let mut body = chat(q);
     body["messages"][0]["content"] = json!(system);
@@ -1137,19 +1152,9 @@ fn chat_as(system: &str, q: &str) -> Value {
 
 #[tokio::test]
 async fn paraphrases_hit_the_semantic_layer_only_in_their_own_context() {
-    use modelcache::cache::semantic::SemanticConfig;
-    use modelcache::model::bert::SentenceEmbedder;
     let redis = RedisServer::start().unwrap();
     let (stub, upstream) = start_stub().await;
-    let layer = server::SemanticLayer {
-        embedder: Arc::new(SentenceEmbedder::load(&minilm(), &candle_core::Device::Cpu).unwrap()),
-        config: SemanticConfig {
-            threshold: 0.8,
-            per_entry: None,
-            ttl_seconds: 0,
-            max_entries: 1000,
-        },
-    };
+    let layer = semantic_layer(0.8);
     let with_layer = |c: &mut Config| c.semantic = Some(layer.clone());
     let gw = start_gateway(&upstream, Some(&redis), with_layer).await;
     let client = reqwest::Client::new();
@@ -1256,19 +1261,9 @@ async fn paraphrases_hit_the_semantic_layer_only_in_their_own_context() {
 /// client) against two gateways, v1 and v2, on one Redis: its report.
 #[tokio::test]
 async fn the_main_jobs_faq_workload_reports_hits_and_a_clean_rollout() {
-    use modelcache::cache::semantic::SemanticConfig;
-    use modelcache::model::bert::SentenceEmbedder;
     let redis = RedisServer::start().unwrap();
     let (stub, upstream) = start_stub().await;
-    let layer = server::SemanticLayer {
-        embedder: Arc::new(SentenceEmbedder::load(&minilm(), &candle_core::Device::Cpu).unwrap()),
-        config: SemanticConfig {
-            threshold: 0.9,
-            per_entry: None,
-            ttl_seconds: 0,
-            max_entries: 1000,
-        },
-    };
+    let layer = semantic_layer(0.9);
     let v1 = start_gateway(&upstream, Some(&redis), |c| {
         c.semantic = Some(layer.clone())
     })

@@ -203,6 +203,19 @@ struct State {
 }
 
 impl State {
+    fn new(dim: usize) -> State {
+        State {
+            version: None,
+            dim,
+            indexes: HashMap::new(),
+            partition_of: HashMap::new(),
+            by_tick: BTreeMap::new(),
+            ticks: HashMap::new(),
+            tick: 0,
+            cursor: "0-0".into(),
+        }
+    }
+
     fn touch(&mut self, id: &str) {
         self.tick += 1;
         if let Some(old) = self.ticks.insert(id.to_owned(), self.tick) {
@@ -341,16 +354,7 @@ impl<C: Connection> SemanticCache<C> {
                 model: model.to_owned(),
                 versions,
                 config,
-                state: Arc::new(RwLock::new(State {
-                    version: None,
-                    dim,
-                    indexes: HashMap::new(),
-                    partition_of: HashMap::new(),
-                    by_tick: BTreeMap::new(),
-                    ticks: HashMap::new(),
-                    tick: 0,
-                    cursor: "0-0".into(),
-                })),
+                state: Arc::new(RwLock::new(State::new(dim))),
                 rebuild: Arc::new(tokio::sync::Mutex::new(())),
                 stats: Arc::new(SemanticStats::default()),
             },
@@ -581,16 +585,7 @@ impl<C: Connection> Core<C> {
         .map_err(self.redis_error("scan"))?;
         found.truncate(cap);
         let dim = self.state.read().dim;
-        let mut indexed = State {
-            version: None,
-            dim,
-            indexes: HashMap::new(),
-            partition_of: HashMap::new(),
-            by_tick: BTreeMap::new(),
-            ticks: HashMap::new(),
-            tick: 0,
-            cursor: String::new(),
-        };
+        let mut indexed = State::new(dim);
         let mut ids = Vec::new();
         for chunk in found.chunks(512) {
             let mut pipe = redis::pipe();

@@ -237,9 +237,15 @@ pub async fn serve(
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    use axum::serve::ListenerExt;
     let addr = listener
         .local_addr()
         .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    // Small writes (an SSE event, the end of a body) go out at once instead
+    // of waiting for the client's acknowledgement of the one before.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
@@ -870,15 +876,20 @@ async fn store_semantic<C: Connection>(
         &answer,
         &Value::Null,
     );
-    match tokio::time::timeout(ctx.store_timeout, put).await {
-        Ok(Ok(())) => {}
-        Ok(Err(_)) => ctx
-            .metrics
-            .cache_error(Operation::Write, CacheErrorKind::Unavailable),
-        Err(_) => ctx
-            .metrics
-            .cache_error(Operation::Write, CacheErrorKind::Timeout),
-    }
+    write_within(ctx, put).await;
+}
+
+/// Awaits a store for at most the store timeout, counting a failure.
+async fn write_within<C, E>(
+    ctx: &DriverContext<C>,
+    write: impl std::future::Future<Output = Result<(), E>>,
+) {
+    let kind = match tokio::time::timeout(ctx.store_timeout, write).await {
+        Ok(Ok(())) => return,
+        Ok(Err(_)) => CacheErrorKind::Unavailable,
+        Err(_) => CacheErrorKind::Timeout,
+    };
+    ctx.metrics.cache_error(Operation::Write, kind);
 }
 
 /// Stores a complete answer under `key`, off the request's path; a failure
@@ -897,15 +908,7 @@ async fn store<C: Connection>(ctx: &DriverContext<C>, key: &str, stored: &Stored
     if let Some(ttl) = ctx.ttl {
         cmd.arg("EX").arg(ttl.as_secs().max(1));
     }
-    match tokio::time::timeout(ctx.store_timeout, cmd.query_async::<()>(&mut conn)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(_)) => ctx
-            .metrics
-            .cache_error(Operation::Write, CacheErrorKind::Unavailable),
-        Err(_) => ctx
-            .metrics
-            .cache_error(Operation::Write, CacheErrorKind::Timeout),
-    }
+    write_within(ctx, cmd.query_async::<()>(&mut conn)).await;
 }
 
 /// How a client wants its answer.
@@ -979,9 +982,49 @@ fn upstream_unreachable(e: &reqwest::Error) -> Response {
     )
 }
 
-/// Answers one request from a flight: relayed as it arrives where the
-/// client wants the form the upstream sends (or the upstream erred),
-/// assembled or split once it has ended otherwise.
+/// Answers from a flight whose upstream sent a plain body: as it is (an
+/// error, or a client that asked for a plain answer), or split into a
+/// stream for a client that asked for one.
+async fn answer_plain(
+    mut reader: Reader,
+    head: Head,
+    delivery: Delivery,
+    outcome: Outcome,
+) -> Response {
+    let (pieces, end) = reader.rest().await;
+    let mut body = BytesMut::new();
+    for p in &pieces {
+        body.extend_from_slice(&p.raw);
+    }
+    if end == End::Broken {
+        return error_response(
+            StatusCode::BAD_GATEWAY,
+            "failed to read the upstream's answer: it broke off",
+        );
+    }
+    let mut resp = if head.status == StatusCode::OK && delivery.stream {
+        match serde_json::from_slice(&body) {
+            Ok(value) => delivery.render(&Form::Body(value), StatusCode::OK),
+            Err(_) => {
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "failed to read the upstream's answer: it is not JSON",
+                );
+            }
+        }
+    } else {
+        let mut resp = Response::new(Body::from(body.freeze()));
+        *resp.status_mut() = head.status;
+        *resp.headers_mut() = head.headers;
+        resp
+    };
+    set_header(resp.headers_mut(), headers::OUTCOME, outcome.header());
+    resp
+}
+
+/// Answers one request from a flight: a stream relayed as it arrives to a
+/// client that asked for one, or assembled once it has ended; a plain body
+/// answered once whole, split for a client that asked for a stream.
 async fn answer_from_flight(mut reader: Reader, delivery: Delivery, outcome: Outcome) -> Response {
     let Some(head) = reader.head().await else {
         return error_response(
@@ -989,9 +1032,15 @@ async fn answer_from_flight(mut reader: Reader, delivery: Delivery, outcome: Out
             "failed to reach the upstream: the call ended without an answer",
         );
     };
-    let same_form = head.events == delivery.stream;
-    if head.status != StatusCode::OK || same_form {
-        let include_usage = delivery.include_usage || !head.events;
+    if !head.events {
+        // A plain body is of no use to the client before it is whole:
+        // answered in one piece, with its length, once it has arrived.
+        return answer_plain(reader, head, delivery, outcome).await;
+    }
+    // An event stream (only ever a 200): relayed event by event to a client
+    // that asked for a stream.
+    if delivery.stream {
+        let include_usage = delivery.include_usage;
         let pieces = futures::stream::unfold(reader, move |mut reader| async move {
             loop {
                 match reader.next().await {
@@ -1028,26 +1077,21 @@ async fn answer_from_flight(mut reader: Reader, delivery: Delivery, outcome: Out
             .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response());
     }
     let (pieces, end) = reader.rest().await;
-    let form = if end == End::Broken {
-        None
-    } else if head.events {
-        Some(Form::Chunks(
-            pieces
-                .into_iter()
-                .filter_map(|p| p.data)
-                .filter(|d| d != sse::DONE)
-                .collect(),
-        ))
-    } else {
-        let body: Vec<u8> = pieces.iter().flat_map(|p| p.raw.iter().copied()).collect();
-        serde_json::from_slice(&body).ok().map(Form::Body)
-    };
-    let Some(form) = form else {
+    // A stream for a client that asked for a plain answer: assembled once
+    // it has ended.
+    if end == End::Broken {
         return error_response(
             StatusCode::BAD_GATEWAY,
-            "failed to read the upstream's answer: it broke off or is not JSON",
+            "failed to read the upstream's answer: it broke off",
         );
-    };
+    }
+    let form = Form::Chunks(
+        pieces
+            .into_iter()
+            .filter_map(|p| p.data)
+            .filter(|d| d != sse::DONE)
+            .collect(),
+    );
     let mut resp = delivery.render(&form, StatusCode::OK);
     set_header(resp.headers_mut(), headers::OUTCOME, outcome.header());
     resp
