@@ -195,11 +195,6 @@ impl<C: Connection> Gateway<C> {
             .fallback(handle::<C>)
             .with_state(Arc::clone(self))
     }
-
-    /// How many upstream calls are in the air for cacheable requests.
-    pub fn flights(&self) -> usize {
-        self.flights.len()
-    }
 }
 
 /// `/healthz`, `/readyz` and `/metrics`.
