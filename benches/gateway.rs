@@ -301,7 +301,9 @@ fn start_litellm(stub_port: u16, redis_port: u16, work: &std::path::Path) -> (Ch
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let work = tempfile::tempdir().unwrap();
-    let redis = support::RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    // DEBUG POPULATE loads the retired version for the sweep phase.
+    let redis = support::RedisServer::start_with(None, &[("enable-debug-command", "local")])
+        .unwrap_or_else(|e| panic!("{e}"));
     let stub_port = start_stub();
     let stub_url = format!("http://127.0.0.1:{stub_port}/v1/chat/completions");
 
@@ -465,4 +467,96 @@ async fn main() {
         "first byte of a streamed hit, p50: gateway {first_gateway:.2} ms, LiteLLM {first_litellm:.2} ms"
     );
     println!("gateway peak RSS: {rss:.1} MiB (goal ≤ 128 MiB, no embedding model)");
+
+    under_sweep(&redis.url(), &gateway_url, question).await;
+}
+
+/// Keys of the retired version swept while the gateway serves hits.
+const RETIRED: u64 = 1_000_000;
+
+/// Exact-hit latency through the gateway (16 clients) with 1M keys of a
+/// retired version in Redis, then while they are swept at two paces; and
+/// the keys per second each sweep removed.
+async fn under_sweep(redis_url: &str, gateway_url: &str, question: &'static str) {
+    use modelcache::keyspace::keys::{self, Layer};
+    use modelcache::keyspace::sweep::{self, Pace};
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(120)));
+    let client = redis::Client::open(redis_url).unwrap();
+    let connect = || async {
+        client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .unwrap()
+    };
+    let mut conn = connect().await;
+    let populate = |mut conn: redis::aio::MultiplexedConnection| async move {
+        let prefix = keys::entry("bench", "v0", Layer::Response, "d");
+        let _: () = redis::cmd("DEBUG")
+            .arg("POPULATE")
+            .arg(RETIRED)
+            .arg(prefix)
+            .arg(512)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    };
+    populate(conn.clone()).await;
+    let clients = 16;
+    let hit = move |_: u64| chat(question, false);
+    let baseline = drive(gateway_url, clients, hit).await;
+    println!(
+        "\nUnder a sweep: {RETIRED} keys of a retired version (512-byte values) beside the \
+         gateway's entry; exact hits at {clients} clients.\n"
+    );
+    println!(
+        "| {:<44} | {:>10} | {:>9} | {:>9} | {:>7} | {:>12} |",
+        "sweep", "req/s", "p50 ms", "p99 ms", "p99 ×", "keys/s"
+    );
+    println!(
+        "|{:-<46}|{:->12}|{:->11}|{:->11}|{:->9}|{:->14}|",
+        "", "", "", "", "", ""
+    );
+    println!(
+        "| {:<44} | {:>10.0} | {:>9.2} | {:>9.2} | {:>7.2} | {:>12} |",
+        "none (baseline)", baseline.rps, baseline.p50_ms, baseline.p99_ms, 1.0, "-"
+    );
+    for (name, pace) in [
+        (
+            "modelcache, 100k keys/s, batch 100 (default)",
+            Pace::default(),
+        ),
+        (
+            "modelcache, unpaced, batch 1000",
+            Pace {
+                keys_per_second: 10_000_000,
+                batch: 1000,
+            },
+        ),
+    ] {
+        let mut sweeper = connect().await;
+        let sweep = tokio::spawn(async move {
+            sweep::sweep_version(&mut sweeper, "bench", "v0", pace)
+                .await
+                .unwrap()
+        });
+        let during = drive(gateway_url, clients, hit).await;
+        let report = sweep.await.unwrap();
+        let rate = report.deleted as f64 / report.elapsed.as_secs_f64();
+        println!(
+            "| {name:<44} | {:>10.0} | {:>9.2} | {:>9.2} | {:>7.2} | {:>12.0} |",
+            during.rps,
+            during.p50_ms,
+            during.p99_ms,
+            during.p99_ms / baseline.p99_ms,
+            rate
+        );
+        assert_eq!(report.deleted, RETIRED, "{name}");
+        populate(conn.clone()).await;
+    }
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    println!(
+        "\nGoal: p99 within 1.5x of the baseline while the sweep removes ≥ 250k keys/s (a pace \
+         set by the latency it causes is not built yet; these are the fixed paces)."
+    );
 }
