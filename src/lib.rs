@@ -21,7 +21,7 @@ pub mod error;
 /// Entry points for the fuzz targets in `fuzz/` and their regression tests.
 #[doc(hidden)]
 pub mod fuzzing;
-/// The OpenAI-compatible caching gateway, in parts: so far the request side.
+/// `modelcache gateway`: the OpenAI-compatible caching gateway.
 pub mod gateway;
 /// The GPU probe: the CUDA driver loaded at run time.
 pub mod gpu;
@@ -31,6 +31,8 @@ pub mod keyspace;
 pub mod model;
 /// Exact bytes from Kubernetes quantities.
 pub mod quantity;
+/// SIGTERM and SIGINT, which end every long-running command.
+pub mod signal;
 /// A model's Redis: settings from the policy, live config, INFO health.
 pub mod store;
 /// Vector arithmetic shared by the embedding model and the semantic index.

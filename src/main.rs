@@ -721,17 +721,8 @@ fn gateway(args: GatewayArgs) -> Result<ExitCode> {
             output_per_1k: args.price_output_per_1k,
         },
     };
-    let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => return std::future::pending().await,
-            };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    };
+    let shutdown =
+        modelcache::signal::shutdown().context("failed to install the signal handler")?;
     tracing::info!(listen = %args.listen, admin = %args.admin_addr, "gateway serving");
     rt.block_on(gateway::run(options, shutdown))?;
     Ok(ExitCode::SUCCESS)

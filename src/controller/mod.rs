@@ -113,18 +113,6 @@ pub enum WebhookTls {
     Files(std::path::PathBuf),
 }
 
-/// Resolves when SIGTERM or SIGINT arrives. The handler is installed before
-/// anything runs, so a controller that cannot be stopped cleanly never starts.
-fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    })
-}
-
 /// How often the webhook's certificate is checked for renewal (ours) or
 /// rotation (cert-manager's files).
 const WEBHOOK_CERT_CHECK: Duration = Duration::from_secs(6 * 3600);
@@ -257,7 +245,7 @@ pub async fn run_with_client(
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let signal = shutdown_signal().map_err(ControllerError::Signal)?;
+    let signal = crate::signal::shutdown().map_err(ControllerError::Signal)?;
     tokio::spawn(async move {
         signal.await;
         tracing::info!("shutting down");

@@ -61,7 +61,7 @@ pub async fn report<C: crate::cache::Connection>(
     let key = crate::keyspace::keys::gateway_stats(&model);
     loop {
         tokio::time::sleep(interval).await;
-        let Some(mut conn) = backend.borrow().as_ref().map(|b| b.conn.clone()) else {
+        let Some(mut conn) = server::connection(&backend) else {
             continue;
         };
         let counts = metrics.take_report();

@@ -217,8 +217,9 @@ impl Form {
 
 /// [`is_usage_chunk`] of a payload.
 pub fn chunk_is_usage(payload: &str) -> bool {
-    // Cheap test first: most chunks carry no usage object.
-    payload.contains("\"usage\"")
+    // Cheap test first: most chunks carry no usage object (with
+    // include_usage, OpenAI's carry `"usage":null`).
+    (payload.contains("\"usage\":{") || payload.contains("\"usage\": {"))
         && serde_json::from_str::<Value>(payload).is_ok_and(|c| is_usage_chunk(&c))
 }
 

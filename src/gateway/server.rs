@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -103,6 +104,11 @@ pub struct SemanticLayer {
     pub embedder: Arc<crate::model::bert::SentenceEmbedder>,
     /// The threshold (from the CachePolicy, calibrated), TTL and bound.
     pub config: SemanticConfig,
+}
+
+/// The exact layer's connection, once Redis has been reached.
+pub fn connection<C: Clone>(backend: &watch::Receiver<Option<Backend<C>>>) -> Option<C> {
+    backend.borrow().as_ref().map(|b| b.conn.clone())
 }
 
 /// What the gateway reaches Redis through, once it can.
@@ -311,36 +317,23 @@ fn set_header(headers: &mut HeaderMap, name: &'static str, value: impl ToString)
     }
 }
 
-/// A request the upstream answers, as the gateway sends it.
-struct Upstream {
-    method: Method,
-    path_and_query: String,
-    headers: HeaderMap,
-}
-
 impl<C: Connection> Gateway<C> {
-    fn upstream_request(&self, up: Upstream, body: reqwest::Body) -> reqwest::RequestBuilder {
+    /// The client's request (`parts`) as the gateway sends it upstream: the
+    /// same method, path, query and headers, less those of the connection.
+    fn upstream_request(&self, parts: &Parts, body: reqwest::Body) -> reqwest::RequestBuilder {
         let mut url = self.config.upstream.clone();
         let base = url.path().trim_end_matches('/').to_owned();
-        let (path, query) = match up.path_and_query.split_once('?') {
-            Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
-            None => (up.path_and_query.clone(), None),
-        };
-        url.set_path(&format!("{base}{path}"));
-        url.set_query(query.as_deref());
+        url.set_path(&format!("{base}{}", parts.uri.path()));
+        url.set_query(parts.uri.query());
         let mut headers = HeaderMap::new();
-        for (name, value) in &up.headers {
-            if !hop_by_hop(name) {
-                headers.append(name.clone(), value.clone());
-            }
-        }
+        copy_headers(&parts.headers, &mut headers);
         if let Some(key) = &self.config.upstream_key
             && let Ok(v) = HeaderValue::from_str(&format!("Bearer {key}"))
         {
             headers.insert(header::AUTHORIZATION, v);
         }
         self.http
-            .request(up.method, url)
+            .request(parts.method.clone(), url)
             .headers(headers)
             .body(body)
     }
@@ -348,16 +341,8 @@ impl<C: Connection> Gateway<C> {
     /// Passes a request to the upstream and its answer back, both streamed.
     async fn forward(&self, req: Request) -> Response {
         let (parts, body) = req.into_parts();
-        let up = Upstream {
-            method: parts.method,
-            path_and_query: parts
-                .uri
-                .path_and_query()
-                .map_or("/".into(), |p| p.as_str().to_owned()),
-            headers: parts.headers,
-        };
         let body = reqwest::Body::wrap_stream(body.into_data_stream());
-        self.relay(self.upstream_request(up, body)).await
+        self.relay(self.upstream_request(&parts, body)).await
     }
 
     async fn relay(&self, request: reqwest::RequestBuilder) -> Response {
@@ -376,23 +361,10 @@ impl<C: Connection> Gateway<C> {
         }
     }
 
-    async fn cached(
-        &self,
-        endpoint: Endpoint,
-        parts: axum::http::request::Parts,
-        body: Bytes,
-    ) -> Response {
+    async fn cached(&self, endpoint: Endpoint, parts: Parts, body: Bytes) -> Response {
         let started = Instant::now();
-        let up = Upstream {
-            method: parts.method.clone(),
-            path_and_query: parts
-                .uri
-                .path_and_query()
-                .map_or("/".into(), |p| p.as_str().to_owned()),
-            headers: parts.headers.clone(),
-        };
         let Ok(value) = serde_json::from_slice::<Value>(&body) else {
-            return self.bypass(up, body).await;
+            return self.bypass(&parts, body).await;
         };
         let authorization = parts
             .headers
@@ -409,15 +381,15 @@ impl<C: Connection> Gateway<C> {
             );
         }
         if request::bypass(&value, self.config.allow_sampling).is_some() {
-            return self.bypass(up, body).await;
+            return self.bypass(&parts, body).await;
         }
         let Some(version) = self.config.versions.current() else {
             self.metrics
                 .cache_error(Operation::Read, CacheErrorKind::NoVersion);
-            return self.bypass(up, body).await;
+            return self.bypass(&parts, body).await;
         };
         let Some(digest) = request::key_digest(endpoint, &value) else {
-            return self.bypass(up, body).await;
+            return self.bypass(&parts, body).await;
         };
         let key = keys::entry(
             &self.config.model,
@@ -437,7 +409,7 @@ impl<C: Connection> Gateway<C> {
             && let Some(stored) = self.lookup(&key).await
             && controls.accepts(stored.age(now()))
         {
-            return self.hit(stored, delivery, started);
+            return self.answer_hit(stored, delivery, started, Outcome::Hit);
         }
         let mut semantic = None;
         if !controls.no_cache
@@ -461,7 +433,7 @@ impl<C: Connection> Gateway<C> {
         let reader = flight.reader();
         if outcome == Outcome::Miss {
             let upstream_body = self.upstream_body(&value, delivery, body);
-            let request = self.upstream_request(up, reqwest::Body::from(upstream_body));
+            let request = self.upstream_request(&parts, reqwest::Body::from(upstream_body));
             let driver = Driver {
                 flight,
                 store: (!controls.no_store).then(|| key.clone()),
@@ -485,10 +457,10 @@ impl<C: Connection> Gateway<C> {
         Bytes::from(value.to_string())
     }
 
-    async fn bypass(&self, up: Upstream, body: Bytes) -> Response {
+    async fn bypass(&self, parts: &Parts, body: Bytes) -> Response {
         self.metrics.request(Outcome::Bypass, None);
         let mut resp = self
-            .relay(self.upstream_request(up, reqwest::Body::from(body)))
+            .relay(self.upstream_request(parts, reqwest::Body::from(body)))
             .await;
         set_header(
             resp.headers_mut(),
@@ -501,7 +473,7 @@ impl<C: Connection> Gateway<C> {
     /// The stored answer under `key`; `None` on a miss and on any failure
     /// (counted), so the request goes upstream.
     async fn lookup(&self, key: &str) -> Option<Stored> {
-        let Some(mut conn) = self.redis.borrow().as_ref().map(|b| b.conn.clone()) else {
+        let Some(mut conn) = connection(&self.redis) else {
             self.metrics
                 .cache_error(Operation::Read, CacheErrorKind::Unavailable);
             return None;
@@ -527,10 +499,6 @@ impl<C: Connection> Gateway<C> {
                 .cache_error(Operation::Read, CacheErrorKind::Garbage);
         }
         stored
-    }
-
-    fn hit(&self, stored: Stored, delivery: Delivery, started: Instant) -> Response {
-        self.answer_hit(stored, delivery, started, Outcome::Hit)
     }
 
     fn semantic_hit(
@@ -890,7 +858,7 @@ async fn write_within<C, E>(
 /// Stores a complete answer under `key`, off the request's path; a failure
 /// is counted, never returned.
 async fn store<C: Connection>(ctx: &DriverContext<C>, key: &str, stored: &Stored) {
-    let Some(mut conn) = ctx.redis.borrow().as_ref().map(|b| b.conn.clone()) else {
+    let Some(mut conn) = connection(&ctx.redis) else {
         ctx.metrics
             .cache_error(Operation::Write, CacheErrorKind::Unavailable);
         return;

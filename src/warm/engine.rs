@@ -368,7 +368,6 @@ pub async fn serve_sidecar(
     addr: std::net::SocketAddr,
     check_interval: Duration,
 ) -> Result<(), WarmError> {
-    use tokio::signal::unix::{SignalKind, signal};
     let serve_error = |source| WarmError::Serve { addr, source };
     let state = Arc::new(SidecarState::default());
     let listener = tokio::net::TcpListener::bind(addr)
@@ -376,12 +375,11 @@ pub async fn serve_sidecar(
         .map_err(serve_error)?;
     let server = axum::serve(listener, router(state.clone()));
     let sidecar = run_sidecar(warmer, state, check_interval);
-    let mut term = signal(SignalKind::terminate()).map_err(WarmError::Signal)?;
+    let stop = crate::signal::shutdown().map_err(WarmError::Signal)?;
     tokio::select! {
         r = server => r.map_err(serve_error),
         r = sidecar => r,
-        _ = term.recv() => Ok(()),
-        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = stop => Ok(()),
     }
 }
 
