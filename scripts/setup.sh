@@ -215,7 +215,10 @@ start_phase() {
 litellm_version=1.108.7
 bench_phase() {
   local venv="$MODELCACHE_BENCH_VENV"
+  # What the benchmark runs: the proxy at the pinned version, with the redis
+  # client its Redis cache imports.
   if quiet "$venv/bin/litellm" --version \
+    && quiet "$venv/bin/python3" -c 'import redis, litellm.proxy.proxy_server' \
     && [ "$("$venv/bin/python3" -c 'import importlib.metadata as m; print(m.version("litellm"))')" = "$litellm_version" ]; then
     return 0
   fi
@@ -224,6 +227,7 @@ bench_phase() {
   "$venv/bin/python3" -m pip install -q --disable-pip-version-check \
     "litellm[proxy]==$litellm_version" redis
   quiet "$venv/bin/litellm" --version
+  quiet "$venv/bin/python3" -c 'import redis, litellm.proxy.proxy_server'
 }
 
 start_phase python python_phase
