@@ -3,7 +3,8 @@
 //! One redis-server, a retired version with a million keys and a live
 //! version with 200k. A reader GETs random live keys the whole time; its
 //! latency is measured with no sweep (the baseline), during modelcache's
-//! sweep (unpaced, and paced at the policy default of 100k keys/s), during
+//! sweep (paced by latency, the policy default; unpaced; and at a fixed
+//! 100k keys/s), during
 //! `KEYS` + `DEL`, and during the reference design's `SCAN` (COUNT 1000) +
 //! `DEL`. Ratios are against the baseline of the same run.
 
@@ -144,25 +145,29 @@ async fn main() {
         })
         .await,
     );
-    // The policy default is 100k keys/s in batches of 100.
-    for (name, keys_per_second, batch) in [
-        ("modelcache sweep, unpaced, batch 1000", 10_000_000, 1000),
-        ("modelcache sweep, 100k/s, batch 1000", 100_000, 1000),
+    // The policy default: paced by latency, batches of 100.
+    for (name, pace) in [
+        ("modelcache sweep, latency-paced (default)", Pace::default()),
         (
-            "modelcache sweep, 100k/s, batch 100 (default)",
-            100_000,
-            100,
+            "modelcache sweep, unpaced, batch 1000",
+            Pace::fixed(10_000_000, 1000),
         ),
-        ("modelcache sweep, 100k/s, batch 50", 100_000, 50),
+        (
+            "modelcache sweep, unpaced, batch 100",
+            Pace::fixed(10_000_000, 100),
+        ),
+        (
+            "modelcache sweep, 100k/s, batch 100",
+            Pace::fixed(100_000, 100),
+        ),
     ] {
-        let pace = Pace {
-            keys_per_second,
-            batch,
-        };
+        let probe_url = url.clone();
         runs.push(
             measure(&url, name, |mut c| async move {
+                // The probe a latency pace times: a connection of its own.
+                let mut probe = connect(&probe_url).await;
                 Some(
-                    sweep::sweep_version(&mut c, "chat", "v1", pace)
+                    sweep::sweep_version(&mut c, Some(&mut probe), "chat", "v1", pace)
                         .await
                         .unwrap()
                         .deleted,

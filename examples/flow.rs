@@ -394,7 +394,7 @@ pub async fn run(opts: &FlowOptions) -> anyhow::Result<FlowReport> {
     let v2_keys_before = sweep::count_version(&mut conn, MODEL, "v2", 1000).await?;
     let waited = Instant::now();
     tokio::time::sleep(opts.grace).await;
-    let swept = sweep::sweep_version(&mut conn, MODEL, "v1", Pace::default()).await?;
+    let swept = sweep::sweep_version(&mut conn, None, MODEL, "v1", Pace::default()).await?;
     let v1_keys_after = sweep::count_version(&mut conn, MODEL, "v1", 1000).await?;
     let v2_keys_after = sweep::count_version(&mut conn, MODEL, "v2", 1000).await?;
 

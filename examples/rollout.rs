@@ -97,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
 
     registry::transition(&mut conn, MODEL, "v1", Transition::Retire).await?;
     let v2_before = sweep::count_version(&mut conn, MODEL, "v2", 1000).await?;
-    let report = sweep::sweep_version(&mut conn, MODEL, "v1", Pace::default()).await?;
+    let report = sweep::sweep_version(&mut conn, None, MODEL, "v1", Pace::default()).await?;
     let v1_left = sweep::count_version(&mut conn, MODEL, "v1", 1000).await?;
     let v2_after = sweep::count_version(&mut conn, MODEL, "v2", 1000).await?;
     println!(

@@ -483,9 +483,17 @@ struct InvalidateArgs {
     /// Print what would be deleted, and delete nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Keys deleted per second at most.
-    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
+    /// Keys deleted per second at most: the ceiling of the latency pace, the
+    /// rate of a --fixed-pace.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
     keys_per_second: u64,
+    /// How much slower, in percent, Redis may answer a probe during the sweep
+    /// than before it; the sweep slows down to stay within it.
+    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    headroom_percent: u32,
+    /// Sweep at --keys-per-second whatever the latency.
+    #[arg(long)]
+    fixed_pace: bool,
     /// The URL is one node of a Redis Cluster: find, count and sweep keys on
     /// every primary.
     #[arg(long)]
@@ -855,6 +863,7 @@ fn invalidate(args: InvalidateArgs) -> Result<ExitCode> {
     let pace = sweep::Pace {
         keys_per_second: args.keys_per_second,
         batch: args.batch,
+        headroom_percent: (!args.fixed_pace).then_some(args.headroom_percent),
     };
     let run = sweep::invalidate_target(
         &target,

@@ -98,12 +98,10 @@ async fn sweeping_one_version_of_a_million_keys_deletes_exactly_its_keys() {
     for version in ["v1", "v*[1]?\\"] {
         let report = sweep::sweep_version(
             &mut conn,
+            None,
             "chat",
             version,
-            Pace {
-                keys_per_second: 10_000_000,
-                batch: 1000,
-            },
+            Pace::fixed(10_000_000, 1000),
         )
         .await
         .unwrap();
@@ -119,7 +117,7 @@ async fn sweeping_one_version_of_a_million_keys_deletes_exactly_its_keys() {
         }
     }
     // The checkpoint is gone once a sweep completes, and a second sweep is a no-op.
-    let report = sweep::sweep_version(&mut conn, "chat", "v1", Pace::default())
+    let report = sweep::sweep_version(&mut conn, None, "chat", "v1", Pace::default())
         .await
         .unwrap();
     assert_eq!(report.deleted, 0);
@@ -129,6 +127,86 @@ async fn sweeping_one_version_of_a_million_keys_deletes_exactly_its_keys() {
         .await
         .unwrap();
     assert!(!checkpoint);
+}
+
+/// Redis made slow for everyone mid-sweep (a client blocking it with DEBUG
+/// SLEEP, as a burst of heavy commands would): a latency-paced sweep sees its
+/// probes slow down and halves its rate, then still deletes exactly the
+/// version. A fixed pace under the same stalls does not slow down.
+#[tokio::test]
+async fn a_latency_paced_sweep_slows_down_while_redis_is_slow_and_ends_exact() {
+    let (redis, mut conn) = start().await;
+    load(&mut conn, 50_000).await;
+    let before = census(&mut conn).await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let connect = || async {
+        client
+            .get_multiplexed_async_connection_with_config(&support::patient())
+            .await
+            .unwrap()
+    };
+    for (version, pace) in [
+        (
+            "v1",
+            Pace {
+                batch: 100,
+                ..Pace::default()
+            },
+        ),
+        ("v10", Pace::fixed(200_000, 100)),
+    ] {
+        let (mut sweeper, mut probe) = (connect().await, connect().await);
+        let sweep = tokio::spawn(async move {
+            sweep::sweep_version(&mut sweeper, Some(&mut probe), "chat", version, pace)
+                .await
+                .unwrap()
+        });
+        // Once the sweep has written its first checkpoint (its baseline is
+        // measured by then), block Redis for 5 ms in every 6 for 1.5 s.
+        let checkpoint = keys::sweep_checkpoint("chat", version);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !redis::cmd("EXISTS")
+            .arg(&checkpoint)
+            .query_async::<bool>(&mut conn)
+            .await
+            .unwrap()
+        {
+            assert!(Instant::now() < deadline, "{version}: no checkpoint");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut staller = connect().await;
+        let stalls_end = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < stalls_end && !sweep.is_finished() {
+            let _: () = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg("0.005")
+                .query_async(&mut staller)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let report = sweep.await.unwrap();
+        eprintln!("{version}: {report:?}");
+        assert_eq!(report.deleted, 50_000, "{version}: {report:?}");
+        if pace.headroom_percent.is_some() {
+            let baseline = report
+                .baseline_probe
+                .expect("a latency pace has a baseline");
+            assert!(baseline < Duration::from_millis(5), "{report:?}");
+            assert!(report.slowdowns >= 1, "the stalls slowed it: {report:?}");
+        } else {
+            assert_eq!(report.baseline_probe, None);
+            assert_eq!(report.slowdowns, 0);
+        }
+    }
+    let after = census(&mut conn).await;
+    assert_eq!(after.get("chat/v1"), None);
+    assert_eq!(after.get("chat/v10"), None);
+    for (group, n) in &before {
+        if group != "chat/v1" && group != "chat/v10" {
+            assert_eq!(after.get(group), Some(n), "{group} lost keys");
+        }
+    }
 }
 
 #[tokio::test]
@@ -149,7 +227,7 @@ async fn a_sweep_killed_mid_way_resumes_and_ends_exact() {
                 "--keep",
                 "v10,v*[1]?\\,v1x",
             ])
-            .args(["--keys-per-second", rate, "--batch", "500"])
+            .args(["--keys-per-second", rate, "--batch", "500", "--fixed-pace"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -230,17 +308,9 @@ async fn writers_of_a_live_version_lose_nothing_during_a_sweep() {
             written
         })
     };
-    let report = sweep::sweep_version(
-        &mut conn,
-        "chat",
-        "v1",
-        Pace {
-            keys_per_second: 10_000_000,
-            batch: 1000,
-        },
-    )
-    .await
-    .unwrap();
+    let report = sweep::sweep_version(&mut conn, None, "chat", "v1", Pace::fixed(10_000_000, 1000))
+        .await
+        .unwrap();
     let written = writer.await.unwrap();
     assert_eq!(report.deleted, 200_000);
     let kept = sweep::count_version(&mut conn, "chat", "v10", 10_000)
@@ -339,11 +409,8 @@ async fn a_scan_cursor_that_never_returns_to_0_is_an_error() {
         let calls = scans.swap(0, std::sync::atomic::Ordering::SeqCst);
         assert!((1000..=1100).contains(&calls), "{what}: {calls} SCAN calls");
     };
-    let pace = sweep::Pace {
-        keys_per_second: 1_000_000,
-        batch: 100,
-    };
-    let err = sweep::sweep_version(&mut conn, "chat", "v1", pace)
+    let pace = sweep::Pace::fixed(1_000_000, 100);
+    let err = sweep::sweep_version(&mut conn, None, "chat", "v1", pace)
         .await
         .unwrap_err();
     bounded("sweep", modelcache::error::chain(&err));

@@ -127,18 +127,22 @@ async fn a_sweep_visits_every_primary_and_deletes_exactly_one_version() {
         username: None,
         password: None,
     };
-    let report = sweep::sweep_cluster_version(
-        &seed_target,
-        "chat",
-        "v1",
-        Pace {
-            keys_per_second: 10_000_000,
-            batch: 500,
-        },
-    )
-    .await
-    .unwrap();
+    // Latency-paced: each primary is probed on a connection of its own.
+    let pace = Pace {
+        batch: 500,
+        ..Pace::default()
+    };
+    let report = sweep::sweep_cluster_version(&seed_target, "chat", "v1", pace)
+        .await
+        .unwrap();
     assert_eq!(report.primaries.len(), 3);
+    assert!(
+        report
+            .primaries
+            .iter()
+            .all(|(_, r)| r.baseline_probe.is_some()),
+        "{report:?}"
+    );
     assert!(
         report.primaries.iter().all(|(_, r)| r.deleted > 0),
         "every primary held v1 keys: {report:?}"
@@ -177,6 +181,25 @@ async fn a_sweep_visits_every_primary_and_deletes_exactly_one_version() {
     assert_eq!(left.get("chat/v*[1]?"), Some(&10_000));
     assert_eq!(left.get("chat2/v1"), Some(&5_000));
     assert_eq!(left.len(), 3, "no checkpoint is left behind: {left:?}");
+
+    // A cluster node taken for a single Redis refuses an UNLINK whose keys
+    // span slots; the sweep goes on one UNLINK per slot, on that node.
+    let primaries = sweep::cluster_primaries(&seed_target).await.unwrap();
+    let node = sweep::owner(&primaries, &keys::sweep_checkpoint("chat2", "v1")).unwrap();
+    let port: u16 = node.address.rsplit(':').next().unwrap().parse().unwrap();
+    let mut conn = connect(port).await;
+    let on_node = sweep::count_version(&mut conn, "chat2", "v1", 1000)
+        .await
+        .unwrap();
+    assert!(on_node > 100, "{on_node}");
+    let report = sweep::sweep_version(&mut conn, None, "chat2", "v1", Pace::fixed(10_000_000, 500))
+        .await
+        .unwrap();
+    assert_eq!(report.deleted, on_node);
+    let left = sweep::count_version(&mut conn, "chat2", "v1", 1000)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
 }
 
 #[tokio::test]

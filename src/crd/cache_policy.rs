@@ -322,8 +322,21 @@ pub struct InvalidationSettings {
     #[schemars(range(min = 0, max = 604_800))]
     pub grace_period_seconds: i64,
 
-    /// Pace of a sweep in keys deleted per second, to protect the latency of
-    /// live traffic.
+    /// `Latency` (the default) sweeps as fast as live traffic allows: it
+    /// slows down whenever Redis answers a probe more than
+    /// `sweepHeadroomPercent` slower than before the sweep, under a ceiling
+    /// of `sweepKeysPerSecond`. `Fixed` sweeps at `sweepKeysPerSecond`.
+    #[serde(default)]
+    pub sweep_pacing: SweepPacing,
+
+    /// How much slower, in percent, a probe's round trip to Redis may get
+    /// during a latency-paced sweep than it was before it.
+    #[serde(default = "default_sweep_headroom")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub sweep_headroom_percent: i64,
+
+    /// Keys deleted per second at most: the rate of a `Fixed` pace, the
+    /// ceiling of a `Latency` one.
     #[serde(default = "default_sweep_rate")]
     #[schemars(range(min = 100, max = 10_000_000))]
     pub sweep_keys_per_second: i64,
@@ -338,7 +351,10 @@ fn default_grace_period() -> i64 {
     300
 }
 fn default_sweep_rate() -> i64 {
-    100_000
+    1_000_000
+}
+fn default_sweep_headroom() -> i64 {
+    25
 }
 // Small batches keep each round trip short, so a reader's GET never waits
 // behind a long pipeline (see the sweep benchmark in docs/benchmarks.md).
@@ -351,6 +367,8 @@ impl Default for InvalidationSettings {
         InvalidationSettings {
             strategy: InvalidationStrategy::default(),
             grace_period_seconds: default_grace_period(),
+            sweep_pacing: SweepPacing::default(),
+            sweep_headroom_percent: default_sweep_headroom(),
             sweep_keys_per_second: default_sweep_rate(),
             sweep_batch: default_sweep_batch(),
         }
@@ -369,6 +387,15 @@ pub enum InvalidationStrategy {
     Flush,
     #[serde(rename = "TTLOnly")]
     TtlOnly,
+}
+
+/// How a sweep is paced: `Latency` or `Fixed`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[allow(missing_docs)]
+pub enum SweepPacing {
+    #[default]
+    Latency,
+    Fixed,
 }
 
 /// Default Redis image and resources.

@@ -7,14 +7,24 @@
 //! is just the cursor. Re-scanning from an older cursor after a crash only
 //! revisits keys, and UNLINK of a missing key is a no-op: the sweep is
 //! idempotent and its count of deleted keys (UNLINK's own count) exact.
+//!
+//! The pace is set by the latency the sweep causes ([`pace`]): a probe on a
+//! connection of its own samples Redis's round trip at its own cadence, as
+//! readers do, and the sweep slows down whenever the probe's round trips grow
+//! past their speed before the sweep by more than the allowed headroom.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use redis::RedisError;
 use redis::aio::MultiplexedConnection;
+use redis::{RedisError, Value};
 
 use crate::keyspace::keys;
+
+pub mod pace;
+
+pub use pace::Pace;
+use pace::{Pacer, Schedule};
 
 /// Why a sweep of a version's keys failed.
 /// Each variant is documented by its message.
@@ -44,24 +54,6 @@ pub enum SweepError {
     },
 }
 
-/// Pacing of a sweep.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pace {
-    /// Keys deleted per second at most.
-    pub keys_per_second: u64,
-    /// SCAN COUNT, and the most keys per UNLINK.
-    pub batch: u64,
-}
-
-impl Default for Pace {
-    fn default() -> Self {
-        Pace {
-            keys_per_second: 100_000,
-            batch: 100,
-        }
-    }
-}
-
 /// What one sweep did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SweepReport {
@@ -75,62 +67,152 @@ pub struct SweepReport {
     pub resumed: bool,
     /// Wall time of this run.
     pub elapsed: Duration,
+    /// Latency pacing: the probe's typical round trip before the sweep.
+    pub baseline_probe: Option<Duration>,
+    /// Latency pacing: windows of probes over the headroom, each of which
+    /// halved the rate.
+    pub slowdowns: u64,
 }
 
 /// Deletes every key of `version` of `model`, resuming an interrupted sweep.
+///
+/// `probe` is a connection of its own to the same Redis (not a clone of
+/// `conn`, which shares its socket) for a latency pace to time. Without one,
+/// a latency pace probes on `conn` between batches: it then sees how busy
+/// Redis is, but not the wait its own batches cause.
 pub async fn sweep_version(
     conn: &mut MultiplexedConnection,
+    probe: Option<&mut MultiplexedConnection>,
     model: &str,
     version: &str,
     pace: Pace,
 ) -> Result<SweepReport, SweepError> {
     let checkpoint = keys::sweep_checkpoint(model, version);
-    sweep_with_checkpoint(conn, model, version, pace, &checkpoint).await
+    let node = Node {
+        checkpoint: &checkpoint,
+        cluster: false,
+    };
+    sweep_node(conn, probe, model, version, pace, node).await
 }
 
-/// The sweep loop of one Redis node, with its checkpoint at `checkpoint`
-/// (a key that this node owns).
-async fn sweep_with_checkpoint(
+/// The node a sweep runs on.
+#[derive(Clone, Copy)]
+struct Node<'a> {
+    /// The checkpoint key, one that this node owns.
+    checkpoint: &'a str,
+    /// A Redis Cluster node: one UNLINK per slot, as a multi-key command may
+    /// not span slots there.
+    cluster: bool,
+}
+
+/// The sweep of one Redis node: its pages, and beside them, for a latency
+/// pace, the probe.
+async fn sweep_node(
+    conn: &mut MultiplexedConnection,
+    probe: Option<&mut MultiplexedConnection>,
+    model: &str,
+    version: &str,
+    pace: Pace,
+    node: Node<'_>,
+) -> Result<SweepReport, SweepError> {
+    let err = |action| redis_error(action, model, version);
+    let Some(headroom) = pace.headroom_percent else {
+        let (never, mut probes) = tokio::sync::mpsc::unbounded_channel();
+        drop(never);
+        let pacer = Pacer::fixed(pace.keys_per_second);
+        return sweep_pages(conn, model, version, pace, node, pacer, &mut probes).await;
+    };
+    // Without a connection of its own, the probe shares the sweep's socket:
+    // it then waits behind each batch, as a reader's command on a busy
+    // connection would.
+    let mut shared;
+    let probe = match probe {
+        Some(p) => p,
+        None => {
+            shared = conn.clone();
+            &mut shared
+        }
+    };
+    let mut baseline = Vec::with_capacity(pace::BASELINE_PROBES);
+    for _ in 0..pace::BASELINE_PROBES {
+        tokio::time::sleep(pace::PROBE_SPACING).await;
+        baseline.push(time_probe(probe).await.map_err(err("probe"))?);
+    }
+    let pacer = Pacer::latency(pace.keys_per_second, &baseline, headroom);
+    // The probe keeps its own cadence, never in step with the batches, so
+    // that it samples Redis as readers do: it lands in a batch as often as
+    // the sweep keeps Redis busy, and the rate is what decides how often.
+    let (sender, mut probes) = tokio::sync::mpsc::unbounded_channel();
+    let probing = async {
+        loop {
+            tokio::time::sleep(pace::PROBE_SPACING).await;
+            match time_probe(probe).await {
+                Ok(rtt) => {
+                    let _ = sender.send(rtt);
+                }
+                Err(e) => return err("probe")(e),
+            }
+        }
+    };
+    tokio::select! {
+        swept = sweep_pages(conn, model, version, pace, node, pacer, &mut probes) => swept,
+        failed = probing => Err(failed),
+    }
+}
+
+/// The sweep loop of one Redis node, paced by `pacer`, which hears the
+/// probe's round trips from `probes`.
+async fn sweep_pages(
     conn: &mut MultiplexedConnection,
     model: &str,
     version: &str,
     pace: Pace,
-    checkpoint: &str,
+    node: Node<'_>,
+    mut pacer: Pacer,
+    probes: &mut tokio::sync::mpsc::UnboundedReceiver<Duration>,
 ) -> Result<SweepReport, SweepError> {
     let err = |action| redis_error(action, model, version);
-    let started = Instant::now();
-    let checkpoint = checkpoint.to_owned();
+    let checkpoint = node.checkpoint;
     let pattern = keys::version_pattern(model, version);
     let (cursor, deleted_before): (Option<u64>, Option<u64>) = redis::pipe()
-        .hget(&checkpoint, "cursor")
-        .hget(&checkpoint, "deleted")
+        .hget(checkpoint, "cursor")
+        .hget(checkpoint, "deleted")
         .query_async(conn)
         .await
         .map_err(err("read the checkpoint"))?;
     let mut report = SweepReport {
         resumed: cursor.is_some(),
         deleted_before: deleted_before.unwrap_or(0),
+        baseline_probe: pacer.baseline,
         ..Default::default()
     };
-    let mut cursor = cursor.unwrap_or(0);
     let batch = pace.batch.max(1);
-    let rate = pace.keys_per_second.max(1) as f64;
-    // Deleted keys not yet added to the checkpoint's count; they go with the
-    // next round trip, so a crash can only under-report the earlier count.
-    let mut unrecorded = 0u64;
-    let mut budget = ScanBudget::start(conn, batch)
-        .await
-        .map_err(err("count keys"))?;
-    loop {
-        let (next, found): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
+    let scan = |cursor: u64| {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
             .arg("MATCH")
             .arg(&pattern)
             .arg("COUNT")
-            .arg(batch)
-            .query_async(conn)
-            .await
-            .map_err(err("scan"))?;
+            .arg(batch);
+        cmd
+    };
+    let started = Instant::now();
+    let mut schedule = Schedule::start();
+    let mut budget = ScanBudget::start(conn, batch)
+        .await
+        .map_err(err("count keys"))?;
+    let mut page: (u64, Vec<Vec<u8>>) = scan(cursor.unwrap_or(0))
+        .query_async(conn)
+        .await
+        .map_err(err("scan"))?;
+    // Per slot once a node refuses a multi-key UNLINK (a cluster node taken
+    // for a single Redis).
+    let mut per_slot = node.cluster;
+    // Deleted keys not yet added to the checkpoint's count; they go with the
+    // next round trip, so a crash can only under-report the earlier count.
+    let mut unrecorded = 0u64;
+    loop {
+        let (next, found) = std::mem::take(&mut page);
         report.scans += 1;
         if next != 0 {
             budget.spend(conn).await.map_err(err("scan"))?;
@@ -141,45 +223,109 @@ async fn sweep_with_checkpoint(
             .into_iter()
             .filter(|k| keys::belongs_to(k, model, version))
             .collect();
-        // One UNLINK per key: pipelined, and valid on Redis Cluster, where a
-        // page of SCAN spans many slots. The cursor moves in the same round
-        // trip as the deletes it covers.
-        let mut pipe = redis::pipe();
-        for key in &doomed {
-            pipe.cmd("UNLINK").arg(key);
-        }
-        if next != 0 {
-            pipe.hset(&checkpoint, "cursor", next).ignore();
-            pipe.hincr(&checkpoint, "deleted", unrecorded).ignore();
-        }
-        let counts: Vec<u64> = if doomed.is_empty() && next == 0 {
-            Vec::new()
-        } else {
-            pipe.query_async(conn).await.map_err(err("unlink keys"))?
+        // One round trip per page: its deletes, the checkpoint that covers
+        // them, and the SCAN of the next page.
+        let (counts, scanned) = loop {
+            let groups = unlink_groups(&doomed, per_slot);
+            let mut pipe = redis::pipe();
+            for group in &groups {
+                pipe.cmd("UNLINK").arg(group.as_slice());
+            }
+            if next != 0 {
+                pipe.hset(checkpoint, "cursor", next).ignore();
+                pipe.hincr(checkpoint, "deleted", unrecorded).ignore();
+                pipe.add_command(scan(next));
+            }
+            if groups.is_empty() && next == 0 {
+                break (0, None);
+            }
+            match pipe.query_async::<Vec<Value>>(conn).await {
+                Ok(values) => {
+                    break split_answer(values, groups.len(), next != 0)
+                        .map_err(err("read the sweep's answer"))?;
+                }
+                Err(e) if !per_slot && is_cross_slot(&e) => per_slot = true,
+                Err(e) => return Err(err("unlink keys")(e)),
+            }
         };
-        unrecorded = counts.iter().sum();
-        report.deleted += unrecorded;
-        cursor = next;
-        if cursor == 0 {
+        unrecorded = counts;
+        report.deleted += counts;
+        let Some(scanned) = scanned else {
             break;
+        };
+        page = scanned;
+        while let Ok(rtt) = probes.try_recv() {
+            pacer.observe(rtt);
         }
-        // Pace: never ahead of `rate` keys per second since the start. A
-        // SCAN call counts as one key, so a peer that answers pages without
-        // keys is paced too.
-        let work = report.deleted + report.scans;
-        let due = Duration::from_secs_f64(work as f64 / rate);
-        let elapsed = started.elapsed();
-        if due > elapsed {
-            tokio::time::sleep(due - elapsed).await;
+        // A SCAN call counts as one key, so a peer that answers pages
+        // without keys is paced too.
+        let pause = schedule.next(counts + 1, pacer.rate(), started.elapsed());
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
         }
     }
     let _: () = redis::cmd("DEL")
-        .arg(&checkpoint)
+        .arg(checkpoint)
         .query_async(conn)
         .await
         .map_err(err("remove the checkpoint"))?;
     report.elapsed = started.elapsed();
+    report.slowdowns = pacer.slowdowns;
     Ok(report)
+}
+
+/// The keys of one page, as the key lists of its UNLINK commands: one
+/// command for the page (one command to parse and answer, not one per key),
+/// or one per cluster slot.
+fn unlink_groups(doomed: &[Vec<u8>], per_slot: bool) -> Vec<Vec<&[u8]>> {
+    if doomed.is_empty() {
+        return Vec::new();
+    }
+    if !per_slot {
+        return vec![doomed.iter().map(Vec::as_slice).collect()];
+    }
+    let mut slots: std::collections::BTreeMap<u16, Vec<&[u8]>> = Default::default();
+    for key in doomed {
+        slots.entry(key_slot(key)).or_default().push(key);
+    }
+    slots.into_values().collect()
+}
+
+/// A page's answer: the keys its UNLINKs deleted, and the next page when
+/// one was asked for.
+type PageAnswer = (u64, Option<(u64, Vec<Vec<u8>>)>);
+
+fn split_answer(
+    values: Vec<Value>,
+    unlinks: usize,
+    scanned: bool,
+) -> Result<PageAnswer, RedisError> {
+    let mut values = values.into_iter();
+    let mut deleted = 0u64;
+    for value in values.by_ref().take(unlinks) {
+        deleted += redis::from_redis_value::<u64>(value)?;
+    }
+    let page = match (scanned, values.next()) {
+        (true, Some(value)) => Some(redis::from_redis_value(value)?),
+        (true, None) => {
+            return Err(
+                redis::ParsingError::from("the pipeline's answer lacks the SCAN reply").into(),
+            );
+        }
+        (false, _) => None,
+    };
+    Ok((deleted, page))
+}
+
+fn is_cross_slot(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::CrossSlot)
+}
+
+/// One probe's round trip.
+async fn time_probe(conn: &mut MultiplexedConnection) -> Result<Duration, RedisError> {
+    let sent = Instant::now();
+    redis::cmd("PING").query_async::<()>(conn).await?;
+    Ok(sent.elapsed())
 }
 
 /// SCAN every key matching `pattern`, `batch` at a time, handing each batch
@@ -451,20 +597,25 @@ pub async fn invalidate_target(
         return invalidate_cluster(target, model, keep, dry_run, pace).await;
     }
     let mut conn = target.connect().await.map_err(InvalidateError::Connect)?;
-    invalidate(&mut conn, model, keep, dry_run, pace).await
+    let probe = target.connect().await.map_err(InvalidateError::Connect)?;
+    invalidate(&mut conn, Some(probe), model, keep, dry_run, pace).await
 }
 
 /// Sweeps every version of `model` that has keys and is not in `keep`. With
 /// `dry_run` it only counts. It never sweeps the registry's active version.
+/// `probe` is as for [`sweep_version`].
 pub async fn invalidate(
     conn: &mut MultiplexedConnection,
+    mut probe: Option<MultiplexedConnection>,
     model: &str,
     keep: &BTreeSet<String>,
     dry_run: bool,
     pace: Pace,
 ) -> Result<Vec<VersionOutcome>, InvalidateError> {
     let mut sweeper = conn.clone();
-    let sweep = async |version: &str| sweep_version(&mut sweeper, model, version, pace).await;
+    let sweep = async |version: &str| {
+        sweep_version(&mut sweeper, probe.as_mut(), model, version, pace).await
+    };
     invalidate_on(
         conn.clone(),
         vec![conn.clone()],
@@ -747,6 +898,13 @@ impl ClusterSweepReport {
             scans: sum(|r| r.scans),
             resumed: self.primaries.iter().any(|(_, r)| r.resumed),
             elapsed: self.primaries.iter().map(|(_, r)| r.elapsed).sum(),
+            // Each node has its own; the slowest speaks for the cluster.
+            baseline_probe: self
+                .primaries
+                .iter()
+                .filter_map(|(_, r)| r.baseline_probe)
+                .max(),
+            slowdowns: sum(|r| r.slowdowns),
         }
     }
 }
@@ -767,7 +925,13 @@ pub async fn sweep_cluster_version(
         let Some(checkpoint) = node_checkpoint(model, version, &primary) else {
             continue; // a primary without slots holds no keys
         };
-        let r = sweep_with_checkpoint(&mut conn, model, version, pace, &checkpoint).await?;
+        // The probe times this node, the one the sweep slows down.
+        let mut probe = connect_node(&node_target(seed, &primary)).await?;
+        let node = Node {
+            checkpoint: &checkpoint,
+            cluster: true,
+        };
+        let r = sweep_node(&mut conn, Some(&mut probe), model, version, pace, node).await?;
         report.primaries.push((primary.address, r));
     }
     Ok(report)

@@ -39,9 +39,9 @@ impl From<candle_core::Error> for EmbedError {
 }
 
 struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
+    /// Query (pre-scaled by 1/√head_dim), key and value in one matrix:
+    /// one matmul instead of three.
+    qkv: Linear,
     attention_out: Linear,
     attention_norm: LayerNorm,
     intermediate: Linear,
@@ -151,13 +151,31 @@ impl SentenceEmbedder {
         };
         let norm = |w: Tensor, b: Tensor| LayerNorm::new(w, b, eps);
 
+        let head_dim = hidden / heads;
+        let scale = 1.0 / (head_dim as f64).sqrt();
         let mut layers = Vec::with_capacity(layers_n);
         for i in 0..layers_n {
             let p = format!("encoder.layer.{i}");
+            let part = |name: &str| -> Result<(Tensor, Tensor), EmbedError> {
+                let name = format!("{p}.attention.self.{name}");
+                Ok((
+                    take(&format!("{name}.weight"))?,
+                    take(&format!("{name}.bias"))?,
+                ))
+            };
+            let (qw, qb) = part("query")?;
+            let (kw, kb) = part("key")?;
+            let (vw, vb) = part("value")?;
+            let fused = || -> candle_core::Result<Linear> {
+                Ok(Linear::new(
+                    Tensor::cat(&[(qw * scale)?, kw, vw], 0)?,
+                    Some(Tensor::cat(&[(qb * scale)?, kb, vb], 0)?),
+                ))
+            };
+            let qkv = fused()
+                .map_err(|e| load(format!("the attention weights of layer {i}: {}", brief(&e))))?;
             layers.push(Layer {
-                query: linear(&format!("{p}.attention.self.query"))?,
-                key: linear(&format!("{p}.attention.self.key"))?,
-                value: linear(&format!("{p}.attention.self.value"))?,
+                qkv,
                 attention_out: linear(&format!("{p}.attention.output.dense"))?,
                 attention_norm: norm(
                     take(&format!("{p}.attention.output.LayerNorm.weight"))?,
@@ -263,17 +281,17 @@ impl SentenceEmbedder {
             .reshape((batch, 1, 1, len))?
             .to_dtype(DType::F32)?;
         let head_dim = self.hidden / self.heads;
-        let scale = 1.0 / (head_dim as f64).sqrt();
         for layer in &self.layers {
-            let heads = |t: Tensor| -> candle_core::Result<Tensor> {
-                t.reshape((batch, len, self.heads, head_dim))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let q = heads(layer.query.forward(&x)?)?;
-            let k = heads(layer.key.forward(&x)?)?;
-            let v = heads(layer.value.forward(&x)?)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&key_bias)?;
+            // (batch, len, 3·hidden) → (3, batch, heads, len, head_dim): one
+            // copy for the three.
+            let qkv = layer
+                .qkv
+                .forward(&x)?
+                .reshape((batch, len, 3, self.heads, head_dim))?
+                .permute((2, 0, 3, 1, 4))?
+                .contiguous()?;
+            let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+            let scores = q.matmul(&k.t()?)?.broadcast_add(&key_bias)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let context = probs
                 .matmul(&v)?
@@ -282,7 +300,7 @@ impl SentenceEmbedder {
             x = layer
                 .attention_norm
                 .forward(&(layer.attention_out.forward(&context)? + &x)?)?;
-            let inner = layer.intermediate.forward(&x)?.gelu_erf()?;
+            let inner = super::gelu::gelu(&layer.intermediate.forward(&x)?)?;
             x = layer
                 .output_norm
                 .forward(&(layer.output.forward(&inner)? + &x)?)?;

@@ -3,6 +3,7 @@
 //! prefill on candle whose KV we own.
 
 pub mod bert;
+pub mod gelu;
 pub mod gguf;
 pub mod kv_size;
 pub mod llama;

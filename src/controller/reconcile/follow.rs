@@ -13,7 +13,9 @@ use tokio::task::JoinHandle;
 
 use crate::controller::rollout::{RolloutInput, RolloutPlan, plan_rollout};
 use crate::crd::ModelCache;
-use crate::crd::cache_policy::{CachePolicySpec, InvalidationStrategy};
+use crate::crd::cache_policy::{
+    CachePolicySpec, InvalidationSettings, InvalidationStrategy, SweepPacing,
+};
 use crate::crd::model_cache::VersionPhase;
 use crate::error::chain as error_chain;
 use crate::keyspace::registry::{self, Transition};
@@ -106,11 +108,7 @@ pub async fn follow_rollout(
         now: Timestamp::now(),
     });
     update_registry(desired, &mc.spec.model, &mc.spec.version, &plan).await;
-    let pace = Pace {
-        keys_per_second: u64::try_from(policy.invalidation.sweep_keys_per_second)
-            .unwrap_or(100_000),
-        batch: u64::try_from(policy.invalidation.sweep_batch).unwrap_or(1000),
-    };
+    let pace = sweep_pace(&policy.invalidation);
     let sweep = SweepJob {
         target: desired.target.clone(),
         model: mc.spec.model.clone(),
@@ -185,6 +183,20 @@ async fn registry_target(desired: &DesiredResources, model: &str) -> RedisTarget
     }
 }
 
+/// The sweeper's pace from the policy (whose schema bounds every field).
+fn sweep_pace(settings: &InvalidationSettings) -> Pace {
+    let keys_per_second = u64::try_from(settings.sweep_keys_per_second).unwrap_or(1_000_000);
+    let batch = u64::try_from(settings.sweep_batch).unwrap_or(100);
+    match settings.sweep_pacing {
+        SweepPacing::Fixed => Pace::fixed(keys_per_second, batch),
+        SweepPacing::Latency => Pace {
+            keys_per_second,
+            batch,
+            headroom_percent: Some(u32::try_from(settings.sweep_headroom_percent).unwrap_or(25)),
+        },
+    }
+}
+
 /// How a version's keys are swept or counted.
 #[derive(Clone)]
 struct SweepJob {
@@ -217,9 +229,17 @@ impl SweepJob {
                 .map_err(failed)?;
             return Ok(SweepReport::default());
         }
-        sweep::sweep_version(&mut conn, &self.model, &version, self.pace)
-            .await
-            .map_err(failed)
+        // The probe that a latency pace times: a connection of its own.
+        let mut probe = self.target.connect().await.map_err(TaskError::Connect)?;
+        sweep::sweep_version(
+            &mut conn,
+            Some(&mut probe),
+            &self.model,
+            &version,
+            self.pace,
+        )
+        .await
+        .map_err(failed)
     }
 
     async fn count(self, version: String) -> Result<u64, TaskError> {
