@@ -98,35 +98,30 @@ mod tests {
         assert_eq!(erf(-1.5), -erf(1.5));
     }
 
+    /// The largest difference between our op and candle's on `x`.
+    fn worst_against_candle(x: &Tensor) -> f32 {
+        let ours = gelu(x).unwrap();
+        assert_eq!(ours.dims(), x.dims());
+        (ours - x.gelu_erf().unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
     #[test]
     fn the_tensor_op_keeps_the_shape_and_takes_strided_input() {
         let x = Tensor::arange(-8f32, 8.0, &Device::Cpu)
             .unwrap()
             .reshape((4, 4))
             .unwrap();
-        let ours = gelu(&x).unwrap();
-        assert_eq!(ours.dims(), &[4, 4]);
-        let reference = x.gelu_erf().unwrap();
-        let diff: f32 = (ours - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = worst_against_candle(&x);
         assert!(diff < 1e-5, "{diff}");
         // A transposed view is made contiguous first.
-        let t = gelu(&x.t().unwrap()).unwrap();
-        let reference = x.t().unwrap().gelu_erf().unwrap();
-        let diff: f32 = (t - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = worst_against_candle(&x.t().unwrap());
         assert!(diff < 1e-5, "{diff}");
     }
 }
