@@ -383,8 +383,14 @@ async fn main() {
         "the gateway stored its answer: {entries:?}"
     );
     let ceiling_port = support::free_port();
-    let ceiling_bin =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/examples/ceiling");
+    // Beside this bench in the same target directory (target/release/deps/..),
+    // wherever CARGO_TARGET_DIR puts it.
+    let ceiling_bin = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("examples/ceiling");
     let _ceiling = Child(
         Command::new(&ceiling_bin)
             .args([

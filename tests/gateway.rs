@@ -1302,3 +1302,183 @@ async fn the_main_jobs_faq_workload_reports_hits_and_a_clean_rollout() {
     // reached the upstream.
     assert_eq!(stub.calls.load(Ordering::SeqCst), 16);
 }
+
+/// The command a container of a pod spec runs: this binary with its args,
+/// its environment as the kubelet would make it (ConfigMaps for `envFrom`,
+/// Secrets for `secretKeyRef`), and each volume mount's path replaced by a
+/// directory of the test's.
+fn command_of(
+    c: &k8s_openapi::api::core::v1::Container,
+    config_maps: &std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+    secrets: &std::collections::BTreeMap<(String, String), String>,
+    volumes: &std::collections::BTreeMap<String, std::path::PathBuf>,
+) -> std::process::Command {
+    let mut env = std::collections::BTreeMap::<String, String>::new();
+    for from in c.env_from.iter().flatten() {
+        let name = &from.config_map_ref.as_ref().unwrap().name;
+        env.extend(config_maps[name].clone());
+    }
+    for var in c.env.iter().flatten() {
+        let value = match var
+            .value_from
+            .as_ref()
+            .and_then(|f| f.secret_key_ref.as_ref())
+        {
+            Some(r) => match secrets.get(&(r.name.clone(), r.key.clone())) {
+                Some(v) => v.clone(),
+                None if r.optional == Some(true) => continue,
+                None => panic!("{}: no Secret key {}/{}", c.name, r.name, r.key),
+            },
+            None => var.value.clone().unwrap_or_default(),
+        };
+        env.insert(var.name.clone(), value);
+    }
+    for m in c.volume_mounts.iter().flatten() {
+        let dir = volumes[&m.name].to_str().unwrap();
+        for value in env.values_mut() {
+            if let Some(rest) = value.strip_prefix(&m.mount_path) {
+                *value = format!("{dir}{rest}");
+            }
+        }
+    }
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_modelcache"));
+    command
+        .args(c.args.iter().flatten())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env);
+    command
+}
+
+#[tokio::test]
+async fn a_controller_built_gateway_fetches_its_embedding_model_and_answers_paraphrases() {
+    use modelcache::controller::gateway;
+    use modelcache::keyspace::registry::{self, Transition};
+    let redis = RedisServer::start().unwrap();
+    let (stub, upstream) = start_stub().await;
+    // s3s-fs checks every signature: the Secret's keys must reach the fetch.
+    let s3 = support::S3Server::s3s_fs().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir_all(s3.process.dir.path().join("data/models")).unwrap();
+    let published = std::process::Command::new(env!("CARGO_BIN_EXE_modelcache"))
+        .args(["publish", "--dir", minilm().to_str().unwrap()])
+        .args(["--to", "s3://models/prod", "--model", "all-minilm-l6-v2"])
+        .args([
+            "--version",
+            "1",
+            "--endpoint",
+            &s3.endpoint(),
+            "--path-style",
+        ])
+        .env("AWS_ACCESS_KEY_ID", &s3.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &s3.secret_key)
+        .env("AWS_REGION", &s3.region)
+        .output()
+        .unwrap();
+    assert!(
+        published.status.success(),
+        "{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+
+    let mc: modelcache::crd::ModelCache = serde_json::from_value(json!({
+        "apiVersion": "modelcache.dev/v1alpha1", "kind": "ModelCache",
+        "metadata": {"name": "faq", "namespace": "ml", "uid": "u1"},
+        "spec": {"model": MODEL, "version": "v1",
+            "source": {"uri": "s3://models/prod", "endpoint": s3.endpoint(), "pathStyle": true,
+                       "region": s3.region, "credentialsSecretRef": {"name": "s3"}},
+            "redis": {"external": {"url": redis.url()}},
+            "gateway": {"mode": "Standalone", "upstreamUrl": upstream,
+                "semantic": {"embeddingModel": {"name": "all-minilm-l6-v2", "version": "1"}}}}
+    }))
+    .unwrap();
+    let mut policy = modelcache::crd::CachePolicySpec::default();
+    policy.semantic.threshold = Some(0.8);
+    let (deployment, _) = gateway::standalone(&mc, "unused").unwrap();
+    let pod = deployment.spec.template.spec.unwrap();
+    let config_maps = [(
+        gateway::name(&mc),
+        gateway::config_map(&mc, &policy).data.unwrap(),
+    )]
+    .into();
+    let secrets = [
+        (("s3", "AWS_ACCESS_KEY_ID"), s3.access_key.as_str()),
+        (("s3", "AWS_SECRET_ACCESS_KEY"), s3.secret_key.as_str()),
+        (
+            ("faq-gateway", "secret"),
+            "0123456789abcdef0123456789abcdef",
+        ),
+    ]
+    .map(|((n, k), v)| ((n.to_string(), k.to_string()), v.to_string()))
+    .into();
+    let work = tempfile::tempdir().unwrap();
+    let volumes = pod
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| (v.name.clone(), work.path().join(&v.name)))
+        .collect();
+
+    // The init container, then the gateway, as the kubelet runs them.
+    let fetch = &pod.init_containers.as_deref().unwrap()[0];
+    let fetched = command_of(fetch, &config_maps, &secrets, &volumes)
+        .output()
+        .unwrap();
+    assert!(
+        fetched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fetched.stderr)
+    );
+    let mut conn = managed(&redis).await;
+    registry::transition(&mut conn, MODEL, "v1", Transition::Activate)
+        .await
+        .unwrap();
+    let (port, admin) = (support::free_port(), support::free_port());
+    let _gateway = Child(
+        command_of(&pod.containers[0], &config_maps, &secrets, &volumes)
+            .env("MODELCACHE_GATEWAY_ADDR", format!("127.0.0.1:{port}"))
+            .env(
+                "MODELCACHE_GATEWAY_ADMIN_ADDR",
+                format!("127.0.0.1:{admin}"),
+            )
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client
+        .get(format!("http://127.0.0.1:{admin}/readyz"))
+        .send()
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(Instant::now() < deadline, "the gateway never turned ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let url = format!("http://127.0.0.1:{port}");
+    let alice = Some("sk-alice");
+    let asked = chat("How many vacation days do new employees get?");
+    let first = post(&client, &url, CHAT, alice, &[], &asked).await;
+    assert_eq!(first.outcome(), "miss");
+    // Until the gateway has reached Redis and read the registry, answers
+    // are not stored: ask again until the exact layer has it.
+    while post(&client, &url, CHAT, alice, &[], &asked)
+        .await
+        .outcome()
+        != "hit"
+    {
+        assert!(Instant::now() < deadline, "the answer was never stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The semantic entry is written beside the exact one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let calls = stub.calls.load(Ordering::SeqCst);
+    let paraphrase = chat("How many vacation days do new hires get?");
+    let para = post(&client, &url, CHAT, alice, &[], &paraphrase).await;
+    assert_eq!(para.outcome(), "semantic-hit");
+    assert_eq!(stub.calls.load(Ordering::SeqCst), calls, "no upstream call");
+    assert_eq!(
+        para.json()["choices"][0]["message"]["content"],
+        first.json()["choices"][0]["message"]["content"]
+    );
+}

@@ -384,3 +384,81 @@ fn a_sidecar_gateway_fronts_the_engine_in_the_pod_and_the_pod_stays_valid() {
     std::fs::write(&file, serde_json::to_vec(&patched).unwrap()).unwrap();
     support::strict_validate(&[&file]);
 }
+
+#[test]
+fn a_semantic_sidecar_gets_its_embedding_model_fetched_after_the_weights() {
+    let mut mc = chat();
+    // A CDN source: both fetches mount its signing key, which the pod
+    // must declare once.
+    mc.spec.source = serde_json::from_value(json!({
+        "uri": "https://d111111abcdef8.cloudfront.net/models",
+        "cdn": {"signing": {"keyPairId": "K2JCJMDEHXQW5F",
+                "privateKeySecretRef": {"name": "cloudfront-key", "key": "private.pem"}}}
+    }))
+    .unwrap();
+    mc.spec.gateway = Some(
+        serde_json::from_value(json!({"semantic": {
+            "embeddingModel": {"name": "all-minilm-l6-v2", "version": "1"}}}))
+        .unwrap(),
+    );
+    let request = fixture("annotated.json");
+    let found = move |_: &str, _: &str| Ok(Some(mc.clone()));
+    let response = review(&request, found, &config(FailurePolicy::Fail));
+    let mut patched = apply(
+        request["request"]["object"].clone(),
+        &ops(&response).unwrap(),
+    );
+    let names: Vec<&str> = patched["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "modelcache-fetch",
+            "modelcache-fetch-embedding",
+            "modelcache-warm",
+            "modelcache-gateway"
+        ],
+        "the downloads first, then the sidecars, the gateway last"
+    );
+    let init = &patched["spec"]["initContainers"];
+    let env = |c: usize, name: &str| {
+        init[c]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(env(1, "MODELCACHE_MODEL")["value"], "all-minilm-l6-v2");
+    // The embedding model's own version, not the pod's.
+    assert_eq!(env(1, "MODELCACHE_VERSION")["value"], "1");
+    assert_eq!(
+        env(1, "MODELCACHE_CLOUDFRONT_KEY_PAIR_ID")["value"],
+        "K2JCJMDEHXQW5F"
+    );
+    assert_eq!(
+        env(3, "MODELCACHE_EMBEDDING_MODEL")["value"],
+        "/etc/modelcache/embedding"
+    );
+    let volumes: Vec<&str> = patched["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    let mut unique = volumes.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), volumes.len(), "declared twice: {volumes:?}");
+    assert!(volumes.contains(&"modelcache-embedding"), "{volumes:?}");
+    patched["metadata"]["name"] = json!("chat-vllm-7d9f8c6b5-x7k2p");
+    let dir = tempfile::tempdir().unwrap();
+    let file: PathBuf = dir.path().join("pod.json");
+    std::fs::write(&file, serde_json::to_vec(&patched).unwrap()).unwrap();
+    support::strict_validate(&[&file]);
+}

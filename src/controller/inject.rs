@@ -155,7 +155,7 @@ fn serving_env(mc: &ModelCache, pod: &Pod) -> Vec<EnvVar> {
     out
 }
 
-fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+pub(super) fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     VolumeMount {
         name: name.into(),
         mount_path: path.into(),
@@ -164,13 +164,34 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     }
 }
 
-fn fetch_container(mc: &ModelCache, pod: &Pod, image: &str) -> (Container, Vec<Volume>) {
+/// An artifact directory (`<source>/<model>/<version>/`) an init container
+/// fetches into a volume.
+pub(super) struct Artifact<'a> {
+    /// The init container's name.
+    pub container: &'a str,
+    /// The directory under the ModelCache's source.
+    pub model: &'a str,
+    /// `MODELCACHE_VERSION`: a value, or the pod's own through the downward API.
+    pub version: EnvVar,
+    /// The volume it lands in, and where that is mounted.
+    pub volume: &'a str,
+    pub path: &'a str,
+}
+
+/// The `modelcache fetch` init container for `artifact`, from the
+/// ModelCache's source with its credentials, headers and signing key, and
+/// the volumes those need (not the artifact's own).
+pub(super) fn fetch_container(
+    mc: &ModelCache,
+    image: &str,
+    artifact: Artifact,
+) -> (Container, Vec<Volume>) {
     let source = &mc.spec.source;
     let mut env_vars = vec![
         env("MODELCACHE_SOURCE", &source.uri),
-        env("MODELCACHE_MODEL", &mc.spec.model),
-        version_env(mc, pod),
-        env("MODELCACHE_DEST", WEIGHTS_PATH),
+        env("MODELCACHE_MODEL", artifact.model),
+        artifact.version,
+        env("MODELCACHE_DEST", artifact.path),
         // Init-container logs are read after the fact: lines, not bars.
         env("MODELCACHE_PROGRESS", "log"),
     ];
@@ -200,7 +221,7 @@ fn fetch_container(mc: &ModelCache, pod: &Pod, image: &str) -> (Container, Vec<V
         });
     }
     let args = vec!["fetch".to_string()];
-    let mut mounts = vec![mount(WEIGHTS_VOLUME, WEIGHTS_PATH, false)];
+    let mut mounts = vec![mount(artifact.volume, artifact.path, false)];
     let mut volumes = Vec::new();
     if let Some(cdn) = &source.cdn {
         // Headers are files, never arguments or environment variables: the
@@ -271,7 +292,7 @@ fn fetch_container(mc: &ModelCache, pod: &Pod, image: &str) -> (Container, Vec<V
         }
     }
     let container = Container {
-        name: FETCH_CONTAINER.into(),
+        name: artifact.container.into(),
         image: Some(image.into()),
         args: Some(args),
         env: Some(env_vars),
@@ -378,7 +399,14 @@ pub fn patch(pod: &Pod, mc: &ModelCache, image: &str) -> Vec<Value> {
         });
     }
 
-    let (fetch, mut volumes) = fetch_container(mc, pod, image);
+    let weights = Artifact {
+        container: FETCH_CONTAINER,
+        model: &mc.spec.model,
+        version: version_env(mc, pod),
+        volume: WEIGHTS_VOLUME,
+        path: WEIGHTS_PATH,
+    };
+    let (fetch, mut volumes) = fetch_container(mc, image, weights);
     volumes.insert(
         0,
         Volume {
@@ -390,14 +418,24 @@ pub fn patch(pod: &Pod, mc: &ModelCache, image: &str) -> Vec<Value> {
     // Fetch first, then the warm sidecar: init containers start in order,
     // and the weights must be complete before anything else runs.
     let mut init = vec![fetch];
+    let gateway = super::gateway::sidecar(mc, image, version_env(mc, pod));
+    // The gateway's embedding model, if it has a semantic layer, right
+    // after the weights: every download is done before a sidecar starts.
+    if gateway.is_some()
+        && let Some((fetch, more)) = super::gateway::embedding_fetch(mc, image)
+    {
+        init.push(fetch);
+        volumes.extend(more);
+    }
     if let Some((warm, volume)) = warm_container(mc, image) {
         init.push(warm);
         volumes.push(volume);
     }
     // The gateway last: it fronts the engine, which the warm-up primes.
-    if let Some(gateway) = super::gateway::sidecar(mc, image, version_env(mc, pod)) {
-        init.push(gateway);
-    }
+    init.extend(gateway);
+    // Both fetches mount the source's header and key volumes: once each.
+    let mut seen = std::collections::BTreeSet::new();
+    volumes.retain(|v| seen.insert(v.name.clone()));
     match spec.init_containers.as_deref() {
         None | Some([]) => {
             ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": to_json(&init)}))

@@ -90,6 +90,7 @@ pub fn validate(
             });
         }
     };
+    check_semantic(mc, &policy)?;
     let overrides = mc.spec.redis.as_ref();
     let redis = match overrides.and_then(|o| o.external.clone()) {
         Some(redis) => RedisBackend::External {
@@ -107,6 +108,29 @@ pub fn validate(
         })?),
     };
     Ok(ValidSpec { policy, redis })
+}
+
+/// A gateway's semantic layer needs the policy's threshold: a guessed one
+/// is how a semantic cache serves wrong answers (see `modelcache calibrate`).
+fn check_semantic(mc: &ModelCache, policy: &CachePolicySpec) -> Result<(), Invalid> {
+    let semantic = mc.spec.gateway.as_ref().and_then(|g| g.semantic.as_ref());
+    match (semantic, policy.semantic.threshold) {
+        (Some(semantic), None) => Err(Invalid {
+            reason: "SemanticThresholdUnset",
+            message: format!(
+                "spec.gateway.semantic asks for a semantic layer, and {} sets no \
+                 semantic.threshold: run `modelcache calibrate` with the embedding model \
+                 {:?} on labeled question pairs, and set semantic.threshold in the \
+                 CachePolicy to the threshold it picks",
+                match &mc.spec.cache_policy_ref {
+                    Some(r) => format!("CachePolicy {:?}", r.name),
+                    None => "no CachePolicy (spec.cachePolicyRef is unset)".to_string(),
+                },
+                semantic.embedding_model.name
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Inline CDN headers are mounted as files of a ConfigMap, named by header.
@@ -221,6 +245,27 @@ mod tests {
         let err = validate(&mc, Ok(None)).unwrap_err();
         assert_eq!(err.reason, "RedisMemoryInvalid");
         assert!(err.message.contains("at least 64Mi"), "{err:?}");
+    }
+
+    #[test]
+    fn a_semantic_gateway_needs_the_policys_threshold() {
+        let mut mc = model_cache("faq", "s3://models/x");
+        mc.spec.gateway = Some(
+            serde_json::from_value(serde_json::json!({"semantic": {
+                "embeddingModel": {"name": "all-minilm-l6-v2", "version": "1"}}}))
+            .unwrap(),
+        );
+        let err = validate(&mc, Ok(None)).unwrap_err();
+        assert_eq!(err.reason, "SemanticThresholdUnset");
+        assert!(
+            err.message.contains("modelcache calibrate")
+                && err.message.contains("\"all-minilm-l6-v2\"")
+                && err.message.contains("spec.cachePolicyRef is unset"),
+            "{err:?}"
+        );
+        let mut policy = CachePolicySpec::default();
+        policy.semantic.threshold = Some(0.84);
+        assert!(validate(&mc, Ok(Some(policy))).is_ok());
     }
 
     #[test]

@@ -157,6 +157,50 @@ pub struct GatewaySettings {
     /// Upstream prices, for the estimated cost saved (metrics and status).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<TokenPrice>,
+
+    /// The semantic layer: paraphrases of a cached question are answered
+    /// from the cache. Its threshold is the CachePolicy's
+    /// `semantic.threshold`, which must then be set. Unset: exact hits only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub semantic: Option<GatewaySemantic>,
+}
+
+/// The gateway's semantic layer.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySemantic {
+    /// The embedding model (a sentence-transformers BERT directory such as
+    /// all-MiniLM-L6-v2: config.json, model.safetensors, tokenizer.json),
+    /// published with `modelcache publish` beside the weights, at
+    /// `<source>/<name>/<version>/`. An init container fetches and verifies
+    /// it with the source's credentials, as it does the weights.
+    pub embedding_model: EmbeddingModelRef,
+
+    /// Semantic entries each gateway keeps in its index at most.
+    #[serde(default = "default_semantic_max_entries")]
+    #[schemars(range(min = 1, max = 10000000))]
+    pub max_entries: u32,
+}
+
+/// A published embedding model: `<source>/<name>/<version>/`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EmbeddingModelRef {
+    /// Its directory under the source, as for `model`.
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    )]
+    pub name: String,
+    /// Its version directory. A new version starts new gateway pods (their
+    /// semantic index is rebuilt from Redis with the new embeddings' model).
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[^/\s]+$"))]
+    #[x_kube(validation = Rule::new("self != '.' && self != '..'").message("embeddingModel.version must not be '.' or '..': it names a directory"))]
+    pub version: String,
+}
+
+fn default_semantic_max_entries() -> u32 {
+    100_000
 }
 
 /// Gateway placement: `Sidecar` or `Standalone`.

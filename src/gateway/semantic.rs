@@ -73,6 +73,17 @@ pub fn question(endpoint: Endpoint, body: &Value, scope: &Scope) -> Option<Quest
     })
 }
 
+/// `question` as compared in the embedding space `space` (the model's
+/// [fingerprint](crate::model::bert::SentenceEmbedder::fingerprint)): a
+/// partition of its own, so that vectors stored under another embedding
+/// model, or another version of it, are never matched against.
+pub fn in_space(space: &str, question: Question) -> Question {
+    Question {
+        partition: crate::digest::sha256_hex(format!("{space}\n{}", question.partition).as_bytes()),
+        ..question
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +153,19 @@ mod tests {
                 .partition,
             q.partition
         );
+    }
+
+    #[test]
+    fn another_embedding_model_is_another_partition() {
+        let q = question(Endpoint::Chat, &chat("HR bot", "PTO?"), &Scope::Anonymous).unwrap();
+        let (a, b) = (
+            in_space("model-a", q.clone()),
+            in_space("model-b", q.clone()),
+        );
+        assert_ne!(a.partition, b.partition);
+        assert_ne!(a.partition, q.partition);
+        assert_eq!(a, in_space("model-a", q.clone()), "deterministic");
+        assert_eq!(a.text, q.text);
     }
 
     #[test]

@@ -552,7 +552,10 @@ impl<C: Connection> Gateway<C> {
         scope: &Scope,
     ) -> Option<(Option<(Stored, f32)>, SemanticStore<C>)> {
         let layer = self.config.semantic.as_ref()?;
-        let question = super::semantic::question(endpoint, value, scope)?;
+        let question = super::semantic::in_space(
+            layer.embedder.fingerprint(),
+            super::semantic::question(endpoint, value, scope)?,
+        );
         let Some(cache) = self
             .redis
             .borrow()

@@ -61,6 +61,7 @@ pub struct SentenceEmbedder {
     max_tokens: usize,
     tokenizer: tokenizers::Tokenizer,
     device: Device,
+    fingerprint: String,
 }
 
 /// Texts embedded in one forward pass.
@@ -125,6 +126,7 @@ impl SentenceEmbedder {
         }
 
         let weights_path = dir.join("model.safetensors");
+        let fingerprint = fingerprint(dir)?;
         let tensors = candle_core::safetensors::load(&weights_path, device)
             .map_err(|e| load(format!("model.safetensors: {}", brief(&e))))?;
         // Some exports prefix every name with `bert.`.
@@ -220,7 +222,16 @@ impl SentenceEmbedder {
             max_tokens,
             tokenizer,
             device: device.clone(),
+            fingerprint,
         })
+    }
+
+    /// What names this model's embedding space: a digest of its weights,
+    /// configuration and tokenizer. Vectors of two models (or two versions
+    /// of one) are not comparable even when their widths agree, so stored
+    /// vectors are only ever compared with those of the same fingerprint.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// Width of an embedding.
@@ -319,6 +330,20 @@ impl SentenceEmbedder {
         let unit = mean.broadcast_div(&norms)?;
         Ok(unit.to_vec2()?)
     }
+}
+
+/// The SHA-256 of the digests of the files that decide the vectors.
+fn fingerprint(dir: &Path) -> Result<String, EmbedError> {
+    let mut digests = String::new();
+    for name in ["config.json", "tokenizer.json", "model.safetensors"] {
+        let path = dir.join(name);
+        let (_, digest) = std::fs::File::open(&path)
+            .and_then(crate::digest::hash_reader)
+            .map_err(|source| EmbedError::Read { path, source })?;
+        digests.push_str(&digest);
+        digests.push('\n');
+    }
+    Ok(crate::digest::sha256_hex(digests.as_bytes()))
 }
 
 /// Dot product of two unit vectors: their cosine similarity.
