@@ -26,8 +26,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::builders::{self, env, locked_down, secret_key_env};
-use super::inject::{Artifact, fetch_container, mount};
+use super::builders::{self, env, locked_down, mount, secret_key_env};
+use super::fetch::{Artifact, fetch_container};
 use super::network::CLIENT_LABEL;
 use crate::crd::CachePolicySpec;
 use crate::crd::model_cache::{DEFAULT_GATEWAY_UPSTREAM, GatewayMode, GatewaySettings, ModelCache};
@@ -462,7 +462,7 @@ mod tests {
         let writable = &fetch.volume_mounts.as_deref().unwrap()[0];
         assert_eq!(
             (writable.mount_path.as_str(), writable.read_only),
-            (EMBEDDING_PATH, None)
+            (EMBEDDING_PATH, Some(false))
         );
         let volumes = pod.volumes.as_deref().unwrap();
         assert_eq!(volumes[0].name, writable.name);

@@ -1,0 +1,160 @@
+//! The `modelcache fetch` init container, as a pure function: one artifact
+//! directory (`<source>/<model>/<version>/`) from the ModelCache's source into
+//! a volume, with the source's credentials, CDN headers and signing key. The
+//! webhook injects it for the weights, and for the embedding model of a
+//! semantic gateway (sidecar or standalone).
+
+use k8s_openapi::api::core::v1::{
+    ConfigMapProjection, Container, EnvVar, EnvVarSource, KeyToPath, ProjectedVolumeSource,
+    SecretKeySelector, SecretProjection, SecretVolumeSource, Volume, VolumeProjection,
+};
+
+use super::builders::{self, env, locked_down, mount, secret_key_env};
+use crate::crd::ModelCache;
+
+const SIGNING_VOLUME: &str = "modelcache-cloudfront-key";
+const HEADERS_VOLUME: &str = "modelcache-cdn-headers";
+const HEADERS_PATH: &str = "/etc/modelcache/cdn-headers";
+const SIGNING_PATH: &str = "/etc/modelcache/cloudfront";
+/// Mode of the Secret files mounted into the fetch container: readable by its
+/// non-root user whatever the pod's fsGroup, and mounted nowhere else.
+const SECRET_FILE_MODE: i32 = 0o444;
+
+/// An artifact directory (`<source>/<model>/<version>/`) an init container
+/// fetches into a volume.
+pub(super) struct Artifact<'a> {
+    /// The init container's name.
+    pub container: &'a str,
+    /// The directory under the ModelCache's source.
+    pub model: &'a str,
+    /// `MODELCACHE_VERSION`: a value, or the pod's own through the downward API.
+    pub version: EnvVar,
+    /// The volume it lands in, and where that is mounted.
+    pub volume: &'a str,
+    pub path: &'a str,
+}
+
+/// The `modelcache fetch` init container for `artifact`, from the
+/// ModelCache's source with its credentials, headers and signing key, and
+/// the volumes those need (not the artifact's own).
+pub(super) fn fetch_container(
+    mc: &ModelCache,
+    image: &str,
+    artifact: Artifact,
+) -> (Container, Vec<Volume>) {
+    let source = &mc.spec.source;
+    let mut env_vars = vec![
+        env("MODELCACHE_SOURCE", &source.uri),
+        env("MODELCACHE_MODEL", artifact.model),
+        artifact.version,
+        env("MODELCACHE_DEST", artifact.path),
+        // Init-container logs are read after the fact: lines, not bars.
+        env("MODELCACHE_PROGRESS", "log"),
+    ];
+    if let Some(e) = &source.endpoint {
+        env_vars.push(env("MODELCACHE_S3_ENDPOINT", e));
+    }
+    if let Some(r) = &source.region {
+        env_vars.push(env("MODELCACHE_S3_REGION", r));
+    }
+    if source.path_style {
+        env_vars.push(env("MODELCACHE_S3_PATH_STYLE", "true"));
+    }
+    if let Some(secret) = &source.credentials_secret_ref {
+        for key in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+            env_vars.push(secret_key_env(key, &secret.name, key));
+        }
+        env_vars.push(EnvVar {
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: secret.name.clone(),
+                    key: "AWS_SESSION_TOKEN".into(),
+                    optional: Some(true),
+                }),
+                ..Default::default()
+            }),
+            ..env("AWS_SESSION_TOKEN", "")
+        });
+    }
+    let args = vec!["fetch".to_string()];
+    let mut mounts = vec![mount(artifact.volume, artifact.path, false)];
+    let mut volumes = Vec::new();
+    if let Some(cdn) = &source.cdn {
+        // Headers are files, never arguments or environment variables: the
+        // inline ones from the ConfigMap the controller makes of them (so
+        // their values are not in this patch), the secret ones from their
+        // Secret, both in one directory. The kubelet writes the files as
+        // root, and our container runs as 65532 with no fsGroup of ours:
+        // 0400 would be unreadable. 0444 reaches no one else, since only
+        // this container mounts them.
+        let mut sources = Vec::new();
+        if !cdn.headers.is_empty() {
+            sources.push(VolumeProjection {
+                config_map: Some(ConfigMapProjection {
+                    name: builders::names(mc).cdn_headers,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        if let Some(secret) = &cdn.headers_secret_ref {
+            sources.push(VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: secret.name.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        if !sources.is_empty() {
+            env_vars.push(env("MODELCACHE_HEADERS_DIR", HEADERS_PATH));
+            volumes.push(Volume {
+                name: HEADERS_VOLUME.into(),
+                projected: Some(ProjectedVolumeSource {
+                    sources: Some(sources),
+                    default_mode: Some(SECRET_FILE_MODE),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            mounts.push(mount(HEADERS_VOLUME, HEADERS_PATH, true));
+        }
+        if let Some(signing) = &cdn.signing {
+            env_vars.push(env(
+                "MODELCACHE_CLOUDFRONT_KEY_PAIR_ID",
+                &signing.key_pair_id,
+            ));
+            env_vars.push(env(
+                "MODELCACHE_CLOUDFRONT_PRIVATE_KEY",
+                &format!("{SIGNING_PATH}/key.pem"),
+            ));
+            // The key is a file, never an environment variable, so that it
+            // shows in no process listing or crash dump.
+            volumes.push(Volume {
+                name: SIGNING_VOLUME.into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(signing.private_key_secret_ref.name.clone()),
+                    items: Some(vec![KeyToPath {
+                        key: signing.private_key_secret_ref.key.clone(),
+                        path: "key.pem".into(),
+                        ..Default::default()
+                    }]),
+                    default_mode: Some(SECRET_FILE_MODE),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            mounts.push(mount(SIGNING_VOLUME, SIGNING_PATH, true));
+        }
+    }
+    let container = Container {
+        name: artifact.container.into(),
+        image: Some(image.into()),
+        args: Some(args),
+        env: Some(env_vars),
+        volume_mounts: Some(mounts),
+        security_context: Some(locked_down()),
+        ..Default::default()
+    };
+    (container, volumes)
+}
