@@ -1,8 +1,9 @@
 //! The `modelcache fetch` init container, as a pure function: one artifact
 //! directory (`<source>/<model>/<version>/`) from the ModelCache's source into
-//! a volume, with the source's credentials, CDN headers and signing key. The
-//! webhook injects it for the weights, and for the embedding model of a
-//! semantic gateway (sidecar or standalone).
+//! a volume, with the source's credentials, CDN headers and signing key. Pod
+//! injection adds it for the weights and for a semantic sidecar gateway's
+//! embedding model; the standalone gateway's Deployment carries it for its
+//! embedding model.
 
 use k8s_openapi::api::core::v1::{
     ConfigMapProjection, Container, EnvVar, EnvVarSource, KeyToPath, ProjectedVolumeSource,

@@ -8,7 +8,7 @@
 
 pub mod builders;
 pub mod check;
-pub mod fetch;
+mod fetch;
 pub mod gateway;
 pub mod http;
 pub mod inject;
