@@ -1,12 +1,15 @@
 //! modelcache: caches for ML serving on Kubernetes. The layers, from the
 //! bottom: helpers; the API, a model's Redis and the key space on it; the
-//! serving caches, model artifacts, models and the GPU probe; warm-up; and
+//! serving caches, model artifacts, models and the GPU probe; warm-up and
+//! the node agent; and
 //! the controller on top. Nothing below uses the controller, and no modules
 //! use each other in a circle (`tests/layers.rs`).
 //!
 //! The `modelcache` binary is a thin command line over this library.
 
 /// Versioned model artifacts: manifest, sources (S3, HTTP/CDN), fetch, the node cache, publish.
+pub mod admin;
+
 pub mod artifact;
 /// The serving library: result, feature and semantic caches on a model's Redis.
 pub mod cache;
@@ -29,6 +32,8 @@ pub mod gpu;
 pub mod keyspace;
 /// GGUF metadata, KV-cache sizing, tokenizers, a Llama and a BERT on candle.
 pub mod model;
+/// `modelcache node`: the node cache agent that serves verified blobs to the pods of its node.
+pub mod node;
 /// Exact bytes from Kubernetes quantities.
 pub mod quantity;
 /// SIGTERM and SIGINT, which end every long-running command.

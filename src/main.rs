@@ -112,8 +112,51 @@ enum Command {
     /// coalesced; anything else passed through. A cache failure never fails a
     /// request. Exit codes: 0 stopped; 1 failed to serve; 2 bad input.
     Gateway(Box<GatewayArgs>),
+    /// Run the node cache agent (a DaemonSet): serve verified blobs from the
+    /// node cache to the injected pods of this node, proven by their
+    /// projected service-account tokens, downloading each version from its
+    /// origin once per node. Exit codes: 0 stopped; 1 failed to serve; 2 bad
+    /// input.
+    Node(NodeArgs),
     /// Print the version and the API version served.
     Version,
+}
+
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// Where pods call: this node's address and the agent's port.
+    #[arg(long, env = "MODELCACHE_NODE_LISTEN", default_value = "0.0.0.0:8095")]
+    listen: std::net::SocketAddr,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(
+        long,
+        env = "MODELCACHE_NODE_ADMIN_LISTEN",
+        default_value = "0.0.0.0:8096"
+    )]
+    admin_listen: std::net::SocketAddr,
+    /// This node's name (the downward API's spec.nodeName): only pods
+    /// scheduled here are served.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// The node cache (a hostPath).
+    #[arg(
+        long,
+        env = "MODELCACHE_CACHE_DIR",
+        default_value = "/var/lib/modelcache"
+    )]
+    cache_dir: PathBuf,
+    /// Most bytes the node cache keeps, as a quantity (200Gi).
+    #[arg(long, env = "MODELCACHE_CACHE_QUOTA", value_parser = quantity_arg)]
+    cache_quota: Option<u64>,
+    /// Requests in flight per version downloaded from an origin.
+    #[arg(long, env = "MODELCACHE_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    concurrency: u16,
+    /// Seconds a version's download may take.
+    #[arg(long, env = "MODELCACHE_DEADLINE", default_value_t = 7200)]
+    deadline: u64,
+    /// Attempts per origin request.
+    #[arg(long, env = "MODELCACHE_RETRIES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
+    retries: u32,
 }
 
 #[derive(clap::Args)]
@@ -441,6 +484,18 @@ struct FetchArgs {
     /// Lifetime of a signature in seconds; renewed when a fifth is left.
     #[arg(long, env = "MODELCACHE_CLOUDFRONT_EXPIRES", default_value_t = 3600)]
     cloudfront_expires: u64,
+    /// The node agent to try first, e.g. http://$(HOST_IP):8095; the origin
+    /// serves whatever it cannot.
+    #[arg(long, env = "MODELCACHE_NODE_AGENT", requires = "node_token_file")]
+    node_agent: Option<String>,
+    /// The pod's projected service-account token for the node agent
+    /// (audience modelcache-node).
+    #[arg(long, env = "MODELCACHE_NODE_TOKEN_FILE", requires = "node_agent")]
+    node_token_file: Option<PathBuf>,
+    /// The sha256 the version's manifest must have (the controller records
+    /// it in the ModelCache's status); any other manifest is refused.
+    #[arg(long, env = "MODELCACHE_MANIFEST_DIGEST", value_parser = digest_arg)]
+    manifest_digest: Option<String>,
     /// Progress display.
     #[arg(long, env = "MODELCACHE_PROGRESS", value_enum, default_value = "auto")]
     progress: modelcache::artifact::progress::ProgressMode,
@@ -640,6 +695,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Crd { out_dir, check } => crd_command(out_dir, check),
         Command::Validate { files } => validate(&files),
         Command::Invalidate(args) => invalidate(args),
+        Command::Node(args) => node(args),
         Command::Version => {
             println!("{}", modelcache::version_line());
             Ok(ExitCode::SUCCESS)
@@ -956,8 +1012,60 @@ fn fetch(args: FetchArgs) -> Result<ExitCode> {
     opts.retry_base = Duration::from_millis(args.retry_base_ms.max(1));
     opts.progress = args.progress;
     opts.progress_interval = Duration::from_secs(args.progress_interval.max(1));
+    opts.manifest_digest = args.manifest_digest;
+    if let (Some(url), Some(token_file)) = (&args.node_agent, &args.node_token_file) {
+        let url = match url::Url::parse(url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => u,
+            _ => {
+                return usage(anyhow::anyhow!(
+                    "--node-agent {url:?} is not an http(s) URL; give the agent's address, e.g. \
+                     http://$(HOST_IP):8095"
+                ));
+            }
+        };
+        let token = match std::fs::read_to_string(token_file) {
+            Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+            _ => {
+                return usage(anyhow::anyhow!(
+                    "--node-token-file {} is missing or empty; mount a projected \
+                     service-account token with audience modelcache-node there",
+                    token_file.display()
+                ));
+            }
+        };
+        opts.node_agent = Some(fetch::NodeAgent { url, token });
+    }
     let result = runtime()?.block_on(fetch::fetch(opts));
     summary_or_exit(result, |e| e.exit_code())
+}
+
+fn node(args: NodeArgs) -> Result<ExitCode> {
+    use modelcache::node;
+    if args.node_name.is_empty() {
+        return usage(anyhow::anyhow!(
+            "--node-name (NODE_NAME) is empty; set it from the downward API's spec.nodeName"
+        ));
+    }
+    let config = node::AgentConfig {
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        node: args.node_name,
+        cache_dir: args.cache_dir,
+        fill: node::fills::FillSettings {
+            concurrency: args.concurrency as usize,
+            quota: args.cache_quota,
+            deadline: Duration::from_secs(args.deadline.max(1)),
+            max_attempts: args.retries,
+        },
+    };
+    runtime()?.block_on(async {
+        let shutdown = modelcache::signal::shutdown().context("failed to handle SIGTERM")?;
+        let client = kube::Client::try_default()
+            .await
+            .context("failed to reach the API server (in-cluster config or KUBECONFIG)")?;
+        node::run(config, client, shutdown).await?;
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 /// A quantity (`16Mi`, `200Gi`) in bytes.

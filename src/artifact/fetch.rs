@@ -38,7 +38,11 @@ use super::node_cache::{NodeCache, NodeCacheError, VersionRecord};
 use super::progress::{Counters, ProgressMode, Reporter, human_bytes};
 use super::retry::Backoff;
 use super::source::{ConnectError, Failure, Location, Source, SourceConfig, SourceError};
-use super::transfer::{Engine, Transfer, TransferError};
+use super::transfer::{Engine, Observer, Transfer, TransferError};
+
+/// The request header naming the origin a node agent is asked to serve
+/// from (`s3://bucket/prefix`, `https://cdn/prefix`).
+pub const SOURCE_HEADER: &str = "x-modelcache-source";
 
 /// Everything `modelcache fetch` takes.
 #[derive(Debug, Clone)]
@@ -75,7 +79,41 @@ pub struct FetchOptions {
     pub progress: ProgressMode,
     /// Seconds between progress log lines.
     pub progress_interval: Duration,
+    /// The sha256 the version's manifest must have (the one the controller
+    /// recorded): any other manifest is refused, wherever it came from.
+    pub manifest_digest: Option<String>,
+    /// The node agent to try before the origin.
+    pub node_agent: Option<NodeAgent>,
 }
+
+/// The node agent (`modelcache node`) on this pod's node, and the pod's
+/// projected service-account token for it.
+#[derive(Clone)]
+pub struct NodeAgent {
+    /// Its base URL, e.g. `http://10.0.3.7:8095`.
+    pub url: url::Url,
+    /// The token, audience `modelcache-node`.
+    pub token: String,
+}
+
+impl std::fmt::Debug for NodeAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a credential: never shown.
+        f.debug_struct("NodeAgent").field("url", &self.url).finish()
+    }
+}
+
+/// Attempts per request against the node agent: it is on the node, so a
+/// failure that outlasts a few is a reason to go to the origin, not to wait.
+const AGENT_ATTEMPTS: u32 = 3;
+
+/// A node agent silent this long is given up for the origin.
+const AGENT_IDLE: Duration = Duration::from_secs(10);
+
+/// Bytes per request to the node agent: a whole file in one stream, which
+/// follows the agent's download when it is still filling (splitting would
+/// ask for bytes it does not have yet).
+const AGENT_PART: u64 = 1 << 40;
 
 impl FetchOptions {
     /// Options with the defaults of `modelcache fetch`.
@@ -96,6 +134,8 @@ impl FetchOptions {
             retry_base: Duration::from_millis(200),
             progress: ProgressMode::Off,
             progress_interval: Duration::from_secs(5),
+            manifest_digest: None,
+            node_agent: None,
         }
     }
 }
@@ -136,6 +176,12 @@ pub struct FetchSummary {
     pub throughput_mbps: f64,
     /// Versions evicted from the node cache to stay within its quota.
     pub evicted_versions: usize,
+    /// The node agent served the version (no request reached the origin).
+    pub node_agent: bool,
+    /// Why the node agent could not serve it, when one was given and the
+    /// origin served instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_agent_fallback: Option<String>,
 }
 
 /// What `complete` holds.
@@ -183,6 +229,16 @@ pub enum FetchError {
     )]
     Integrity {
         file: String,
+        url: String,
+        expected: String,
+        actual: String,
+    },
+    #[error(
+        "failed to fetch {model}/{version}: the manifest from {url} has sha256 {actual}, but {expected} is the one pinned (--manifest-digest); the version at the source was changed after it was recorded: publish changes as a new version"
+    )]
+    Pinned {
+        model: String,
+        version: String,
         url: String,
         expected: String,
         actual: String,
@@ -254,6 +310,7 @@ impl FetchError {
             },
             FetchError::Manifest { .. }
             | FetchError::Integrity { .. }
+            | FetchError::Pinned { .. }
             | FetchError::Escape { .. } => 5,
             FetchError::Space { .. } => 6,
             FetchError::Deadline { .. } => 7,
@@ -284,8 +341,8 @@ enum Plan {
     Download,
 }
 
-struct Ctx {
-    engine: Arc<Engine>,
+pub(super) struct Ctx {
+    pub(super) engine: Arc<Engine>,
     partial_dir: PathBuf,
     cache: Option<NodeCache>,
     concurrency: usize,
@@ -363,9 +420,37 @@ impl Destination {
     }
 }
 
-/// Fetch a version. Returns the summary, or the first error that retrying
-/// cannot cure; what was downloaded stays for the next run.
+/// Fetch a version: from the node agent when one is given, else (or when
+/// it cannot serve) from the origin. Returns the summary, or the first error
+/// that retrying cannot cure; what was downloaded stays for the next run.
 pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
+    let Some(agent) = &opts.node_agent else {
+        return fetch_from(&opts, None).await;
+    };
+    match fetch_from(&opts, Some(agent)).await {
+        Ok(mut s) => {
+            s.node_agent = true;
+            Ok(s)
+        }
+        Err(e) => {
+            // Whatever the agent did, every byte it sent was checked against
+            // the (pinned) manifest, and nothing unverified reached a final
+            // path: the origin finishes from here, resuming what is sound.
+            let why = crate::error::chain(&e);
+            tracing::warn!(agent = %agent.url, model = %opts.model, version = %opts.version,
+                "the node agent did not serve the version; fetching from the origin: {why}");
+            let mut s = fetch_from(&opts, None).await?;
+            s.node_agent_fallback = Some(why);
+            Ok(s)
+        }
+    }
+}
+
+/// One fetch, from the agent (`via`) or from the origin.
+async fn fetch_from(
+    opts: &FetchOptions,
+    via: Option<&NodeAgent>,
+) -> Result<FetchSummary, FetchError> {
     let started = Instant::now();
     super::check_names(&opts.model, &opts.version)?;
     let dest = Destination::open(&opts.dest)?;
@@ -374,8 +459,10 @@ pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
     // One fetcher per destination at a time.
     let _dest_lock = lock_file(dest.state.join("lock")).await?;
     let mut placed = read_placed(&dest.placed_log);
-    if let Some(verified) = dest.complete(&opts, &source_id, &placed) {
-        return Ok(summary(&opts, &dest.dir, &verified, started, |s| {
+    if let Some(verified) = dest.complete(opts, &source_id, &placed)
+        && pinned(opts, &verified, "the destination").is_ok()
+    {
+        return Ok(summary(opts, &dest.dir, &verified, started, |s| {
             s.reused_files = verified.manifest.files.len();
         }));
     }
@@ -383,8 +470,12 @@ pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
     let cache = opts.cache_dir.as_deref().map(NodeCache::open).transpose()?;
     let version_id = NodeCache::version_id(&source_id, &opts.model, &opts.version);
     let _version_lock = lock_version(cache.as_ref(), &version_id).await?;
-    let ctx = connect(&opts, started, cache.clone(), &dest).await?;
-    let verified = version_manifest(&ctx, &opts, &version_id).await?;
+    let partial_dir = match &cache {
+        Some(c) => c.partial_dir(),
+        None => dest.partial.clone(),
+    };
+    let ctx = connect(opts, via, started, cache.clone(), partial_dir).await?;
+    let verified = version_manifest(&ctx, opts, &version_id).await?;
     let files = &verified.manifest.files;
 
     // From here on the destination changes: it is no longer complete.
@@ -394,8 +485,8 @@ pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
         Err(e) => return Err(io_err("remove", &dest.marker)(e)),
     }
     let plans = plan_files(files, &dest.dir, &placed, &ctx);
-    let (to_download, mut evicted) = reserve_space(&opts, &ctx, &dest, files, &plans, &version_id)?;
-    let resumed = download_in_time(&ctx, &opts, to_download).await?;
+    let (to_download, mut evicted) = reserve_space(opts, &ctx, &dest, files, &plans, &version_id)?;
+    let resumed = download_in_time(&ctx, opts, to_download, &()).await?;
     let placement = match opts.cache_copy {
         true => Placement::Copy,
         false => Placement::Link,
@@ -403,10 +494,10 @@ pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
     let (cache_hits, cache_hit_bytes) =
         place_all(&ctx, &dest, files, &plans, placement, &mut placed)?;
     forget_others(&dest, files, &mut placed)?;
-    evicted += mark_complete(&ctx, &dest, &opts, &source_id, &version_id, &verified)?;
+    evicted += mark_complete(&ctx, &dest, opts, &source_id, &version_id, &verified)?;
 
     let counters = &ctx.engine.counters;
-    Ok(summary(&opts, &dest.dir, &verified, started, |s| {
+    Ok(summary(opts, &dest.dir, &verified, started, |s| {
         s.downloaded_bytes = counters.done.load(Ordering::Relaxed);
         s.resumed_bytes = resumed;
         s.cache_hits = cache_hits;
@@ -420,7 +511,7 @@ pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
 
 /// The node cache's lock on this version, so that pods of a node fetching
 /// it together download it once.
-async fn lock_version(
+pub(super) async fn lock_version(
     cache: Option<&NodeCache>,
     version_id: &str,
 ) -> Result<Option<File>, FetchError> {
@@ -434,33 +525,55 @@ async fn lock_version(
     Ok(Some(locked))
 }
 
-/// The source, and what the downloads share.
-async fn connect(
+/// The source (the origin, or the node agent `via`), and what the
+/// downloads share.
+pub(super) async fn connect(
     opts: &FetchOptions,
+    via: Option<&NodeAgent>,
     started: Instant,
     cache: Option<NodeCache>,
-    dest: &Destination,
+    partial_dir: PathBuf,
 ) -> Result<Ctx, FetchError> {
     let mut cfg = opts.source.clone();
     cfg.connections = cfg.connections.max(opts.concurrency);
-    let source = Source::connect(&opts.location, &cfg).await?;
+    let (mut max_attempts, mut part_size) = (opts.max_attempts.max(1), opts.part_size);
+    let source = match via {
+        None => Source::connect(&opts.location, &cfg).await?,
+        Some(agent) => {
+            // The agent serves the origin's layout under /v1/, for the origin
+            // named in a header; the origin's own credentials stay here.
+            let base = agent.url.join("v1/").map_err(|_| ConnectError::Header {
+                name: "node agent URL".into(),
+            })?;
+            let agent_cfg = SourceConfig {
+                headers: vec![
+                    ("authorization".into(), format!("Bearer {}", agent.token)),
+                    (SOURCE_HEADER.into(), opts.location.to_string()),
+                ],
+                idle_timeout: Some(AGENT_IDLE),
+                connections: cfg.connections,
+                ..Default::default()
+            };
+            cfg = agent_cfg;
+            max_attempts = max_attempts.min(AGENT_ATTEMPTS);
+            part_size = Some(AGENT_PART);
+            Source::connect(&Location::Http { base }, &cfg).await?
+        }
+    };
     let engine = Arc::new(Engine {
         source,
         model: opts.model.clone(),
         version: opts.version.clone(),
         counters: Arc::new(Counters::default()),
         deadline: started + opts.deadline,
-        max_attempts: opts.max_attempts.max(1),
+        max_attempts,
         retry_base: opts.retry_base,
         idle: cfg.idle_timeout.unwrap_or(Duration::from_secs(30)),
-        part_size: opts.part_size,
+        part_size,
     });
     Ok(Ctx {
         engine,
-        partial_dir: match &cache {
-            Some(c) => c.partial_dir(),
-            None => dest.partial.clone(),
-        },
+        partial_dir,
         cache,
         concurrency: opts.concurrency.max(1),
     })
@@ -468,12 +581,13 @@ async fn connect(
 
 /// The manifest: from the node cache when another pod fetched this version
 /// (versions are immutable, so no request), else from the source.
-async fn version_manifest(
+pub(super) async fn version_manifest(
     ctx: &Ctx,
     opts: &FetchOptions,
     version_id: &str,
 ) -> Result<VerifiedManifest, FetchError> {
     if let Some((_, m)) = ctx.cache.as_ref().and_then(|c| c.lookup(version_id)) {
+        pinned(opts, &m, "the node cache")?;
         return Ok(m);
     }
     // The deadline covers the whole fetch: an origin that accepts and never
@@ -487,13 +601,32 @@ async fn version_manifest(
         .engine
         .source
         .url(&opts.model, &opts.version, MANIFEST_NAME);
-    manifest::parse(&origin, bytes, Some((&opts.model, &opts.version))).map_err(|source| {
-        FetchError::Manifest {
+    let verified =
+        manifest::parse(&origin, bytes, Some((&opts.model, &opts.version))).map_err(|source| {
+            FetchError::Manifest {
+                model: opts.model.clone(),
+                version: opts.version.clone(),
+                source: Box::new(source),
+            }
+        })?;
+    pinned(opts, &verified, &origin)?;
+    Ok(verified)
+}
+
+/// The manifest is the pinned one, when one is pinned: a node agent, a node
+/// cache or an origin changed since the digest was recorded cannot change
+/// what the files are checked against.
+fn pinned(opts: &FetchOptions, verified: &VerifiedManifest, url: &str) -> Result<(), FetchError> {
+    match &opts.manifest_digest {
+        Some(expected) if *expected != verified.digest => Err(FetchError::Pinned {
             model: opts.model.clone(),
             version: opts.version.clone(),
-            source: Box::new(source),
-        }
-    })
+            url: url.into(),
+            expected: expected.clone(),
+            actual: verified.digest.clone(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn past_deadline(opts: &FetchOptions) -> FetchError {
@@ -574,7 +707,7 @@ fn reserve_space(
 /// Bytes still to be written to finish `files` in `partial_dir`: what
 /// interrupted runs already wrote takes no more space (a resume used to be
 /// checked as if it needed the whole size again).
-fn to_finish(files: &[ManifestFile], partial_dir: &Path) -> u64 {
+pub(super) fn to_finish(files: &[ManifestFile], partial_dir: &Path) -> u64 {
     files
         .iter()
         .map(|f| {
@@ -593,16 +726,18 @@ fn allocated(path: &Path) -> u64 {
 
 /// Downloads and verifies the files within the fetch's deadline, showing
 /// progress; returns the bytes resumed from an earlier run.
-async fn download_in_time(
+pub(super) async fn download_in_time(
     ctx: &Ctx,
     opts: &FetchOptions,
     files: Vec<ManifestFile>,
+    observer: &dyn Observer,
 ) -> Result<u64, FetchError> {
     let counters = ctx.engine.counters.clone();
     let reporter = Reporter::start(opts.progress, opts.progress_interval, counters);
     let mut resumed = 0;
     let deadline = ctx.engine.deadline.into();
-    let outcome = tokio::time::timeout_at(deadline, download(ctx, files, &mut resumed)).await;
+    let outcome =
+        tokio::time::timeout_at(deadline, download(ctx, files, &mut resumed, observer)).await;
     reporter.finish().await;
     match outcome {
         Ok(result) => result.map(|()| resumed),
@@ -720,9 +855,21 @@ fn mark_complete(
         &serde_json::to_vec_pretty(&marker).expect("markers serialize"),
     )
     .map_err(io_err("write", &dest.marker))?;
-    let Some(cache) = &ctx.cache else {
-        return Ok(0);
-    };
+    match &ctx.cache {
+        Some(cache) => record_version(cache, opts, source_id, version_id, verified),
+        None => Ok(0),
+    }
+}
+
+/// Records a complete version in the node cache and evicts down to the
+/// quota; returns the versions evicted.
+pub(super) fn record_version(
+    cache: &NodeCache,
+    opts: &FetchOptions,
+    source_id: &str,
+    version_id: &str,
+    verified: &VerifiedManifest,
+) -> Result<usize, FetchError> {
     let record = VersionRecord {
         source: source_id.to_owned(),
         model: opts.model.clone(),
@@ -760,7 +907,7 @@ fn summary(
     s
 }
 
-fn check_space(opts: &FetchOptions, path: &Path, need: u64) -> Result<(), FetchError> {
+pub(super) fn check_space(opts: &FetchOptions, path: &Path, need: u64) -> Result<(), FetchError> {
     let available = available_bytes(path).map_err(io_err("check free space on", path))?;
     if need > available {
         return Err(FetchError::Space {
@@ -870,6 +1017,7 @@ async fn download(
     ctx: &Ctx,
     files: Vec<ManifestFile>,
     resumed: &mut u64,
+    observer: &dyn Observer,
 ) -> Result<(), FetchError> {
     let mut mismatched = BTreeSet::new();
     let mut queue: std::collections::VecDeque<ManifestFile> = files.into();
@@ -884,6 +1032,7 @@ async fn download(
             .map(|f| Transfer::open(&ctx.partial_dir, f, ctx.engine.part_size))
             .collect::<Result<Vec<_>, _>>()?;
         for t in &transfers {
+            observer.transfer(t);
             *resumed += t.resumed();
             ctx.engine
                 .counters

@@ -5,12 +5,14 @@
 //! - [`manifest`]: the manifest, its checks, and its digest (the version's identity).
 //! - [`source`]: S3, HTTP/CDN and local-directory locations, ranged reads.
 //! - [`cloudfront`]: signed URLs and cookies.
-//! - [`fetch`]: the fetcher; [`node_cache`]: the node-local cache.
+//! - [`fetch`]: the fetcher; [`node_cache`]: the node-local cache; [`fill`]:
+//!   filling it for the node agent.
 //! - [`publish`]: building and uploading a version.
 
 pub mod cloudfront;
 pub mod disk;
 pub mod fetch;
+pub mod fill;
 pub mod headers;
 pub mod manifest;
 pub mod node_cache;

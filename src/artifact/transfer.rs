@@ -54,6 +54,18 @@ const MIN_SPLIT: u64 = 4 * MIB;
 /// request costs to start.
 const SPLIT_FACTOR: f64 = 4.0;
 
+/// Sees each file's transfer as it opens, so that others can follow a
+/// download in progress (the node agent's readers).
+pub trait Observer: Send + Sync {
+    /// A transfer opened; its bytes follow.
+    fn transfer(&self, transfer: &Arc<Transfer>);
+}
+
+/// No one watching.
+impl Observer for () {
+    fn transfer(&self, _: &Arc<Transfer>) {}
+}
+
 /// What the workers share.
 pub struct Engine {
     /// Where the bytes come from.
@@ -178,6 +190,16 @@ struct State {
     resumed: u64,
 }
 
+impl State {
+    /// Bytes written contiguously from offset 0.
+    fn prefix(&self) -> u64 {
+        self.covered
+            .first()
+            .filter(|r| r.start == 0)
+            .map_or(0, |r| r.end)
+    }
+}
+
 impl Transfer {
     /// Open or resume the partial file of `file` in `partial_dir`.
     pub fn open(
@@ -247,6 +269,27 @@ impl Transfer {
         &self.partial
     }
 
+    /// Bytes written contiguously from offset 0: what a reader may follow
+    /// while the file is still downloading (the node agent streams it to the
+    /// pods that joined its download).
+    pub fn written_prefix(&self) -> u64 {
+        self.state.lock().prefix()
+    }
+
+    /// Whether the whole file matched its manifest digest; `None` until it
+    /// is all written and hashed.
+    pub fn verified(&self) -> Option<bool> {
+        let st = self.state.lock();
+        let digest = st.digest.as_ref()?;
+        Some(digest.as_ref().is_ok_and(|d| *d == self.file.sha256))
+    }
+
+    /// Reads written bytes. The handle stays valid after the verified file
+    /// is renamed into the node cache (the same inode).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.data.read_at(buf, offset)
+    }
+
     /// Flushes the partial file's data to disk.
     pub fn sync(&self) -> Result<(), TransferError> {
         self.data.sync_data().map_err(io_err("sync", &self.partial))
@@ -260,11 +303,7 @@ impl Transfer {
             insert_merged(&mut st.covered, range);
             // Writes come every 256 KiB: a hashing task for each would cost
             // more than it hashes, so wait for a batch, or for the end.
-            let prefix = st
-                .covered
-                .first()
-                .filter(|r| r.start == 0)
-                .map_or(0, |r| r.end);
+            let prefix = st.prefix();
             st.hasher.is_some()
                 && prefix > st.hashed
                 && (prefix - st.hashed >= HASH_BATCH || prefix == self.file.size)
@@ -285,11 +324,7 @@ impl Transfer {
         loop {
             let (from, to) = {
                 let mut st = self.state.lock();
-                let to = st
-                    .covered
-                    .first()
-                    .filter(|r| r.start == 0)
-                    .map_or(0, |r| r.end);
+                let to = st.prefix();
                 if to <= st.hashed {
                     if st.hashed == self.file.size && st.digest.is_none() {
                         st.digest = Some(Ok(hasher.finish_hex()));

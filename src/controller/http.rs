@@ -40,10 +40,7 @@ async fn readyz(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
 
 async fn metrics(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, crate::admin::CONTENT_TYPE)],
         state.metrics.encode(),
     )
 }

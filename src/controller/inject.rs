@@ -25,10 +25,8 @@ use serde_json::{Value, json};
 use super::builders::{self, env, locked_down, mount};
 use super::fetch::{Artifact, fetch_container};
 use super::network::CLIENT_LABEL;
+pub use crate::crd::model_cache::INJECT_ANNOTATION;
 use crate::crd::model_cache::{DEFAULT_VERSION_LABEL, ModelCache};
-
-/// The annotation that asks for injection; its value names the ModelCache.
-pub const INJECT_ANNOTATION: &str = "modelcache.dev/inject";
 /// The injected init container.
 pub const FETCH_CONTAINER: &str = "modelcache-fetch";
 /// The injected warm-up sidecar.

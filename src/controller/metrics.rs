@@ -218,13 +218,7 @@ impl Metrics {
 
     /// Text exposition format for `/metrics`.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail; an encoder error would leave a
-        // partial page, which a scrape reports, rather than a dead controller.
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            tracing::warn!(error = %e, "failed to encode the metrics");
-        }
-        out
+        crate::admin::exposition(&self.registry)
     }
 }
 

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use super::condition::conditions_schema;
 
+/// The pod annotation that asks for injection; its value names the
+/// ModelCache (the webhook and the node agent read it).
+pub const INJECT_ANNOTATION: &str = "modelcache.dev/inject";
+
 /// Name of the pod-template label (or annotation) that carries the model
 /// version a pod serves, unless the workload says otherwise.
 pub const DEFAULT_VERSION_LABEL: &str = "modelcache.dev/version";

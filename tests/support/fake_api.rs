@@ -5,6 +5,10 @@
 //! apply, status included) the way the API server does for the paths a
 //! controller uses, and records every request (method, path, query, body) so
 //! tests can assert exactly what a reconcile sent.
+//!
+//! It also reviews tokens (TokenReview) that a test registered, and can
+//! listen on loopback HTTP ([`FakeApiServer::listen`]) for programs that run
+//! as processes with a kubeconfig (the node agents).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -34,6 +38,9 @@ impl Recorded {
 struct State {
     objects: BTreeMap<String, Value>,
     requests: Vec<Recorded>,
+    /// Token → what a TokenReview of it answers (`status.user`) and the
+    /// audiences it was issued for.
+    tokens: BTreeMap<String, (Value, Vec<String>)>,
     next_uid: u64,
     next_version: u64,
 }
@@ -75,6 +82,68 @@ impl FakeApiServer {
         self.state.lock().unwrap().objects.remove(path)
     }
 
+    /// Registers a projected service-account token of a pod, issued for
+    /// `audiences`: a TokenReview of it authenticates it for those only.
+    pub fn pod_token(
+        &self,
+        token: &str,
+        namespace: &str,
+        pod: &str,
+        uid: &str,
+        audiences: &[&str],
+    ) {
+        let user = json!({
+            "username": format!("system:serviceaccount:{namespace}:default"),
+            "uid": "sa-uid",
+            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{namespace}")],
+            "extra": {
+                "authentication.kubernetes.io/pod-name": [pod],
+                "authentication.kubernetes.io/pod-uid": [uid],
+            },
+        });
+        let audiences = audiences.iter().map(|a| a.to_string()).collect();
+        self.state
+            .lock()
+            .unwrap()
+            .tokens
+            .insert(token.to_owned(), (user, audiences));
+    }
+
+    /// Serves this fake over HTTP on a free loopback port; returns the port.
+    pub async fn listen(&self) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = self.clone();
+        let router = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let server = server.clone();
+            async move {
+                let (parts, body) = request.into_parts();
+                let bytes = axum::body::to_bytes(body, 16 << 20)
+                    .await
+                    .unwrap_or_default();
+                let request = Request::from_parts(parts, Body::from(bytes.to_vec()));
+                let response = server.handle(request).await;
+                let (parts, body) = response.into_parts();
+                let bytes = body.collect_bytes().await.unwrap_or_default();
+                axum::response::Response::from_parts(parts, axum::body::Body::from(bytes))
+            }
+        });
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        port
+    }
+
+    /// A kubeconfig for [`FakeApiServer::listen`]'s port.
+    pub fn kubeconfig(port: u16, path: &std::path::Path) {
+        let config = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: 'http://127.0.0.1:{port}'}}\n\
+             users:\n- name: fake\n  user: {{token: agent}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\n\
+             current-context: fake\n"
+        );
+        std::fs::write(path, config).unwrap();
+    }
+
     /// Every request so far, and forgets them.
     pub fn take_requests(&self) -> Vec<Recorded> {
         std::mem::take(&mut self.state.lock().unwrap().requests)
@@ -104,6 +173,25 @@ impl FakeApiServer {
                 None if is_collection(&path) => (StatusCode::OK, list(&state, &path, &query)),
                 None => not_found(&path),
             },
+            "POST" if path == "/apis/authentication.k8s.io/v1/tokenreviews" => {
+                let mut review = body.expect("a TokenReview has a body");
+                let token = review["spec"]["token"].as_str().unwrap_or_default();
+                let asked: Vec<String> = review["spec"]["audiences"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                review["status"] = match state.tokens.get(token) {
+                    Some((user, issued)) if asked.iter().all(|a| issued.contains(a)) => {
+                        json!({"authenticated": true, "user": user, "audiences": asked})
+                    }
+                    _ => json!({"authenticated": false, "error": "invalid bearer token"}),
+                };
+                (StatusCode::CREATED, review)
+            }
             "POST" => {
                 let mut object = body.expect("POST has a body");
                 let name = object

@@ -20,6 +20,7 @@
 pub mod fake_api;
 pub mod proxy;
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -760,4 +761,50 @@ pub fn strict_validate(files: &[&Path]) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// A model directory of deterministic pseudo-random files: a few MiB in
+/// several sizes, a nested path with a space, an empty file, and two files
+/// with the same content.
+pub fn model_dir(root: &Path, seed: u64, big_mib: usize) -> PathBuf {
+    let dir = root.join(format!("model-{seed}"));
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut bytes = |n: usize| (0..n).map(|_| rng.u8(..)).collect::<Vec<u8>>();
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("model.safetensors", bytes(big_mib << 20)),
+        ("shards/part 2.bin", bytes(3 << 20)),
+        ("tokenizer.json", bytes(40_000)),
+        ("config.json", b"{\"layers\": 2}\n".to_vec()),
+        ("empty.txt", Vec::new()),
+        ("copy/config.json", b"{\"layers\": 2}\n".to_vec()),
+    ];
+    for (path, data) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+    dir
+}
+
+/// Every regular file under `dir` (outside `.modelcache`), by relative path.
+pub fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if rel == ".modelcache" {
+                continue;
+            }
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    if dir.exists() {
+        walk(dir, dir, &mut out);
+    }
+    out
 }

@@ -1,0 +1,594 @@
+//! The node cache agent (`modelcache node`) end to end, as processes. Each
+//! agent is a "node" on a loopback address of its own (127.0.0.2, 127.0.0.3)
+//! with its own cache directory; `modelcache fetch --node-agent` runs as the
+//! pods; nginx is the origin (a CDN), behind a proxy that counts what reaches
+//! it; and the faked API server, over loopback HTTP, answers the agents'
+//! TokenReviews and their pod and ModelCache lookups.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::fake_api::FakeApiServer;
+use support::proxy::{Proxy, ProxyConfig};
+use support::{HttpServer, free_port, model_dir, tree};
+
+const BIN: &str = env!("CARGO_BIN_EXE_modelcache");
+const NS: &str = "ml";
+const AUDIENCE: &str = "modelcache-node";
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn summary(o: &Output) -> Value {
+    assert!(
+        o.status.success(),
+        "modelcache failed ({:?}): {}",
+        o.status.code(),
+        stderr(o)
+    );
+    serde_json::from_slice(&o.stdout).expect("the summary is JSON")
+}
+
+/// A `modelcache node` process; killed on drop.
+struct Agent {
+    child: Child,
+    ip: &'static str,
+    port: u16,
+    admin: u16,
+    cache: PathBuf,
+    log: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Agent {
+    fn url(&self) -> String {
+        format!("http://{}:{}", self.ip, self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET path` on the admin port.
+    fn admin_get(&self, path: &str) -> String {
+        let mut s = std::net::TcpStream::connect((self.ip, self.admin)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    /// The value of one sample of `/metrics`, e.g.
+    /// `modelcache_node_served_bytes_total{from="cache"}`; 0 when absent.
+    fn metric(&self, sample: &str) -> f64 {
+        self.admin_get("/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+}
+
+/// The faked API server over HTTP, the origin behind counting proxies, and
+/// the directory the pods and nodes live in.
+struct Cluster {
+    _rt: tokio::runtime::Runtime,
+    api: FakeApiServer,
+    kubeconfig: PathBuf,
+    tmp: tempfile::TempDir,
+    src: PathBuf,
+    _origin: HttpServer,
+    /// Counts every request and byte that reaches the origin.
+    counter: Proxy,
+    _shaper: Option<Proxy>,
+    uid: std::cell::Cell<u32>,
+}
+
+impl Cluster {
+    /// A model of `big_mib` MiB published to nginx as `m`/`v1`, and a
+    /// ModelCache `chat` in `ml` whose source is that origin. With
+    /// `bandwidth`, each origin connection is capped to it (bytes/s).
+    fn new(big_mib: usize, bandwidth: Option<u64>) -> Cluster {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let src = model_dir(tmp.path(), 7, big_mib);
+        let root = tmp.path().join("origin");
+        std::fs::create_dir_all(&root).unwrap();
+        let origin = HttpServer::start(&root).unwrap_or_else(|e| panic!("{e}"));
+        let published = Command::new(BIN)
+            .args(["publish", "--dir", src.to_str().unwrap()])
+            .args(["--to", &format!("file://{}", root.display())])
+            .args(["--model", "m", "--version", "v1"])
+            .output()
+            .unwrap();
+        summary(&published);
+        let (api, port, shaper, counter) = rt.block_on(async {
+            let (_client, api) = FakeApiServer::start();
+            let port = api.listen().await;
+            let shaper = match bandwidth {
+                Some(b) => Some(
+                    Proxy::start(
+                        origin.port(),
+                        ProxyConfig {
+                            bandwidth: Some(b),
+                            rtt: Some(Duration::from_millis(2)),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap(),
+                ),
+                None => None,
+            };
+            let upstream = shaper.as_ref().map_or(origin.port(), |s| s.port);
+            let counter = Proxy::start(upstream, ProxyConfig::default())
+                .await
+                .unwrap();
+            (api, port, shaper, counter)
+        });
+        let kubeconfig = tmp.path().join("kubeconfig");
+        FakeApiServer::kubeconfig(port, &kubeconfig);
+        let cluster = Cluster {
+            _rt: rt,
+            api,
+            kubeconfig,
+            tmp,
+            src,
+            _origin: origin,
+            counter,
+            _shaper: shaper,
+            uid: std::cell::Cell::new(0),
+        };
+        cluster.model_cache("chat", "m");
+        cluster
+    }
+
+    fn origin(&self) -> String {
+        self.counter.endpoint()
+    }
+
+    fn model_cache(&self, name: &str, model: &str) {
+        self.api.insert(
+            &format!("/apis/modelcache.dev/v1alpha1/namespaces/{NS}/modelcaches/{name}"),
+            json!({
+                "apiVersion": "modelcache.dev/v1alpha1",
+                "kind": "ModelCache",
+                "metadata": {"name": name, "namespace": NS},
+                "spec": {"model": model, "version": "v1", "source": {"uri": self.origin()}}
+            }),
+        );
+    }
+
+    /// An agent for `node` on `ip`, with a cache directory of its own.
+    fn agent(&self, node: &str, ip: &'static str, concurrency: u16) -> Agent {
+        let (port, admin) = (free_port(), free_port());
+        let cache = self.tmp.path().join(format!("{node}-cache"));
+        let log = self.tmp.path().join(format!("{node}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .args(["node", "--node-name", node])
+            .args(["--listen", &format!("{ip}:{port}")])
+            .args(["--admin-listen", &format!("{ip}:{admin}")])
+            .args(["--cache-dir", cache.to_str().unwrap()])
+            .args(["--concurrency", &concurrency.to_string()])
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("MODELCACHE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let mut agent = Agent {
+            child,
+            ip,
+            port,
+            admin,
+            cache,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect((ip, port)).is_err() {
+            if let Some(status) = agent.child.try_wait().unwrap() {
+                panic!("the agent exited with {status}: {}", agent.log());
+            }
+            assert!(Instant::now() < deadline, "no agent: {}", agent.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(agent.admin_get("/healthz").contains("200 OK"));
+        agent
+    }
+
+    /// A pod named `name` on `node`, injected for `injected_for` (no
+    /// annotation when `None`), with a token issued for `audiences`; returns
+    /// the token's file.
+    fn pod(
+        &self,
+        name: &str,
+        node: &str,
+        injected_for: Option<&str>,
+        audiences: &[&str],
+    ) -> PathBuf {
+        self.uid.set(self.uid.get() + 1);
+        let uid = format!("pod-uid-{}", self.uid.get());
+        let mut pod = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": NS, "uid": uid},
+            "spec": {"nodeName": node, "containers": [{"name": "engine", "image": "engine"}]}
+        });
+        if let Some(mc) = injected_for {
+            pod["metadata"]["annotations"] = json!({"modelcache.dev/inject": mc});
+        }
+        self.api
+            .insert(&format!("/api/v1/namespaces/{NS}/pods/{name}"), pod);
+        let token = format!("token-of-{name}");
+        self.api.pod_token(&token, NS, name, &uid, audiences);
+        let file = self.tmp.path().join(format!("{name}.token"));
+        std::fs::write(&file, &token).unwrap();
+        file
+    }
+
+    /// The injected fetch of pod `name` through `agent` into its own
+    /// emptyDir, started.
+    fn start_fetch(&self, name: &str, agent: &Agent, token: &Path, extra: &[&str]) -> Child {
+        let dest = self.dest(name);
+        Command::new(BIN)
+            .args(["fetch", "--source", &self.origin(), "--model", "m"])
+            .args(["--version", "v1", "--dest", dest.to_str().unwrap()])
+            .args(["--node-agent", &agent.url()])
+            .args(["--node-token-file", token.to_str().unwrap()])
+            .args(["--progress", "off", "--retry-base-ms", "10"])
+            .args(extra)
+            .env("MODELCACHE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn fetch(&self, name: &str, agent: &Agent, token: &Path, extra: &[&str]) -> Output {
+        self.start_fetch(name, agent, token, extra)
+            .wait_with_output()
+            .unwrap()
+    }
+
+    fn dest(&self, pod: &str) -> PathBuf {
+        self.tmp.path().join("pods").join(pod)
+    }
+
+    fn origin_requests(&self) -> u64 {
+        self.counter.stats.requests.load(Ordering::Relaxed)
+    }
+
+    fn origin_bytes(&self) -> u64 {
+        self.counter.stats.body_bytes.load(Ordering::Relaxed)
+    }
+
+    fn manifest_bytes(&self) -> u64 {
+        let manifest = self.tmp.path().join("origin/m/v1/manifest.json");
+        std::fs::metadata(manifest).unwrap().len()
+    }
+
+    /// Bytes of the version's distinct contents: what one download costs.
+    fn version_bytes(&self) -> u64 {
+        let mut distinct = BTreeMap::new();
+        for content in tree(&self.src).into_values() {
+            distinct.insert(content.clone(), content.len() as u64);
+        }
+        distinct.values().sum()
+    }
+}
+
+#[test]
+fn eight_pods_starting_together_cost_one_origin_download_and_the_next_pod_none() {
+    // Capped origin connections, so that the pods arrive while the agent is
+    // still downloading and stream what it has verified so far.
+    let cluster = Cluster::new(24, Some(6 << 20));
+    let agent = cluster.agent("node-a", "127.0.0.2", 2);
+    let pods: Vec<(String, PathBuf)> = (0..8)
+        .map(|i| {
+            let name = format!("chat-{i}");
+            let token = cluster.pod(&name, "node-a", Some("chat"), &[AUDIENCE]);
+            (name, token)
+        })
+        .collect();
+    let started: Vec<Child> = pods
+        .iter()
+        .map(|(name, token)| cluster.start_fetch(name, &agent, token, &[]))
+        .collect();
+    let src = tree(&cluster.src);
+    for (child, (name, _)) in started.into_iter().zip(&pods) {
+        let s = summary(&child.wait_with_output().unwrap());
+        assert_eq!(s["nodeAgent"], true, "{name}: {s}");
+        assert!(s.get("nodeAgentFallback").is_none(), "{name}: {s}");
+        assert_eq!(tree(&cluster.dest(name)), src, "{name} is byte-identical");
+    }
+    let one_download = cluster.version_bytes();
+    let origin_bytes = cluster.origin_bytes();
+    assert!(
+        origin_bytes >= one_download && origin_bytes < one_download + (1 << 20),
+        "8 pods cost one download: {origin_bytes} bytes from the origin for a version of {one_download}"
+    );
+    assert!(
+        agent.metric("modelcache_node_downloads_coalesced_total") >= 1.0,
+        "pods joined the running download"
+    );
+    assert!(
+        agent.metric(r#"modelcache_node_served_bytes_total{from="origin"}"#) > 0.0,
+        "some bytes were streamed to pods while they arrived from the origin"
+    );
+    // What the agent counts: the files once and the manifest, and no more
+    // than reached it (a split range may overlap a little).
+    let counted = agent.metric("modelcache_node_origin_bytes_total") as u64;
+    assert!(
+        counted >= one_download + cluster.manifest_bytes() && counted <= origin_bytes,
+        "{counted} counted, {origin_bytes} through the proxy"
+    );
+    assert!(agent.metric("modelcache_node_cache_bytes") as u64 >= one_download);
+
+    // A ninth pod, later: all from the node cache, not one origin request.
+    let requests = cluster.origin_requests();
+    let from_cache = agent.metric(r#"modelcache_node_served_bytes_total{from="cache"}"#);
+    let token = cluster.pod("chat-late", "node-a", Some("chat"), &[AUDIENCE]);
+    let s = summary(&cluster.fetch("chat-late", &agent, &token, &[]));
+    assert_eq!(s["nodeAgent"], true, "{s}");
+    assert_eq!(tree(&cluster.dest("chat-late")), src);
+    assert_eq!(cluster.origin_requests(), requests, "no origin request");
+    let served = agent.metric(r#"modelcache_node_served_bytes_total{from="cache"}"#) - from_cache;
+    assert!(
+        served as u64 >= one_download,
+        "served {served} from the cache"
+    );
+
+    // The agent's log names no token.
+    assert!(!agent.log().contains("token-of-"), "{}", agent.log());
+}
+
+#[test]
+fn pods_the_agent_may_not_serve_are_refused_and_fetch_from_the_origin() {
+    let cluster = Cluster::new(2, None);
+    let agent = cluster.agent("node-a", "127.0.0.2", 4);
+    // Another node's agent holds nothing of node-a's pods.
+    let other = cluster.agent("node-b", "127.0.0.3", 4);
+    cluster.model_cache("other", "another-model");
+    let src = tree(&cluster.src);
+    struct Case {
+        pod: &'static str,
+        node: &'static str,
+        injected: Option<&'static str>,
+        audiences: &'static [&'static str],
+        reason: &'static str,
+    }
+    let case = |pod, node, injected, audiences, reason| Case {
+        pod,
+        node,
+        injected,
+        audiences,
+        reason,
+    };
+    let cases = [
+        case("on-b", "node-b", Some("chat"), &[AUDIENCE], "other_node"),
+        case("plain", "node-a", None, &[AUDIENCE], "not_injected"),
+        case(
+            "api-token",
+            "node-a",
+            Some("chat"),
+            &["https://kubernetes.default.svc"],
+            "unauthenticated",
+        ),
+        case(
+            "nope",
+            "node-a",
+            Some("missing"),
+            &[AUDIENCE],
+            "no_model_cache",
+        ),
+        case(
+            "elsewhere",
+            "node-a",
+            Some("other"),
+            &[AUDIENCE],
+            "other_model",
+        ),
+    ];
+    for Case {
+        pod,
+        node,
+        injected,
+        audiences,
+        reason,
+    } in cases
+    {
+        let asked = &agent;
+        let token = cluster.pod(pod, node, injected, audiences);
+        let before = cluster.origin_requests();
+        let o = cluster.fetch(pod, asked, &token, &[]);
+        let s = summary(&o);
+        assert_eq!(s["nodeAgent"], false, "{pod}: {s}");
+        let why = s["nodeAgentFallback"].as_str().unwrap_or_default();
+        assert!(why.contains("403") || why.contains("401"), "{pod}: {why}");
+        assert_eq!(
+            tree(&cluster.dest(pod)),
+            src,
+            "{pod} fetched from the origin"
+        );
+        assert!(
+            cluster.origin_requests() > before,
+            "{pod} went to the origin"
+        );
+        let refused = asked.metric(&format!(
+            "modelcache_node_refusals_total{{reason=\"{reason}\"}}"
+        ));
+        assert!(refused >= 1.0, "{pod}: {reason} counted");
+        assert!(!stderr(&o).contains("token-of-"), "{}", stderr(&o));
+    }
+    // Nothing of the version reached any refused pod from an agent.
+    for a in [&agent, &other] {
+        assert_eq!(a.metric("modelcache_node_origin_bytes_total"), 0.0);
+        assert_eq!(
+            a.metric(r#"modelcache_node_served_bytes_total{from="cache"}"#)
+                + a.metric(r#"modelcache_node_served_bytes_total{from="origin"}"#),
+            0.0
+        );
+    }
+    // The pod of node-b is served by node-b's agent.
+    let token = cluster.pod("on-b-right", "node-b", Some("chat"), &[AUDIENCE]);
+    let s = summary(&cluster.fetch("on-b-right", &other, &token, &[]));
+    assert_eq!(s["nodeAgent"], true, "{s}");
+    assert_eq!(tree(&cluster.dest("on-b-right")), src);
+
+    // A request without a token, or without the origin's name, is refused
+    // before anything is looked up.
+    let mut s = std::net::TcpStream::connect((agent.ip, agent.port)).unwrap();
+    write!(
+        s,
+        "GET /v1/m/v1/manifest.json HTTP/1.0\r\nx-modelcache-source: {}\r\n\r\n",
+        cluster.origin()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(
+        out.starts_with("HTTP/1.0 401") || out.starts_with("HTTP/1.1 401"),
+        "{out}"
+    );
+}
+
+#[test]
+fn an_agent_killed_mid_download_leaves_its_pods_to_finish_from_the_origin() {
+    // 24 MiB over two connections of 3 MiB/s: about 4 s, killed after 1.
+    let cluster = Cluster::new(24, Some(3 << 20));
+    let agent = cluster.agent("node-a", "127.0.0.2", 2);
+    let names = ["chat-a", "chat-b"];
+    let started: Vec<Child> = names
+        .iter()
+        .map(|name| {
+            let token = cluster.pod(name, "node-a", Some("chat"), &[AUDIENCE]);
+            cluster.start_fetch(name, &agent, &token, &[])
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent.metric(r#"modelcache_node_served_bytes_total{from="origin"}"#) < (2 << 20) as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "no bytes streamed: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut agent = agent;
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    let src = tree(&cluster.src);
+    for (child, name) in started.into_iter().zip(names) {
+        let s = summary(&child.wait_with_output().unwrap());
+        assert_eq!(s["nodeAgent"], false, "{name}: {s}");
+        assert!(s["nodeAgentFallback"].is_string(), "{name}: {s}");
+        assert_eq!(tree(&cluster.dest(name)), src, "{name}: nothing corrupt");
+    }
+    // Nothing was left half-written in the agent's cache at a final path:
+    // every blob it holds is one of the version's files, whole.
+    let contents: Vec<Vec<u8>> = src.into_values().collect();
+    if let Ok(blobs) = std::fs::read_dir(agent.cache.join("blobs")) {
+        for blob in blobs.flatten() {
+            let bytes = std::fs::read(blob.path()).unwrap();
+            assert!(
+                contents.contains(&bytes),
+                "{} is whole",
+                blob.path().display()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_tampered_blob_in_the_agents_cache_is_caught_in_the_pod_and_fetched_from_the_origin() {
+    let cluster = Cluster::new(4, None);
+    let agent = cluster.agent("node-a", "127.0.0.2", 4);
+    let token = cluster.pod("first", "node-a", Some("chat"), &[AUDIENCE]);
+    let s = summary(&cluster.fetch("first", &agent, &token, &[]));
+    assert_eq!(s["nodeAgent"], true, "{s}");
+    let digest = s["manifestDigest"].as_str().unwrap().to_owned();
+
+    // Someone with the node's disk changes the big blob in place and puts
+    // its mtime back, so that the agent's own proof of it still holds.
+    let big = std::fs::read(cluster.src.join("model.safetensors")).unwrap();
+    let blob = std::fs::read_dir(agent.cache.join("blobs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| std::fs::read(p).is_ok_and(|b| b == big))
+        .expect("the agent holds the big blob");
+    let mtime = std::fs::metadata(&blob).unwrap().modified().unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&blob, std::fs::Permissions::from_mode(0o644)).unwrap();
+    {
+        use std::os::unix::fs::FileExt as _;
+        let f = std::fs::OpenOptions::new().write(true).open(&blob).unwrap();
+        f.write_all_at(&[big[1000] ^ 0xff], 1000).unwrap();
+        f.set_modified(mtime).unwrap();
+    }
+    std::fs::set_permissions(&blob, std::fs::Permissions::from_mode(0o444)).unwrap();
+
+    let before = cluster.origin_requests();
+    let token = cluster.pod("second", "node-a", Some("chat"), &[AUDIENCE]);
+    let pinned = ["--manifest-digest", digest.as_str()];
+    let s = summary(&cluster.fetch("second", &agent, &token, &pinned));
+    assert_eq!(s["nodeAgent"], false, "{s}");
+    let why = s["nodeAgentFallback"].as_str().unwrap();
+    assert!(
+        why.contains("model.safetensors") || why.contains("digest"),
+        "{why}"
+    );
+    assert_eq!(
+        tree(&cluster.dest("second")),
+        tree(&cluster.src),
+        "the pod's weights are intact"
+    );
+    assert!(
+        cluster.counter.stats.requests_for("/model.safetensors") > 0
+            && cluster.origin_requests() > before,
+        "the file came from the origin"
+    );
+}
+
+#[test]
+fn a_manifest_other_than_the_pinned_digest_is_refused_from_the_agent_and_the_origin() {
+    let cluster = Cluster::new(1, None);
+    let agent = cluster.agent("node-a", "127.0.0.2", 4);
+    let token = cluster.pod("pinned", "node-a", Some("chat"), &[AUDIENCE]);
+    let wrong = "0".repeat(64);
+    let o = cluster.fetch("pinned", &agent, &token, &["--manifest-digest", &wrong]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains(&wrong), "names the pinned digest: {err}");
+    assert!(tree(&cluster.dest("pinned")).is_empty(), "nothing placed");
+
+    // The right digest: served by the agent.
+    let right = summary(&cluster.fetch("pinned", &agent, &token, &[]))["manifestDigest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let token = cluster.pod("pinned-2", "node-a", Some("chat"), &[AUDIENCE]);
+    let s = summary(&cluster.fetch("pinned-2", &agent, &token, &["--manifest-digest", &right]));
+    assert_eq!(s["nodeAgent"], true, "{s}");
+    // A complete destination pinned to another digest is fetched again, and refused.
+    let o = cluster.fetch("pinned-2", &agent, &token, &["--manifest-digest", &wrong]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+}
