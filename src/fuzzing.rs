@@ -37,6 +37,7 @@ pub fn admission_review(bytes: &[u8]) -> bool {
     let config = crate::controller::inject::InjectConfig {
         image: "ghcr.io/modelcache/modelcache:fuzz".into(),
         failure_policy: crate::controller::inject::FailurePolicy::Fail,
+        node_agent_port: Some(8095),
     };
     let found = |namespace: &str, name: &str| Ok(model_cache(namespace, name));
     let _ = crate::controller::inject::review(&request, |_, _| Ok(None), &config);

@@ -125,13 +125,14 @@ enum Command {
 #[derive(clap::Args)]
 struct NodeArgs {
     /// Where pods call: this node's address and the agent's port.
-    #[arg(long, env = "MODELCACHE_NODE_LISTEN", default_value = "0.0.0.0:8095")]
+    #[arg(long, env = "MODELCACHE_NODE_LISTEN", default_value = "0.0.0.0:8095", value_parser = listen_arg)]
     listen: std::net::SocketAddr,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(
         long,
         env = "MODELCACHE_NODE_ADMIN_LISTEN",
-        default_value = "0.0.0.0:8096"
+        default_value = "0.0.0.0:8096",
+        value_parser = listen_arg
     )]
     admin_listen: std::net::SocketAddr,
     /// This node's name (the downward API's spec.nodeName): only pods
@@ -603,6 +604,10 @@ struct ControllerArgs {
         default_value = "fail"
     )]
     webhook_failure_policy: controller::inject::FailurePolicy,
+    /// The port of the node cache agent (`modelcache node`, the chart's
+    /// DaemonSet) on every node: injected fetches try it before the origin.
+    #[arg(long, env = "MODELCACHE_NODE_AGENT_PORT")]
+    node_agent_port: Option<u16>,
     /// cert-manager mode: a directory with tls.crt and tls.key. Without it the
     /// controller issues the certificate itself.
     #[arg(long, env = "MODELCACHE_WEBHOOK_CERT_DIR")]
@@ -820,6 +825,7 @@ fn run_controller(args: ControllerArgs) -> Result<ExitCode> {
             inject: controller::inject::InjectConfig {
                 image,
                 failure_policy: args.webhook_failure_policy,
+                node_agent_port: args.node_agent_port,
             },
             tls: match args.webhook_cert_dir {
                 Some(dir) => controller::WebhookTls::Files(dir),
@@ -1014,9 +1020,9 @@ fn fetch(args: FetchArgs) -> Result<ExitCode> {
     opts.progress_interval = Duration::from_secs(args.progress_interval.max(1));
     opts.manifest_digest = args.manifest_digest;
     if let (Some(url), Some(token_file)) = (&args.node_agent, &args.node_token_file) {
-        let url = match url::Url::parse(url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") => u,
-            _ => {
+        let url = match fetch::node_agent_url(url) {
+            Some(u) => u,
+            None => {
                 return usage(anyhow::anyhow!(
                     "--node-agent {url:?} is not an http(s) URL; give the agent's address, e.g. \
                      http://$(HOST_IP):8095"
@@ -1065,6 +1071,13 @@ fn node(args: NodeArgs) -> Result<ExitCode> {
             .context("failed to reach the API server (in-cluster config or KUBECONFIG)")?;
         node::run(config, client, shutdown).await?;
         Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `ip:port`; an IPv6 `ip` may come without brackets (`$(HOST_IP):8095`).
+fn listen_arg(s: &str) -> std::result::Result<std::net::SocketAddr, String> {
+    modelcache::artifact::fetch::socket_addr(s).ok_or_else(|| {
+        format!("{s:?} is not ip:port; give an address of this node, e.g. 10.0.0.7:8095")
     })
 }
 

@@ -68,6 +68,11 @@ fn rendered_chart_passes_strict_validation() {
     for (name, sets) in [
         ("cluster", vec![]),
         ("namespaced", vec!["watchNamespace=ml"]),
+        ("node-cache", vec!["nodeCache.enabled=true"]),
+        (
+            "node-cache-namespaced",
+            vec!["nodeCache.enabled=true", "watchNamespace=ml"],
+        ),
         (
             "network-policy",
             vec![
@@ -186,6 +191,86 @@ fn rbac_is_least_privilege_and_scoped_as_configured() {
         lease["rules"][0]["verbs"],
         serde_json::json!(["get", "create", "update"])
     );
+}
+
+/// `kind/name`'s rules as `group resources verbs` lines.
+fn rules_of(docs: &[serde_json::Value], kind: &str, name: &str) -> Vec<String> {
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"));
+    role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {} {}", r["apiGroups"][0], r["resources"], r["verbs"]))
+        .collect()
+}
+
+#[test]
+fn the_node_cache_is_opt_in_with_its_own_least_privilege_account() {
+    let off = documents(&render(&[]));
+    assert!(off.iter().all(|d| d["kind"] != "DaemonSet"));
+    let controller_args = |docs: &[serde_json::Value]| {
+        let d = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+        d["spec"]["template"]["spec"]["containers"][0]["args"].to_string()
+    };
+    assert!(!controller_args(&off).contains("--node-agent-port"));
+
+    let docs = documents(&render(&["nodeCache.enabled=true"]));
+    assert!(controller_args(&docs).contains("--node-agent-port=8095"));
+    assert_eq!(
+        rules_of(&docs, "ClusterRole", "mc-modelcache-node"),
+        vec![
+            r#""authentication.k8s.io" ["tokenreviews"] ["create"]"#,
+            r#""" ["pods"] ["get"]"#,
+            r#""modelcache.dev" ["modelcaches"] ["get"]"#,
+        ]
+    );
+    // Watching one namespace: reviews cluster-wide (they are not
+    // namespaced), reads in that namespace only.
+    let namespaced = documents(&render(&["nodeCache.enabled=true", "watchNamespace=ml"]));
+    assert_eq!(
+        rules_of(&namespaced, "ClusterRole", "mc-modelcache-node"),
+        vec![r#""authentication.k8s.io" ["tokenreviews"] ["create"]"#]
+    );
+    let role = namespaced
+        .iter()
+        .find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "mc-modelcache-node")
+        .unwrap();
+    assert_eq!(role["metadata"]["namespace"], "ml");
+    assert_eq!(
+        rules_of(&namespaced, "Role", "mc-modelcache-node"),
+        vec![
+            r#""" ["pods"] ["get"]"#,
+            r#""modelcache.dev" ["modelcaches"] ["get"]"#,
+        ]
+    );
+
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "mc-modelcache-node");
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/var/lib/modelcache");
+    let agent = &pod["containers"][0];
+    assert_eq!(agent["args"][0], "node");
+    assert!(
+        agent["args"]
+            .to_string()
+            .contains("--listen=$(HOST_IP):8095")
+    );
+    let security = &agent["securityContext"];
+    assert_eq!(security["runAsNonRoot"], true);
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    // The one root step may change owners and nothing else.
+    let own = &pod["initContainers"][0]["securityContext"];
+    assert_eq!(
+        own["capabilities"]["add"],
+        serde_json::json!(["CHOWN", "FOWNER"])
+    );
+    assert_eq!(own["allowPrivilegeEscalation"], false);
+    assert_eq!(own["readOnlyRootFilesystem"], true);
 }
 
 #[test]

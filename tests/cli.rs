@@ -174,3 +174,62 @@ fn the_webhook_without_an_image_to_inject_is_a_usage_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--webhook-addr needs --image"), "{stderr}");
 }
+
+#[test]
+fn node_agent_arguments_that_cannot_work_are_usage_errors() {
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    // No node name: the agent could not tell its pods from others.
+    let o = modelcache(&["node", "--node-name", ""]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--node-name"), "{}", stderr(&o));
+    let o = modelcache(&["node", "--node-name", "n1", "--listen", "node-1:8095"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is not ip:port"), "{}", stderr(&o));
+    // A fetch given an agent must be given the token to show it, and a URL.
+    let dest = tempfile::tempdir().unwrap();
+    let fetch = |extra: &[&str]| {
+        let mut args = vec![
+            "fetch",
+            "--source",
+            "s3://models/prod",
+            "--model",
+            "m",
+            "--version",
+            "v1",
+            "--dest",
+        ];
+        args.push(dest.path().to_str().unwrap());
+        args.extend(extra);
+        modelcache(&args)
+    };
+    let o = fetch(&["--node-agent", "http://10.0.0.7:8095"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--node-token-file"), "{}", stderr(&o));
+    let token = dest.path().join("token");
+    std::fs::write(&token, "").unwrap();
+    let token = token.to_str().unwrap();
+    let o = fetch(&[
+        "--node-agent",
+        "http://10.0.0.7:8095",
+        "--node-token-file",
+        token,
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("missing or empty"), "{}", stderr(&o));
+    let o = fetch(&["--node-agent", "10.0.0.7:8095", "--node-token-file", token]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is not an http(s) URL"),
+        "{}",
+        stderr(&o)
+    );
+    let o = fetch(&["--manifest-digest", "abc"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    // Nothing was written for any of them.
+    let left: Vec<_> = std::fs::read_dir(dest.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("token")]);
+}

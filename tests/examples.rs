@@ -41,7 +41,12 @@ fn injected_template() -> Value {
         spec: template.spec.clone(),
         ..Default::default()
     };
-    let ops = inject::patch(&pod, &mc, IMAGE);
+    let config = inject::InjectConfig {
+        image: IMAGE.into(),
+        failure_policy: inject::FailurePolicy::Fail,
+        node_agent_port: None,
+    };
+    let ops = inject::patch(&pod, &mc, &config);
     let doc = json!({"metadata": serde_json::to_value(&pod.metadata).unwrap(), "spec": serde_json::to_value(&pod.spec).unwrap()});
     support::apply_json_patch(doc, &ops)
 }

@@ -40,6 +40,7 @@ fn config(failure_policy: FailurePolicy) -> InjectConfig {
     InjectConfig {
         image: IMAGE.into(),
         failure_policy,
+        node_agent_port: None,
     }
 }
 
@@ -133,16 +134,11 @@ fn an_annotated_pod_gets_exactly_the_expected_patch_and_a_second_pass_nothing() 
 fn the_patched_pod_passes_strict_schema_validation() {
     let request = fixture("annotated.json");
     let response = review(&request, find, &config(FailurePolicy::Fail));
-    let mut patched = apply(
+    let patched = apply(
         request["request"]["object"].clone(),
         &ops(&response).unwrap(),
     );
-    // The API server names the pod after admission; the validator needs one.
-    patched["metadata"]["name"] = json!("chat-vllm-7d9f8c6b5-x7k2p");
-    let dir = tempfile::tempdir().unwrap();
-    let file: PathBuf = dir.path().join("pod.json");
-    std::fs::write(&file, serde_json::to_vec(&patched).unwrap()).unwrap();
-    support::strict_validate(&[&file]);
+    patched_is_valid(patched);
 }
 
 #[test]
@@ -456,6 +452,84 @@ fn a_semantic_sidecar_gets_its_embedding_model_fetched_after_the_weights() {
     unique.dedup();
     assert_eq!(unique.len(), volumes.len(), "declared twice: {volumes:?}");
     assert!(volumes.contains(&"modelcache-embedding"), "{volumes:?}");
+    patched["metadata"]["name"] = json!("chat-vllm-7d9f8c6b5-x7k2p");
+    let dir = tempfile::tempdir().unwrap();
+    let file: PathBuf = dir.path().join("pod.json");
+    std::fs::write(&file, serde_json::to_vec(&patched).unwrap()).unwrap();
+    support::strict_validate(&[&file]);
+}
+
+#[test]
+fn with_a_node_agent_the_fetch_asks_its_node_with_a_projected_token_and_no_host_path() {
+    let request = fixture("annotated.json");
+    let with_agent = InjectConfig {
+        node_agent_port: Some(8095),
+        ..config(FailurePolicy::Fail)
+    };
+    let response = review(&request, find, &with_agent);
+    let patched = apply(
+        request["request"]["object"].clone(),
+        &ops(&response).unwrap(),
+    );
+    let fetch = &patched["spec"]["initContainers"][0];
+    assert_eq!(fetch["name"], "modelcache-fetch");
+    let env = fetch["env"].as_array().unwrap();
+    let at = |name: &str| env.iter().position(|e| e["name"] == name).unwrap();
+    assert_eq!(
+        env[at("MODELCACHE_HOST_IP")]["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.hostIP"
+    );
+    assert_eq!(
+        env[at("MODELCACHE_NODE_AGENT")]["value"],
+        "http://$(MODELCACHE_HOST_IP):8095"
+    );
+    // The kubelet expands $(VAR) only from variables defined earlier.
+    assert!(at("MODELCACHE_HOST_IP") < at("MODELCACHE_NODE_AGENT"));
+    let token_file = env[at("MODELCACHE_NODE_TOKEN_FILE")]["value"]
+        .as_str()
+        .unwrap();
+    let volumes = patched["spec"]["volumes"].as_array().unwrap();
+    let token = volumes
+        .iter()
+        .find(|v| v["name"] == "modelcache-node-token")
+        .expect("the token volume");
+    let projection = &token["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(projection["audience"], "modelcache-node");
+    assert_eq!(projection["path"], "token");
+    let mount = fetch["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "modelcache-node-token")
+        .unwrap();
+    assert_eq!(mount["readOnly"], true);
+    assert_eq!(
+        format!("{}/token", mount["mountPath"].as_str().unwrap()),
+        token_file
+    );
+    // Pod Security "restricted" holds: no hostPath, no host network.
+    assert!(volumes.iter().all(|v| v.get("hostPath").is_none()));
+    assert!(patched["spec"].get("hostNetwork").is_none());
+    // Only the fetch gets the token: the engine never holds it.
+    for c in patched["spec"]["containers"].as_array().unwrap() {
+        let mounts = c["volumeMounts"].as_array().into_iter().flatten();
+        assert!(
+            mounts
+                .into_iter()
+                .all(|m| m["name"] != "modelcache-node-token")
+        );
+    }
+    patched_is_valid(patched);
+
+    // Without an agent, none of it.
+    let plain = review(&request, find, &config(FailurePolicy::Fail));
+    let text = serde_json::to_string(&ops(&plain).unwrap()).unwrap();
+    assert!(!text.contains("MODELCACHE_NODE_AGENT") && !text.contains("modelcache-node-token"));
+}
+
+/// Passes strict schema validation, named as the API server names it after
+/// admission (the validator needs a name).
+fn patched_is_valid(mut patched: Value) {
     patched["metadata"]["name"] = json!("chat-vllm-7d9f8c6b5-x7k2p");
     let dir = tempfile::tempdir().unwrap();
     let file: PathBuf = dir.path().join("pod.json");

@@ -92,6 +92,8 @@ struct Cluster {
     kubeconfig: PathBuf,
     tmp: tempfile::TempDir,
     src: PathBuf,
+    /// The published manifest's digest, which the controller pins.
+    digest: String,
     _origin: HttpServer,
     /// Counts every request and byte that reaches the origin.
     counter: Proxy,
@@ -116,7 +118,10 @@ impl Cluster {
             .args(["--model", "m", "--version", "v1"])
             .output()
             .unwrap();
-        summary(&published);
+        let digest = summary(&published)["manifestDigest"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         let (api, port, shaper, counter) = rt.block_on(async {
             let (_client, api) = FakeApiServer::start();
             let port = api.listen().await;
@@ -149,6 +154,7 @@ impl Cluster {
             kubeconfig,
             tmp,
             src,
+            digest,
             _origin: origin,
             counter,
             _shaper: shaper,
@@ -244,8 +250,20 @@ impl Cluster {
     }
 
     /// The injected fetch of pod `name` through `agent` into its own
-    /// emptyDir, started.
+    /// emptyDir, started, pinned to the published digest unless `extra`
+    /// pins another.
     fn start_fetch(&self, name: &str, agent: &Agent, token: &Path, extra: &[&str]) -> Child {
+        let pin = ["--manifest-digest", self.digest.as_str()];
+        let pin: &[&str] = if extra.contains(&"--manifest-digest") {
+            &[]
+        } else {
+            &pin
+        };
+        self.start_unpinned(name, agent, token, &[pin, extra].concat())
+    }
+
+    /// [`Cluster::start_fetch`] without a pinned digest.
+    fn start_unpinned(&self, name: &str, agent: &Agent, token: &Path, extra: &[&str]) -> Child {
         let dest = self.dest(name);
         Command::new(BIN)
             .args(["fetch", "--source", &self.origin(), "--model", "m"])
@@ -354,6 +372,22 @@ fn eight_pods_starting_together_cost_one_origin_download_and_the_next_pod_none()
     assert!(
         served as u64 >= one_download,
         "served {served} from the cache"
+    );
+
+    // Without a pinned digest, a pod reads the manifest from the origin
+    // (one request) and the files from the agent.
+    let requests = cluster.origin_requests();
+    let manifests = cluster.counter.stats.requests_for("/manifest.json");
+    let token = cluster.pod("chat-unpinned", "node-a", Some("chat"), &[AUDIENCE]);
+    let child = cluster.start_unpinned("chat-unpinned", &agent, &token, &[]);
+    let s = summary(&child.wait_with_output().unwrap());
+    assert_eq!(s["nodeAgent"], true, "{s}");
+    assert_eq!(s["manifestDigest"], cluster.digest.as_str());
+    assert_eq!(tree(&cluster.dest("chat-unpinned")), src);
+    assert_eq!(cluster.origin_requests(), requests + 1, "the manifest only");
+    assert_eq!(
+        cluster.counter.stats.requests_for("/manifest.json"),
+        manifests + 1
     );
 
     // The agent's log names no token.

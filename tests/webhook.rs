@@ -36,6 +36,7 @@ async fn start(
         InjectConfig {
             image: "ghcr.io/modelcache/modelcache:0.1.0".into(),
             failure_policy: FailurePolicy::Fail,
+            node_agent_port: None,
         },
     ));
     (port, material, server)

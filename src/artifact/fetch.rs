@@ -423,10 +423,17 @@ impl Destination {
 /// Fetch a version: from the node agent when one is given, else (or when
 /// it cannot serve) from the origin. Returns the summary, or the first error
 /// that retrying cannot cure; what was downloaded stays for the next run.
-pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
-    let Some(agent) = &opts.node_agent else {
+pub async fn fetch(mut opts: FetchOptions) -> Result<FetchSummary, FetchError> {
+    let Some(agent) = opts.node_agent.clone() else {
         return fetch_from(&opts, None).await;
     };
+    let agent = &agent;
+    if opts.manifest_digest.is_none() {
+        // Nothing pinned the manifest: the agent's is not trusted, the
+        // origin's is read (one request) and pinned, so that every file the
+        // agent serves is still checked against what the origin published.
+        opts.manifest_digest = Some(origin_manifest_digest(&opts).await?);
+    }
     match fetch_from(&opts, Some(agent)).await {
         Ok(mut s) => {
             s.node_agent = true;
@@ -444,6 +451,40 @@ pub async fn fetch(opts: FetchOptions) -> Result<FetchSummary, FetchError> {
             Ok(s)
         }
     }
+}
+
+/// The node agent's URL from `--node-agent`: `http(s)://host:port`, where
+/// `host` may be an IPv6 address without brackets, as the downward API's
+/// `status.hostIP` gives it on an IPv6 node (`http://fd00::1:8095`).
+pub fn node_agent_url(s: &str) -> Option<url::Url> {
+    let ok = |u: url::Url| matches!(u.scheme(), "http" | "https").then_some(u);
+    if let Ok(u) = url::Url::parse(s) {
+        return ok(u);
+    }
+    let (scheme, rest) = s.split_once("://")?;
+    let addr = socket_addr(rest.trim_end_matches('/'))?;
+    ok(url::Url::parse(&format!("{scheme}://{addr}/")).ok()?)
+}
+
+/// `ip:port`, where `ip` may be an IPv6 address without brackets, as the
+/// downward API's `status.hostIP` expands on an IPv6 node (`fd00::1:8095`).
+pub fn socket_addr(s: &str) -> Option<std::net::SocketAddr> {
+    if let Ok(addr) = s.parse() {
+        return Some(addr);
+    }
+    let (ip, port) = s.rsplit_once(':')?;
+    Some(std::net::SocketAddr::new(
+        ip.parse().ok()?,
+        port.parse().ok()?,
+    ))
+}
+
+/// The digest of the version's manifest at the origin.
+async fn origin_manifest_digest(opts: &FetchOptions) -> Result<String, FetchError> {
+    super::check_names(&opts.model, &opts.version)?;
+    let partial = opts.dest.join(STATE_DIR).join("partial");
+    let ctx = connect(opts, None, Instant::now(), None, partial).await?;
+    Ok(version_manifest(&ctx, opts, "").await?.digest)
 }
 
 /// One fetch, from the agent (`via`) or from the origin.
@@ -1193,6 +1234,36 @@ fn read_local_manifest(state: &Path, digest: &str) -> Option<VerifiedManifest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_agent_urls_take_the_host_ip_of_either_family() {
+        let url = |s| node_agent_url(s).map(|u| u.to_string());
+        assert_eq!(
+            url("http://10.0.0.7:8095").as_deref(),
+            Some("http://10.0.0.7:8095/")
+        );
+        assert_eq!(
+            url("http://fd00::1:8095").as_deref(),
+            Some("http://[fd00::1]:8095/")
+        );
+        assert_eq!(
+            url("http://[fd00::1]:8095").as_deref(),
+            Some("http://[fd00::1]:8095/")
+        );
+        let addr = |s| socket_addr(s).map(|a| a.to_string());
+        assert_eq!(addr("10.0.0.7:8095").as_deref(), Some("10.0.0.7:8095"));
+        assert_eq!(addr("fd00::1:8095").as_deref(), Some("[fd00::1]:8095"));
+        assert_eq!(addr("[fd00::1]:8095").as_deref(), Some("[fd00::1]:8095"));
+        assert_eq!(addr("node-1:8095"), None);
+        for bad in [
+            "ftp://10.0.0.7:8095",
+            "10.0.0.7:8095",
+            "http://fd00::1",
+            "http://:8095",
+        ] {
+            assert_eq!(url(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn space_to_finish_counts_what_interrupted_runs_wrote() {

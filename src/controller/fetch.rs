@@ -6,14 +6,20 @@
 //! embedding model.
 
 use k8s_openapi::api::core::v1::{
-    ConfigMapProjection, Container, EnvVar, EnvVarSource, KeyToPath, ProjectedVolumeSource,
-    SecretKeySelector, SecretProjection, SecretVolumeSource, Volume, VolumeProjection,
+    ConfigMapProjection, Container, EnvVar, EnvVarSource, KeyToPath, ObjectFieldSelector,
+    ProjectedVolumeSource, SecretKeySelector, SecretProjection, SecretVolumeSource,
+    ServiceAccountTokenProjection, Volume, VolumeProjection,
 };
 
 use super::builders::{self, env, locked_down, mount, secret_key_env};
 use crate::crd::ModelCache;
 
 const SIGNING_VOLUME: &str = "modelcache-cloudfront-key";
+const NODE_TOKEN_VOLUME: &str = "modelcache-node-token";
+const NODE_TOKEN_PATH: &str = "/var/run/secrets/modelcache.dev/node";
+/// The node agent's token lives an hour (the kubelet renews it at 80%); the
+/// fetch reads it once, and a fetch that outlives it falls back to the origin.
+const NODE_TOKEN_SECONDS: i64 = 3600;
 const HEADERS_VOLUME: &str = "modelcache-cdn-headers";
 const HEADERS_PATH: &str = "/etc/modelcache/cdn-headers";
 const SIGNING_PATH: &str = "/etc/modelcache/cloudfront";
@@ -33,6 +39,61 @@ pub(super) struct Artifact<'a> {
     /// The volume it lands in, and where that is mounted.
     pub volume: &'a str,
     pub path: &'a str,
+    /// The port of the node agent on every node (`None`: no node cache),
+    /// which the fetch tries before the origin.
+    pub node_agent: Option<u16>,
+}
+
+/// What the fetch needs to ask the agent of its node: the node's address
+/// (the downward API's `status.hostIP`), and a projected service-account
+/// token for audience `modelcache-node` that proves which pod asks. The pod
+/// itself needs no hostPath and no privilege.
+fn node_agent(port: u16) -> (Vec<EnvVar>, k8s_openapi::api::core::v1::VolumeMount, Volume) {
+    let host_ip = EnvVar {
+        name: "MODELCACHE_HOST_IP".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "status.hostIP".into(),
+                api_version: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let vars = vec![
+        host_ip,
+        // The kubelet expands $(VAR) from the variables defined before it.
+        env(
+            "MODELCACHE_NODE_AGENT",
+            &format!("http://$(MODELCACHE_HOST_IP):{port}"),
+        ),
+        env(
+            "MODELCACHE_NODE_TOKEN_FILE",
+            &format!("{NODE_TOKEN_PATH}/token"),
+        ),
+    ];
+    let volume = Volume {
+        name: NODE_TOKEN_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(crate::node::authorize::AUDIENCE.into()),
+                    expiration_seconds: Some(NODE_TOKEN_SECONDS),
+                    path: "token".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            default_mode: Some(SECRET_FILE_MODE),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    (
+        vars,
+        mount(NODE_TOKEN_VOLUME, NODE_TOKEN_PATH, true),
+        volume,
+    )
 }
 
 /// The `modelcache fetch` init container for `artifact`, from the
@@ -80,6 +141,12 @@ pub(super) fn fetch_container(
     let args = vec!["fetch".to_string()];
     let mut mounts = vec![mount(artifact.volume, artifact.path, false)];
     let mut volumes = Vec::new();
+    if let Some(port) = artifact.node_agent {
+        let (var, mount, volume) = node_agent(port);
+        env_vars.extend(var);
+        mounts.push(mount);
+        volumes.push(volume);
+    }
     if let Some(cdn) = &source.cdn {
         // Headers are files, never arguments or environment variables: the
         // inline ones from the ConfigMap the controller makes of them (so

@@ -213,8 +213,14 @@ fn resources(semantic: bool) -> ResourceRequirements {
 
 /// The init container that fetches the semantic layer's embedding model
 /// (`<source>/<name>/<version>/`, verified like the weights) and the
-/// volumes it and the gateway need; `None` without a semantic layer.
-pub fn embedding_fetch(mc: &ModelCache, image: &str) -> Option<(Container, Vec<Volume>)> {
+/// volumes it and the gateway need; `None` without a semantic layer. With
+/// `node_agent`, it tries the node agent first (injected pods only: the
+/// agent serves no other).
+pub fn embedding_fetch(
+    mc: &ModelCache,
+    image: &str,
+    node_agent: Option<u16>,
+) -> Option<(Container, Vec<Volume>)> {
     let model = &mc.spec.gateway.as_ref()?.semantic.as_ref()?.embedding_model;
     let (container, mut volumes) = fetch_container(
         mc,
@@ -225,6 +231,7 @@ pub fn embedding_fetch(mc: &ModelCache, image: &str) -> Option<(Container, Vec<V
             version: env("MODELCACHE_VERSION", &model.version),
             volume: EMBEDDING_VOLUME,
             path: EMBEDDING_PATH,
+            node_agent,
         },
     );
     volumes.insert(
@@ -276,7 +283,7 @@ pub fn standalone(mc: &ModelCache, image: &str) -> Option<(Deployment, Service)>
     // out, never an answer of the version before.
     let mut c = container(mc, settings, image, None);
     c.args = Some(vec!["gateway".into(), "--follow-registry".into()]);
-    let (init, volumes) = embedding_fetch(mc, image).unzip();
+    let (init, volumes) = embedding_fetch(mc, image, None).unzip();
     let mut pod_labels = selector_labels(mc);
     // The Redis NetworkPolicy admits its clients by this label.
     pod_labels.insert(

@@ -56,6 +56,9 @@ pub struct InjectConfig {
     pub image: String,
     /// What to do with a pod that cannot be injected.
     pub failure_policy: FailurePolicy,
+    /// The port of the node cache agent on every node, where the chart runs
+    /// its DaemonSet: fetches try it before the origin. `None`: no agent.
+    pub node_agent_port: Option<u16>,
 }
 
 /// What to do with one pod.
@@ -96,7 +99,7 @@ pub fn decide(
         return Decision::AlreadyInjected;
     }
     match found {
-        Ok(Some(mc)) => Decision::Patch(patch(pod, mc, &config.image)),
+        Ok(Some(mc)) => Decision::Patch(patch(pod, mc, config)),
         Ok(None) => Decision::Refuse(format!(
             "failed to inject modelcache into the pod: annotation {INJECT_ANNOTATION}={name:?} names no ModelCache in namespace {namespace}; create it, or fix the annotation"
         )),
@@ -215,7 +218,8 @@ fn to_json<T: serde::Serialize>(v: &T) -> Value {
 }
 
 /// The JSON Patch that injects `mc` into `pod`.
-pub fn patch(pod: &Pod, mc: &ModelCache, image: &str) -> Vec<Value> {
+pub fn patch(pod: &Pod, mc: &ModelCache, config: &InjectConfig) -> Vec<Value> {
+    let image = config.image.as_str();
     let spec = pod.spec.clone().unwrap_or_default();
     let mut ops = Vec::new();
 
@@ -248,6 +252,7 @@ pub fn patch(pod: &Pod, mc: &ModelCache, image: &str) -> Vec<Value> {
         version: version_env(mc, pod),
         volume: WEIGHTS_VOLUME,
         path: WEIGHTS_PATH,
+        node_agent: config.node_agent_port,
     };
     let (fetch, mut volumes) = fetch_container(mc, image, weights);
     volumes.insert(
@@ -265,7 +270,8 @@ pub fn patch(pod: &Pod, mc: &ModelCache, image: &str) -> Vec<Value> {
     // The gateway's embedding model, if it has a semantic layer, right
     // after the weights: every download is done before a sidecar starts.
     if gateway.is_some()
-        && let Some((fetch, more)) = super::gateway::embedding_fetch(mc, image)
+        && let Some((fetch, more)) =
+            super::gateway::embedding_fetch(mc, image, config.node_agent_port)
     {
         init.push(fetch);
         volumes.extend(more);
