@@ -1165,3 +1165,127 @@ async fn a_standalone_gateway_gets_its_objects_and_its_counters_reach_the_status
     assert_eq!(status["endpoint"], "http://chat-gateway.ml.svc:8090/v1");
     assert_eq!(status["readyReplicas"], 0);
 }
+
+/// `modelcache publish` of a small model as `m`/`version` to
+/// `s3://models/prod` on `s3`; returns the manifest's digest.
+fn publish_to(s3: &support::S3Server, version: &str) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = support::model_dir(tmp.path(), 3, 1);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_modelcache"))
+        .args([
+            "publish",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--to",
+            "s3://models/prod",
+        ])
+        .args(["--model", "m", "--version", version, "--path-style"])
+        .args(["--endpoint", &s3.endpoint()])
+        .env("AWS_ACCESS_KEY_ID", &s3.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &s3.secret_key)
+        .env("AWS_REGION", &s3.region)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    summary["manifestDigest"].as_str().unwrap().to_owned()
+}
+
+fn digest_in_status(api: &FakeApiServer, version: &str) -> Option<String> {
+    api.get(MC).unwrap()["status"]["versions"]
+        .as_array()?
+        .iter()
+        .find(|v| v["version"] == version)?["manifestDigest"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// The controller pins each live version's manifest digest in status, read
+/// from the source once with the keys of the ModelCache's credentials
+/// Secret (s3s-fs checks every signature), and reads nothing for a version
+/// it has pinned.
+#[tokio::test]
+async fn a_live_versions_manifest_digest_is_read_once_with_the_secrets_keys() {
+    let s3 = support::S3Server::s3s_fs().unwrap_or_else(|e| panic!("{e}"));
+    let cfg = modelcache::artifact::source::SourceConfig {
+        endpoint: Some(s3.endpoint()),
+        region: Some(s3.region.clone()),
+        path_style: true,
+        credentials: Some(modelcache::artifact::source::S3Credentials {
+            access_key_id: s3.access_key.clone(),
+            secret_access_key: s3.secret_key.clone(),
+            session_token: None,
+        }),
+        ..Default::default()
+    };
+    modelcache::artifact::source::s3_client(&cfg, Duration::from_secs(30), true)
+        .await
+        .create_bucket()
+        .bucket("models")
+        .send()
+        .await
+        .unwrap();
+    let v1 = publish_to(&s3, "v1");
+    let proxy = support::proxy::Proxy::start(s3.port(), Default::default())
+        .await
+        .unwrap();
+
+    let (client, api) = FakeApiServer::start();
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    api.insert(
+        "/api/v1/namespaces/ml/secrets/models-s3",
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "models-s3", "namespace": "ml"},
+               "data": {"AWS_ACCESS_KEY_ID": b64(&s3.access_key),
+                        "AWS_SECRET_ACCESS_KEY": b64(&s3.secret_key)}}),
+    );
+    let mut mc = model_cache(None);
+    mc["spec"]["model"] = json!("m");
+    mc["spec"]["source"] = json!({
+        "uri": "s3://models/prod", "endpoint": proxy.endpoint(), "pathStyle": true,
+        "region": s3.region, "credentialsSecretRef": {"name": "models-s3"}
+    });
+    api.insert(MC, mc);
+    let (_redis, ctx) = bring_up(&api, &client).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while digest_in_status(&api, "v1").is_none() {
+        assert!(std::time::Instant::now() < deadline, "v1 was never pinned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        reconcile_stored(&api, &ctx).await;
+    }
+    assert_eq!(digest_in_status(&api, "v1"), Some(v1.clone()));
+    let manifest_reads = || proxy.stats.requests_for("/prod/m/v1/manifest.json");
+    assert_eq!(manifest_reads(), 1, "read once");
+    for _ in 0..3 {
+        reconcile_stored(&api, &ctx).await;
+    }
+    assert_eq!(manifest_reads(), 1, "a pinned version is not read again");
+    assert_eq!(digest_in_status(&api, "v1"), Some(v1));
+
+    // Keys the store refuses: no digest, and the version stays unpinned
+    // (its fetches read the manifest from the source themselves).
+    let v2 = publish_to(&s3, "v2");
+    api.insert(
+        "/api/v1/namespaces/ml/secrets/models-s3",
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "models-s3", "namespace": "ml"},
+               "data": {"AWS_ACCESS_KEY_ID": b64(&s3.access_key),
+                        "AWS_SECRET_ACCESS_KEY": b64("wrong")}}),
+    );
+    set_version(&api, "v2");
+    for _ in 0..20 {
+        reconcile_stored(&api, &ctx).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        proxy.stats.requests_for("/prod/m/v2/manifest.json") >= 1,
+        "v2 was tried"
+    );
+    assert_eq!(digest_in_status(&api, "v2"), None, "not {v2}");
+    assert_eq!(phase(&api, "v2").as_deref(), Some("Live"));
+}

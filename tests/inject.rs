@@ -283,6 +283,10 @@ fn a_cdn_source_gets_its_headers_and_signing_key_as_mounted_files() {
         "MODELCACHE_CLOUDFRONT_PRIVATE_KEY",
         "/etc/modelcache/cloudfront/key.pem"
     )));
+    // The spec's defaults (signed URLs, a custom policy, an hour), spelled out.
+    assert!(env.contains(&("MODELCACHE_CLOUDFRONT_MODE", "signed-url")));
+    assert!(env.contains(&("MODELCACHE_CLOUDFRONT_POLICY", "custom")));
+    assert!(env.contains(&("MODELCACHE_CLOUDFRONT_EXPIRES", "3600")));
     let volumes = patched["spec"]["volumes"].as_array().unwrap();
     let volume = |name: &str| {
         volumes
@@ -535,4 +539,52 @@ fn patched_is_valid(mut patched: Value) {
     let file: PathBuf = dir.path().join("pod.json");
     std::fs::write(&file, serde_json::to_vec(&patched).unwrap()).unwrap();
     support::strict_validate(&[&file]);
+}
+
+#[test]
+fn a_pod_of_a_pinned_version_gets_its_manifest_digest_and_others_none() {
+    let digest = "ab".repeat(32);
+    let mut mc = chat();
+    mc.status = Some(
+        serde_json::from_value(json!({
+            "versions": [
+                {"version": "v1", "phase": "Live", "pods": 1, "manifestDigest": digest},
+                {"version": "v2", "phase": "Live", "pods": 0}
+            ]
+        }))
+        .unwrap(),
+    );
+    let request = fixture("annotated.json");
+    let fetch_env = |pod: &Value| {
+        let found = {
+            let mc = mc.clone();
+            move |_: &str, _: &str| Ok(Some(mc.clone()))
+        };
+        let response = review(
+            &review_with_pod(&request, pod),
+            found,
+            &config(FailurePolicy::Fail),
+        );
+        let patched = apply(pod.clone(), &ops(&response).unwrap());
+        patched["spec"]["initContainers"][0]["env"].clone()
+    };
+    let pinned = |env: &Value| {
+        env.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "MODELCACHE_MANIFEST_DIGEST")
+            .map(|e| e["value"].as_str().unwrap().to_owned())
+    };
+    let v1 = request["request"]["object"].clone();
+    assert_eq!(pinned(&fetch_env(&v1)), Some(digest.clone()));
+    let mut v2 = v1.clone();
+    v2["metadata"]["annotations"]["modelcache.dev/version"] = json!("v2");
+    assert_eq!(pinned(&fetch_env(&v2)), None, "v2 is not pinned yet");
+    // A pod naming no version serves the ModelCache's (v1): pinned.
+    let mut unversioned = v1.clone();
+    unversioned["metadata"]["annotations"]
+        .as_object_mut()
+        .unwrap()
+        .remove("modelcache.dev/version");
+    assert_eq!(pinned(&fetch_env(&unversioned)), Some(digest));
 }

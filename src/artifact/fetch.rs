@@ -432,7 +432,7 @@ pub async fn fetch(mut opts: FetchOptions) -> Result<FetchSummary, FetchError> {
         // Nothing pinned the manifest: the agent's is not trusted, the
         // origin's is read (one request) and pinned, so that every file the
         // agent serves is still checked against what the origin published.
-        opts.manifest_digest = Some(origin_manifest_digest(&opts).await?);
+        opts.manifest_digest = Some(manifest_digest(&opts).await?);
     }
     match fetch_from(&opts, Some(agent)).await {
         Ok(mut s) => {
@@ -479,8 +479,9 @@ pub fn socket_addr(s: &str) -> Option<std::net::SocketAddr> {
     ))
 }
 
-/// The digest of the version's manifest at the origin.
-async fn origin_manifest_digest(opts: &FetchOptions) -> Result<String, FetchError> {
+/// The digest of the version's manifest at the origin (`opts.location`
+/// with `opts.source`), checked as a fetch checks it; nothing is written.
+pub async fn manifest_digest(opts: &FetchOptions) -> Result<String, FetchError> {
     super::check_names(&opts.model, &opts.version)?;
     let partial = opts.dest.join(STATE_DIR).join("partial");
     let ctx = connect(opts, None, Instant::now(), None, partial).await?;

@@ -187,6 +187,21 @@ pub struct SourceConfig {
     pub idle_timeout: Option<Duration>,
     /// Connections kept per host: the fetch concurrency.
     pub connections: usize,
+    /// S3 keys to sign with instead of the default chain (environment, web
+    /// identity, profile): the controller's reads of a ModelCache's source
+    /// with the keys of its Secret.
+    pub credentials: Option<S3Credentials>,
+}
+
+/// An S3 access key, its secret and an optional session token.
+#[derive(Clone)]
+pub struct S3Credentials {
+    /// `AWS_ACCESS_KEY_ID`.
+    pub access_key_id: String,
+    /// `AWS_SECRET_ACCESS_KEY`.
+    pub secret_access_key: String,
+    /// `AWS_SESSION_TOKEN`, for temporary credentials.
+    pub session_token: Option<String>,
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -201,6 +216,8 @@ impl std::fmt::Debug for SourceConfig {
             .field("signer", &self.signer)
             .field("idle_timeout", &self.idle_timeout)
             .field("connections", &self.connections)
+            // Never the keys themselves.
+            .field("credentials", &self.credentials.as_ref().map(|_| "static"))
             .finish()
     }
 }
@@ -425,6 +442,15 @@ pub async fn s3_client(
         );
     if let Some(endpoint) = &cfg.endpoint {
         builder = builder.endpoint_url(endpoint);
+    }
+    if let Some(c) = &cfg.credentials {
+        builder = builder.credentials_provider(aws_sdk_s3::config::Credentials::new(
+            &c.access_key_id,
+            &c.secret_access_key,
+            c.session_token.clone(),
+            None,
+            "modelcache-secret",
+        ));
     }
     aws_sdk_s3::Client::from_conf(builder.build())
 }

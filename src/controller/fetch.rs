@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{
 
 use super::builders::{self, env, locked_down, mount, secret_key_env};
 use crate::crd::ModelCache;
+use crate::crd::model_cache::{SigningMode, SigningPolicy};
 
 const SIGNING_VOLUME: &str = "modelcache-cloudfront-key";
 const NODE_TOKEN_VOLUME: &str = "modelcache-node-token";
@@ -42,6 +43,9 @@ pub(super) struct Artifact<'a> {
     /// The port of the node agent on every node (`None`: no node cache),
     /// which the fetch tries before the origin.
     pub node_agent: Option<u16>,
+    /// The manifest digest the controller pinned for this version, if it
+    /// has: the fetch refuses any other manifest.
+    pub manifest_digest: Option<String>,
 }
 
 /// What the fetch needs to ask the agent of its node: the node's address
@@ -141,6 +145,9 @@ pub(super) fn fetch_container(
     let args = vec!["fetch".to_string()];
     let mut mounts = vec![mount(artifact.volume, artifact.path, false)];
     let mut volumes = Vec::new();
+    if let Some(digest) = &artifact.manifest_digest {
+        env_vars.push(env("MODELCACHE_MANIFEST_DIGEST", digest));
+    }
     if let Some(port) = artifact.node_agent {
         let (var, mount, volume) = node_agent(port);
         env_vars.extend(var);
@@ -191,6 +198,21 @@ pub(super) fn fetch_container(
             env_vars.push(env(
                 "MODELCACHE_CLOUDFRONT_KEY_PAIR_ID",
                 &signing.key_pair_id,
+            ));
+            // As the spec says, not the fetch's own defaults.
+            let mode = match signing.mode {
+                SigningMode::SignedUrl => "signed-url",
+                SigningMode::SignedCookies => "signed-cookies",
+            };
+            let policy = match signing.policy {
+                SigningPolicy::Canned => "canned",
+                SigningPolicy::Custom => "custom",
+            };
+            env_vars.push(env("MODELCACHE_CLOUDFRONT_MODE", mode));
+            env_vars.push(env("MODELCACHE_CLOUDFRONT_POLICY", policy));
+            env_vars.push(env(
+                "MODELCACHE_CLOUDFRONT_EXPIRES",
+                &signing.expires_seconds.to_string(),
             ));
             env_vars.push(env(
                 "MODELCACHE_CLOUDFRONT_PRIVATE_KEY",

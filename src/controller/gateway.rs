@@ -232,6 +232,9 @@ pub fn embedding_fetch(
             volume: EMBEDDING_VOLUME,
             path: EMBEDDING_PATH,
             node_agent,
+            // Its versions are not followed, so not pinned: with an agent,
+            // the fetch pins the source's manifest itself.
+            manifest_digest: None,
         },
     );
     volumes.insert(

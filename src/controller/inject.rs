@@ -119,6 +119,31 @@ fn version_key(mc: &ModelCache) -> String {
         .unwrap_or_else(|| DEFAULT_VERSION_LABEL.to_string())
 }
 
+/// The version the pod will serve: its label or annotation, else the
+/// ModelCache's (which the patch then adds).
+fn pod_version(mc: &ModelCache, pod: &Pod) -> String {
+    let key = version_key(mc);
+    let meta = &pod.metadata;
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(&key))
+        .or_else(|| meta.annotations.as_ref().and_then(|a| a.get(&key)))
+        .cloned()
+        .unwrap_or_else(|| mc.spec.version.clone())
+}
+
+/// The digest the controller pinned for the pod's version, if it has.
+fn pinned_digest(mc: &ModelCache, pod: &Pod) -> Option<String> {
+    let version = pod_version(mc, pod);
+    mc.status
+        .as_ref()?
+        .versions
+        .iter()
+        .find(|v| v.version == version)?
+        .manifest_digest
+        .clone()
+}
+
 /// The version annotation (or label) of the pod, through the downward API.
 fn version_env(mc: &ModelCache, pod: &Pod) -> EnvVar {
     let key = version_key(mc);
@@ -253,6 +278,7 @@ pub fn patch(pod: &Pod, mc: &ModelCache, config: &InjectConfig) -> Vec<Value> {
         volume: WEIGHTS_VOLUME,
         path: WEIGHTS_PATH,
         node_agent: config.node_agent_port,
+        manifest_digest: pinned_digest(mc, pod),
     };
     let (fetch, mut volumes) = fetch_container(mc, image, weights);
     volumes.insert(

@@ -18,6 +18,7 @@ pub mod events;
 pub mod follow;
 pub mod observe;
 pub mod ownership;
+pub mod pin;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -138,6 +138,8 @@ pub fn plan_rollout(input: &RolloutInput) -> RolloutPlan {
             pods,
             ready_pods: input.ready_pods.map(|r| r.get(name).copied().unwrap_or(0)),
             keys,
+            // Versions are immutable: a digest once read stays true.
+            manifest_digest: prev.and_then(|p| p.manifest_digest.clone()),
         });
     }
     // Keep the newest few swept versions as history; drop the rest.
@@ -291,6 +293,7 @@ mod tests {
                 pods: 0,
                 ready_pods: None,
                 keys: None,
+                manifest_digest: None,
             })
             .collect();
         let p = plan_rollout(&RolloutInput {

@@ -617,6 +617,12 @@ pub struct VersionStatus {
     /// Keys of this version found by the last count or sweep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<i64>,
+    /// The sha256 of the version's manifest, read from the source once by
+    /// the controller while the version is live. Injected fetches refuse
+    /// any other manifest, from a node agent or from the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub manifest_digest: Option<String>,
 }
 
 /// Phase of a version: `Live`, `Draining`, `Sweeping` or `Swept`.

@@ -139,6 +139,7 @@ mod tests {
                 pods: 0,
                 ready_pods: None,
                 keys: Some(7),
+                manifest_digest: None,
             }],
             transitions: vec![
                 (

@@ -54,6 +54,7 @@ type Task<T> = JoinHandle<Result<T, TaskError>>;
 pub struct Tasks {
     sweeps: Mutex<HashMap<String, Task<SweepReport>>>,
     counts: Mutex<HashMap<String, Task<u64>>>,
+    pins: super::pin::Pins,
 }
 
 /// What the rollout is followed against.
@@ -118,6 +119,7 @@ pub async fn follow_rollout(
     };
     tasks.run_sweeps(&prefix, &plan, &sweep);
     tasks.count_draining_keys(&prefix, &mut plan, &sweep);
+    tasks.pins.pin(client, mc, &prefix, &mut plan);
     Ok(plan)
 }
 
