@@ -12,6 +12,12 @@
 //! - HTTP: `modelcache fetch` and aria2c (16 connections per file), plus the
 //!   ranged null client.
 //!
+//! - node: a pod start through the node cache agent (`modelcache node`, with
+//!   the faked API server answering its TokenReviews) against the same
+//!   fetch straight from the origin (nginx and s3s-fs), cold (the agent
+//!   downloads while it serves) and warm (from the agent's cache), and
+//!   against `cp` of the same bytes on the same disk: the local ceiling.
+//!
 //! Every comparison runs on loopback as it is, and again through a shaping
 //! proxy on loopback (tests/support/proxy.rs) that adds round-trip time and
 //! caps each connection's bandwidth, the way S3 caps a single connection.
@@ -19,7 +25,7 @@
 //! MODELCACHE_BENCH_BIG_FILES (2), MODELCACHE_BENCH_BIG_MIB (2048),
 //! MODELCACHE_BENCH_RTT_MS (10), MODELCACHE_BENCH_CONN_MIBPS (32),
 //! MODELCACHE_BENCH_MODES (`loopback,shaped`), MODELCACHE_BENCH_PROTOCOLS
-//! (`s3,http`), MODELCACHE_BENCH_FETCH_ARGS (extra `modelcache fetch` flags).
+//! (`s3,http,node`; node runs on loopback only), MODELCACHE_BENCH_FETCH_ARGS (extra `modelcache fetch` flags).
 
 #![allow(unsafe_code)] // wait4 for a child's rusage; set_var before threads start
 
@@ -257,7 +263,7 @@ fn main() {
     let objects: Vec<String> = walk(&src);
 
     let modes = std::env::var("MODELCACHE_BENCH_MODES").unwrap_or("loopback,shaped".into());
-    let protocols = std::env::var("MODELCACHE_BENCH_PROTOCOLS").unwrap_or("s3,http".into());
+    let protocols = std::env::var("MODELCACHE_BENCH_PROTOCOLS").unwrap_or("s3,http,node".into());
     let extra: Vec<String> = std::env::var("MODELCACHE_BENCH_FETCH_ARGS")
         .unwrap_or_default()
         .split_whitespace()
@@ -460,6 +466,17 @@ fn main() {
         }
     }
 
+    if protocols.contains("node") {
+        rows.extend(node_agent(&NodeBench {
+            rt: &rt,
+            work: work.path(),
+            src: &src,
+            total,
+            http_base: http.base_url(),
+            extra: &extra,
+        }));
+    }
+
     println!();
     println!("| mode | protocol | client | seconds | MB/s | modelcache speed-up | peak RSS |");
     println!("| --- | --- | --- | ---: | ---: | ---: | ---: |");
@@ -470,7 +487,8 @@ fn main() {
                 o.mode == r.mode && o.protocol == r.protocol && o.client.starts_with("modelcache")
             })
             .map(|o| o.m.seconds)
-            .unwrap();
+            // The local copy has no modelcache row: its own baseline.
+            .unwrap_or(r.m.seconds);
         println!(
             "| {} | {} | {} | {:.2} | {:.0} | {:.2}x | {} |",
             r.mode,
@@ -590,4 +608,170 @@ fn ranges(size: u64) -> Vec<std::ops::Range<u64>> {
     (0..size.div_ceil(part))
         .map(|i| i * part..((i + 1) * part).min(size))
         .collect()
+}
+
+/// What the node-agent comparison needs from the rest of the benchmark.
+struct NodeBench<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    work: &'a Path,
+    src: &'a Path,
+    total: u64,
+    http_base: String,
+    extra: &'a [String],
+}
+
+/// Pod starts through a node agent against the origin and against `cp`.
+fn node_agent(b: &NodeBench) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let out = b.work.join("out");
+    let finish = |client: &str, protocol: &'static str, m: Measured, rows: &mut Vec<Row>| {
+        let _ = std::fs::remove_file(out.join("manifest.json"));
+        let got = dir_bytes(&out);
+        assert_eq!(got, b.total, "{client} wrote {got} of {} bytes", b.total);
+        println!(
+            "loopback {protocol:12} {client:30} {:7.2} s {:8.1} MB/s",
+            m.seconds,
+            b.total as f64 / m.seconds / 1e6
+        );
+        let _ = std::fs::remove_dir_all(&out);
+        rows.push(Row {
+            mode: "loopback",
+            protocol,
+            client: client.into(),
+            m,
+        });
+    };
+    // The ceiling: the same bytes copied on the same disk.
+    let _ = std::fs::remove_dir_all(&out);
+    let mut cp = Command::new("cp");
+    cp.arg("-r").arg(b.src).arg(&out);
+    let copy = measure(cp);
+    finish("cp -r (local copy)", "local", copy, &mut rows);
+    let copy_seconds = rows[0].m.seconds;
+
+    let s3 = S3Server::s3s_fs().unwrap_or_else(|e| panic!("{e}"));
+    let keys = [
+        ("AWS_ACCESS_KEY_ID", s3.access_key.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", s3.secret_key.as_str()),
+        ("AWS_REGION", s3.region.as_str()),
+    ];
+    let cfg = modelcache::artifact::source::SourceConfig {
+        endpoint: Some(s3.endpoint()),
+        region: Some(s3.region.clone()),
+        path_style: true,
+        credentials: Some(modelcache::artifact::source::S3Credentials {
+            access_key_id: s3.access_key.clone(),
+            secret_access_key: s3.secret_key.clone(),
+            session_token: None,
+        }),
+        ..Default::default()
+    };
+    b.rt.block_on(async {
+        modelcache::artifact::source::s3_client(&cfg, Duration::from_secs(60), true)
+            .await
+            .create_bucket()
+            .bucket("models")
+            .send()
+            .await
+            .unwrap()
+    });
+    let mut publish = Command::new(BIN);
+    publish
+        .args(["publish", "--dir", b.src.to_str().unwrap()])
+        .args([
+            "--to",
+            "s3://models/prod",
+            "--model",
+            "m",
+            "--version",
+            "v1",
+        ])
+        .args(["--endpoint", &s3.endpoint(), "--path-style"])
+        .envs(keys);
+    let p = measure(publish);
+    println!("publish to s3s-fs: {:.1} s", p.seconds);
+
+    let s3_endpoint = s3.endpoint();
+    let origins: [(&'static str, serde_json::Value, Vec<&str>); 2] = [
+        (
+            "node/nginx",
+            serde_json::json!({"uri": b.http_base}),
+            vec!["--source", &b.http_base],
+        ),
+        (
+            "node/s3s-fs",
+            serde_json::json!({"uri": "s3://models/prod", "endpoint": s3.endpoint(),
+                               "pathStyle": true, "region": s3.region}),
+            vec![
+                "--source",
+                "s3://models/prod",
+                "--endpoint",
+                &s3_endpoint,
+                "--path-style",
+            ],
+        ),
+    ];
+    let mut summary = Vec::new();
+    for (protocol, source, origin_args) in origins {
+        let dir = b.work.join(protocol.replace('/', "-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let nodes = support::node::Nodes::new(b.rt, &dir);
+        nodes.model_cache("chat", "m", source);
+        let agent = nodes.agent(BIN, "node-a", "127.0.0.2", 16, &keys);
+        let fetch = |via: Option<&Path>| {
+            let mut c = Command::new(BIN);
+            c.arg("fetch")
+                .args(&origin_args)
+                .args(["--model", "m", "--version", "v1", "--dest"])
+                .arg(&out)
+                .args(["--progress", "off"])
+                .args(b.extra)
+                .envs(keys);
+            if let Some(token) = via {
+                c.args(["--node-agent", &agent.url(), "--node-token-file"])
+                    .arg(token);
+            }
+            c
+        };
+        finish(
+            "modelcache (verified, origin)",
+            protocol,
+            measure(fetch(None)),
+            &mut rows,
+        );
+        let direct = rows.last().unwrap().m.seconds;
+        let token = nodes.pod("cold", "node-a", Some("chat"), &[support::node::AUDIENCE]);
+        finish(
+            "via node agent, cold",
+            protocol,
+            measure(fetch(Some(&token))),
+            &mut rows,
+        );
+        let cold = rows.last().unwrap().m.seconds;
+        let token = nodes.pod("warm", "node-a", Some("chat"), &[support::node::AUDIENCE]);
+        finish(
+            "via node agent, warm",
+            protocol,
+            measure(fetch(Some(&token))),
+            &mut rows,
+        );
+        let warm = rows.last().unwrap().m.seconds;
+        let served = agent.metric(r#"modelcache_node_served_bytes_total{from="cache"}"#);
+        assert!(
+            served as u64 >= b.total,
+            "the warm pod was served from the node cache"
+        );
+        summary.push(format!(
+            "{protocol}: cold {:.2}x the origin fetch, warm {:.2}x the origin fetch and {:.2}x the local copy (goal <= 1.3x)",
+            cold / direct,
+            warm / direct,
+            warm / copy_seconds
+        ));
+        drop(agent);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    for line in summary {
+        println!("{line}");
+    }
+    rows
 }

@@ -15,13 +15,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::fake_api::FakeApiServer;
+use support::node::{AUDIENCE, Agent, Nodes};
 use support::proxy::{Proxy, ProxyConfig};
-use support::{HttpServer, free_port, model_dir, tree};
+use support::{HttpServer, model_dir, tree};
 
 const BIN: &str = env!("CARGO_BIN_EXE_modelcache");
-const NS: &str = "ml";
-const AUDIENCE: &str = "modelcache-node";
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -37,59 +35,11 @@ fn summary(o: &Output) -> Value {
     serde_json::from_slice(&o.stdout).expect("the summary is JSON")
 }
 
-/// A `modelcache node` process; killed on drop.
-struct Agent {
-    child: Child,
-    ip: &'static str,
-    port: u16,
-    admin: u16,
-    cache: PathBuf,
-    log: PathBuf,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Agent {
-    fn url(&self) -> String {
-        format!("http://{}:{}", self.ip, self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `GET path` on the admin port.
-    fn admin_get(&self, path: &str) -> String {
-        let mut s = std::net::TcpStream::connect((self.ip, self.admin)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    }
-
-    /// The value of one sample of `/metrics`, e.g.
-    /// `modelcache_node_served_bytes_total{from="cache"}`; 0 when absent.
-    fn metric(&self, sample: &str) -> f64 {
-        self.admin_get("/metrics")
-            .lines()
-            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
-            .map(|v| v.trim().parse().unwrap())
-            .unwrap_or(0.0)
-    }
-}
-
 /// The faked API server over HTTP, the origin behind counting proxies, and
 /// the directory the pods and nodes live in.
 struct Cluster {
     _rt: tokio::runtime::Runtime,
-    api: FakeApiServer,
-    kubeconfig: PathBuf,
+    nodes: Nodes,
     tmp: tempfile::TempDir,
     src: PathBuf,
     /// The published manifest's digest, which the controller pins.
@@ -98,7 +48,6 @@ struct Cluster {
     /// Counts every request and byte that reaches the origin.
     counter: Proxy,
     _shaper: Option<Proxy>,
-    uid: std::cell::Cell<u32>,
 }
 
 impl Cluster {
@@ -122,9 +71,8 @@ impl Cluster {
             .as_str()
             .unwrap()
             .to_owned();
-        let (api, port, shaper, counter) = rt.block_on(async {
-            let (_client, api) = FakeApiServer::start();
-            let port = api.listen().await;
+        let nodes = Nodes::new(&rt, tmp.path());
+        let (shaper, counter) = rt.block_on(async {
             let shaper = match bandwidth {
                 Some(b) => Some(
                     Proxy::start(
@@ -144,21 +92,17 @@ impl Cluster {
             let counter = Proxy::start(upstream, ProxyConfig::default())
                 .await
                 .unwrap();
-            (api, port, shaper, counter)
+            (shaper, counter)
         });
-        let kubeconfig = tmp.path().join("kubeconfig");
-        FakeApiServer::kubeconfig(port, &kubeconfig);
         let cluster = Cluster {
             _rt: rt,
-            api,
-            kubeconfig,
+            nodes,
             tmp,
             src,
             digest,
             _origin: origin,
             counter,
             _shaper: shaper,
-            uid: std::cell::Cell::new(0),
         };
         cluster.model_cache("chat", "m");
         cluster
@@ -169,59 +113,14 @@ impl Cluster {
     }
 
     fn model_cache(&self, name: &str, model: &str) {
-        self.api.insert(
-            &format!("/apis/modelcache.dev/v1alpha1/namespaces/{NS}/modelcaches/{name}"),
-            json!({
-                "apiVersion": "modelcache.dev/v1alpha1",
-                "kind": "ModelCache",
-                "metadata": {"name": name, "namespace": NS},
-                "spec": {"model": model, "version": "v1", "source": {"uri": self.origin()}}
-            }),
-        );
+        self.nodes
+            .model_cache(name, model, json!({"uri": self.origin()}));
     }
 
-    /// An agent for `node` on `ip`, with a cache directory of its own.
     fn agent(&self, node: &str, ip: &'static str, concurrency: u16) -> Agent {
-        let (port, admin) = (free_port(), free_port());
-        let cache = self.tmp.path().join(format!("{node}-cache"));
-        let log = self.tmp.path().join(format!("{node}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(BIN)
-            .args(["node", "--node-name", node])
-            .args(["--listen", &format!("{ip}:{port}")])
-            .args(["--admin-listen", &format!("{ip}:{admin}")])
-            .args(["--cache-dir", cache.to_str().unwrap()])
-            .args(["--concurrency", &concurrency.to_string()])
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env("MODELCACHE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let mut agent = Agent {
-            child,
-            ip,
-            port,
-            admin,
-            cache,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect((ip, port)).is_err() {
-            if let Some(status) = agent.child.try_wait().unwrap() {
-                panic!("the agent exited with {status}: {}", agent.log());
-            }
-            assert!(Instant::now() < deadline, "no agent: {}", agent.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert!(agent.admin_get("/healthz").contains("200 OK"));
-        agent
+        self.nodes.agent(BIN, node, ip, concurrency, &[])
     }
 
-    /// A pod named `name` on `node`, injected for `injected_for` (no
-    /// annotation when `None`), with a token issued for `audiences`; returns
-    /// the token's file.
     fn pod(
         &self,
         name: &str,
@@ -229,24 +128,7 @@ impl Cluster {
         injected_for: Option<&str>,
         audiences: &[&str],
     ) -> PathBuf {
-        self.uid.set(self.uid.get() + 1);
-        let uid = format!("pod-uid-{}", self.uid.get());
-        let mut pod = json!({
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": name, "namespace": NS, "uid": uid},
-            "spec": {"nodeName": node, "containers": [{"name": "engine", "image": "engine"}]}
-        });
-        if let Some(mc) = injected_for {
-            pod["metadata"]["annotations"] = json!({"modelcache.dev/inject": mc});
-        }
-        self.api
-            .insert(&format!("/api/v1/namespaces/{NS}/pods/{name}"), pod);
-        let token = format!("token-of-{name}");
-        self.api.pod_token(&token, NS, name, &uid, audiences);
-        let file = self.tmp.path().join(format!("{name}.token"));
-        std::fs::write(&file, &token).unwrap();
-        file
+        self.nodes.pod(name, node, injected_for, audiences)
     }
 
     /// The injected fetch of pod `name` through `agent` into its own

@@ -18,6 +18,7 @@
 #![allow(unsafe_code)] // PR_SET_PDEATHSIG in pre_exec, so services die with their test
 
 pub mod fake_api;
+pub mod node;
 pub mod proxy;
 
 use std::collections::BTreeMap;
