@@ -717,7 +717,7 @@ fn node_agent(b: &NodeBench) -> Vec<Row> {
         std::fs::create_dir_all(&dir).unwrap();
         let nodes = support::node::Nodes::new(b.rt, &dir);
         nodes.model_cache("chat", "m", source);
-        let agent = nodes.agent(BIN, "node-a", "127.0.0.2", 16, &keys);
+        let agent = nodes.agent(BIN, "node-a", "127.0.0.2", 16, &keys, &[]);
         let fetch = |via: Option<&Path>| {
             let mut c = Command::new(BIN);
             c.arg("fetch")

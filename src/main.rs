@@ -158,6 +158,14 @@ struct NodeArgs {
     /// Attempts per origin request.
     #[arg(long, env = "MODELCACHE_RETRIES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
     retries: u32,
+    /// Seconds between looks for versions to prefetch (ModelCaches with
+    /// spec.prefetch matching this node); 0: no prefetch.
+    #[arg(long, env = "MODELCACHE_PREFETCH_INTERVAL", default_value_t = 30)]
+    prefetch_interval: u64,
+    /// Prefetch the ModelCaches of this namespace only (the chart's
+    /// watchNamespace). Empty: every namespace.
+    #[arg(long, env = "MODELCACHE_WATCH_NAMESPACE")]
+    namespace: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -1063,6 +1071,9 @@ fn node(args: NodeArgs) -> Result<ExitCode> {
             deadline: Duration::from_secs(args.deadline.max(1)),
             max_attempts: args.retries,
         },
+        prefetch_every: (args.prefetch_interval > 0)
+            .then(|| Duration::from_secs(args.prefetch_interval)),
+        namespace: args.namespace.filter(|n| !n.is_empty()),
     };
     runtime()?.block_on(async {
         let shutdown = modelcache::signal::shutdown().context("failed to handle SIGTERM")?;

@@ -223,8 +223,9 @@ fn the_node_cache_is_opt_in_with_its_own_least_privilege_account() {
         rules_of(&docs, "ClusterRole", "mc-modelcache-node"),
         vec![
             r#""authentication.k8s.io" ["tokenreviews"] ["create"]"#,
+            r#""" ["nodes"] ["get"]"#,
             r#""" ["pods"] ["get"]"#,
-            r#""modelcache.dev" ["modelcaches"] ["get"]"#,
+            r#""modelcache.dev" ["modelcaches"] ["get","list"]"#,
         ]
     );
     // Watching one namespace: reviews cluster-wide (they are not
@@ -232,7 +233,10 @@ fn the_node_cache_is_opt_in_with_its_own_least_privilege_account() {
     let namespaced = documents(&render(&["nodeCache.enabled=true", "watchNamespace=ml"]));
     assert_eq!(
         rules_of(&namespaced, "ClusterRole", "mc-modelcache-node"),
-        vec![r#""authentication.k8s.io" ["tokenreviews"] ["create"]"#]
+        vec![
+            r#""authentication.k8s.io" ["tokenreviews"] ["create"]"#,
+            r#""" ["nodes"] ["get"]"#,
+        ]
     );
     let role = namespaced
         .iter()
@@ -243,9 +247,15 @@ fn the_node_cache_is_opt_in_with_its_own_least_privilege_account() {
         rules_of(&namespaced, "Role", "mc-modelcache-node"),
         vec![
             r#""" ["pods"] ["get"]"#,
-            r#""modelcache.dev" ["modelcaches"] ["get"]"#,
+            r#""modelcache.dev" ["modelcaches"] ["get","list"]"#,
         ]
     );
+    let agent_args = |docs: &[serde_json::Value]| {
+        let d = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+        d["spec"]["template"]["spec"]["containers"][0]["args"].to_string()
+    };
+    assert!(agent_args(&namespaced).contains("--namespace=ml"));
+    assert!(!agent_args(&docs).contains("--namespace"));
 
     let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
     let pod = &ds["spec"]["template"]["spec"];

@@ -118,7 +118,7 @@ impl Cluster {
     }
 
     fn agent(&self, node: &str, ip: &'static str, concurrency: u16) -> Agent {
-        self.nodes.agent(BIN, node, ip, concurrency, &[])
+        self.nodes.agent(BIN, node, ip, concurrency, &[], &[])
     }
 
     fn pod(
@@ -507,4 +507,72 @@ fn a_manifest_other_than_the_pinned_digest_is_refused_from_the_agent_and_the_ori
     // A complete destination pinned to another digest is fetched again, and refused.
     let o = cluster.fetch("pinned-2", &agent, &token, &["--manifest-digest", &wrong]);
     assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+}
+
+/// The agent's prefetches, as its admin port shows them.
+fn prefetches(agent: &Agent) -> Vec<Value> {
+    let response = agent.admin_get("/v1/prefetch");
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("[]");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
+}
+
+#[test]
+fn a_prefetch_fills_every_matching_node_before_the_rollouts_pods_appear() {
+    let cluster = Cluster::new(8, None);
+    let nodes = &cluster.nodes;
+    nodes.node("node-a", json!({"gpu": "a100"}));
+    nodes.node("node-b", json!({"gpu": "a100"}));
+    nodes.node("node-c", json!({"gpu": "t4"}));
+    nodes.prefetch("chat", json!({"nodeSelector": {"gpu": "a100"}}));
+    let every = ["--prefetch-interval", "1"];
+    let agent = |node, ip| nodes.agent(BIN, node, ip, 4, &[], &every);
+    let (a, b, c) = (
+        agent("node-a", "127.0.0.2"),
+        agent("node-b", "127.0.0.3"),
+        agent("node-c", "127.0.0.4"),
+    );
+    let ready = |agent: &Agent| {
+        prefetches(agent)
+            .iter()
+            .any(|p| p["modelCache"] == "ml/chat" && p["version"] == "v1" && p["phase"] == "Ready")
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(ready(&a) && ready(&b)) {
+        assert!(
+            Instant::now() < deadline,
+            "not prefetched: {:?} {:?}\n{}",
+            prefetches(&a),
+            prefetches(&b),
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let one_download = cluster.version_bytes();
+    for p in [&a, &b] {
+        let state = &prefetches(p)[0];
+        assert_eq!(state["versionBytes"], one_download, "{state}");
+        assert!(p.metric("modelcache_node_cache_bytes") as u64 >= one_download);
+    }
+    // The t4 node pulled nothing.
+    assert_eq!(prefetches(&c), Vec::<Value>::new());
+    assert_eq!(c.metric("modelcache_node_origin_bytes_total"), 0.0);
+    let origin = cluster.origin_bytes();
+    assert!(
+        origin >= 2 * one_download && origin < 2 * one_download + (2 << 20),
+        "one download per matching node: {origin} for {one_download}"
+    );
+
+    // The rollout's pods: served by their nodes, not one origin request.
+    let requests = cluster.origin_requests();
+    let src = tree(&cluster.src);
+    for (name, node, agent) in [("chat-a", "node-a", &a), ("chat-b", "node-b", &b)] {
+        let token = cluster.pod(name, node, Some("chat"), &[AUDIENCE]);
+        let s = summary(&cluster.fetch(name, agent, &token, &[]));
+        assert_eq!(s["nodeAgent"], true, "{s}");
+        assert_eq!(tree(&cluster.dest(name)), src);
+    }
+    assert_eq!(cluster.origin_requests(), requests, "no origin request");
+    // Rounds after it is Ready download nothing more.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(cluster.origin_bytes(), origin);
 }

@@ -208,6 +208,7 @@ mod tests {
                 redis: None,
                 warmup: None,
                 gateway: None,
+                prefetch: None,
             },
         );
         mc.metadata.namespace = Some("ml".into());

@@ -117,6 +117,22 @@ pub struct ModelCacheSpec {
     /// it and get the version-scoped caches with no code change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewaySettings>,
+
+    /// Prefetch on rollout: the node cache agents (the chart's
+    /// `nodeCache`) of the matching nodes pull `version` into their node
+    /// caches as soon as it is set, before its pods arrive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<PrefetchSettings>,
+}
+
+/// Which nodes prefetch each new version.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PrefetchSettings {
+    /// Labels a node must have (all of them) for its agent to prefetch,
+    /// e.g. the workload's GPU node pool. Empty: every node with an agent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
 }
 
 /// The caching gateway: `modelcache gateway` in front of the model's engine

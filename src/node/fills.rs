@@ -104,6 +104,27 @@ impl Fill {
     pub fn succeeded(&self) -> bool {
         matches!(self.progress.borrow().ended, Some(Ok(())))
     }
+
+    /// Bytes written so far, and the version's (its distinct files) once
+    /// the manifest is read.
+    pub fn bytes(&self) -> (u64, Option<u64>) {
+        let written = self
+            .transfers
+            .lock()
+            .values()
+            .map(|t| t.written_prefix())
+            .sum();
+        let total = self.progress.borrow().manifest.as_ref().map(|m| {
+            let mut seen = std::collections::BTreeSet::new();
+            m.manifest
+                .files
+                .iter()
+                .filter(|f| seen.insert(f.sha256.as_str()))
+                .map(|f| f.size)
+                .sum()
+        });
+        (written, total)
+    }
 }
 
 /// The running downloads of one agent.

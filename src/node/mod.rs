@@ -19,6 +19,7 @@
 pub mod authorize;
 pub mod fills;
 pub mod metrics;
+pub mod prefetch;
 pub mod server;
 
 use std::net::SocketAddr;
@@ -40,6 +41,10 @@ pub struct AgentConfig {
     pub cache_dir: PathBuf,
     /// How it downloads.
     pub fill: fills::FillSettings,
+    /// How often it looks for versions to prefetch (`None`: never).
+    pub prefetch_every: Option<std::time::Duration>,
+    /// The namespace whose ModelCaches it prefetches (`None`: all).
+    pub namespace: Option<String>,
 }
 
 /// Why the agent stopped.
@@ -83,6 +88,16 @@ pub async fn run(
         config.fill.clone(),
         metrics.clone(),
     ));
+    let prefetcher = Arc::new(prefetch::Prefetcher::new(
+        client.clone(),
+        &config.node,
+        config.namespace.clone(),
+        cache.clone(),
+        fills.clone(),
+    ));
+    let prefetching = config
+        .prefetch_every
+        .map(|every| tokio::spawn(prefetcher.clone().run(every)));
     let agent = Arc::new(server::Agent {
         authorizer: authorize::Authorizer::new(client, &config.node),
         cache,
@@ -97,7 +112,7 @@ pub async fn run(
     let admin_addr = config.admin_listen;
     let mut admin_stopped = stopped.clone();
     let admin_task = tokio::spawn(async move {
-        axum::serve(admin, server::admin_router(metrics))
+        axum::serve(admin, server::admin_router(metrics, prefetcher))
             .with_graceful_shutdown(async move {
                 let _ = admin_stopped.wait_for(|s| *s).await;
             })
@@ -116,6 +131,9 @@ pub async fn run(
         });
     let _ = stop.send(true);
     drop(stopped);
+    if let Some(task) = prefetching {
+        task.abort();
+    }
     if let Ok(Err(e)) = admin_task.await {
         return Err(e);
     }

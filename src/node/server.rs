@@ -25,6 +25,7 @@ use futures::Stream;
 use super::authorize::Authorizer;
 use super::fills::{Fill, Fills};
 use super::metrics::{Metrics, Served};
+use super::prefetch::Prefetcher;
 use crate::artifact::fetch::SOURCE_HEADER;
 use crate::artifact::manifest::{MANIFEST_NAME, ManifestFile, VerifiedManifest};
 use crate::artifact::node_cache::NodeCache;
@@ -56,9 +57,17 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .with_state(agent)
 }
 
-/// `/healthz`, `/readyz` and `/metrics`.
-pub fn admin_router(metrics: Arc<Metrics>) -> Router {
-    crate::admin::router(move || metrics.encode())
+/// `/healthz`, `/readyz`, `/metrics`, and `/v1/prefetch`: where each
+/// version this node prefetches stands (JSON).
+pub fn admin_router(metrics: Arc<Metrics>, prefetcher: Arc<Prefetcher>) -> Router {
+    crate::admin::router(move || metrics.encode()).route(
+        "/v1/prefetch",
+        get(move || async move {
+            // Plain structs of strings and numbers: serializing cannot fail.
+            let body = serde_json::to_vec(&prefetcher.states()).unwrap_or_default();
+            ([(header::CONTENT_TYPE, "application/json")], body)
+        }),
+    )
 }
 
 fn refuse(status: StatusCode, message: impl std::fmt::Display) -> Response {

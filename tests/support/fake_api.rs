@@ -278,7 +278,22 @@ impl FakeApiServer {
 /// `/api/v1/namespaces/ns/pods` or `/apis/group/version/namespaces/ns/kind`.
 fn is_collection(path: &str) -> bool {
     let segments = path.trim_matches('/').split('/').count();
-    (path.starts_with("/api/") && segments == 5) || (path.starts_with("/apis/") && segments == 6)
+    (path.starts_with("/api/") && segments == 5)
+        || (path.starts_with("/apis/") && segments == 6)
+        || all_namespaces(path).is_some()
+}
+
+/// For `/apis/<group>/<version>/<plural>` (a list across namespaces), the
+/// group-version prefix and the plural.
+fn all_namespaces(path: &str) -> Option<(String, String)> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["apis", group, version, plural] => Some((
+            format!("/apis/{group}/{version}/namespaces/"),
+            plural.to_string(),
+        )),
+        _ => None,
+    }
 }
 
 /// The objects of a collection that match the `labelSelector` (equality
@@ -301,10 +316,16 @@ fn list(state: &State, path: &str, query: &str) -> Value {
     let items: Vec<Value> = state
         .objects
         .iter()
-        .filter(|(p, _)| {
-            p.strip_prefix(path)
+        .filter(|(p, _)| match all_namespaces(path) {
+            // <namespace>/<plural>/<name>
+            Some((prefix, plural)) => p.strip_prefix(&prefix).is_some_and(|r| {
+                let parts: Vec<&str> = r.split('/').collect();
+                parts.len() == 3 && parts[1] == plural
+            }),
+            None => p
+                .strip_prefix(path)
                 .and_then(|r| r.strip_prefix('/'))
-                .is_some_and(|r| !r.contains('/'))
+                .is_some_and(|r| !r.contains('/')),
         })
         .map(|(_, o)| o.clone())
         .filter(|o| {

@@ -104,8 +104,24 @@ impl Nodes {
         );
     }
 
+    /// A Node object named `name` with `labels`.
+    pub fn node(&self, name: &str, labels: Value) {
+        self.api.insert(
+            &format!("/api/v1/nodes/{name}"),
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}),
+        );
+    }
+
+    /// Sets `spec.prefetch` of ModelCache `name` to `prefetch`.
+    pub fn prefetch(&self, name: &str, prefetch: Value) {
+        let path = format!("/apis/modelcache.dev/v1alpha1/namespaces/{NS}/modelcaches/{name}");
+        let mut mc = self.api.get(&path).expect("the ModelCache");
+        mc["spec"]["prefetch"] = prefetch;
+        self.api.insert(&path, mc);
+    }
+
     /// An agent (`bin`) for `node` on `ip`, with a cache directory of its
-    /// own and `env` (an origin's credentials).
+    /// own, `env` (an origin's credentials) and more `args`.
     pub fn agent(
         &self,
         bin: &str,
@@ -113,6 +129,7 @@ impl Nodes {
         ip: &'static str,
         concurrency: u16,
         env: &[(&str, &str)],
+        args: &[&str],
     ) -> Agent {
         let (port, admin) = (free_port(), free_port());
         let cache = self.dir.join(format!("{node}-cache"));
@@ -125,6 +142,7 @@ impl Nodes {
             .args(["--admin-listen", &format!("{ip}:{admin}")])
             .args(["--cache-dir", cache.to_str().unwrap()])
             .args(["--concurrency", &concurrency.to_string()])
+            .args(args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("MODELCACHE_LOG", "info")
             .envs(env.iter().copied())

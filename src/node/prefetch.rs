@@ -1,0 +1,251 @@
+//! Prefetch on rollout: every so often the agent lists the ModelCaches with
+//! `spec.prefetch`, and pulls the `spec.version` of each whose node
+//! selector its node matches into the node cache, before the version's pods
+//! arrive. A pod that arrives meanwhile joins the same download.
+//!
+//! What to pull is a pure function of the ModelCaches and the node's labels
+//! ([`wanted`]); where each stands is served on the admin port
+//! (`/v1/prefetch`) for operators and for the controller.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use super::fills::{Fill, Fills};
+use crate::artifact::node_cache::NodeCache;
+use crate::artifact::source::Location;
+use crate::crd::ModelCache;
+use crate::crd::model_cache::ArtifactSource;
+
+/// One version this node should hold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wanted {
+    /// `namespace/name` of the ModelCache.
+    pub model_cache: String,
+    /// Its source.
+    pub location: Location,
+    /// Its source settings.
+    pub source: ArtifactSource,
+    /// Its model.
+    pub model: String,
+    /// Its `spec.version`.
+    pub version: String,
+}
+
+/// The versions a node with `labels` prefetches: those of the ModelCaches
+/// with `spec.prefetch` whose node selector the labels match. A source that
+/// does not parse is left out (the ModelCache's own status says why).
+pub fn wanted(model_caches: &[ModelCache], labels: &BTreeMap<String, String>) -> Vec<Wanted> {
+    model_caches
+        .iter()
+        .filter_map(|mc| {
+            let prefetch = mc.spec.prefetch.as_ref()?;
+            let matches = prefetch
+                .node_selector
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v));
+            if !matches {
+                return None;
+            }
+            Some(Wanted {
+                model_cache: format!("{}/{}", mc.namespace().unwrap_or_default(), mc.name_any()),
+                location: mc.spec.source.uri.parse().ok()?,
+                source: mc.spec.source.clone(),
+                model: mc.spec.model.clone(),
+                version: mc.spec.version.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Where a prefetch stands, as `/v1/prefetch` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrefetchState {
+    /// `namespace/name` of the ModelCache.
+    pub model_cache: String,
+    /// The version.
+    pub version: String,
+    /// `Ready` (in the node cache), `Downloading` or `Failed`.
+    pub phase: &'static str,
+    /// Bytes downloaded so far by this prefetch.
+    pub downloaded_bytes: u64,
+    /// Bytes of the version (its distinct files), once its manifest is read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version_bytes: Option<u64>,
+    /// Why it failed (retried at the next round).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The agent's prefetches.
+pub struct Prefetcher {
+    client: kube::Client,
+    node: String,
+    namespace: Option<String>,
+    cache: NodeCache,
+    fills: Arc<Fills>,
+    running: Mutex<HashMap<String, Arc<Fill>>>,
+    states: Mutex<Vec<PrefetchState>>,
+}
+
+impl Prefetcher {
+    /// Prefetches for `node`, of the ModelCaches of `namespace` (`None`:
+    /// all), into `cache` through `fills`.
+    pub fn new(
+        client: kube::Client,
+        node: &str,
+        namespace: Option<String>,
+        cache: NodeCache,
+        fills: Arc<Fills>,
+    ) -> Self {
+        Prefetcher {
+            client,
+            node: node.into(),
+            namespace,
+            cache,
+            fills,
+            running: Mutex::new(HashMap::new()),
+            states: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Where each wanted version stands, as of the last round.
+    pub fn states(&self) -> Vec<PrefetchState> {
+        self.states.lock().clone()
+    }
+
+    /// One round every `every`, forever. A failed round (the API server
+    /// away) is logged and the next one tries again.
+    pub async fn run(self: Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.round().await {
+                tracing::warn!(
+                    "failed to look for versions to prefetch: {}",
+                    crate::error::chain(&e)
+                );
+            }
+        }
+    }
+
+    async fn round(&self) -> Result<(), kube::Error> {
+        let node = Api::<Node>::all(self.client.clone())
+            .get(&self.node)
+            .await?;
+        // From the API server's cache (resourceVersion 0): a DaemonSet's
+        // agents listing every round must not each cost a quorum read.
+        let api = match &self.namespace {
+            Some(ns) => Api::<ModelCache>::namespaced(self.client.clone(), ns),
+            None => Api::<ModelCache>::all(self.client.clone()),
+        };
+        let model_caches = api.list(&ListParams::default().match_any()).await?;
+        let labels = node.metadata.labels.unwrap_or_default();
+        let wanted = wanted(&model_caches.items, &labels);
+        let mut states = Vec::new();
+        let mut running = self.running.lock();
+        for w in &wanted {
+            let id = NodeCache::version_id(&w.location.to_string(), &w.model, &w.version);
+            let fill = running.get(&id).cloned();
+            let state = |phase, fill: Option<&Fill>, error| {
+                let (downloaded_bytes, version_bytes) = fill.map_or((0, None), Fill::bytes);
+                PrefetchState {
+                    model_cache: w.model_cache.clone(),
+                    version: w.version.clone(),
+                    phase,
+                    downloaded_bytes,
+                    version_bytes,
+                    error,
+                }
+            };
+            match fill {
+                Some(f) if f.succeeded() => {
+                    states.push(state("Ready", Some(&f), None));
+                    running.remove(&id);
+                }
+                Some(f) => match f.failure() {
+                    Some(why) => {
+                        states.push(state("Failed", Some(&f), Some(why)));
+                        running.remove(&id);
+                    }
+                    None => states.push(state("Downloading", Some(&f), None)),
+                },
+                None if self.cache.lookup(&id).is_some() => {
+                    states.push(state("Ready", None, None));
+                }
+                None => {
+                    tracing::info!(model_cache = %w.model_cache, version = %w.version,
+                        "prefetching a version into the node cache");
+                    let f = self
+                        .fills
+                        .join(&w.location, &w.source, &w.model, &w.version);
+                    states.push(state("Downloading", Some(&f), None));
+                    running.insert(id, f);
+                }
+            }
+        }
+        drop(running);
+        *self.states.lock() = states;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn mc(name: &str, prefetch: Option<serde_json::Value>) -> ModelCache {
+        let mut spec =
+            json!({"model": "m", "version": "v2", "source": {"uri": "s3://models/prod"}});
+        if let Some(p) = prefetch {
+            spec["prefetch"] = p;
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "modelcache.dev/v1alpha1", "kind": "ModelCache",
+            "metadata": {"name": name, "namespace": "ml"}, "spec": spec
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_node_prefetches_what_its_labels_match_and_nothing_else() {
+        let caches = [
+            mc("everywhere", Some(json!({}))),
+            mc("a100", Some(json!({"nodeSelector": {"gpu": "a100"}}))),
+            mc(
+                "a100-eu",
+                Some(json!({"nodeSelector": {"gpu": "a100", "zone": "eu"}})),
+            ),
+            mc("no-prefetch", None),
+        ];
+        let names = |labels: &[(&str, &str)]| {
+            let labels = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            wanted(&caches, &labels)
+                .into_iter()
+                .map(|w| w.model_cache)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&[]), ["ml/everywhere"]);
+        assert_eq!(names(&[("gpu", "t4")]), ["ml/everywhere"]);
+        assert_eq!(names(&[("gpu", "a100")]), ["ml/everywhere", "ml/a100"]);
+        assert_eq!(
+            names(&[("gpu", "a100"), ("zone", "eu")]),
+            ["ml/everywhere", "ml/a100", "ml/a100-eu"]
+        );
+        let w = &wanted(&caches, &BTreeMap::new())[0];
+        assert_eq!((w.model.as_str(), w.version.as_str()), ("m", "v2"));
+        assert_eq!(w.location.to_string(), "s3://models/prod");
+    }
+}
