@@ -82,6 +82,19 @@ if status.versions ~= nil then
   end
 end
 
+-- Prefetch on rollout (spec.prefetch): the selected nodes do not all hold
+-- the version yet. A selector no node matches will never be met.
+local prefetched = condition(status, "Prefetched")
+if prefetched ~= nil and prefetched.status == "False" then
+  if prefetched.reason == "NoNodes" then
+    hs.status = "Degraded"
+  else
+    hs.status = "Progressing"
+  end
+  hs.message = "Prefetch: " .. (prefetched.message or prefetched.reason or "")
+  return hs
+end
+
 hs.status = "Healthy"
 hs.message = ready.message or "Ready"
 return hs

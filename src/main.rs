@@ -616,6 +616,22 @@ struct ControllerArgs {
     /// DaemonSet) on every node: injected fetches try it before the origin.
     #[arg(long, env = "MODELCACHE_NODE_AGENT_PORT")]
     node_agent_port: Option<u16>,
+    /// The node cache agents' admin port, where each says how its
+    /// prefetches stand (for status.prefetch).
+    #[arg(
+        long,
+        env = "MODELCACHE_NODE_AGENT_ADMIN_PORT",
+        requires = "node_agent_selector"
+    )]
+    node_agent_admin_port: Option<u16>,
+    /// A label selector of the node cache agents' pods, in the controller's
+    /// namespace (--lease-namespace).
+    #[arg(
+        long,
+        env = "MODELCACHE_NODE_AGENT_SELECTOR",
+        requires = "node_agent_admin_port"
+    )]
+    node_agent_selector: Option<String>,
     /// cert-manager mode: a directory with tls.crt and tls.key. Without it the
     /// controller issues the certificate itself.
     #[arg(long, env = "MODELCACHE_WEBHOOK_CERT_DIR")]
@@ -850,6 +866,14 @@ fn run_controller(args: ControllerArgs) -> Result<ExitCode> {
         http_addr: args.http_addr,
         health_interval: Duration::from_secs(args.health_interval),
         leader_election: args.leader_election,
+        node_agents: match (args.node_agent_admin_port, args.node_agent_selector) {
+            (Some(admin_port), Some(selector)) => Some(controller::prefetch::NodeAgents {
+                namespace: args.lease_namespace.clone(),
+                selector,
+                admin_port,
+            }),
+            _ => None,
+        },
         lease_namespace: args.lease_namespace,
         lease_name: args.lease_name,
         identity,

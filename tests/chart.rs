@@ -255,6 +255,16 @@ fn the_node_cache_is_opt_in_with_its_own_least_privilege_account() {
         d["spec"]["template"]["spec"]["containers"][0]["args"].to_string()
     };
     assert!(agent_args(&namespaced).contains("--namespace=ml"));
+    // The controller finds the agents in its own namespace to read their
+    // prefetches: list pods there, nothing more.
+    assert_eq!(
+        rules_of(&namespaced, "Role", "mc-modelcache-node-agents"),
+        vec![r#""" ["pods"] ["list"]"#]
+    );
+    assert!(controller_args(&docs).contains("--node-agent-admin-port=8096"));
+    assert!(controller_args(&docs).contains(
+        "--node-agent-selector=app.kubernetes.io/instance=mc,app.kubernetes.io/component=node-cache"
+    ));
     assert!(!agent_args(&docs).contains("--namespace"));
 
     let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();

@@ -151,6 +151,7 @@ async fn controller_provisions_a_ready_redis() {
         redis_url_override: Some(format!("redis://127.0.0.1:{local_port}")),
         webhook: None,
         image: None,
+        node_agents: None,
     };
     let controller = tokio::spawn(run(config));
 

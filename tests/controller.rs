@@ -878,6 +878,7 @@ async fn without_leader_election_the_controller_reconciles_until_stopped() {
         redis_url_override: Some(format!("redis://127.0.0.1:{}", free_port())),
         webhook: None,
         image: None,
+        node_agents: None,
     };
     let controller = tokio::spawn(run_with_client(client, config));
     let status = format!("PATCH {MC}/status");

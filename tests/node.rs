@@ -38,7 +38,7 @@ fn summary(o: &Output) -> Value {
 /// The faked API server over HTTP, the origin behind counting proxies, and
 /// the directory the pods and nodes live in.
 struct Cluster {
-    _rt: tokio::runtime::Runtime,
+    rt: tokio::runtime::Runtime,
     nodes: Nodes,
     tmp: tempfile::TempDir,
     src: PathBuf,
@@ -95,7 +95,7 @@ impl Cluster {
             (shaper, counter)
         });
         let cluster = Cluster {
-            _rt: rt,
+            rt,
             nodes,
             tmp,
             src,
@@ -512,8 +512,9 @@ fn a_manifest_other_than_the_pinned_digest_is_refused_from_the_agent_and_the_ori
 /// The agent's prefetches, as its admin port shows them.
 fn prefetches(agent: &Agent) -> Vec<Value> {
     let response = agent.admin_get("/v1/prefetch");
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or("[]");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("{}");
+    let report: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"));
+    report["prefetches"].as_array().cloned().unwrap_or_default()
 }
 
 #[test]
@@ -562,6 +563,52 @@ fn a_prefetch_fills_every_matching_node_before_the_rollouts_pods_appear() {
         "one download per matching node: {origin} for {one_download}"
     );
 
+    // What the controller reads of it: 2/2 before any pod of the rollout.
+    let agents = modelcache::controller::prefetch::NodeAgents {
+        namespace: "modelcache-system".into(),
+        selector: "app.kubernetes.io/component=node-cache".into(),
+        admin_port: nodes.admin_port,
+    };
+    for (node, ip) in [
+        ("node-a", "127.0.0.2"),
+        ("node-b", "127.0.0.3"),
+        ("node-c", "127.0.0.4"),
+    ] {
+        nodes.api.insert(
+            &format!("/api/v1/namespaces/modelcache-system/pods/agent-{node}"),
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": format!("agent-{node}"), "namespace": "modelcache-system",
+                                "labels": {"app.kubernetes.io/component": "node-cache"}},
+                   "spec": {"nodeName": node, "containers": [{"name": "agent"}]},
+                   "status": {"hostIP": ip}}),
+        );
+    }
+    let mc: modelcache::crd::ModelCache = serde_json::from_value(
+        nodes
+            .api
+            .get("/apis/modelcache.dev/v1alpha1/namespaces/ml/modelcaches/chat")
+            .unwrap(),
+    )
+    .unwrap();
+    let observe = || {
+        cluster
+            .rt
+            .block_on(modelcache::controller::prefetch::observe(
+                &nodes.client,
+                &agents,
+                &mc,
+            ))
+    };
+    let status = observe();
+    assert_eq!(status.nodes, "2/2", "{status:?}");
+    assert_eq!(status.version, "v1");
+    for p in &status.progress {
+        assert_eq!((p.phase.as_str(), p.percent), ("Ready", Some(100)), "{p:?}");
+        assert_eq!(p.version_bytes, Some(one_download as i64));
+    }
+    let (state, reason, _) = modelcache::controller::prefetch::condition(&status);
+    assert_eq!((state, reason), ("True", "Prefetched"));
+
     // The rollout's pods: served by their nodes, not one origin request.
     let requests = cluster.origin_requests();
     let src = tree(&cluster.src);
@@ -575,4 +622,13 @@ fn a_prefetch_fills_every_matching_node_before_the_rollouts_pods_appear() {
     // Rounds after it is Ready download nothing more.
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(cluster.origin_bytes(), origin);
+
+    // An agent that does not answer may be on a matching node: it counts,
+    // and the condition says which.
+    drop(c);
+    let status = observe();
+    assert_eq!(status.nodes, "2/3", "{status:?}");
+    let (state, _, message) = modelcache::controller::prefetch::condition(&status);
+    assert_eq!(state, "False");
+    assert!(message.contains("node-c"), "{message}");
 }

@@ -15,6 +15,7 @@ pub mod inject;
 pub mod leader;
 pub mod metrics;
 pub mod network;
+pub mod prefetch;
 pub mod reconcile;
 pub mod rollout;
 pub mod status;
@@ -84,6 +85,8 @@ pub struct ControllerConfig {
     pub webhook: Option<WebhookSettings>,
     /// The modelcache image, which standalone gateways run.
     pub image: Option<String>,
+    /// Where the node cache agents run, whose prefetches reach status.
+    pub node_agents: Option<prefetch::NodeAgents>,
 }
 
 /// The injection webhook's address, behaviour and TLS.
@@ -299,6 +302,7 @@ pub async fn run_with_client(
     ctx.redis_url_override = config.redis_url_override.clone();
     ctx.controller_namespace = Some(config.lease_namespace.clone());
     ctx.image = config.image.clone();
+    ctx.node_agents = config.node_agents.clone();
     let stop = {
         let (mut stop, mut lost) = (stop_rx.clone(), lost_rx.clone());
         async move {

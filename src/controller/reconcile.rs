@@ -103,6 +103,8 @@ pub struct Context {
     pub controller_namespace: Option<String>,
     /// The modelcache image, which standalone gateways run.
     pub image: Option<String>,
+    /// Where the node cache agents run, whose prefetches reach status.
+    pub node_agents: Option<crate::controller::prefetch::NodeAgents>,
     /// Consecutive failures per object, for per-object backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Running sweeps and key counts of retired versions.
@@ -125,6 +127,7 @@ impl Context {
             redis_url_override: None,
             controller_namespace: None,
             image: None,
+            node_agents: None,
             failures: Mutex::new(HashMap::new()),
             tasks: follow::Tasks::default(),
         }
@@ -256,6 +259,9 @@ async fn stages(mc: &ModelCache, ctx: &Context) -> Result<Action, ReconcileError
             Some(plan)
         }
     };
+    if let (Some(_), Some(agents)) = (&mc.spec.prefetch, &ctx.node_agents) {
+        obs.prefetch = Some(crate::controller::prefetch::observe(client, agents, mc).await);
+    }
     if obs.command_failed {
         ctx.metrics.error(ErrorCategory::RedisCommand);
     } else if obs.unreachable.is_some() {
@@ -274,7 +280,8 @@ async fn stages(mc: &ModelCache, ctx: &Context) -> Result<Action, ReconcileError
     }
     events::publish(&ctx.recorder, mc, announced).await;
 
-    let in_motion = rollout.as_ref().is_some_and(|p| p.in_motion());
+    let prefetching = obs.prefetch.as_ref().is_some_and(|p| p.ready < p.total);
+    let in_motion = prefetching || rollout.as_ref().is_some_and(|p| p.in_motion());
     let again = if in_motion {
         ctx.health_interval.min(ROLLOUT_REQUEUE)
     } else if ready {

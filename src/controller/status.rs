@@ -6,7 +6,9 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::crd::condition::{condition, set_condition};
-use crate::crd::model_cache::{GatewayStatus, ModelCacheStatus, RedisStatus, VersionStatus};
+use crate::crd::model_cache::{
+    GatewayStatus, ModelCacheStatus, PrefetchStatus, RedisStatus, VersionStatus,
+};
 use crate::store::RedisInfo;
 use crate::store::live::{ConfigOutcome, Defrag};
 
@@ -20,6 +22,8 @@ pub const SPEC_VALID: &str = "SpecValid";
 pub const CONFIG_APPLIED: &str = "ConfigApplied";
 /// Memory fragmentation is above the policy's threshold.
 pub const FRAGMENTED: &str = "Fragmented";
+/// Every node `spec.prefetch` selects holds `spec.version`.
+pub const PREFETCHED: &str = "Prefetched";
 
 /// What one reconcile found out.
 #[derive(Debug, Clone, Default)]
@@ -47,6 +51,9 @@ pub struct Observation {
     pub rollout: Option<(Vec<VersionStatus>, Option<String>)>,
     /// The gateways' report, when the spec has a gateway.
     pub gateway: Option<GatewayStatus>,
+    /// The node cache agents' prefetch, when the spec asks for one and the
+    /// controller knows where the agents are.
+    pub prefetch: Option<PrefetchStatus>,
 }
 
 /// The gateways' counters (the hash every gateway adds to, see
@@ -126,10 +133,19 @@ pub fn model_cache_status(
             status.active_version = active.clone();
         }
     }
-    status.redis = Some(redis_status(status.redis.take(), obs, now));
+    status.redis = Some(redis_status(status.redis.take(), obs, now.clone()));
     // While Redis cannot be read, the last report stands.
     if obs.unreachable.is_none() {
         status.gateway = obs.gateway.clone();
+    }
+    status.prefetch = obs.prefetch.clone();
+    match &status.prefetch {
+        Some(p) => {
+            let (state, reason, message) = super::prefetch::condition(p);
+            let c = condition(PREFETCHED, state, reason, message, generation, now);
+            set_condition(&mut status.conditions, c);
+        }
+        None => status.conditions.retain(|c| c.type_ != PREFETCHED),
     }
     status
 }
@@ -258,6 +274,27 @@ mod tests {
             changed: vec!["maxmemory".into()],
             still_differs,
         }
+    }
+
+    #[test]
+    fn prefetch_sets_its_condition_and_goes_with_it() {
+        let obs = Observation {
+            prefetch: Some(PrefetchStatus {
+                version: "v2".into(),
+                nodes: "3/3".into(),
+                ready: 3,
+                total: 3,
+                progress: Vec::new(),
+            }),
+            ..Default::default()
+        };
+        let s = model_cache_status(None, Some(1), &obs, at(10));
+        assert_eq!(condition_status(&s.conditions, PREFETCHED), Some("True"));
+        assert_eq!(s.prefetch.as_ref().unwrap().nodes, "3/3");
+        // spec.prefetch removed: neither the status nor the condition stays.
+        let s = model_cache_status(Some(&s), Some(2), &Observation::default(), at(20));
+        assert_eq!(condition_status(&s.conditions, PREFETCHED), None);
+        assert!(s.prefetch.is_none());
     }
 
     #[test]

@@ -63,6 +63,12 @@ pub const DEFAULT_VERSION_LABEL: &str = "modelcache.dev/version";
         description = "Keyspace hits / (hits + misses) since Redis started"
     ),
     printcolumn(
+        name = "Prefetched",
+        type_ = "string",
+        json_path = ".status.prefetch.nodes",
+        description = "Nodes whose node cache holds spec.version, of those spec.prefetch selects (ready/total)"
+    ),
+    printcolumn(
         name = "Active",
         type_ = "string",
         json_path = ".status.activeVersion",
@@ -584,6 +590,54 @@ pub struct ModelCacheStatus {
     /// gateway of the model since its Redis started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayStatus>,
+
+    /// Prefetch on rollout (`spec.prefetch`): which nodes hold `version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<PrefetchStatus>,
+}
+
+/// Where prefetch on rollout stands, from the node cache agents.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PrefetchStatus {
+    /// The version prefetched (`spec.version`).
+    pub version: String,
+    /// `ready/total`, e.g. `3/3`.
+    pub nodes: String,
+    /// Nodes whose node cache holds the version.
+    pub ready: i32,
+    /// Nodes that prefetch it (their labels match), and agents that did not
+    /// answer (their nodes may).
+    pub total: i32,
+    /// Each of those nodes.
+    #[serde(default)]
+    pub progress: Vec<NodePrefetch>,
+}
+
+/// One node's prefetch.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NodePrefetch {
+    /// The node.
+    pub node: String,
+    /// `Ready`, `Downloading`, `Failed`, `Pending` (the agent has not looked
+    /// yet) or `Unknown` (the agent did not answer).
+    pub phase: String,
+    /// Bytes downloaded so far.
+    #[serde(default)]
+    pub downloaded_bytes: i64,
+    /// Bytes of the version, once its manifest is read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_bytes: Option<i64>,
+    /// downloadedBytes / versionBytes, in percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<i32>,
+    /// Seconds left at the pace so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<i64>,
+    /// Why it failed, or why the agent did not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// What the gateways of a model report.

@@ -9,13 +9,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::fills::{Fill, Fills};
 use crate::artifact::node_cache::NodeCache;
@@ -64,8 +64,20 @@ pub fn wanted(model_caches: &[ModelCache], labels: &BTreeMap<String, String>) ->
         .collect()
 }
 
-/// Where a prefetch stands, as `/v1/prefetch` shows it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// What `/v1/prefetch` answers: this node's prefetches as of its last round.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PrefetchReport {
+    /// The node.
+    pub node: String,
+    /// Rounds done since the agent started: 0 means it has not looked yet.
+    pub rounds: u64,
+    /// Every version this node prefetches.
+    pub prefetches: Vec<PrefetchState>,
+}
+
+/// Where a prefetch stands.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PrefetchState {
     /// `namespace/name` of the ModelCache.
@@ -73,15 +85,27 @@ pub struct PrefetchState {
     /// The version.
     pub version: String,
     /// `Ready` (in the node cache), `Downloading` or `Failed`.
-    pub phase: &'static str,
+    pub phase: String,
     /// Bytes downloaded so far by this prefetch.
     pub downloaded_bytes: u64,
     /// Bytes of the version (its distinct files), once its manifest is read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version_bytes: Option<u64>,
+    /// Seconds left at the pace so far, while downloading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<u64>,
     /// Why it failed (retried at the next round).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// Seconds left for `total` bytes at the pace of `done` in `elapsed`.
+fn eta(done: u64, total: Option<u64>, elapsed: Duration) -> Option<u64> {
+    let left = total?.checked_sub(done)?;
+    if done == 0 {
+        return None;
+    }
+    Some((left as f64 * elapsed.as_secs_f64() / done as f64).ceil() as u64)
 }
 
 /// The agent's prefetches.
@@ -91,8 +115,8 @@ pub struct Prefetcher {
     namespace: Option<String>,
     cache: NodeCache,
     fills: Arc<Fills>,
-    running: Mutex<HashMap<String, Arc<Fill>>>,
-    states: Mutex<Vec<PrefetchState>>,
+    running: Mutex<HashMap<String, (Instant, Arc<Fill>)>>,
+    report: Mutex<PrefetchReport>,
 }
 
 impl Prefetcher {
@@ -112,13 +136,16 @@ impl Prefetcher {
             cache,
             fills,
             running: Mutex::new(HashMap::new()),
-            states: Mutex::new(Vec::new()),
+            report: Mutex::new(PrefetchReport {
+                node: node.into(),
+                ..Default::default()
+            }),
         }
     }
 
     /// Where each wanted version stands, as of the last round.
-    pub fn states(&self) -> Vec<PrefetchState> {
-        self.states.lock().clone()
+    pub fn report(&self) -> PrefetchReport {
+        self.report.lock().clone()
     }
 
     /// One round every `every`, forever. A failed round (the API server
@@ -155,14 +182,20 @@ impl Prefetcher {
         for w in &wanted {
             let id = NodeCache::version_id(&w.location.to_string(), &w.model, &w.version);
             let fill = running.get(&id).cloned();
-            let state = |phase, fill: Option<&Fill>, error| {
+            let since = fill.as_ref().map_or_else(Instant::now, |(at, _)| *at);
+            let fill = fill.map(|(_, f)| f);
+            let state = |phase: &str, fill: Option<&Fill>, error| {
                 let (downloaded_bytes, version_bytes) = fill.map_or((0, None), Fill::bytes);
+                let downloading = phase == "Downloading";
                 PrefetchState {
                     model_cache: w.model_cache.clone(),
                     version: w.version.clone(),
-                    phase,
+                    phase: phase.into(),
                     downloaded_bytes,
                     version_bytes,
+                    eta_seconds: downloading
+                        .then(|| eta(downloaded_bytes, version_bytes, since.elapsed()))
+                        .flatten(),
                     error,
                 }
             };
@@ -188,12 +221,14 @@ impl Prefetcher {
                         .fills
                         .join(&w.location, &w.source, &w.model, &w.version);
                     states.push(state("Downloading", Some(&f), None));
-                    running.insert(id, f);
+                    running.insert(id, (Instant::now(), f));
                 }
             }
         }
         drop(running);
-        *self.states.lock() = states;
+        let mut report = self.report.lock();
+        report.rounds += 1;
+        report.prefetches = states;
         Ok(())
     }
 }
@@ -214,6 +249,14 @@ mod tests {
             "metadata": {"name": name, "namespace": "ml"}, "spec": spec
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn the_eta_is_the_rest_at_the_pace_so_far() {
+        assert_eq!(eta(25, Some(100), Duration::from_secs(10)), Some(30));
+        assert_eq!(eta(0, Some(100), Duration::from_secs(10)), None);
+        assert_eq!(eta(25, None, Duration::from_secs(10)), None);
+        assert_eq!(eta(100, Some(100), Duration::from_secs(10)), Some(0));
     }
 
     #[test]

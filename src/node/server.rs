@@ -64,7 +64,7 @@ pub fn admin_router(metrics: Arc<Metrics>, prefetcher: Arc<Prefetcher>) -> Route
         "/v1/prefetch",
         get(move || async move {
             // Plain structs of strings and numbers: serializing cannot fail.
-            let body = serde_json::to_vec(&prefetcher.states()).unwrap_or_default();
+            let body = serde_json::to_vec(&prefetcher.report()).unwrap_or_default();
             ([(header::CONTENT_TYPE, "application/json")], body)
         }),
     )

@@ -67,7 +67,11 @@ impl Agent {
 /// The faked API server, listening on loopback, and a kubeconfig for it.
 pub struct Nodes {
     pub api: FakeApiServer,
+    /// A client of the same API server (for the controller's side).
+    pub client: kube::Client,
     pub kubeconfig: PathBuf,
+    /// Every agent's admin port, each on its own address.
+    pub admin_port: u16,
     dir: PathBuf,
     uid: std::cell::Cell<u32>,
 }
@@ -75,16 +79,18 @@ pub struct Nodes {
 impl Nodes {
     /// The API server on `rt`; agents' files under `dir`.
     pub fn new(rt: &tokio::runtime::Runtime, dir: &Path) -> Nodes {
-        let (api, port) = rt.block_on(async {
-            let (_client, api) = FakeApiServer::start();
+        let (client, api, port) = rt.block_on(async {
+            let (client, api) = FakeApiServer::start();
             let port = api.listen().await;
-            (api, port)
+            (client, api, port)
         });
         let kubeconfig = dir.join("kubeconfig");
         FakeApiServer::kubeconfig(port, &kubeconfig);
         Nodes {
             api,
+            client,
             kubeconfig,
+            admin_port: free_port(),
             dir: dir.into(),
             uid: std::cell::Cell::new(0),
         }
@@ -131,7 +137,7 @@ impl Nodes {
         env: &[(&str, &str)],
         args: &[&str],
     ) -> Agent {
-        let (port, admin) = (free_port(), free_port());
+        let (port, admin) = (free_port(), self.admin_port);
         let cache = self.dir.join(format!("{node}-cache"));
         let log = self.dir.join(format!("{node}.log"));
         let out = std::fs::File::create(&log).unwrap();
