@@ -129,6 +129,11 @@ echo "  completion marker: $(tr -d '\n ' <"$work/pod-a/model/.modelcache/complet
 step "A second pod on the same node: served by the node cache (hard links), no request to S3"
 "$bin" "${fetch[@]}" --dest "$work/pod-b/model"
 
+step "The node cache agent: a ModelCache's spec.prefetch fills the node before any pod exists, then a pod starts from its node with no request to S3"
+cargo build --locked --quiet --example node_agent
+target/debug/examples/node_agent "$bin" "http://127.0.0.1:$s3_port" all-minilm-l6-v2 v1 "$work"
+diff -r --exclude=.modelcache "$model_dir" "$work/pod-e/model" && echo "  pod-e/model is byte-identical to the published directory, every file verified in the pod"
+
 step "A damaged object at the origin is refused, and nothing reaches its final path"
 python3 - "$s3_port" <<'PY'
 import boto3, sys
@@ -289,4 +294,4 @@ for version in 1.30.0 1.37.0; do
   echo "  Kubernetes $version: every rendered object passes"
 done
 
-step "Done: CRDs and examples valid, bad resources rejected, Redis configured as a cache and drift repaired, a rollout swept the retired version, a real model published and fetched verified (second pod from the node cache, a damaged object refused), a real engine's prefix cache warmed, the same model's KV warmed in process and reused, a calibrated semantic cache serving paraphrases across replicas and refusing near misses, the openai client's FAQ traffic answered through the caching gateway with no old answer after a rollout, the whole flow from publish to sweep, chart valid"
+step "Done: CRDs and examples valid, bad resources rejected, Redis configured as a cache and drift repaired, a rollout swept the retired version, a real model published and fetched verified (second pod from the node cache, a prefetch by the node agent and a pod served from its node, a damaged object refused), a real engine's prefix cache warmed, the same model's KV warmed in process and reused, a calibrated semantic cache serving paraphrases across replicas and refusing near misses, the openai client's FAQ traffic answered through the caching gateway with no old answer after a rollout, the whole flow from publish to sweep, chart valid"
