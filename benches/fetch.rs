@@ -655,26 +655,7 @@ fn node_agent(b: &NodeBench) -> Vec<Row> {
         ("AWS_SECRET_ACCESS_KEY", s3.secret_key.as_str()),
         ("AWS_REGION", s3.region.as_str()),
     ];
-    let cfg = modelcache::artifact::source::SourceConfig {
-        endpoint: Some(s3.endpoint()),
-        region: Some(s3.region.clone()),
-        path_style: true,
-        credentials: Some(modelcache::artifact::source::S3Credentials {
-            access_key_id: s3.access_key.clone(),
-            secret_access_key: s3.secret_key.clone(),
-            session_token: None,
-        }),
-        ..Default::default()
-    };
-    b.rt.block_on(async {
-        modelcache::artifact::source::s3_client(&cfg, Duration::from_secs(60), true)
-            .await
-            .create_bucket()
-            .bucket("models")
-            .send()
-            .await
-            .unwrap()
-    });
+    b.rt.block_on(s3.create_bucket("models"));
     let mut publish = Command::new(BIN);
     publish
         .args(["publish", "--dir", b.src.to_str().unwrap()])

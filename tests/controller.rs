@@ -1213,24 +1213,7 @@ fn digest_in_status(api: &FakeApiServer, version: &str) -> Option<String> {
 #[tokio::test]
 async fn a_live_versions_manifest_digest_is_read_once_with_the_secrets_keys() {
     let s3 = support::S3Server::s3s_fs().unwrap_or_else(|e| panic!("{e}"));
-    let cfg = modelcache::artifact::source::SourceConfig {
-        endpoint: Some(s3.endpoint()),
-        region: Some(s3.region.clone()),
-        path_style: true,
-        credentials: Some(modelcache::artifact::source::S3Credentials {
-            access_key_id: s3.access_key.clone(),
-            secret_access_key: s3.secret_key.clone(),
-            session_token: None,
-        }),
-        ..Default::default()
-    };
-    modelcache::artifact::source::s3_client(&cfg, Duration::from_secs(30), true)
-        .await
-        .create_bucket()
-        .bucket("models")
-        .send()
-        .await
-        .unwrap();
+    s3.create_bucket("models").await;
     let v1 = publish_to(&s3, "v1");
     let proxy = support::proxy::Proxy::start(s3.port(), Default::default())
         .await

@@ -13,7 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::proxy::{Proxy, ProxyConfig};
-use support::{HttpServer, S3Server, model_dir, tree};
+use support::{HttpServer, S3Server, model_dir, stderr, summary, tree};
 
 const BIN: &str = env!("CARGO_BIN_EXE_modelcache");
 
@@ -31,20 +31,6 @@ fn modelcache(args: &[&str], env: &[(&str, &str)]) -> Command {
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     modelcache(args, env).output().expect("modelcache runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn summary(o: &Output) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "modelcache failed ({:?}): {}",
-        o.status.code(),
-        stderr(o)
-    );
-    serde_json::from_slice(&o.stdout).expect("the summary is JSON")
 }
 
 fn creds(s3: &S3Server) -> Vec<(&'static str, String)> {

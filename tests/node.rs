@@ -17,23 +17,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::node::{AUDIENCE, Agent, Nodes};
 use support::proxy::{Proxy, ProxyConfig};
-use support::{HttpServer, model_dir, tree};
+use support::{HttpServer, model_dir, stderr, summary, tree};
 
 const BIN: &str = env!("CARGO_BIN_EXE_modelcache");
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn summary(o: &Output) -> Value {
-    assert!(
-        o.status.success(),
-        "modelcache failed ({:?}): {}",
-        o.status.code(),
-        stderr(o)
-    );
-    serde_json::from_slice(&o.stdout).expect("the summary is JSON")
-}
 
 /// The faked API server over HTTP, the origin behind counting proxies, and
 /// the directory the pods and nodes live in.
@@ -121,16 +107,6 @@ impl Cluster {
         self.nodes.agent(BIN, node, ip, concurrency, &[], &[])
     }
 
-    fn pod(
-        &self,
-        name: &str,
-        node: &str,
-        injected_for: Option<&str>,
-        audiences: &[&str],
-    ) -> PathBuf {
-        self.nodes.pod(name, node, injected_for, audiences)
-    }
-
     /// The injected fetch of pod `name` through `agent` into its own
     /// emptyDir, started, pinned to the published digest unless `extra`
     /// pins another.
@@ -204,7 +180,9 @@ fn eight_pods_starting_together_cost_one_origin_download_and_the_next_pod_none()
     let pods: Vec<(String, PathBuf)> = (0..8)
         .map(|i| {
             let name = format!("chat-{i}");
-            let token = cluster.pod(&name, "node-a", Some("chat"), &[AUDIENCE]);
+            let token = cluster
+                .nodes
+                .pod(&name, "node-a", Some("chat"), &[AUDIENCE]);
             (name, token)
         })
         .collect();
@@ -245,7 +223,9 @@ fn eight_pods_starting_together_cost_one_origin_download_and_the_next_pod_none()
     // A ninth pod, later: all from the node cache, not one origin request.
     let requests = cluster.origin_requests();
     let from_cache = agent.metric(r#"modelcache_node_served_bytes_total{from="cache"}"#);
-    let token = cluster.pod("chat-late", "node-a", Some("chat"), &[AUDIENCE]);
+    let token = cluster
+        .nodes
+        .pod("chat-late", "node-a", Some("chat"), &[AUDIENCE]);
     let s = summary(&cluster.fetch("chat-late", &agent, &token, &[]));
     assert_eq!(s["nodeAgent"], true, "{s}");
     assert_eq!(tree(&cluster.dest("chat-late")), src);
@@ -260,7 +240,9 @@ fn eight_pods_starting_together_cost_one_origin_download_and_the_next_pod_none()
     // (one request) and the files from the agent.
     let requests = cluster.origin_requests();
     let manifests = cluster.counter.stats.requests_for("/manifest.json");
-    let token = cluster.pod("chat-unpinned", "node-a", Some("chat"), &[AUDIENCE]);
+    let token = cluster
+        .nodes
+        .pod("chat-unpinned", "node-a", Some("chat"), &[AUDIENCE]);
     let child = cluster.start_unpinned("chat-unpinned", &agent, &token, &[]);
     let s = summary(&child.wait_with_output().unwrap());
     assert_eq!(s["nodeAgent"], true, "{s}");
@@ -332,7 +314,7 @@ fn pods_the_agent_may_not_serve_are_refused_and_fetch_from_the_origin() {
     } in cases
     {
         let asked = &agent;
-        let token = cluster.pod(pod, node, injected, audiences);
+        let token = cluster.nodes.pod(pod, node, injected, audiences);
         let before = cluster.origin_requests();
         let o = cluster.fetch(pod, asked, &token, &[]);
         let s = summary(&o);
@@ -364,7 +346,9 @@ fn pods_the_agent_may_not_serve_are_refused_and_fetch_from_the_origin() {
         );
     }
     // The pod of node-b is served by node-b's agent.
-    let token = cluster.pod("on-b-right", "node-b", Some("chat"), &[AUDIENCE]);
+    let token = cluster
+        .nodes
+        .pod("on-b-right", "node-b", Some("chat"), &[AUDIENCE]);
     let s = summary(&cluster.fetch("on-b-right", &other, &token, &[]));
     assert_eq!(s["nodeAgent"], true, "{s}");
     assert_eq!(tree(&cluster.dest("on-b-right")), src);
@@ -395,7 +379,7 @@ fn an_agent_killed_mid_download_leaves_its_pods_to_finish_from_the_origin() {
     let started: Vec<Child> = names
         .iter()
         .map(|name| {
-            let token = cluster.pod(name, "node-a", Some("chat"), &[AUDIENCE]);
+            let token = cluster.nodes.pod(name, "node-a", Some("chat"), &[AUDIENCE]);
             cluster.start_fetch(name, &agent, &token, &[])
         })
         .collect();
@@ -437,7 +421,9 @@ fn an_agent_killed_mid_download_leaves_its_pods_to_finish_from_the_origin() {
 fn a_tampered_blob_in_the_agents_cache_is_caught_in_the_pod_and_fetched_from_the_origin() {
     let cluster = Cluster::new(4, None);
     let agent = cluster.agent("node-a", "127.0.0.2", 4);
-    let token = cluster.pod("first", "node-a", Some("chat"), &[AUDIENCE]);
+    let token = cluster
+        .nodes
+        .pod("first", "node-a", Some("chat"), &[AUDIENCE]);
     let s = summary(&cluster.fetch("first", &agent, &token, &[]));
     assert_eq!(s["nodeAgent"], true, "{s}");
     let digest = s["manifestDigest"].as_str().unwrap().to_owned();
@@ -463,7 +449,9 @@ fn a_tampered_blob_in_the_agents_cache_is_caught_in_the_pod_and_fetched_from_the
     std::fs::set_permissions(&blob, std::fs::Permissions::from_mode(0o444)).unwrap();
 
     let before = cluster.origin_requests();
-    let token = cluster.pod("second", "node-a", Some("chat"), &[AUDIENCE]);
+    let token = cluster
+        .nodes
+        .pod("second", "node-a", Some("chat"), &[AUDIENCE]);
     let pinned = ["--manifest-digest", digest.as_str()];
     let s = summary(&cluster.fetch("second", &agent, &token, &pinned));
     assert_eq!(s["nodeAgent"], false, "{s}");
@@ -488,7 +476,9 @@ fn a_tampered_blob_in_the_agents_cache_is_caught_in_the_pod_and_fetched_from_the
 fn a_manifest_other_than_the_pinned_digest_is_refused_from_the_agent_and_the_origin() {
     let cluster = Cluster::new(1, None);
     let agent = cluster.agent("node-a", "127.0.0.2", 4);
-    let token = cluster.pod("pinned", "node-a", Some("chat"), &[AUDIENCE]);
+    let token = cluster
+        .nodes
+        .pod("pinned", "node-a", Some("chat"), &[AUDIENCE]);
     let wrong = "0".repeat(64);
     let o = cluster.fetch("pinned", &agent, &token, &["--manifest-digest", &wrong]);
     assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
@@ -501,7 +491,9 @@ fn a_manifest_other_than_the_pinned_digest_is_refused_from_the_agent_and_the_ori
         .as_str()
         .unwrap()
         .to_owned();
-    let token = cluster.pod("pinned-2", "node-a", Some("chat"), &[AUDIENCE]);
+    let token = cluster
+        .nodes
+        .pod("pinned-2", "node-a", Some("chat"), &[AUDIENCE]);
     let s = summary(&cluster.fetch("pinned-2", &agent, &token, &["--manifest-digest", &right]));
     assert_eq!(s["nodeAgent"], true, "{s}");
     // A complete destination pinned to another digest is fetched again, and refused.
@@ -613,7 +605,7 @@ fn a_prefetch_fills_every_matching_node_before_the_rollouts_pods_appear() {
     let requests = cluster.origin_requests();
     let src = tree(&cluster.src);
     for (name, node, agent) in [("chat-a", "node-a", &a), ("chat-b", "node-b", &b)] {
-        let token = cluster.pod(name, node, Some("chat"), &[AUDIENCE]);
+        let token = cluster.nodes.pod(name, node, Some("chat"), &[AUDIENCE]);
         let s = summary(&cluster.fetch(name, agent, &token, &[]));
         assert_eq!(s["nodeAgent"], true, "{s}");
         assert_eq!(tree(&cluster.dest(name)), src);

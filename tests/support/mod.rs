@@ -486,6 +486,36 @@ impl S3Server {
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port())
     }
+
+    /// How modelcache reaches this server, with its keys.
+    pub fn source_config(&self) -> modelcache::artifact::source::SourceConfig {
+        modelcache::artifact::source::SourceConfig {
+            endpoint: Some(self.endpoint()),
+            region: Some(self.region.clone()),
+            path_style: true,
+            credentials: Some(modelcache::artifact::source::S3Credentials {
+                access_key_id: self.access_key.clone(),
+                secret_access_key: self.secret_key.clone(),
+                session_token: None,
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Creates `bucket`.
+    pub async fn create_bucket(&self, bucket: &str) {
+        modelcache::artifact::source::s3_client(
+            &self.source_config(),
+            Duration::from_secs(60),
+            true,
+        )
+        .await
+        .create_bucket()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("failed to create bucket {bucket}: {e}"));
+    }
 }
 
 /// nginx serving `root` read-only, with Range requests, like a CDN origin.
@@ -808,4 +838,20 @@ pub fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         walk(dir, dir, &mut out);
     }
     out
+}
+
+/// A command's stderr, for failure messages.
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The JSON summary a successful command printed.
+pub fn summary(o: &std::process::Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "modelcache failed ({:?}): {}",
+        o.status.code(),
+        stderr(o)
+    );
+    serde_json::from_slice(&o.stdout).expect("the summary is JSON")
 }
