@@ -624,3 +624,81 @@ fn a_prefetch_fills_every_matching_node_before_the_rollouts_pods_appear() {
     assert_eq!(state, "False");
     assert!(message.contains("node-c"), "{message}");
 }
+
+#[test]
+fn an_old_version_stays_on_a_node_while_a_pod_of_the_node_uses_it() {
+    let cluster = Cluster::new(4, None);
+    let nodes = &cluster.nodes;
+    nodes.node("node-a", json!({}));
+    // v2: other bytes under the same model, on the same origin.
+    let v2_src = model_dir(&cluster.tmp.path().join("v2-src"), 8, 4);
+    let root = cluster.tmp.path().join("origin");
+    summary(
+        &Command::new(BIN)
+            .args(["publish", "--dir", v2_src.to_str().unwrap()])
+            .args(["--to", &format!("file://{}", root.display())])
+            .args(["--model", "m", "--version", "v2"])
+            .output()
+            .unwrap(),
+    );
+    let one_version = cluster.version_bytes();
+    // Room for one version and a half: v2 cannot come in beside v1 unless v1 goes.
+    let quota = (one_version * 3 / 2).to_string();
+    let args = ["--prefetch-interval", "1", "--cache-quota", &quota];
+    let agent = nodes.agent(BIN, "node-a", "127.0.0.2", 4, &[], &args);
+    let token = nodes.pod("chat-v1", "node-a", Some("chat"), &[AUDIENCE]);
+    let s = summary(&cluster.fetch("chat-v1", &agent, &token, &[]));
+    assert_eq!(s["nodeAgent"], true, "{s}");
+
+    // The rollout: v2, prefetched while the v1 pod still runs.
+    let path = "/apis/modelcache.dev/v1alpha1/namespaces/ml/modelcaches/chat";
+    let mut mc = nodes.api.get(path).unwrap();
+    mc["spec"]["version"] = json!("v2");
+    mc["spec"]["prefetch"] = json!({});
+    nodes.api.insert(path, mc);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !prefetches(&agent)
+        .iter()
+        .any(|p| p["version"] == "v2" && p["phase"] == "Ready")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "v2 not prefetched: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let held = agent.metric("modelcache_node_cache_bytes") as u64;
+    assert!(
+        held >= 2 * one_version - (1 << 20),
+        "v1 kept over the quota: {held}"
+    );
+    assert_eq!(agent.metric("modelcache_node_evicted_versions_total"), 0.0);
+
+    // The v1 pod goes: v1 leaves the node within a round or two.
+    nodes.api.remove("/api/v1/namespaces/ml/pods/chat-v1");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent.metric("modelcache_node_evicted_versions_total") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "v1 never evicted: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let blobs = std::fs::read_dir(agent.cache.join("blobs"))
+        .unwrap()
+        .count();
+    let v2_files: std::collections::BTreeSet<Vec<u8>> = tree(&v2_src).into_values().collect();
+    assert_eq!(blobs, v2_files.len(), "only v2's blobs are left");
+    let held = agent.metric("modelcache_node_cache_bytes") as u64;
+    assert!(
+        held <= quota.parse::<u64>().unwrap(),
+        "within the quota again: {held}"
+    );
+    assert!(
+        prefetches(&agent)
+            .iter()
+            .any(|p| p["version"] == "v2" && p["phase"] == "Ready")
+    );
+}

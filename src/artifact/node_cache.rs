@@ -12,12 +12,16 @@
 //! <root>/manifests/<digest>.json  manifest bytes
 //! <root>/locks/<id>.lock          held while a fetcher works on the version
 //! <root>/evict.lock               held while one fetcher evicts
+//! <root>/pins/<id>/<holder>       a pod the node agent served the version to
 //! ```
 //!
 //! A version is pinned while any of its blobs has a hard link outside the
 //! cache (a pod's destination on the same filesystem): evicting it would free
 //! nothing, and the pod's files stay intact either way because the pod holds
-//! its own link. Copies made across filesystems do not pin.
+//! its own link. Copies made across filesystems do not pin. A version is
+//! also pinned while it has a pin file: the node agent's pods get copies over
+//! HTTP, so the agent pins each version for the pods it served, and removes
+//! the pin once the pod is gone.
 //!
 //! A pod's file is a hard link to the blob, so a pod able to write it (its
 //! owner, or root) would change what the next pod gets. A hit is therefore
@@ -351,8 +355,60 @@ impl NodeCache {
         freed
     }
 
+    /// Pins version `id` for `holder` (a pod's uid: letters, digits and
+    /// dashes), with `about` (what to look the holder up by) as the pin's
+    /// content. Eviction leaves the version until every pin is removed.
+    pub fn pin(&self, id: &str, holder: &str, about: &str) -> Result<(), NodeCacheError> {
+        let safe =
+            |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let dir = self.root.join("pins").join(id);
+        if !safe(id) || !safe(holder) {
+            return Err(NodeCacheError::Io {
+                path: dir,
+                source: std::io::Error::other("a pin is named by letters, digits and dashes"),
+            });
+        }
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let path = dir.join(holder);
+        std::fs::write(&path, about).map_err(io(&path))
+    }
+
+    /// Removes `holder`'s pin of `id`.
+    pub fn unpin(&self, id: &str, holder: &str) {
+        let dir = self.root.join("pins").join(id);
+        let _ = std::fs::remove_file(dir.join(holder));
+        // Fails while other pins remain: that is the point.
+        let _ = std::fs::remove_dir(&dir);
+    }
+
+    /// Every pin: (version id, holder, about).
+    pub fn pins(&self) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        for version in std::fs::read_dir(self.root.join("pins"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let id = version.file_name().to_string_lossy().into_owned();
+            for pin in std::fs::read_dir(version.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let holder = pin.file_name().to_string_lossy().into_owned();
+                let about = std::fs::read_to_string(pin.path()).unwrap_or_default();
+                out.push((id.clone(), holder, about));
+            }
+        }
+        out.sort();
+        out
+    }
+
     fn pinned(&self, id: &str) -> bool {
-        self.read_record(&self.record_path(id))
+        let held = std::fs::read_dir(self.root.join("pins").join(id))
+            .is_ok_and(|mut d| d.next().is_some());
+        held || self
+            .read_record(&self.record_path(id))
             .is_some_and(|(_, m)| {
                 m.files.iter().any(|f| {
                     std::fs::metadata(self.blob_path(&f.sha256)).is_ok_and(|meta| meta.nlink() > 1)
@@ -445,6 +501,31 @@ mod tests {
         assert_eq!(record.version, "v1");
         std::fs::remove_file(cache.blob_path(&manifest.manifest.files[0].sha256)).unwrap();
         assert!(cache.lookup(&id).is_none());
+    }
+
+    #[test]
+    fn a_pod_pin_keeps_a_version_until_it_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = NodeCache::open(dir.path()).unwrap();
+        let v1 = cached(&cache, "v1", 1, 1000);
+        let v2 = cached(&cache, "v2", 2, 1000);
+        cache.pin(&v1, "pod-uid-1", "ml/chat-0").unwrap();
+        cache.pin(&v1, "pod-uid-2", "ml/chat-1").unwrap();
+        assert_eq!(cache.pins().len(), 2);
+        assert!(
+            cache.pin(&v1, "../escape", "x").is_err(),
+            "names stay inside pins/"
+        );
+        let r = cache.evict(1000, 0, &v2);
+        assert!(r.evicted_versions.is_empty(), "v1 is pinned by two pods");
+        cache.unpin(&v1, "pod-uid-1");
+        assert!(
+            cache.evict(1000, 0, &v2).evicted_versions.is_empty(),
+            "one pod still holds it"
+        );
+        cache.unpin(&v1, "pod-uid-2");
+        assert!(cache.pins().is_empty());
+        assert_eq!(cache.evict(1000, 0, &v2).evicted_versions, vec![v1]);
     }
 
     #[test]

@@ -214,8 +214,9 @@ fn same_source(a: &str, b: &str) -> bool {
     }
 }
 
-/// What the agent decided for a token, source and model.
-pub type Decision = Result<ArtifactSource, Refusal>;
+/// What the agent decided for a token, source and model: the source's
+/// settings and the pod, or why not.
+pub type Decision = Result<(ArtifactSource, Claim), Refusal>;
 
 /// Asks the API server, and keeps the answers briefly.
 pub struct Authorizer {
@@ -307,7 +308,7 @@ impl Authorizer {
                 what: "read the ModelCache",
                 source,
             })?;
-        Ok(admit(&claim, &name, mc.as_ref(), source_uri, model))
+        Ok(admit(&claim, &name, mc.as_ref(), source_uri, model).map(|source| (source, claim)))
     }
 }
 

@@ -133,6 +133,7 @@ pub struct Fills {
     settings: FillSettings,
     metrics: Arc<Metrics>,
     running: Mutex<HashMap<String, Arc<Fill>>>,
+    measuring: Arc<Mutex<()>>,
 }
 
 impl Fills {
@@ -143,6 +144,7 @@ impl Fills {
             settings,
             metrics,
             running: Mutex::new(HashMap::new()),
+            measuring: Arc::default(),
         }
     }
 
@@ -194,10 +196,7 @@ impl Fills {
                     Err(why)
                 }
             };
-            fills
-                .metrics
-                .cache_bytes
-                .set(fills.used_bytes().await as i64);
+            fills.measure().await;
             let mut running = fills.running.lock();
             if running.get(&id).is_some_and(|f| Arc::ptr_eq(f, &this)) {
                 running.remove(&id);
@@ -208,11 +207,32 @@ impl Fills {
         fill
     }
 
-    async fn used_bytes(&self) -> u64 {
-        let cache = self.cache.clone();
-        tokio::task::spawn_blocking(move || cache.used_bytes())
-            .await
-            .unwrap_or(0)
+    /// The node cache's quota, if any.
+    pub fn quota(&self) -> Option<u64> {
+        self.settings.quota
+    }
+
+    /// Counts versions evicted outside a download (pins released), and
+    /// what the cache holds after.
+    pub async fn evicted(&self, versions: usize) {
+        self.metrics.evicted_versions.inc_by(versions as u64);
+        self.measure().await;
+    }
+
+    /// Sets `cache_bytes` to what the cache holds. Measuring and setting
+    /// under one lock: two downloads ending together would otherwise let the
+    /// older measure overwrite the newer.
+    pub async fn measure(&self) {
+        let (cache, metrics, lock) = (
+            self.cache.clone(),
+            self.metrics.clone(),
+            self.measuring.clone(),
+        );
+        let _ = tokio::task::spawn_blocking(move || {
+            let _one = lock.lock();
+            metrics.cache_bytes.set(cache.used_bytes() as i64);
+        })
+        .await;
     }
 
     fn options(

@@ -28,6 +28,9 @@ use std::sync::Arc;
 
 use crate::artifact::node_cache::{NodeCache, NodeCacheError};
 
+/// How often pins are released when nothing is prefetched.
+const PIN_ROUNDS: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Everything `modelcache node` takes.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -76,28 +79,23 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     let cache = NodeCache::open(&config.cache_dir)?;
     let metrics = Arc::new(metrics::Metrics::new());
-    let used = {
-        let cache = cache.clone();
-        tokio::task::spawn_blocking(move || cache.used_bytes())
-            .await
-            .unwrap_or(0)
-    };
-    metrics.cache_bytes.set(used as i64);
     let fills = Arc::new(fills::Fills::new(
         cache.clone(),
         config.fill.clone(),
         metrics.clone(),
     ));
+    fills.measure().await;
     let prefetcher = Arc::new(prefetch::Prefetcher::new(
         client.clone(),
         &config.node,
         config.namespace.clone(),
+        config.prefetch_every.is_some(),
         cache.clone(),
         fills.clone(),
     ));
-    let prefetching = config
-        .prefetch_every
-        .map(|every| tokio::spawn(prefetcher.clone().run(every)));
+    // Without prefetch the rounds still release the pins of pods gone.
+    let every = config.prefetch_every.unwrap_or(PIN_ROUNDS);
+    let rounds = tokio::spawn(prefetcher.clone().run(every));
     let agent = Arc::new(server::Agent {
         authorizer: authorize::Authorizer::new(client, &config.node),
         cache,
@@ -131,9 +129,7 @@ pub async fn run(
         });
     let _ = stop.send(true);
     drop(stopped);
-    if let Some(task) = prefetching {
-        task.abort();
-    }
+    rounds.abort();
     if let Ok(Err(e)) = admin_task.await {
         return Err(e);
     }

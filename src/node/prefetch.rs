@@ -6,12 +6,16 @@
 //! What to pull is a pure function of the ModelCaches and the node's labels
 //! ([`wanted`]); where each stands is served on the admin port
 //! (`/v1/prefetch`) for operators and for the controller.
+//!
+//! Each round also releases the pins of pods that are gone (the agent pins
+//! a version for every pod it serves it to) and evicts down to the quota,
+//! so that an old version leaves the node once no pod of the node uses it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use parking_lot::Mutex;
@@ -113,6 +117,8 @@ pub struct Prefetcher {
     client: kube::Client,
     node: String,
     namespace: Option<String>,
+    /// Pull versions (`false`: only release pins).
+    prefetch: bool,
     cache: NodeCache,
     fills: Arc<Fills>,
     running: Mutex<HashMap<String, (Instant, Arc<Fill>)>>,
@@ -126,6 +132,7 @@ impl Prefetcher {
         client: kube::Client,
         node: &str,
         namespace: Option<String>,
+        prefetch: bool,
         cache: NodeCache,
         fills: Arc<Fills>,
     ) -> Self {
@@ -133,6 +140,7 @@ impl Prefetcher {
             client,
             node: node.into(),
             namespace,
+            prefetch,
             cache,
             fills,
             running: Mutex::new(HashMap::new()),
@@ -155,11 +163,57 @@ impl Prefetcher {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            self.release_pins().await;
+            if !self.prefetch {
+                continue;
+            }
             if let Err(e) = self.round().await {
                 tracing::warn!(
                     "failed to look for versions to prefetch: {}",
                     crate::error::chain(&e)
                 );
+            }
+        }
+    }
+
+    /// Removes the pins of pods that no longer exist (or were replaced by
+    /// another of the same name), then evicts down to the quota. A pod the
+    /// API server cannot say anything about keeps its pin.
+    async fn release_pins(&self) {
+        let cache = self.cache.clone();
+        let pins = tokio::task::spawn_blocking(move || cache.pins())
+            .await
+            .unwrap_or_default();
+        let mut released = 0;
+        for (id, uid, about) in pins {
+            let Some((namespace, name)) = about.split_once('/') else {
+                continue;
+            };
+            let pod = Api::<Pod>::namespaced(self.client.clone(), namespace)
+                .get_opt(name)
+                .await;
+            let gone = match pod {
+                Ok(None) => true,
+                Ok(Some(p)) => p.metadata.uid.as_deref() != Some(uid.as_str()),
+                Err(_) => false,
+            };
+            if gone {
+                self.cache.unpin(&id, &uid);
+                released += 1;
+            }
+        }
+        let Some(quota) = self.fills.quota() else {
+            return;
+        };
+        if released > 0 {
+            let cache = self.cache.clone();
+            let evicted = tokio::task::spawn_blocking(move || cache.evict(quota, 0, ""))
+                .await
+                .map(|r| r.evicted_versions.len())
+                .unwrap_or(0);
+            if evicted > 0 {
+                tracing::info!(evicted, "evicted versions no pod of this node uses");
+                self.fills.evicted(evicted).await;
             }
         }
     }

@@ -22,7 +22,7 @@ use axum::routing::get;
 use bytes::Bytes;
 use futures::Stream;
 
-use super::authorize::Authorizer;
+use super::authorize::{Authorizer, Claim};
 use super::fills::{Fill, Fills};
 use super::metrics::{Metrics, Served};
 use super::prefetch::Prefetcher;
@@ -101,12 +101,12 @@ async fn file(
     if let Err(e) = crate::artifact::check_names(&model, &version) {
         return refuse(StatusCode::BAD_REQUEST, e);
     }
-    let source = match agent
+    let (source, pod) = match agent
         .authorizer
         .decide(token, &location.to_string(), &model)
         .await
     {
-        Ok(Ok(source)) => source,
+        Ok(Ok(admitted)) => admitted,
         Ok(Err(refusal)) => {
             agent.metrics.refused(refusal.reason());
             tracing::info!(reason = refusal.reason(), "refused a request: {refusal}");
@@ -121,6 +121,7 @@ async fn file(
     };
     let join = || agent.fills.join(&location, &source, &model, &version);
     let id = NodeCache::version_id(&location.to_string(), &model, &version);
+    pin(&agent.cache, &id, &pod).await;
     let (manifest, mut fill) = match lookup(&agent.cache, &id).await {
         Some(m) => (m, None),
         None => {
@@ -169,6 +170,24 @@ async fn file(
             format_args!("{path} is not in the node cache yet"),
         ),
         Err(why) => refuse(StatusCode::BAD_GATEWAY, why),
+    }
+}
+
+/// The version stays in the node cache while the pod it was served to
+/// runs: the pod got a copy, not a link, so nothing else pins it.
+/// [`super::prefetch`] removes the pin once the pod is gone.
+async fn pin(cache: &NodeCache, id: &str, pod: &Claim) {
+    let (cache, id, pod) = (cache.clone(), id.to_owned(), pod.clone());
+    let pinned = tokio::task::spawn_blocking(move || {
+        let about = format!("{}/{}", pod.namespace, pod.pod);
+        cache.pin(&id, &pod.uid, &about)
+    })
+    .await;
+    if let Ok(Err(e)) = pinned {
+        tracing::warn!(
+            "failed to pin a version for its pod: {}",
+            crate::error::chain(&e)
+        );
     }
 }
 
