@@ -4,6 +4,8 @@
 //! throw-away namespace, and check that the API server defaults and rejects
 //! exactly as the offline validator does.
 
+mod support;
+
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Secret};
@@ -271,4 +273,241 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The node agent's assumptions about a real API server: a projected token
+/// for audience `modelcache-node`, bound to a pod, reviews as that pod (the
+/// pod-name and pod-uid extras the agent reads), a token for another audience
+/// does not, and the chart's RBAC for the agent allows what it uses and
+/// nothing else (SubjectAccessReviews). The DaemonSet passes a server-side
+/// dry run. Needs only a schedulable node (the pod's image is never pulled
+/// for the review to work).
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster: set KUBECONFIG and pass --ignored"]
+async fn node_agent_tokens_and_rbac_on_a_real_api_server() {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    use k8s_openapi::api::authentication::v1::{
+        BoundObjectReference, TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
+    };
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use modelcache::node::authorize::{self, AUDIENCE, Refusal};
+
+    let client = client().await;
+    let ns = format!("modelcache-node-test-{}", std::process::id());
+    let release = format!("mc{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let mut namespace = Namespace::default();
+    namespace.metadata.name = Some(ns.clone());
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    let agent_name = format!("{release}-modelcache-node");
+
+    let result = async {
+        // A model pod with its own ServiceAccount, as the webhook sees it.
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+        let mut sa = ServiceAccount::default();
+        sa.metadata.name = Some("model".into());
+        accounts.create(&PostParams::default(), &sa).await.unwrap();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "chat-0", "annotations": {"modelcache.dev/inject": "chat"}},
+            "spec": {"serviceAccountName": "model", "automountServiceAccountToken": false,
+                     "containers": [{"name": "engine", "image": "registry.k8s.io/pause:3.10"}]}
+        }))
+        .unwrap();
+        let pod = pods.create(&PostParams::default(), &pod).await.unwrap();
+        let uid = pod.metadata.uid.clone().unwrap();
+        let token = |audiences: Option<Vec<String>>| {
+            let accounts = accounts.clone();
+            let uid = uid.clone();
+            async move {
+                let request = TokenRequest {
+                    spec: Some(TokenRequestSpec {
+                        audiences,
+                        expiration_seconds: Some(600),
+                        bound_object_ref: Some(BoundObjectReference {
+                            api_version: Some("v1".into()),
+                            kind: Some("Pod".into()),
+                            name: Some("chat-0".into()),
+                            uid: Some(uid),
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                accounts
+                    .create_token_request("model", &PostParams::default(), &request)
+                    .await
+                    .unwrap()
+                    .status
+                    .and_then(|s| s.token)
+                    .expect("a token")
+            }
+        };
+        let review = |token: String| {
+            let client = client.clone();
+            async move {
+                let review = TokenReview {
+                    spec: TokenReviewSpec {
+                        token,
+                        audiences: Some(vec![AUDIENCE.into()]),
+                    },
+                    ..Default::default()
+                };
+                Api::<TokenReview>::all(client)
+                    .create(&PostParams::default(), &review)
+                    .await
+                    .unwrap()
+                    .status
+                    .unwrap_or_default()
+            }
+        };
+        let ours = review(token(Some(vec![AUDIENCE.into()])).await).await;
+        let claim = authorize::claim(&ours).expect("the pod's token reviews as the pod");
+        assert_eq!(
+            (claim.namespace.as_str(), claim.pod.as_str()),
+            (ns.as_str(), "chat-0")
+        );
+        assert_eq!(claim.uid, uid);
+        let theirs = review(token(None).await).await;
+        assert_eq!(authorize::claim(&theirs), Err(Refusal::Unauthenticated));
+
+        // The pod, once scheduled: the agent of its node admits it, another's not.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let pod = loop {
+            let p = pods.get("chat-0").await.unwrap();
+            if p.spec.as_ref().and_then(|s| s.node_name.clone()).is_some() {
+                break p;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "chat-0 was not scheduled"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let node = pod.spec.as_ref().unwrap().node_name.clone().unwrap();
+        assert_eq!(
+            authorize::injected_for(&claim, Some(&pod), &node).as_deref(),
+            Ok("chat")
+        );
+        assert!(matches!(
+            authorize::injected_for(&claim, Some(&pod), "another-node"),
+            Err(Refusal::OtherNode { .. })
+        ));
+
+        // The chart's RBAC for the agent, applied as rendered.
+        let rendered = std::process::Command::new(support::tool("helm"))
+            .args(["template", &release])
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/modelcache"))
+            .args(["--namespace", &ns, "--set", "nodeCache.enabled=true"])
+            .output()
+            .unwrap();
+        assert!(
+            rendered.status.success(),
+            "{}",
+            String::from_utf8_lossy(&rendered.stderr)
+        );
+        let docs: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(&String::from_utf8(rendered.stdout).unwrap()).unwrap();
+        let named = |kind: &str, name: &str| {
+            docs.iter()
+                .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+                .cloned()
+                .unwrap_or_else(|| panic!("no {kind} {name}"))
+        };
+        let sa: ServiceAccount =
+            serde_json::from_value(named("ServiceAccount", &agent_name)).unwrap();
+        accounts.create(&PostParams::default(), &sa).await.unwrap();
+        let role: ClusterRole = serde_json::from_value(named("ClusterRole", &agent_name)).unwrap();
+        roles.create(&PostParams::default(), &role).await.unwrap();
+        let binding: ClusterRoleBinding =
+            serde_json::from_value(named("ClusterRoleBinding", &agent_name)).unwrap();
+        bindings
+            .create(&PostParams::default(), &binding)
+            .await
+            .unwrap();
+        let may = |group: &str, resource: &str, verb: &str| {
+            let client = client.clone();
+            let user = format!("system:serviceaccount:{ns}:{agent_name}");
+            let (group, resource, verb) = (group.to_owned(), resource.to_owned(), verb.to_owned());
+            let ns = ns.clone();
+            async move {
+                let review = SubjectAccessReview {
+                    spec: SubjectAccessReviewSpec {
+                        user: Some(user),
+                        resource_attributes: Some(ResourceAttributes {
+                            group: Some(group),
+                            resource: Some(resource),
+                            verb: Some(verb),
+                            namespace: Some(ns),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                Api::<SubjectAccessReview>::all(client)
+                    .create(&PostParams::default(), &review)
+                    .await
+                    .unwrap()
+                    .status
+                    .is_some_and(|s| s.allowed)
+            }
+        };
+        // RBAC takes a moment to reach every API server replica.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !may("authentication.k8s.io", "tokenreviews", "create").await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "tokenreviews create not allowed"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert!(may("", "pods", "get").await);
+        assert!(may("", "nodes", "get").await);
+        assert!(may("modelcache.dev", "modelcaches", "list").await);
+        for (group, resource, verb) in [
+            ("", "secrets", "get"),
+            ("", "pods", "list"),
+            ("", "pods", "delete"),
+            ("modelcache.dev", "modelcaches", "patch"),
+            ("authentication.k8s.io", "tokenreviews", "delete"),
+        ] {
+            assert!(
+                !may(group, resource, verb).await,
+                "{resource} {verb} must not be allowed"
+            );
+        }
+
+        // The DaemonSet as rendered: the API server accepts it (dry run).
+        let ds: DaemonSet = serde_json::from_value(named("DaemonSet", &agent_name)).unwrap();
+        let dry = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        Api::<DaemonSet>::namespaced(client.clone(), &ns)
+            .create(&dry, &ds)
+            .await
+            .expect("the API server accepts the DaemonSet");
+    }
+    .await;
+    roles
+        .delete(&agent_name, &DeleteParams::default())
+        .await
+        .ok();
+    bindings
+        .delete(&agent_name, &DeleteParams::default())
+        .await
+        .ok();
+    namespaces.delete(&ns, &DeleteParams::default()).await.ok();
+    result
 }
