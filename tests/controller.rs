@@ -1273,3 +1273,51 @@ async fn a_live_versions_manifest_digest_is_read_once_with_the_secrets_keys() {
     assert_eq!(digest_in_status(&api, "v2"), None, "not {v2}");
     assert_eq!(phase(&api, "v2").as_deref(), Some("Live"));
 }
+
+/// With `spec.prefetch` and no node selector of its own, the status tells
+/// the node agents where the workload's pods may run (its pod template's
+/// nodeSelector and required node affinity); with no agents known,
+/// `Prefetched` says no node holds it.
+#[tokio::test]
+async fn prefetch_reports_the_workloads_placement_for_the_agents() {
+    let (client, api) = rollout_fixture(0);
+    let affinity = json!({"nodeSelectorTerms": [{"matchExpressions": [
+        {"key": "gpu", "operator": "In", "values": ["a100"]}]}]});
+    api.insert(
+        "/apis/apps/v1/namespaces/ml/deployments/chat",
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "chat", "namespace": "ml"},
+               "spec": {"selector": {"matchLabels": {"app": "chat"}},
+                        "template": {"spec": {
+                            "nodeSelector": {"pool": "inference"},
+                            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": affinity}},
+                            "containers": [{"name": "engine", "image": "vllm"}]}}}}),
+    );
+    let mut mc = api.get(MC).unwrap();
+    mc["spec"]["prefetch"] = json!({});
+    api.insert(MC, mc);
+    let (_redis, _ctx) = bring_up(&api, &client).await;
+    let status = &api.get(MC).unwrap()["status"];
+    assert_eq!(
+        status["prefetch"]["nodeSelector"],
+        json!({"pool": "inference"})
+    );
+    assert_eq!(status["prefetch"]["nodeAffinity"], affinity);
+    assert_eq!(status["prefetch"]["nodes"], "0/0");
+    let c = condition(&api, "Prefetched");
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some("False"), Some("NoNodes"))
+    );
+
+    // A selector of its own: the workload's placement is not needed.
+    let mut mc = api.get(MC).unwrap();
+    mc["spec"]["prefetch"] = json!({"nodeSelector": {"gpu": "h100"}});
+    api.insert(MC, mc);
+    let closed = format!("redis://127.0.0.1:{}", free_port());
+    reconcile_stored(&api, &context(&client, closed)).await;
+    assert!(
+        api.get(MC).unwrap()["status"]["prefetch"]
+            .get("nodeSelector")
+            .is_none()
+    );
+}

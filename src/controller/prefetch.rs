@@ -89,6 +89,7 @@ pub fn summarize(mc: &ModelCache, answers: &[Answer]) -> PrefetchStatus {
         ready,
         total,
         progress,
+        ..Default::default()
     }
 }
 

@@ -259,8 +259,19 @@ async fn stages(mc: &ModelCache, ctx: &Context) -> Result<Action, ReconcileError
             Some(plan)
         }
     };
-    if let (Some(_), Some(agents)) = (&mc.spec.prefetch, &ctx.node_agents) {
-        obs.prefetch = Some(crate::controller::prefetch::observe(client, agents, mc).await);
+    if let Some(prefetch) = &mc.spec.prefetch {
+        use crate::controller::prefetch;
+        let mut status = match &ctx.node_agents {
+            Some(agents) => prefetch::observe(client, agents, mc).await,
+            // No agents known: nothing to report but where they should pull.
+            None => prefetch::summarize(mc, &[]),
+        };
+        // The agents match the workload's placement when the spec names no nodes.
+        if prefetch.node_selector.is_empty() {
+            (status.node_selector, status.node_affinity) =
+                dereference::placement(client, mc).await?;
+        }
+        obs.prefetch = Some(status);
     }
     if obs.command_failed {
         ctx.metrics.error(ErrorCategory::RedisCommand);

@@ -284,7 +284,7 @@ mod tests {
                 nodes: "3/3".into(),
                 ready: 3,
                 total: 3,
-                progress: Vec::new(),
+                ..Default::default()
             }),
             ..Default::default()
         };

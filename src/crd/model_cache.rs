@@ -136,7 +136,10 @@ pub struct ModelCacheSpec {
 #[serde(rename_all = "camelCase")]
 pub struct PrefetchSettings {
     /// Labels a node must have (all of them) for its agent to prefetch,
-    /// e.g. the workload's GPU node pool. Empty: every node with an agent.
+    /// e.g. the workload's GPU node pool. Empty: the nodes the workload
+    /// (`spec.workload`, by name) may run on, by its pod template's
+    /// nodeSelector and required node affinity; without one, every node
+    /// with an agent.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
 }
@@ -612,6 +615,14 @@ pub struct PrefetchStatus {
     /// Each of those nodes.
     #[serde(default)]
     pub progress: Vec<NodePrefetch>,
+    /// Where the workload's pods may run, from its pod template (its
+    /// `nodeSelector`), which the agents match when
+    /// `spec.prefetch.nodeSelector` is empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// The pod template's required node affinity, matched with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_affinity: Option<k8s_openapi::api::core::v1::NodeSelector>,
 }
 
 /// One node's prefetch.

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, NodeSelector, NodeSelectorRequirement, Pod};
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use parking_lot::Mutex;
@@ -42,18 +42,31 @@ pub struct Wanted {
     pub version: String,
 }
 
-/// The versions a node with `labels` prefetches: those of the ModelCaches
-/// with `spec.prefetch` whose node selector the labels match. A source that
-/// does not parse is left out (the ModelCache's own status says why).
-pub fn wanted(model_caches: &[ModelCache], labels: &BTreeMap<String, String>) -> Vec<Wanted> {
+/// The versions node `node` with `labels` prefetches: those of the
+/// ModelCaches with `spec.prefetch` whose node selector the labels match,
+/// or, without one, the placement of their workload that the controller
+/// reports in `status.prefetch`. A source that does not parse is left out
+/// (the ModelCache's own status says why).
+pub fn wanted(
+    model_caches: &[ModelCache],
+    node: &str,
+    labels: &BTreeMap<String, String>,
+) -> Vec<Wanted> {
     model_caches
         .iter()
         .filter_map(|mc| {
             let prefetch = mc.spec.prefetch.as_ref()?;
-            let matches = prefetch
-                .node_selector
-                .iter()
-                .all(|(k, v)| labels.get(k) == Some(v));
+            let placement = mc.status.as_ref().and_then(|s| s.prefetch.as_ref());
+            let matches = if !prefetch.node_selector.is_empty() {
+                selected(&prefetch.node_selector, labels)
+            } else if let Some(p) = placement {
+                selected(&p.node_selector, labels)
+                    && p.node_affinity
+                        .as_ref()
+                        .is_none_or(|a| affine(a, node, labels))
+            } else {
+                true
+            };
             if !matches {
                 return None;
             }
@@ -66,6 +79,46 @@ pub fn wanted(model_caches: &[ModelCache], labels: &BTreeMap<String, String>) ->
             })
         })
         .collect()
+}
+
+/// Every label of `selector` on the node.
+fn selected(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// A required node affinity, as the scheduler reads it: any term, each
+/// with all its expressions (on labels) and fields (`metadata.name`).
+fn affine(affinity: &NodeSelector, node: &str, labels: &BTreeMap<String, String>) -> bool {
+    affinity.node_selector_terms.iter().any(|term| {
+        let fields = BTreeMap::from([("metadata.name".to_string(), node.to_string())]);
+        term.match_expressions
+            .iter()
+            .flatten()
+            .all(|r| requirement(r, labels))
+            && term
+                .match_fields
+                .iter()
+                .flatten()
+                .all(|r| requirement(r, &fields))
+    })
+}
+
+fn requirement(r: &NodeSelectorRequirement, labels: &BTreeMap<String, String>) -> bool {
+    let value = labels.get(&r.key);
+    let values = r.values.as_deref().unwrap_or_default();
+    let number = |v: Option<&String>| v.and_then(|v| v.parse::<i64>().ok());
+    let bound = number(values.first());
+    match r.operator.as_str() {
+        "In" => value.is_some_and(|v| values.contains(v)),
+        "NotIn" => value.is_none_or(|v| !values.contains(v)),
+        "Exists" => value.is_some(),
+        "DoesNotExist" => value.is_none(),
+        "Gt" => matches!((number(value), bound), (Some(v), Some(b)) if v > b),
+        "Lt" => matches!((number(value), bound), (Some(v), Some(b)) if v < b),
+        // An operator this agent does not know: not a match, as the
+        // scheduler would refuse the pod spec.
+        _ => false,
+    }
 }
 
 /// What `/v1/prefetch` answers: this node's prefetches as of its last round.
@@ -230,7 +283,7 @@ impl Prefetcher {
         };
         let model_caches = api.list(&ListParams::default().match_any()).await?;
         let labels = node.metadata.labels.unwrap_or_default();
-        let wanted = wanted(&model_caches.items, &labels);
+        let wanted = wanted(&model_caches.items, &self.node, &labels);
         let mut states = Vec::new();
         let mut running = self.running.lock();
         for w in &wanted {
@@ -306,6 +359,53 @@ mod tests {
     }
 
     #[test]
+    fn without_a_selector_the_workloads_placement_decides() {
+        let mut mc = mc("workload", Some(json!({})));
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let wants = |mc: &ModelCache, node: &str, l: &BTreeMap<String, String>| {
+            !wanted(std::slice::from_ref(mc), node, l).is_empty()
+        };
+        // No placement reported yet: every node.
+        assert!(wants(&mc, "n1", &labels(&[])));
+        mc.status = Some(
+            serde_json::from_value(json!({"prefetch": {
+                "version": "v2", "nodes": "0/0", "ready": 0, "total": 0,
+                "nodeSelector": {"pool": "gpu"},
+                "nodeAffinity": {"nodeSelectorTerms": [
+                    {"matchExpressions": [
+                        {"key": "gpu", "operator": "In", "values": ["a100", "h100"]},
+                        {"key": "memory-gib", "operator": "Gt", "values": ["80"]},
+                        {"key": "spot", "operator": "DoesNotExist"}]},
+                    {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n9"]}]}
+                ]}
+            }}))
+            .unwrap(),
+        );
+        let gpu = |extra: &[(&str, &str)]| {
+            let mut l = labels(&[("pool", "gpu"), ("gpu", "h100"), ("memory-gib", "141")]);
+            l.extend(labels(extra));
+            l
+        };
+        assert!(wants(&mc, "n1", &gpu(&[])));
+        assert!(!wants(&mc, "n1", &gpu(&[("pool", "cpu")])), "nodeSelector");
+        assert!(!wants(&mc, "n1", &gpu(&[("gpu", "t4")])), "In");
+        assert!(!wants(&mc, "n1", &gpu(&[("memory-gib", "80")])), "Gt");
+        assert!(!wants(&mc, "n1", &gpu(&[("spot", "true")])), "DoesNotExist");
+        // The second term: that node by name, whatever its GPU.
+        assert!(wants(&mc, "n9", &gpu(&[("gpu", "t4")])), "matchFields");
+        // The spec's own selector wins over the workload's placement.
+        mc.spec.prefetch =
+            serde_json::from_value(json!({"nodeSelector": {"pool": "cpu"}})).unwrap();
+        assert!(wants(&mc, "n1", &labels(&[("pool", "cpu")])));
+        assert!(!wants(&mc, "n1", &gpu(&[])));
+    }
+
+    #[test]
     fn the_eta_is_the_rest_at_the_pace_so_far() {
         assert_eq!(eta(25, Some(100), Duration::from_secs(10)), Some(30));
         assert_eq!(eta(0, Some(100), Duration::from_secs(10)), None);
@@ -329,7 +429,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
-            wanted(&caches, &labels)
+            wanted(&caches, "n1", &labels)
                 .into_iter()
                 .map(|w| w.model_cache)
                 .collect::<Vec<_>>()
@@ -341,7 +441,7 @@ mod tests {
             names(&[("gpu", "a100"), ("zone", "eu")]),
             ["ml/everywhere", "ml/a100", "ml/a100-eu"]
         );
-        let w = &wanted(&caches, &BTreeMap::new())[0];
+        let w = &wanted(&caches, "n1", &BTreeMap::new())[0];
         assert_eq!((w.model.as_str(), w.version.as_str()), ("m", "v2"));
         assert_eq!(w.location.to_string(), "s3://models/prod");
     }

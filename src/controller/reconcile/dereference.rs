@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{NodeSelector, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -360,6 +360,42 @@ async fn read_workload_selector(
             .map_err(kube_error("read", "StatefulSet", namespace, name))?
             .map(|s| s.spec.selector),
     })
+}
+
+/// Where a named workload's pods may run: its pod template's nodeSelector
+/// and required node affinity (empty without a named workload, or when it
+/// does not exist yet).
+pub async fn placement(
+    client: &Client,
+    mc: &ModelCache,
+) -> Result<(BTreeMap<String, String>, Option<NodeSelector>), ReconcileError> {
+    let Some(workload) = &mc.spec.workload else {
+        return Ok(Default::default());
+    };
+    let Some(name) = &workload.name else {
+        return Ok(Default::default());
+    };
+    let namespace = namespace(mc);
+    let template = match workload.kind.unwrap_or_default() {
+        WorkloadKind::Deployment => Api::<Deployment>::namespaced(client.clone(), &namespace)
+            .get_opt(name)
+            .await
+            .map_err(kube_error("read", "Deployment", &namespace, name))?
+            .map(|d| d.spec.template),
+        WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(client.clone(), &namespace)
+            .get_opt(name)
+            .await
+            .map_err(kube_error("read", "StatefulSet", &namespace, name))?
+            .map(|s| s.spec.template),
+    };
+    let Some(spec) = template.and_then(|t| t.spec) else {
+        return Ok(Default::default());
+    };
+    let affinity = spec
+        .affinity
+        .and_then(|a| a.node_affinity)
+        .and_then(|n| n.required_during_scheduling_ignored_during_execution);
+    Ok((spec.node_selector.unwrap_or_default(), affinity))
 }
 
 /// A label selector in the API's query syntax.
