@@ -368,8 +368,12 @@ impl NodeCache {
                 source: std::io::Error::other("a pin is named by letters, digits and dashes"),
             });
         }
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let path = dir.join(holder);
+        // Asked on every request of the pod: once is enough.
+        if path.is_file() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         std::fs::write(&path, about).map_err(io(&path))
     }
 

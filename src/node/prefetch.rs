@@ -229,14 +229,23 @@ impl Prefetcher {
         }
     }
 
-    /// Removes the pins of pods that no longer exist (or were replaced by
-    /// another of the same name), then evicts down to the quota. A pod the
-    /// API server cannot say anything about keeps its pin.
+    /// When the cache is over its quota: removes the pins of pods that no
+    /// longer exist (or were replaced by another of the same name), then
+    /// evicts down to the quota. A pod the API server cannot say anything
+    /// about keeps its pin.
     async fn release_pins(&self) {
+        // Only a cache over its quota needs room: the pods are looked up then,
+        // not on every round (one lookup per pin, on every node).
+        let Some(quota) = self.fills.quota() else {
+            return;
+        };
         let cache = self.cache.clone();
-        let pins = tokio::task::spawn_blocking(move || cache.pins())
+        let (used, pins) = tokio::task::spawn_blocking(move || (cache.used_bytes(), cache.pins()))
             .await
             .unwrap_or_default();
+        if used <= quota {
+            return;
+        }
         let mut released = 0;
         for (id, uid, about) in pins {
             let Some((namespace, name)) = about.split_once('/') else {
@@ -255,9 +264,6 @@ impl Prefetcher {
                 released += 1;
             }
         }
-        let Some(quota) = self.fills.quota() else {
-            return;
-        };
         if released > 0 {
             let cache = self.cache.clone();
             let evicted = tokio::task::spawn_blocking(move || cache.evict(quota, 0, ""))
