@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
@@ -17,6 +18,9 @@ use crate::node::prefetch::PrefetchReport;
 
 /// How long one agent may take to answer.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Agents asked at once.
+const ASKED_AT_ONCE: usize = 64;
 
 /// Where the node cache agents run (the chart's DaemonSet).
 #[derive(Debug, Clone)]
@@ -145,34 +149,41 @@ pub async fn observe(client: &Client, agents: &NodeAgents, mc: &ModelCache) -> P
         .timeout(AGENT_TIMEOUT)
         .build()
         .unwrap_or_default();
-    let asks = pods.iter().filter_map(|pod| {
-        let node = pod.spec.as_ref()?.node_name.clone()?;
-        let host = pod.status.as_ref().and_then(|s| s.host_ip.clone());
-        let http = http.clone();
-        let port = agents.admin_port;
-        Some(async move {
-            let Some(host) = host else {
-                return (node, Err("the agent's pod has no host address yet".into()));
-            };
-            let ip: Option<std::net::IpAddr> = host.parse().ok();
-            let Some(ip) = ip else {
-                return (node, Err(format!("host address {host:?} is not an IP")));
-            };
-            let url = format!("http://{}/v1/prefetch", std::net::SocketAddr::new(ip, port));
-            let answer = async {
-                let response = http.get(&url).send().await?.error_for_status()?;
-                response.bytes().await
-            }
-            .await
-            .map_err(|e| format!("the agent did not answer: {}", crate::error::chain(&e)))
-            .and_then(|body| {
-                serde_json::from_slice::<PrefetchReport>(&body)
-                    .map_err(|e| format!("the agent answered something else: {e}"))
-            });
-            (node, answer)
+    let asks: Vec<_> = pods
+        .into_iter()
+        .filter_map(|pod| {
+            let node = pod.spec.as_ref()?.node_name.clone()?;
+            let host = pod.status.as_ref().and_then(|s| s.host_ip.clone());
+            let http = http.clone();
+            let port = agents.admin_port;
+            Some(async move {
+                let Some(host) = host else {
+                    return (node, Err("the agent's pod has no host address yet".into()));
+                };
+                let ip: Option<std::net::IpAddr> = host.parse().ok();
+                let Some(ip) = ip else {
+                    return (node, Err(format!("host address {host:?} is not an IP")));
+                };
+                let url = format!("http://{}/v1/prefetch", std::net::SocketAddr::new(ip, port));
+                let answer = async {
+                    let response = http.get(&url).send().await?.error_for_status()?;
+                    response.bytes().await
+                }
+                .await
+                .map_err(|e| format!("the agent did not answer: {}", crate::error::chain(&e)))
+                .and_then(|body| {
+                    serde_json::from_slice::<PrefetchReport>(&body)
+                        .map_err(|e| format!("the agent answered something else: {e}"))
+                });
+                (node, answer)
+            })
         })
-    });
-    let answers: Vec<Answer> = futures::future::join_all(asks).await;
+        .collect();
+    // Bounded: a cluster of a thousand nodes is a thousand agents.
+    let answers: Vec<Answer> = futures::stream::iter(asks)
+        .buffer_unordered(ASKED_AT_ONCE)
+        .collect()
+        .await;
     summarize(mc, &answers)
 }
 
