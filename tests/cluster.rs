@@ -49,6 +49,18 @@ async fn install_crds(client: &Client) {
     }
 }
 
+/// Creates the throw-away namespace `ns`; the API to delete it with.
+async fn create_namespace(client: &Client, ns: &str) -> Api<Namespace> {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let mut namespace = Namespace::default();
+    namespace.metadata.name = Some(ns.into());
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+    namespaces
+}
+
 fn dynamic_api(client: &Client, ns: &str, kind: &str) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk(crd::GROUP, crd::VERSION, kind);
     Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk(&gvk))
@@ -66,13 +78,7 @@ async fn api_server_accepts_examples_and_rejects_bad_resources() {
     let client = client().await;
     install_crds(&client).await;
     let ns = format!("modelcache-test-{}", std::process::id());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let mut namespace = Namespace::default();
-    namespace.metadata.name = Some(ns.clone());
-    namespaces
-        .create(&PostParams::default(), &namespace)
-        .await
-        .unwrap();
+    let namespaces = create_namespace(&client, &ns).await;
 
     let result = async {
         for (path, kind) in [
@@ -123,13 +129,7 @@ async fn controller_provisions_a_ready_redis() {
     let client = client().await;
     install_crds(&client).await;
     let ns = format!("modelcache-ctl-{}", std::process::id());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let mut namespace = Namespace::default();
-    namespace.metadata.name = Some(ns.clone());
-    namespaces
-        .create(&PostParams::default(), &namespace)
-        .await
-        .unwrap();
+    let namespaces = create_namespace(&client, &ns).await;
 
     let local_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -299,13 +299,7 @@ async fn node_agent_tokens_and_rbac_on_a_real_api_server() {
     let client = client().await;
     let ns = format!("modelcache-node-test-{}", std::process::id());
     let release = format!("mc{}", std::process::id());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let mut namespace = Namespace::default();
-    namespace.metadata.name = Some(ns.clone());
-    namespaces
-        .create(&PostParams::default(), &namespace)
-        .await
-        .unwrap();
+    let namespaces = create_namespace(&client, &ns).await;
     let roles: Api<ClusterRole> = Api::all(client.clone());
     let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
     let agent_name = format!("{release}-modelcache-node");

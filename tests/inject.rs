@@ -268,7 +268,7 @@ fn a_cdn_source_gets_its_headers_and_signing_key_as_mounted_files() {
         !decoded.contains("acme"),
         "a header value in the patch: {decoded}"
     );
-    let mut patched = apply(request["request"]["object"].clone(), &patch);
+    let patched = apply(request["request"]["object"].clone(), &patch);
     let fetch = &patched["spec"]["initContainers"][0];
     assert_eq!(fetch["args"], json!(["fetch"]));
     let env: Vec<(&str, &str)> = fetch["env"]
@@ -334,11 +334,7 @@ fn a_cdn_source_gets_its_headers_and_signing_key_as_mounted_files() {
         e.get("valueFrom")
             .is_none_or(|v| v.get("secretKeyRef").is_none())
     }));
-    patched["metadata"]["name"] = json!("chat-vllm-7d9f8c6b5-x7k2p");
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("pod.json");
-    std::fs::write(&file, serde_json::to_vec(&patched).unwrap()).unwrap();
-    support::strict_validate(&[&file]);
+    patched_is_valid(patched);
 }
 
 #[test]
@@ -349,7 +345,7 @@ fn a_sidecar_gateway_fronts_the_engine_in_the_pod_and_the_pod_stays_valid() {
         |namespace: &str, name: &str| find(namespace, name).map(|found| found.map(|_| mc.clone()));
     let request = fixture("annotated.json");
     let response = review(&request, with_gateway, &config(FailurePolicy::Fail));
-    let mut patched = apply(
+    let patched = apply(
         request["request"]["object"].clone(),
         &ops(&response).unwrap(),
     );
@@ -378,11 +374,7 @@ fn a_sidecar_gateway_fronts_the_engine_in_the_pod_and_the_pod_stays_valid() {
     assert_eq!(gateway["securityContext"]["readOnlyRootFilesystem"], true);
     // After the fetch container: the weights come first.
     assert_eq!(init[0]["name"], "modelcache-fetch");
-    patched["metadata"]["name"] = json!("chat-vllm-7d9f8c6b5-x7k2p");
-    let dir = tempfile::tempdir().unwrap();
-    let file: PathBuf = dir.path().join("pod.json");
-    std::fs::write(&file, serde_json::to_vec(&patched).unwrap()).unwrap();
-    support::strict_validate(&[&file]);
+    patched_is_valid(patched);
 }
 
 #[test]
@@ -404,7 +396,7 @@ fn a_semantic_sidecar_gets_its_embedding_model_fetched_after_the_weights() {
     let request = fixture("annotated.json");
     let found = move |_: &str, _: &str| Ok(Some(mc.clone()));
     let response = review(&request, found, &config(FailurePolicy::Fail));
-    let mut patched = apply(
+    let patched = apply(
         request["request"]["object"].clone(),
         &ops(&response).unwrap(),
     );
@@ -456,11 +448,7 @@ fn a_semantic_sidecar_gets_its_embedding_model_fetched_after_the_weights() {
     unique.dedup();
     assert_eq!(unique.len(), volumes.len(), "declared twice: {volumes:?}");
     assert!(volumes.contains(&"modelcache-embedding"), "{volumes:?}");
-    patched["metadata"]["name"] = json!("chat-vllm-7d9f8c6b5-x7k2p");
-    let dir = tempfile::tempdir().unwrap();
-    let file: PathBuf = dir.path().join("pod.json");
-    std::fs::write(&file, serde_json::to_vec(&patched).unwrap()).unwrap();
-    support::strict_validate(&[&file]);
+    patched_is_valid(patched);
 }
 
 #[test]

@@ -284,10 +284,10 @@ impl Transfer {
         Some(digest.as_ref().is_ok_and(|d| *d == self.file.sha256))
     }
 
-    /// Reads written bytes. The handle stays valid after the verified file
-    /// is renamed into the node cache (the same inode).
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        self.data.read_at(buf, offset)
+    /// The partial file, to read written bytes from. The handle stays valid
+    /// after the verified file is renamed into the node cache (the same inode).
+    pub fn data(&self) -> &File {
+        &self.data
     }
 
     /// Flushes the partial file's data to disk.

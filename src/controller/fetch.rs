@@ -13,6 +13,9 @@ use k8s_openapi::api::core::v1::{
 
 use super::builders::{self, env, locked_down, mount, secret_key_env};
 use crate::crd::ModelCache;
+use clap::ValueEnum as _;
+
+use crate::artifact::cloudfront;
 use crate::crd::model_cache::{SigningMode, SigningPolicy};
 
 const SIGNING_VOLUME: &str = "modelcache-cloudfront-key";
@@ -199,17 +202,15 @@ pub(super) fn fetch_container(
                 "MODELCACHE_CLOUDFRONT_KEY_PAIR_ID",
                 &signing.key_pair_id,
             ));
-            // As the spec says, not the fetch's own defaults.
-            let mode = match signing.mode {
-                SigningMode::SignedUrl => "signed-url",
-                SigningMode::SignedCookies => "signed-cookies",
+            // As the spec says, not the fetch's own defaults; named as the
+            // fetch's flags parse them.
+            let name = |v: Option<clap::builder::PossibleValue>| {
+                v.map(|v| v.get_name().to_owned()).unwrap_or_default()
             };
-            let policy = match signing.policy {
-                SigningPolicy::Canned => "canned",
-                SigningPolicy::Custom => "custom",
-            };
-            env_vars.push(env("MODELCACHE_CLOUDFRONT_MODE", mode));
-            env_vars.push(env("MODELCACHE_CLOUDFRONT_POLICY", policy));
+            let mode = name(signing_mode(signing.mode).to_possible_value());
+            let policy = name(signing_policy(signing.policy).to_possible_value());
+            env_vars.push(env("MODELCACHE_CLOUDFRONT_MODE", &mode));
+            env_vars.push(env("MODELCACHE_CLOUDFRONT_POLICY", &policy));
             env_vars.push(env(
                 "MODELCACHE_CLOUDFRONT_EXPIRES",
                 &signing.expires_seconds.to_string(),
@@ -247,4 +248,20 @@ pub(super) fn fetch_container(
         ..Default::default()
     };
     (container, volumes)
+}
+
+/// The CRD's signing mode as the signer names it.
+pub(crate) fn signing_mode(mode: SigningMode) -> cloudfront::Mode {
+    match mode {
+        SigningMode::SignedUrl => cloudfront::Mode::SignedUrl,
+        SigningMode::SignedCookies => cloudfront::Mode::SignedCookies,
+    }
+}
+
+/// The CRD's signing policy as the signer names it.
+pub(crate) fn signing_policy(policy: SigningPolicy) -> cloudfront::Policy {
+    match policy {
+        SigningPolicy::Canned => cloudfront::Policy::Canned,
+        SigningPolicy::Custom => cloudfront::Policy::Custom,
+    }
 }

@@ -145,10 +145,14 @@ pub async fn observe(client: &Client, agents: &NodeAgents, mc: &ModelCache) -> P
             Vec::new()
         }
     };
-    let http = reqwest::Client::builder()
-        .timeout(AGENT_TIMEOUT)
-        .build()
-        .unwrap_or_default();
+    // One client for every reconcile: building one loads the TLS roots.
+    static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let http = HTTP.get_or_init(|| {
+        reqwest::Client::builder()
+            .timeout(AGENT_TIMEOUT)
+            .build()
+            .unwrap_or_default()
+    });
     let asks: Vec<_> = pods
         .into_iter()
         .filter_map(|pod| {

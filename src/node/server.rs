@@ -309,18 +309,8 @@ fn follow(
                 if limit > at {
                     let n = ((limit - at) as usize).min(CHUNK);
                     let reader = t.clone();
-                    let read = tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0u8; n];
-                        let mut done = 0;
-                        while done < n {
-                            match reader.read_at(&mut buf[done..], at + done as u64)? {
-                                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                                k => done += k,
-                            }
-                        }
-                        Ok::<Bytes, std::io::Error>(buf.into())
-                    })
-                    .await;
+                    let read =
+                        tokio::task::spawn_blocking(move || read_exact(reader.data(), n, at)).await;
                     return match read {
                         Ok(Ok(bytes)) => {
                             metrics.served(Served::Origin, bytes.len() as u64);

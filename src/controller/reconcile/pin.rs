@@ -19,9 +19,10 @@ use tokio::task::JoinHandle;
 use crate::artifact::cloudfront::{self, Signer};
 use crate::artifact::fetch::{self, FetchError, FetchOptions};
 use crate::artifact::source::{Location, S3Credentials, SourceConfig};
+use crate::controller::fetch::{signing_mode, signing_policy};
 use crate::controller::rollout::RolloutPlan;
 use crate::crd::ModelCache;
-use crate::crd::model_cache::{SigningMode, SigningPolicy, VersionPhase};
+use crate::crd::model_cache::VersionPhase;
 use crate::error::chain as error_chain;
 
 /// A failed read waits this long before the next.
@@ -216,22 +217,6 @@ async fn source_config(client: &Client, mc: &ModelCache) -> Result<SourceConfig,
         cfg.signer = Some(std::sync::Arc::new(signer));
     }
     Ok(cfg)
-}
-
-/// The CRD's signing mode as the signer names it.
-pub fn signing_mode(mode: SigningMode) -> cloudfront::Mode {
-    match mode {
-        SigningMode::SignedUrl => cloudfront::Mode::SignedUrl,
-        SigningMode::SignedCookies => cloudfront::Mode::SignedCookies,
-    }
-}
-
-/// The CRD's signing policy as the signer names it.
-pub fn signing_policy(policy: SigningPolicy) -> cloudfront::Policy {
-    match policy {
-        SigningPolicy::Canned => cloudfront::Policy::Canned,
-        SigningPolicy::Custom => cloudfront::Policy::Custom,
-    }
 }
 
 /// A Secret's values as text; values that are not UTF-8 are left out.
