@@ -1,12 +1,14 @@
 //! Fetch benchmark: `scripts/bench.sh fetch` (or `cargo bench --bench fetch`).
 //!
 //! One model set (default: two 2 GiB files and eight small ones, 1 to 8 MiB)
-//! published to moto's S3 server and to nginx on loopback. Each client
+//! published to two S3 servers (moto, which copies the whole object for
+//! every ranged GET, and s3s-fs, which serves ranges from the file) and to
+//! nginx on loopback. Each client
 //! downloads all of it, as a separate process whose wall time and peak RSS
 //! are measured (wait4):
 //!
 //! - S3: `modelcache fetch` (sha256 verification on), s5cmd, `aws s3 cp
-//!   --recursive` and rclone, each with its defaults, plus two null clients
+//!   --recursive` (moto only) and rclone, each with its defaults, plus two null clients
 //!   (the server's ceiling, bytes discarded): a sixteenth of each object per
 //!   ranged GET, 16 in flight, and one GET per object, all at once;
 //! - HTTP: `modelcache fetch` and aria2c (16 connections per file), plus the
@@ -25,7 +27,9 @@
 //! MODELCACHE_BENCH_BIG_FILES (2), MODELCACHE_BENCH_BIG_MIB (2048),
 //! MODELCACHE_BENCH_RTT_MS (10), MODELCACHE_BENCH_CONN_MIBPS (32),
 //! MODELCACHE_BENCH_MODES (`loopback,shaped`), MODELCACHE_BENCH_PROTOCOLS
-//! (`s3,http,node`; node runs on loopback only), MODELCACHE_BENCH_FETCH_ARGS (extra `modelcache fetch` flags).
+//! (`s3,http,node`; `s3` is `moto,s3s-fs`; node runs on loopback only),
+//! MODELCACHE_BENCH_SKIP (clients to leave out: `null,s5cmd,rclone,aws,aria2c`),
+//! MODELCACHE_BENCH_FETCH_ARGS (extra `modelcache fetch` flags).
 
 #![allow(unsafe_code)] // wait4 for a child's rusage; set_var before threads start
 
@@ -53,6 +57,8 @@ fn env_u64(name: &str, default: u64) -> u64 {
 struct Measured {
     seconds: f64,
     peak_rss_mib: Option<f64>,
+    /// User and system CPU seconds of the client (its threads and children).
+    cpu_seconds: Option<f64>,
 }
 
 /// Run a command to the end; wall time and peak RSS.
@@ -74,23 +80,25 @@ fn measure(command: Command) -> Measured {
     let report = tempfile::NamedTempFile::new().unwrap();
     outer.env("MODELCACHE_BENCH_RSS_OUT", report.path());
     outer.stdout(std::process::Stdio::null());
+    // Every client starts with no dirty pages left by the one before (or by
+    // publishing): writeback would otherwise land on whoever runs next.
+    let _ = Command::new("sync").status();
     let started = Instant::now();
     let status = outer.status().unwrap();
     let seconds = started.elapsed().as_secs_f64();
     assert!(status.success(), "{command:?} failed: {status}");
-    let kib: f64 = std::fs::read_to_string(report.path())
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let report = std::fs::read_to_string(report.path()).unwrap();
+    let mut fields = report.split_whitespace().map(|f| f.parse::<f64>().unwrap());
+    let (kib, cpu) = (fields.next().unwrap(), fields.next().unwrap());
     Measured {
         seconds,
         peak_rss_mib: Some(kib / 1024.0),
+        cpu_seconds: Some(cpu),
     }
 }
 
-/// `--measure PROGRAM ARGS…`: run it, write its peak RSS (KiB) to
-/// $MODELCACHE_BENCH_RSS_OUT, exit with its status.
+/// `--measure PROGRAM ARGS…`: run it, write its peak RSS (KiB) and CPU
+/// seconds to $MODELCACHE_BENCH_RSS_OUT, exit with its status.
 fn measure_child(args: &[String]) -> ! {
     let child = Command::new(&args[0])
         .args(&args[1..])
@@ -104,7 +112,9 @@ fn measure_child(args: &[String]) -> ! {
     assert_eq!(r, pid, "wait4 failed");
     std::mem::forget(child);
     let out = std::env::var("MODELCACHE_BENCH_RSS_OUT").unwrap();
-    std::fs::write(out, usage.ru_maxrss.to_string()).unwrap();
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let cpu = secs(usage.ru_utime) + secs(usage.ru_stime);
+    std::fs::write(out, format!("{} {cpu:.3}", usage.ru_maxrss)).unwrap();
     let code = if libc::WIFEXITED(status) {
         libc::WEXITSTATUS(status)
     } else {
@@ -246,6 +256,31 @@ fn main() {
         p.seconds,
         total as f64 / p.seconds / 1e6
     );
+    // s3s-fs serves ranges from the file (moto copies the object for each)
+    // and checks SigV4 strictly: the S3 figures that say what a client does.
+    let s3s = S3Server::s3s_fs().unwrap_or_else(|e| panic!("{e}"));
+    let s3s_keys = [
+        ("AWS_ACCESS_KEY_ID", s3s.access_key.clone()),
+        ("AWS_SECRET_ACCESS_KEY", s3s.secret_key.clone()),
+        ("AWS_REGION", s3s.region.clone()),
+        ("AWS_DEFAULT_REGION", s3s.region.clone()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+    ];
+    rt.block_on(s3s.create_bucket("models"));
+    let mut c = Command::new(BIN);
+    c.args(["publish", "--dir", src.to_str().unwrap()])
+        .args([
+            "--to",
+            "s3://models/prod",
+            "--model",
+            "m",
+            "--version",
+            "v1",
+        ])
+        .args(["--endpoint", &s3s.endpoint(), "--path-style"])
+        .envs(s3s_keys.clone());
+    let p = measure(c);
+    println!("publish to s3s-fs: {:.1} s", p.seconds);
     let origin = work.path().join("origin");
     std::fs::create_dir_all(&origin).unwrap();
     publish(&format!("file://{}", origin.display()), None);
@@ -260,10 +295,33 @@ fn main() {
     );
     let mut rows: Vec<Row> = Vec::new();
     let out = work.path().join("out");
+    // The local ceiling: the same bytes copied on the same disk.
+    let _ = std::fs::remove_dir_all(&out);
+    let mut cp = Command::new("cp");
+    cp.arg("-r").arg(&src).arg(&out);
+    let copy = measure(cp);
+    assert_eq!(dir_bytes(&out), total);
+    let _ = std::fs::remove_dir_all(&out);
+    let copy_seconds = copy.seconds;
+    println!("local  cp -r (local copy)     {copy_seconds:7.2} s");
+    rows.push(Row {
+        mode: "loopback",
+        protocol: "local",
+        client: "cp -r (local copy)".into(),
+        m: copy,
+    });
     let objects: Vec<String> = walk(&src);
 
     let modes = std::env::var("MODELCACHE_BENCH_MODES").unwrap_or("loopback,shaped".into());
     let protocols = std::env::var("MODELCACHE_BENCH_PROTOCOLS").unwrap_or("s3,http,node".into());
+    let protocols: Vec<&str> = protocols.split(',').map(str::trim).collect();
+    // Peers left out of this run (`aws` takes most of a full run's time).
+    let skipped = std::env::var("MODELCACHE_BENCH_SKIP").unwrap_or_default();
+    let skip = |client: &str| skipped.split(',').any(|s| s.trim() == client);
+    // `s3` means both S3 servers.
+    let wants = |p: &str| {
+        protocols.contains(&p) || (matches!(p, "moto" | "s3s-fs") && protocols.contains(&"s3"))
+    };
     let extra: Vec<String> = std::env::var("MODELCACHE_BENCH_FETCH_ARGS")
         .unwrap_or_default()
         .split_whitespace()
@@ -279,24 +337,13 @@ fn main() {
             bandwidth: Some(conn_mibps << 20),
             ..Default::default()
         };
-        let s3_proxy = shaped.then(|| {
-            rt.block_on(Proxy::start(s3.port(), shaping.clone()))
-                .unwrap()
-        });
         let http_proxy = shaped.then(|| {
             rt.block_on(Proxy::start(http.port(), shaping.clone()))
                 .unwrap()
         });
-        let s3_endpoint = s3_proxy.as_ref().map_or(s3.endpoint(), |p| p.endpoint());
         let http_base = http_proxy
             .as_ref()
             .map_or(http.base_url(), |p| p.endpoint());
-        let with_creds = |mut c: Command| {
-            for (k, v) in &creds {
-                c.env(k, v);
-            }
-            c
-        };
         let mut record = |protocol: &'static str, client: &str, m: Measured, check: bool| {
             if check {
                 // s5cmd, rclone and aws copy the manifest too: it is in the prefix.
@@ -305,10 +352,11 @@ fn main() {
                 assert_eq!(got, total, "{client} ({mode}) wrote {got} of {total} bytes");
             }
             println!(
-                "{mode:8} {protocol:4} {client:22} {:7.2} s {:8.1} MB/s  peak RSS {}",
+                "{mode:8} {protocol:6} {client:22} {:7.2} s {:8.1} MB/s  peak RSS {}  CPU {}",
                 m.seconds,
                 total as f64 / m.seconds / 1e6,
-                m.peak_rss_mib.map_or("-".into(), |r| format!("{r:.0} MiB"))
+                m.peak_rss_mib.map_or("-".into(), |r| format!("{r:.0} MiB")),
+                m.cpu_seconds.map_or("-".into(), |c| format!("{c:.1} s"))
             );
             let _ = std::fs::remove_dir_all(&out);
             rows.push(Row {
@@ -319,15 +367,30 @@ fn main() {
             });
         };
 
-        if protocols.contains("s3") {
+        for (protocol, server, keys) in [("moto", &s3, &creds), ("s3s-fs", &s3s, &s3s_keys)] {
+            if !wants(protocol) {
+                continue;
+            }
+            let proxy = shaped.then(|| {
+                rt.block_on(Proxy::start(server.port(), shaping.clone()))
+                    .unwrap()
+            });
+            let s3_endpoint = proxy.as_ref().map_or(server.endpoint(), |p| p.endpoint());
+            let with_creds = |mut c: Command| {
+                c.envs(keys.iter().map(|(k, v)| (k, v)));
+                c
+            };
             // S3 null clients: sixteenths of each object, 16 in flight; one GET per
             // object, all at once. No disk, no hashing.
             let _ = std::fs::remove_dir_all(&out);
             let null_cfg = modelcache::artifact::source::SourceConfig {
                 endpoint: Some(s3_endpoint.clone()),
-                ..s3_cfg.clone()
+                ..server.source_config()
             };
             for whole in [false, true] {
+                if skip("null") {
+                    break;
+                }
                 let t = Instant::now();
                 let got = rt.block_on(null_s3(&null_cfg, &src, &objects, whole));
                 assert_eq!(got, total);
@@ -337,16 +400,16 @@ fn main() {
                     "null, ranged (ceiling)"
                 };
                 record(
-                    "s3",
+                    protocol,
                     name,
                     Measured {
                         seconds: t.elapsed().as_secs_f64(),
                         peak_rss_mib: None,
+                        cpu_seconds: None,
                     },
                     false,
                 );
             }
-
             let mut c = with_creds(Command::new(BIN));
             c.args([
                 "fetch",
@@ -367,7 +430,7 @@ fn main() {
                 "off",
             ])
             .args(&extra);
-            record("s3", "modelcache (verified)", measure(c), true);
+            record(protocol, "modelcache (verified)", measure(c), true);
 
             let mut c = with_creds(Command::new(&s5cmd));
             c.args([
@@ -377,7 +440,9 @@ fn main() {
                 "s3://models/prod/m/v1/*",
                 &format!("{}/", out.display()),
             ]);
-            record("s3", "s5cmd", measure(c), true);
+            if !skip("s5cmd") {
+                record(protocol, "s5cmd", measure(c), true);
+            }
 
             let mut c = with_creds(Command::new(scripts.join("rclone")));
             c.args(["copy", ":s3:models/prod/m/v1", out.to_str().unwrap()])
@@ -389,8 +454,13 @@ fn main() {
                     "--s3-force-path-style=true",
                     "--s3-env-auth",
                 ]);
-            record("s3", "rclone", measure(c), true);
+            if !skip("rclone") {
+                record(protocol, "rclone", measure(c), true);
+            }
 
+            if protocol != "moto" {
+                continue;
+            }
             let mut c = with_creds(Command::new(scripts.join("aws")));
             c.args([
                 "s3",
@@ -401,23 +471,28 @@ fn main() {
                 out.to_str().unwrap(),
             ])
             .args(["--endpoint-url", &s3_endpoint]);
-            record("s3", "aws s3 cp --recursive", measure(c), true);
+            if !skip("aws") {
+                record(protocol, "aws s3 cp --recursive", measure(c), true);
+            }
         }
 
-        if protocols.contains("http") {
+        if wants("http") {
             // HTTP null client: sixteenths of each object, 16 in flight.
-            let t = Instant::now();
-            let got = rt.block_on(null_http(&http_base, &src, &objects));
-            assert_eq!(got, total);
-            record(
-                "http",
-                "null, ranged (ceiling)",
-                Measured {
-                    seconds: t.elapsed().as_secs_f64(),
-                    peak_rss_mib: None,
-                },
-                false,
-            );
+            if !skip("null") {
+                let t = Instant::now();
+                let got = rt.block_on(null_http(&http_base, &src, &objects));
+                assert_eq!(got, total);
+                record(
+                    "http",
+                    "null, ranged (ceiling)",
+                    Measured {
+                        seconds: t.elapsed().as_secs_f64(),
+                        peak_rss_mib: None,
+                        cpu_seconds: None,
+                    },
+                    false,
+                );
+            }
 
             let mut c = Command::new(BIN);
             c.args([
@@ -462,24 +537,29 @@ fn main() {
             .arg(&out)
             .arg("-i")
             .arg(&list);
-            record("http", "aria2c -x16 -s16", measure(c), true);
+            if !skip("aria2c") {
+                record("http", "aria2c -x16 -s16", measure(c), true);
+            }
         }
     }
 
-    if protocols.contains("node") {
+    if wants("node") {
         rows.extend(node_agent(&NodeBench {
             rt: &rt,
             work: work.path(),
-            src: &src,
             total,
             http_base: http.base_url(),
+            s3: &s3s,
+            copy_seconds,
             extra: &extra,
         }));
     }
 
     println!();
-    println!("| mode | protocol | client | seconds | MB/s | modelcache speed-up | peak RSS |");
-    println!("| --- | --- | --- | ---: | ---: | ---: | ---: |");
+    println!(
+        "| mode | protocol | client | seconds | MB/s | modelcache speed-up | peak RSS | CPU s |"
+    );
+    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |");
     for r in &rows {
         let ours = rows
             .iter()
@@ -490,7 +570,7 @@ fn main() {
             // The local copy has no modelcache row: its own baseline.
             .unwrap_or(r.m.seconds);
         println!(
-            "| {} | {} | {} | {:.2} | {:.0} | {:.2}x | {} |",
+            "| {} | {} | {} | {:.2} | {:.0} | {:.2}x | {} | {} |",
             r.mode,
             r.protocol,
             r.client,
@@ -499,11 +579,42 @@ fn main() {
             r.m.seconds / ours,
             r.m.peak_rss_mib
                 .map_or("-".into(), |v| format!("{v:.0} MiB")),
+            r.m.cpu_seconds.map_or("-".into(), |c| format!("{c:.1}")),
         );
     }
     println!(
         "\n(speed-up = the client's time / modelcache's time in the same mode and protocol; total {total} bytes)"
     );
+    // The goals of the origin path, from this run's rows.
+    let time = |mode: &str, protocol: &str, client: &str| {
+        rows.iter()
+            .find(|r| r.mode == mode && r.protocol == protocol && r.client.starts_with(client))
+            .map(|r| r.m.seconds)
+    };
+    let goals = [
+        ("loopback", "s3s-fs", "s5cmd", ">= 1.1x"),
+        ("shaped", "s3s-fs", "s5cmd", ">= 1.1x"),
+        ("shaped", "http", "aria2c", ">= 1.1x"),
+        ("loopback", "moto", "s5cmd", "no regression"),
+        ("shaped", "moto", "s5cmd", "no regression"),
+    ];
+    for (mode, protocol, peer, goal) in goals {
+        if let (Some(ours), Some(theirs)) = (
+            time(mode, protocol, "modelcache"),
+            time(mode, protocol, peer),
+        ) {
+            println!(
+                "goal {mode} {protocol}: {:.2}x {peer} (goal {goal})",
+                theirs / ours
+            );
+        }
+    }
+    if let Some(ours) = time("loopback", "http", "modelcache") {
+        println!(
+            "goal loopback http: {:.2}x the local copy's time (goal <= 1.25x)",
+            ours / copy_seconds
+        );
+    }
 }
 
 fn walk(root: &Path) -> Vec<String> {
@@ -614,9 +725,12 @@ fn ranges(size: u64) -> Vec<std::ops::Range<u64>> {
 struct NodeBench<'a> {
     rt: &'a tokio::runtime::Runtime,
     work: &'a Path,
-    src: &'a Path,
     total: u64,
     http_base: String,
+    /// s3s-fs, with the set published.
+    s3: &'a S3Server,
+    /// Seconds of `cp -r` of the same bytes on the same disk.
+    copy_seconds: f64,
     extra: &'a [String],
 }
 
@@ -641,37 +755,14 @@ fn node_agent(b: &NodeBench) -> Vec<Row> {
             m,
         });
     };
-    // The ceiling: the same bytes copied on the same disk.
-    let _ = std::fs::remove_dir_all(&out);
-    let mut cp = Command::new("cp");
-    cp.arg("-r").arg(b.src).arg(&out);
-    let copy = measure(cp);
-    finish("cp -r (local copy)", "local", copy, &mut rows);
-    let copy_seconds = rows[0].m.seconds;
+    let copy_seconds = b.copy_seconds;
 
-    let s3 = S3Server::s3s_fs().unwrap_or_else(|e| panic!("{e}"));
+    let s3 = b.s3;
     let keys = [
         ("AWS_ACCESS_KEY_ID", s3.access_key.as_str()),
         ("AWS_SECRET_ACCESS_KEY", s3.secret_key.as_str()),
         ("AWS_REGION", s3.region.as_str()),
     ];
-    b.rt.block_on(s3.create_bucket("models"));
-    let mut publish = Command::new(BIN);
-    publish
-        .args(["publish", "--dir", b.src.to_str().unwrap()])
-        .args([
-            "--to",
-            "s3://models/prod",
-            "--model",
-            "m",
-            "--version",
-            "v1",
-        ])
-        .args(["--endpoint", &s3.endpoint(), "--path-style"])
-        .envs(keys);
-    let p = measure(publish);
-    println!("publish to s3s-fs: {:.1} s", p.seconds);
-
     let s3_endpoint = s3.endpoint();
     let origins: [(&'static str, serde_json::Value, Vec<&str>); 2] = [
         (
@@ -698,7 +789,7 @@ fn node_agent(b: &NodeBench) -> Vec<Row> {
         std::fs::create_dir_all(&dir).unwrap();
         let nodes = support::node::Nodes::new(b.rt, &dir);
         nodes.model_cache("chat", "m", source);
-        let agent = nodes.agent(BIN, "node-a", "127.0.0.2", 16, &keys, &[]);
+        let agent = nodes.agent(BIN, "node-a", "127.0.0.2", "auto", &keys, &[]);
         let fetch = |via: Option<&Path>| {
             let mut c = Command::new(BIN);
             c.arg("fetch")

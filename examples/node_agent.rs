@@ -58,7 +58,7 @@ fn main() -> anyhow::Result<()> {
         bin,
         "gpu-node-1",
         "127.0.0.2",
-        8,
+        "auto",
         &[],
         &["--prefetch-interval", "1"],
     );

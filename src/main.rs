@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use modelcache::artifact::governor::Concurrency;
 use modelcache::crd::cache_policy::CachePolicySpec;
 use modelcache::crd::model_cache::RedisOverrides;
 use modelcache::keyspace::sweep;
@@ -149,9 +150,13 @@ struct NodeArgs {
     /// Most bytes the node cache keeps, as a quantity (200Gi).
     #[arg(long, env = "MODELCACHE_CACHE_QUOTA", value_parser = quantity_arg)]
     cache_quota: Option<u64>,
-    /// Requests in flight per version downloaded from an origin.
-    #[arg(long, env = "MODELCACHE_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
-    concurrency: u16,
+    /// Requests in flight per version downloaded from an origin: `auto`
+    /// (found while it runs, up to --max-concurrency) or a number.
+    #[arg(long, env = "MODELCACHE_CONCURRENCY", default_value = "auto")]
+    concurrency: Concurrency,
+    /// The most requests in flight that `--concurrency auto` tries.
+    #[arg(long, env = "MODELCACHE_MAX_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=256))]
+    max_concurrency: u16,
     /// Seconds a version's download may take.
     #[arg(long, env = "MODELCACHE_DEADLINE", default_value_t = 7200)]
     deadline: u64,
@@ -425,9 +430,13 @@ struct FetchArgs {
     /// through a link it shares with the cache; a copy shares nothing).
     #[arg(long, env = "MODELCACHE_CACHE_COPY", requires = "cache_dir")]
     cache_copy: bool,
-    /// Requests in flight at once.
-    #[arg(long, env = "MODELCACHE_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
-    concurrency: u16,
+    /// Requests in flight at once: `auto` (more while throughput grows, up
+    /// to --max-concurrency) or a number.
+    #[arg(long, env = "MODELCACHE_CONCURRENCY", default_value = "auto")]
+    concurrency: Concurrency,
+    /// The most requests in flight that `--concurrency auto` tries.
+    #[arg(long, env = "MODELCACHE_MAX_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=256))]
+    max_concurrency: u16,
     /// Bytes per ranged request, as a quantity (16Mi); adaptive (8 to 64 MiB) when unset.
     #[arg(long, env = "MODELCACHE_PART_SIZE", value_parser = quantity_arg)]
     part_size: Option<u64>,
@@ -1044,7 +1053,7 @@ fn fetch(args: FetchArgs) -> Result<ExitCode> {
     opts.cache_quota = args.cache_quota;
     opts.cache_copy = args.cache_copy;
     opts.part_size = args.part_size;
-    opts.concurrency = args.concurrency as usize;
+    opts.concurrency = args.concurrency.with_max(args.max_concurrency.into());
     opts.deadline = Duration::from_secs(args.deadline.max(1));
     opts.max_attempts = args.retries;
     opts.retry_base = Duration::from_millis(args.retry_base_ms.max(1));
@@ -1090,7 +1099,7 @@ fn node(args: NodeArgs) -> Result<ExitCode> {
         node: args.node_name,
         cache_dir: args.cache_dir,
         fill: node::fills::FillSettings {
-            concurrency: args.concurrency as usize,
+            concurrency: args.concurrency.with_max(args.max_concurrency.into()),
             quota: args.cache_quota,
             deadline: Duration::from_secs(args.deadline.max(1)),
             max_attempts: args.retries,

@@ -431,6 +431,45 @@ fn capped_connections_make_the_fetcher_split_ranges() {
 }
 
 #[test]
+fn adaptive_concurrency_adds_requests_while_capped_connections_gain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (http, root) = http_origin(tmp.path());
+    // Big enough for more than 16 ranges of at least 8 MiB.
+    let src = model_dir(tmp.path(), 13, 160);
+    publish_dir(&src, &root, "v1");
+    // Each connection capped at 3 MiB/s: throughput grows with every request
+    // added, so the climb leaves its start (16) behind.
+    let (_rt, proxy) = Proxy::start_blocking(
+        http.port(),
+        ProxyConfig {
+            bandwidth: Some(3 << 20),
+            rtt: Some(Duration::from_millis(2)),
+            ..Default::default()
+        },
+    );
+    let base = format!("{}/", proxy.endpoint());
+    let dest = tmp.path().join("auto");
+    let s = summary(&http_fetch(&base, "v1", &dest, &[]));
+    assert_eq!(tree(&dest), tree(&src));
+    let peak = s["peakConcurrency"].as_u64().unwrap();
+    assert!(peak > 16, "auto stayed at its start: {s}");
+    // A number fixes it.
+    let dest = tmp.path().join("fixed");
+    let s = summary(&http_fetch(&base, "v1", &dest, &["--concurrency", "24"]));
+    assert_eq!(tree(&dest), tree(&src));
+    let peak = s["peakConcurrency"].as_u64().unwrap();
+    assert!((2..=24).contains(&peak), "{s}");
+    // Anything else is refused by name.
+    let o = http_fetch(&base, "v1", &dest, &["--concurrency", "lots"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("expected `auto` or a number"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn concurrent_fetchers_into_one_cache_download_once() {
     let s3 = moto_with_bucket();
     let tmp = tempfile::tempdir().unwrap();

@@ -103,7 +103,7 @@ impl Cluster {
             .model_cache(name, model, json!({"uri": self.origin()}));
     }
 
-    fn agent(&self, node: &str, ip: &'static str, concurrency: u16) -> Agent {
+    fn agent(&self, node: &str, ip: &'static str, concurrency: &str) -> Agent {
         self.nodes.agent(BIN, node, ip, concurrency, &[], &[])
     }
 
@@ -171,7 +171,7 @@ fn eight_pods_starting_together_cost_one_origin_download_and_the_next_pod_none()
     // Capped origin connections, so that the pods arrive while the agent is
     // still downloading and stream what it has verified so far.
     let cluster = Cluster::new(24, Some(6 << 20));
-    let agent = cluster.agent("node-a", "127.0.0.2", 2);
+    let agent = cluster.agent("node-a", "127.0.0.2", "2");
     let pods: Vec<(String, PathBuf)> = (0..8)
         .map(|i| {
             let name = format!("chat-{i}");
@@ -256,9 +256,9 @@ fn eight_pods_starting_together_cost_one_origin_download_and_the_next_pod_none()
 #[test]
 fn pods_the_agent_may_not_serve_are_refused_and_fetch_from_the_origin() {
     let cluster = Cluster::new(2, None);
-    let agent = cluster.agent("node-a", "127.0.0.2", 4);
+    let agent = cluster.agent("node-a", "127.0.0.2", "4");
     // Another node's agent holds nothing of node-a's pods.
-    let other = cluster.agent("node-b", "127.0.0.3", 4);
+    let other = cluster.agent("node-b", "127.0.0.3", "4");
     cluster.model_cache("other", "another-model");
     let src = tree(&cluster.src);
     struct Case {
@@ -369,7 +369,7 @@ fn pods_the_agent_may_not_serve_are_refused_and_fetch_from_the_origin() {
 fn an_agent_killed_mid_download_leaves_its_pods_to_finish_from_the_origin() {
     // 24 MiB over two connections of 3 MiB/s: about 4 s, killed after 1.
     let cluster = Cluster::new(24, Some(3 << 20));
-    let agent = cluster.agent("node-a", "127.0.0.2", 2);
+    let agent = cluster.agent("node-a", "127.0.0.2", "2");
     let names = ["chat-a", "chat-b"];
     let started: Vec<Child> = names
         .iter()
@@ -415,7 +415,7 @@ fn an_agent_killed_mid_download_leaves_its_pods_to_finish_from_the_origin() {
 #[test]
 fn a_tampered_blob_in_the_agents_cache_is_caught_in_the_pod_and_fetched_from_the_origin() {
     let cluster = Cluster::new(4, None);
-    let agent = cluster.agent("node-a", "127.0.0.2", 4);
+    let agent = cluster.agent("node-a", "127.0.0.2", "4");
     let token = cluster
         .nodes
         .pod("first", "node-a", Some("chat"), &[AUDIENCE]);
@@ -470,7 +470,7 @@ fn a_tampered_blob_in_the_agents_cache_is_caught_in_the_pod_and_fetched_from_the
 #[test]
 fn a_manifest_other_than_the_pinned_digest_is_refused_from_the_agent_and_the_origin() {
     let cluster = Cluster::new(1, None);
-    let agent = cluster.agent("node-a", "127.0.0.2", 4);
+    let agent = cluster.agent("node-a", "127.0.0.2", "4");
     let token = cluster
         .nodes
         .pod("pinned", "node-a", Some("chat"), &[AUDIENCE]);
@@ -513,7 +513,7 @@ fn a_prefetch_fills_every_matching_node_before_the_rollouts_pods_appear() {
     nodes.node("node-c", json!({"gpu": "t4"}));
     nodes.prefetch("chat", json!({"nodeSelector": {"gpu": "a100"}}));
     let every = ["--prefetch-interval", "1"];
-    let agent = |node, ip| nodes.agent(BIN, node, ip, 4, &[], &every);
+    let agent = |node, ip| nodes.agent(BIN, node, ip, "4", &[], &every);
     let (a, b, c) = (
         agent("node-a", "127.0.0.2"),
         agent("node-b", "127.0.0.3"),
@@ -640,7 +640,7 @@ fn an_old_version_stays_on_a_node_while_a_pod_of_the_node_uses_it() {
     // Room for one version and a half: v2 cannot come in beside v1 unless v1 goes.
     let quota = (one_version * 3 / 2).to_string();
     let args = ["--prefetch-interval", "1", "--cache-quota", &quota];
-    let agent = nodes.agent(BIN, "node-a", "127.0.0.2", 4, &[], &args);
+    let agent = nodes.agent(BIN, "node-a", "127.0.0.2", "4", &[], &args);
     let token = nodes.pod("chat-v1", "node-a", Some("chat"), &[AUDIENCE]);
     let s = summary(&cluster.fetch("chat-v1", &agent, &token, &[]));
     assert_eq!(s["nodeAgent"], true, "{s}");

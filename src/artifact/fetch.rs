@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::disk::{available_bytes, copy_atomic, link_or_copy, write_atomic};
+use super::governor::Concurrency;
 use super::manifest::{
     self, MANIFEST_NAME, ManifestError, ManifestFile, STATE_DIR, VerifiedManifest,
 };
@@ -66,7 +67,7 @@ pub struct FetchOptions {
     /// not trust each other).
     pub cache_copy: bool,
     /// Requests in flight at once.
-    pub concurrency: usize,
+    pub concurrency: Concurrency,
     /// Bytes per ranged request; adaptive when `None`.
     pub part_size: Option<u64>,
     /// The whole fetch must end within this.
@@ -127,7 +128,7 @@ impl FetchOptions {
             cache_dir: None,
             cache_quota: None,
             cache_copy: false,
-            concurrency: 16,
+            concurrency: Concurrency::default(),
             part_size: None,
             deadline: Duration::from_secs(2 * 3600),
             max_attempts: 10,
@@ -170,6 +171,8 @@ pub struct FetchSummary {
     pub requests: u64,
     /// Requests retried after a transient failure.
     pub retries: u64,
+    /// The most ranges downloaded at once (`--concurrency auto` finds it).
+    pub peak_concurrency: u64,
     /// Wall time of the fetch.
     pub seconds: f64,
     /// Version bytes per second, MB/s (10^6).
@@ -345,7 +348,7 @@ pub(super) struct Ctx {
     pub(super) engine: Arc<Engine>,
     partial_dir: PathBuf,
     cache: Option<NodeCache>,
-    concurrency: usize,
+    concurrency: Concurrency,
 }
 
 impl Ctx {
@@ -547,6 +550,7 @@ async fn fetch_from(
         s.reused_files = plans.iter().filter(|p| **p == Plan::Reused).count();
         s.requests = counters.requests.load(Ordering::Relaxed);
         s.retries = counters.retries.load(Ordering::Relaxed);
+        s.peak_concurrency = counters.peak_in_flight.load(Ordering::Relaxed);
         s.evicted_versions = evicted;
     }))
 }
@@ -577,7 +581,7 @@ pub(super) async fn connect(
     partial_dir: PathBuf,
 ) -> Result<Ctx, FetchError> {
     let mut cfg = opts.source.clone();
-    cfg.connections = cfg.connections.max(opts.concurrency);
+    cfg.connections = cfg.connections.max(opts.concurrency.max());
     let (mut max_attempts, mut part_size) = (opts.max_attempts.max(1), opts.part_size);
     let source = match via {
         None => Source::connect(&opts.location, &cfg).await?,
@@ -612,12 +616,13 @@ pub(super) async fn connect(
         retry_base: opts.retry_base,
         idle: cfg.idle_timeout.unwrap_or(Duration::from_secs(30)),
         part_size,
+        ttfb: Default::default(),
     });
     Ok(Ctx {
         engine,
         partial_dir,
         cache,
-        concurrency: opts.concurrency.max(1),
+        concurrency: opts.concurrency,
     })
 }
 

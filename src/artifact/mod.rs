@@ -13,6 +13,7 @@ pub mod cloudfront;
 pub mod disk;
 pub mod fetch;
 pub mod fill;
+pub mod governor;
 pub mod headers;
 pub mod manifest;
 pub mod node_cache;

@@ -29,6 +29,10 @@ pub struct Counters {
     pub requests: AtomicU64,
     /// Requests retried.
     pub retries: AtomicU64,
+    /// Ranges being downloaded now.
+    pub in_flight: AtomicU64,
+    /// The most ranges downloaded at once.
+    pub peak_in_flight: AtomicU64,
 }
 
 /// Draws until dropped.

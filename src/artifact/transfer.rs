@@ -14,10 +14,12 @@
 //! What is written is journaled (`<start> <offset>` lines after the bytes are
 //! in the file, every 8 MiB), so after a kill the next run downloads only the
 //! gaps. Ranges that a split made overlap by at most a chunk; both writers
-//! write the same bytes. Each file is hashed in order by a blocking task that
-//! follows the written prefix from offset 0, reading it back from the page
-//! cache (a memcpy, cheap next to SHA-256): memory stays bounded whatever the
-//! model's size.
+//! write the same bytes. Each file is hashed in order: the writer at the
+//! hashing frontier hashes its own buffer, and bytes written ahead of it
+//! (the later ranges of a split file) are read back from the page cache by a
+//! blocking task once the gap before them is filled, so memory stays bounded
+//! whatever the model's size. How many requests are in flight is fixed or
+//! adaptive (`governor`).
 
 use std::fs::File;
 use std::io::Write as _;
@@ -25,13 +27,15 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::StreamExt as _;
 
+use super::governor::{Climb, Concurrency, Slots, govern};
 use super::manifest::ManifestFile;
 use super::progress::Counters;
 use super::retry::Backoff;
@@ -86,6 +90,9 @@ pub struct Engine {
     pub idle: Duration,
     /// Fixed part size (no splitting), or adaptive when `None`.
     pub part_size: Option<u64>,
+    /// Time to first byte of every request, smoothed: how long a new
+    /// request takes to start, for the governor.
+    pub ttfb: Mutex<Option<f64>>,
 }
 
 /// Why a file transfer failed.
@@ -244,7 +251,7 @@ impl Transfer {
             ttfb: Mutex::new(None),
             hashed: tokio::sync::Notify::new(),
         });
-        transfer.written(0..0);
+        transfer.written(0..0, &[]);
         Ok(transfer)
     }
 
@@ -295,12 +302,47 @@ impl Transfer {
         self.data.sync_data().map_err(io_err("sync", &self.partial))
     }
 
-    /// Record `range` as written, and hash what that makes contiguous (an
-    /// empty range only checks: a resumed file may be contiguous already).
-    fn written(self: &Arc<Self>, range: Range<u64>) {
-        let start_hashing = {
+    /// Record `range` as written with the bytes `data`, and hash what that
+    /// makes contiguous (an empty range only checks: a resumed file may be
+    /// contiguous already).
+    ///
+    /// The writer at the hashing frontier hashes its own buffer, so the
+    /// bytes of a file downloaded in order (one GET, the common case) are
+    /// never read back; bytes written beyond the frontier are read back from
+    /// the page cache by a blocking task once the gap before them is filled.
+    fn written(self: &Arc<Self>, range: Range<u64>, data: &[Bytes]) {
+        let frontier = {
             let mut st = self.state.lock();
-            insert_merged(&mut st.covered, range);
+            insert_merged(&mut st.covered, range.clone());
+            let at = st.hashed;
+            if range.start <= at && at < range.end && st.digest.is_none() {
+                st.hasher.take().map(|h| (h, at))
+            } else {
+                None
+            }
+        };
+        if let Some((mut hasher, at)) = frontier {
+            // At most a chunk (256 KiB), hashed in place: well under a
+            // millisecond, cheaper than a task and a read back.
+            let mut skip = (at - range.start) as usize;
+            for chunk in data {
+                let n = skip.min(chunk.len());
+                hasher.update(&chunk[n..]);
+                skip -= n;
+            }
+            let mut st = self.state.lock();
+            st.hashed = range.end;
+            if st.hashed == self.file.size {
+                st.digest = Some(Ok(hasher.finish_hex()));
+                drop(st);
+                self.hashed.notify_waiters();
+                self.hashed.notify_one();
+                return;
+            }
+            st.hasher = Some(hasher);
+        }
+        let start_hashing = {
+            let st = self.state.lock();
             // Writes come every 256 KiB: a hashing task for each would cost
             // more than it hashes, so wait for a batch, or for the end.
             let prefix = st.prefix();
@@ -376,7 +418,7 @@ impl Engine {
     pub async fn run(
         self: &Arc<Self>,
         transfers: &[Arc<Transfer>],
-        workers: usize,
+        concurrency: Concurrency,
     ) -> Result<(), TransferError> {
         // Largest first: the long pole starts early, small files fill the gaps.
         let mut order: Vec<Arc<Transfer>> = transfers.to_vec();
@@ -388,25 +430,68 @@ impl Engine {
         });
         let order = Arc::new(order);
         let changed = Arc::new(tokio::sync::Notify::new());
+        let slots = Arc::new(Slots::new(match concurrency {
+            Concurrency::Fixed(n) => n,
+            Concurrency::Adaptive { start, .. } => start,
+        }));
+        let finished = Arc::new(AtomicBool::new(false));
+        // The governor moves the slots' limit; a worker without a slot idles.
+        // A JoinSet, so that it is aborted however this returns.
+        let mut governor = tokio::task::JoinSet::new();
+        if let Concurrency::Adaptive { start, max } = concurrency {
+            let (engine, slots) = (self.clone(), slots.clone());
+            governor.spawn(async move {
+                let climb = Climb::new(start, max);
+                let counters = engine.counters.clone();
+                govern(
+                    &slots,
+                    climb,
+                    || counters.done.load(Ordering::Relaxed),
+                    || *engine.ttfb.lock(),
+                )
+                .await
+            });
+        }
         let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..workers.max(1) {
+        for _ in 0..concurrency.max() {
             let (engine, order, changed) = (self.clone(), order.clone(), changed.clone());
+            let (slots, finished) = (slots.clone(), finished.clone());
             tasks.spawn(async move {
                 loop {
-                    match engine.next_work(&order) {
+                    if finished.load(Ordering::Acquire) {
+                        return Ok::<(), TransferError>(());
+                    }
+                    if !slots.acquire() {
+                        let _ = tokio::time::timeout(Duration::from_millis(25), changed.notified())
+                            .await;
+                        continue;
+                    }
+                    let work = engine.next_work(&order);
+                    let result = match work {
                         Work::Range(t, seg) => {
+                            let c = &engine.counters;
+                            let now = c.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+                            c.peak_in_flight.fetch_max(now, Ordering::AcqRel);
                             let result = engine.download(&t, &seg).await;
+                            c.in_flight.fetch_sub(1, Ordering::AcqRel);
                             t.state.lock().segments.retain(|s| !Arc::ptr_eq(s, &seg));
-                            changed.notify_waiters();
-                            result?;
+                            result
                         }
                         Work::Wait => {
+                            slots.release();
                             let _ =
                                 tokio::time::timeout(Duration::from_millis(25), changed.notified())
                                     .await;
+                            continue;
                         }
-                        Work::Done => return Ok::<(), TransferError>(()),
-                    }
+                        Work::Done => {
+                            finished.store(true, Ordering::Release);
+                            Ok(())
+                        }
+                    };
+                    slots.release();
+                    changed.notify_waiters();
+                    result?;
                 }
             });
         }
@@ -489,21 +574,23 @@ impl Engine {
                 return Ok(());
             }
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            let mut buf: Vec<u8> = Vec::with_capacity(256 * 1024);
+            // The chunks as they came off the connection, written together
+            // (one pwritev) without being copied into a buffer first.
+            let mut buf = Chunks::default();
             // Write what is buffered at the segment's offset, record it.
-            let flush = |buf: &mut Vec<u8>, checkpointed: &mut u64| -> std::io::Result<()> {
+            let flush = |buf: &mut Chunks, checkpointed: &mut u64| -> std::io::Result<()> {
                 if buf.is_empty() {
                     return Ok(());
                 }
                 let at = seg.at.load(Ordering::Acquire);
-                t.data.write_all_at(buf, at)?;
+                buf.write_at(&t.data, at)?;
                 let next = at + buf.len() as u64;
                 seg.at.store(next, Ordering::Release);
                 self.counters
                     .done
                     .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                t.written(at..next, &buf.parts);
                 buf.clear();
-                t.written(at..next);
                 // Journaled only after the bytes are written: after a kill the
                 // journal never claims bytes that are not in the file.
                 if next - *checkpointed >= CHECKPOINT || next >= seg.end.load(Ordering::Acquire) {
@@ -520,6 +607,7 @@ impl Engine {
                     .get(&self.model, &self.version, &f.path, Some(from..to))
                     .await?;
                 observe_ttfb(&t.ttfb, sent.elapsed().as_secs_f64());
+                observe_ttfb(&self.ttfb, sent.elapsed().as_secs_f64());
                 seg.first_byte.lock().get_or_insert_with(Instant::now);
                 let mut requested_end = from;
                 loop {
@@ -543,7 +631,7 @@ impl Engine {
                     }
                     seg.received
                         .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    buf.extend_from_slice(&chunk);
+                    buf.push(chunk);
                     let reached = seg.at.load(Ordering::Acquire) + buf.len() as u64
                         >= seg.end.load(Ordering::Acquire);
                     if buf.len() >= 256 * 1024 || reached {
@@ -600,6 +688,66 @@ impl Engine {
                 }
             }
         }
+    }
+}
+
+/// Received bytes not yet written, as the connection gave them.
+#[derive(Default)]
+struct Chunks {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Chunks {
+    fn push(&mut self, chunk: Bytes) {
+        self.len += chunk.len();
+        self.parts.push(chunk);
+    }
+
+    fn clear(&mut self) {
+        self.parts.clear();
+        self.len = 0;
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Write them all at `offset`: pwritev, again for what a short write
+    /// left (at most 1024 slices per call, the kernel's IOV_MAX).
+    fn write_at(&self, file: &File, mut offset: u64) -> std::io::Result<()> {
+        let mut slices: Vec<&[u8]> = self.parts.iter().map(|c| &c[..]).collect();
+        let mut from = 0;
+        while from < slices.len() {
+            let io: Vec<std::io::IoSlice<'_>> = slices[from..(from + 1024).min(slices.len())]
+                .iter()
+                .map(|s| std::io::IoSlice::new(s))
+                .collect();
+            let mut n = match rustix::io::pwritev(file, &io, offset) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            offset += n as u64;
+            while n > 0 {
+                let s = &mut slices[from];
+                let k = n.min(s.len());
+                *s = &s[k..];
+                n -= k;
+                if s.is_empty() {
+                    from += 1;
+                }
+            }
+            while from < slices.len() && slices[from].is_empty() {
+                from += 1;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -740,6 +888,65 @@ mod tests {
         assert_eq!(covered, vec![0..35, 60..80]);
         let (covered, _) = Journal::open(&j, &p, 200).unwrap();
         assert!(covered.is_empty(), "another size starts over");
+    }
+
+    #[tokio::test]
+    async fn the_frontier_is_hashed_from_buffers_and_the_rest_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let content: Vec<u8> = (0..6 * MIB).map(|i| (i * 7 % 251) as u8).collect();
+        let f = ManifestFile {
+            path: "w".into(),
+            size: content.len() as u64,
+            sha256: crate::digest::sha256_hex(&content),
+        };
+        let t = Transfer::open(dir.path(), &f, None).unwrap();
+        let half = 3 * MIB;
+        // The second half lands first, ahead of the frontier: only the file
+        // has it, to be read back.
+        t.data
+            .write_all_at(&content[half as usize..], half)
+            .unwrap();
+        t.written(
+            half..2 * half,
+            &[Bytes::copy_from_slice(&content[half as usize..])],
+        );
+        assert_eq!(t.state.lock().hashed, 0);
+        // The first half is hashed from its buffer: the file still holds
+        // zeros there, so a read back would give another digest.
+        let first = Bytes::copy_from_slice(&content[..half as usize]);
+        t.written(
+            0..half,
+            &[first.slice(..MIB as usize), first.slice(MIB as usize..)],
+        );
+        assert_eq!(t.digest().await.unwrap(), f.sha256);
+        assert_eq!(t.verified(), Some(true));
+        let on_disk = std::fs::read(t.partial_path()).unwrap();
+        assert!(on_disk[..half as usize].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn chunks_are_written_whole_past_the_slice_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let mut chunks = Chunks::default();
+        let mut want = vec![0u8; 5];
+        for i in 0..3000u32 {
+            let chunk: Vec<u8> = (0..(i % 7)).map(|j| (i + j) as u8).collect();
+            want.extend_from_slice(&chunk);
+            chunks.push(Bytes::from(chunk));
+        }
+        assert_eq!(chunks.len(), want.len() - 5);
+        chunks.write_at(&file, 5).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+        chunks.clear();
+        assert!(chunks.is_empty());
     }
 
     #[test]

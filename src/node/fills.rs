@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use super::metrics::Metrics;
 use crate::artifact::fetch::FetchOptions;
 use crate::artifact::fill;
+use crate::artifact::governor::Concurrency;
 use crate::artifact::manifest::VerifiedManifest;
 use crate::artifact::node_cache::NodeCache;
 use crate::artifact::source::{Location, SourceConfig};
@@ -23,7 +24,7 @@ use crate::crd::model_cache::ArtifactSource;
 #[derive(Debug, Clone)]
 pub struct FillSettings {
     /// Requests in flight per version.
-    pub concurrency: usize,
+    pub concurrency: Concurrency,
     /// Bytes the node cache may hold.
     pub quota: Option<u64>,
     /// A version's download must end within this.

@@ -133,7 +133,7 @@ impl Nodes {
         bin: &str,
         node: &str,
         ip: &'static str,
-        concurrency: u16,
+        concurrency: &str,
         env: &[(&str, &str)],
         args: &[&str],
     ) -> Agent {
@@ -147,7 +147,7 @@ impl Nodes {
             .args(["--listen", &format!("{ip}:{port}")])
             .args(["--admin-listen", &format!("{ip}:{admin}")])
             .args(["--cache-dir", cache.to_str().unwrap()])
-            .args(["--concurrency", &concurrency.to_string()])
+            .args(["--concurrency", concurrency])
             .args(args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("MODELCACHE_LOG", "info")
