@@ -53,6 +53,12 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    // As the `modelcache` binary does.
+    // SAFETY: no other thread runs yet.
+    #[allow(unsafe_code)]
+    unsafe {
+        modelcache::model::set_thread_defaults()
+    };
     let n: usize = std::env::var("MODELCACHE_BENCH_SENTENCES")
         .ok()
         .and_then(|v| v.parse().ok())

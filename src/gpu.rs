@@ -102,7 +102,7 @@ pub fn probe() -> Result<GpuReport, GpuError> {
 }
 
 #[cfg(feature = "gpu-probe")]
-#[allow(unsafe_code)] // the only unsafe code: cudarc's loader is an FFI call
+#[allow(unsafe_code)] // cudarc's loader is an FFI call
 fn driver_present() -> bool {
     // SAFETY: only tries to load libcuda; nothing is called through it.
     unsafe { cudarc::driver::sys::is_culib_present() }

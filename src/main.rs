@@ -688,6 +688,11 @@ struct CheckRedisArgs {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: nothing else runs yet; the runtime and rayon start later.
+    #[allow(unsafe_code)]
+    unsafe {
+        modelcache::model::set_thread_defaults()
+    };
     let cli = Cli::parse();
     init_logging(cli.log_json);
     match run(cli.command) {

@@ -69,6 +69,34 @@ fn calibration() -> &'static calibrate::Calibration {
     C.get_or_init(|| calibrate::calibrate(embedder(), pairs(), DECLARED, 0.5, 7).unwrap())
 }
 
+/// Past one batch the batches run side by side, in length order: each
+/// text still gets its own vector, in the order asked, equal to it embedded
+/// alone.
+#[test]
+fn many_texts_come_back_in_order_each_equal_to_it_embedded_alone() {
+    let texts: Vec<String> = (0..100)
+        .map(|i| {
+            format!(
+                "question {i}: {}?",
+                "how do I cache answers ".repeat(1 + i % 7)
+            )
+        })
+        .collect();
+    let all = embedder().embed(&texts).unwrap();
+    assert_eq!(all.len(), texts.len());
+    let mut worst = 0f32;
+    for (text, v) in texts.iter().zip(&all) {
+        let alone = embedder().embed(&[text]).unwrap().remove(0);
+        for (x, y) in v.iter().zip(&alone) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    assert!(worst < 1e-5, "largest difference {worst}");
+    // Distinct texts, distinct vectors: a shuffled result would still be
+    // unit vectors, so check that neighbours differ.
+    assert!(all.windows(2).all(|w| w[0] != w[1]));
+}
+
 #[test]
 fn embeddings_match_sentence_transformers() {
     let texts = [

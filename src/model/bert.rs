@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, Linear};
+use rayon::prelude::*;
 
 use super::llama::brief;
 
@@ -246,13 +247,28 @@ impl SentenceEmbedder {
 
     /// Unit-length embeddings of `texts`, in order. Texts are batched by
     /// length, so that a batch is padded to little more than its texts.
-    pub fn embed<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Vec<f32>>, EmbedError> {
+    pub fn embed<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| texts[i].as_ref().len());
-        let mut out: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
-        for batch in order.chunks(BATCH) {
+        let batches: Vec<&[usize]> = order.chunks(BATCH).collect();
+        let run = |batch: &&[usize]| {
             let inputs: Vec<&str> = batch.iter().map(|&i| texts[i].as_ref()).collect();
-            for (&i, v) in batch.iter().zip(self.embed_batch(&inputs)?) {
+            self.embed_batch(&inputs)
+        };
+        // One batch per task on rayon's pool, where candle's gemm runs too:
+        // the steps of a forward pass that run on one thread (norms, GELU,
+        // copies, small matmuls) take a good share of a batch's time, and a
+        // second batch fills the other cores meanwhile; a large matmul's
+        // parts are stolen by whichever thread is idle. A single batch (one
+        // query) skips the hand-off to the pool.
+        let vectors = if batches.len() == 1 {
+            batches.iter().map(run).collect::<Result<Vec<_>, _>>()?
+        } else {
+            batches.par_iter().map(run).collect::<Result<Vec<_>, _>>()?
+        };
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
+        for (batch, batch_vectors) in batches.iter().zip(vectors) {
+            for (&i, v) in batch.iter().zip(batch_vectors) {
                 out[i] = v;
             }
         }
