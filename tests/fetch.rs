@@ -1269,12 +1269,16 @@ fn fetch_killed_at_random_points_never_leaves_a_wrong_file() {
         .spawn()
         .unwrap()
     };
-    let started = Instant::now();
-    let whole = fetch(&tmp.path().join("timed"), &tmp.path().join("timed-cache"))
-        .wait()
-        .unwrap();
-    assert!(whole.success());
-    let took = started.elapsed().as_micros() as u64;
+    // The second of two whole fetches: the first also pays for loading the
+    // binary and a cold page cache, which would put most kills after the end.
+    let mut took = 0;
+    for attempt in ["timed-1", "timed-2"] {
+        let started = Instant::now();
+        let dir = tmp.path().join(attempt);
+        let whole = fetch(&dir.join("pod"), &dir.join("cache")).wait().unwrap();
+        assert!(whole.success());
+        took = started.elapsed().as_micros() as u64;
+    }
     let (mut kills, mut finished_before_kill) = (0, 0);
     let check = |when: &str| {
         for (path, bytes) in tree(&dest) {

@@ -644,6 +644,17 @@ fn an_old_version_stays_on_a_node_while_a_pod_of_the_node_uses_it() {
     let token = nodes.pod("chat-v1", "node-a", Some("chat"), &[AUDIENCE]);
     let s = summary(&cluster.fetch("chat-v1", &agent, &token, &[]));
     assert_eq!(s["nodeAgent"], true, "{s}");
+    // The pod may finish streaming before the agent's download has recorded
+    // v1 in the node cache: the rollout starts once v1 is there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (agent.metric("modelcache_node_cache_bytes") as u64) < one_version {
+        assert!(
+            Instant::now() < deadline,
+            "v1 never reached the node cache: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // The rollout: v2, prefetched while the v1 pod still runs.
     let path = "/apis/modelcache.dev/v1alpha1/namespaces/ml/modelcaches/chat";
@@ -666,7 +677,8 @@ fn an_old_version_stays_on_a_node_while_a_pod_of_the_node_uses_it() {
     let held = agent.metric("modelcache_node_cache_bytes") as u64;
     assert!(
         held >= 2 * one_version - (1 << 20),
-        "v1 kept over the quota: {held}"
+        "v1 kept over the quota: {held}; {}",
+        agent.log()
     );
     assert_eq!(agent.metric("modelcache_node_evicted_versions_total"), 0.0);
 
