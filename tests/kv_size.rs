@@ -105,3 +105,50 @@ fn the_gpu_probe_reports_what_the_machine_has_and_exits_0() {
         assert!(String::from_utf8_lossy(&text.stdout).starts_with("no GPU"));
     }
 }
+
+/// `scripts/gpu-check.sh` only looks: on this machine it reports what it
+/// finds (here, most likely, no GPU and no nvcc) in every section, writes
+/// the same to the report directory, and exits 0; a directory it cannot
+/// write is exit 2 with the path named, before it looks at anything.
+#[test]
+fn gpu_check_reports_every_section_and_refuses_an_unwritable_report_dir() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/gpu-check.sh");
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(script)
+        .arg(dir.path().join("report"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let written = std::fs::read_to_string(dir.path().join("report/machine.txt")).unwrap();
+    assert_eq!(printed, written);
+    for section in [
+        "## driver, CUDA version, GPUs",
+        "## nvcc",
+        "## CUDA libraries the dynamic linker finds",
+        "## Python packages that carry CUDA libraries",
+        "## disk and cores",
+    ] {
+        assert!(written.contains(section), "{section} missing:\n{written}");
+    }
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert!(written.contains(&format!("{cores} cores")), "{written}");
+    if !libcuda_known() {
+        assert!(written.contains("nvidia-smi"), "{written}");
+    }
+
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, b"").unwrap();
+    let refused = Command::new(script)
+        .arg(blocker.join("sub"))
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("a-file/sub/machine.txt"), "{stderr}");
+    assert!(refused.stdout.is_empty());
+}
