@@ -35,7 +35,7 @@ look() {
 }
 
 {
-    echo "# gpu-check on $(hostname) at $(date -u +%FT%TZ)"
+    echo "# gpu-check on $(uname -n) at $(date -u +%FT%TZ)"
     section "driver, CUDA version, GPUs"
     look "nvidia-smi --query-gpu=index,name,compute_cap,driver_version,memory.total,memory.free --format=csv"
     look "nvidia-smi | sed -n 3p"
@@ -53,6 +53,6 @@ look() {
     done
     section "disk and cores"
     look "df -h / /tmp | uniq"
-    look "echo \"\$(nproc) cores; \$(free -g | awk '/Mem:/ {print \$2}') GiB memory\""
+    look "echo \"\$(nproc) cores; \$(awk '/MemTotal/ {printf \"%.0f\", \$2 / 1048576}' /proc/meminfo) GiB memory\""
 } | tee "$report"
 exit 0
