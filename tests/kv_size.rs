@@ -152,3 +152,31 @@ fn gpu_check_reports_every_section_and_refuses_an_unwritable_report_dir() {
     assert!(stderr.contains("a-file/sub/machine.txt"), "{stderr}");
     assert!(refused.stdout.is_empty());
 }
+
+/// `scripts/build-cuda.sh` refuses what it does not understand before it
+/// fetches or builds anything: an unknown argument, a CUDA version that is
+/// not MAJOR.MINOR.
+#[test]
+fn build_cuda_refuses_bad_input_before_fetching_anything() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/build-cuda.sh");
+    let cache = tempfile::tempdir().unwrap();
+    for (args, version, names) in [
+        (&["--link"][..], "13.0", "--link"),
+        (&[][..], "13", "MODELCACHE_CUDA_VERSION=13"),
+    ] {
+        let out = Command::new(script)
+            .args(args)
+            .env("MODELCACHE_CUDA_VERSION", version)
+            .env("MODELCACHE_CACHE", cache.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?} {version}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(names) && stderr.contains("expected"),
+            "{stderr}"
+        );
+    }
+    // Nothing fetched.
+    assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0);
+}
