@@ -53,11 +53,11 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    // As the `modelcache` binary does.
+    // As `modelcache calibrate` does.
     // SAFETY: no other thread runs yet.
     #[allow(unsafe_code)]
     unsafe {
-        modelcache::model::set_thread_defaults()
+        modelcache::model::set_thread_defaults(true)
     };
     let n: usize = std::env::var("MODELCACHE_BENCH_SENTENCES")
         .ok()

@@ -688,12 +688,15 @@ struct CheckRedisArgs {
 }
 
 fn main() -> ExitCode {
-    // SAFETY: nothing else runs yet; the runtime and rayon start later.
+    let cli = Cli::parse();
+    // Only calibration embeds many sentences at once.
+    let batches_side_by_side = matches!(cli.command, Command::Calibrate(_));
+    // SAFETY: nothing else runs yet (parsing starts no thread); the runtime
+    // and rayon start later.
     #[allow(unsafe_code)]
     unsafe {
-        modelcache::model::set_thread_defaults()
+        modelcache::model::set_thread_defaults(batches_side_by_side)
     };
-    let cli = Cli::parse();
     init_logging(cli.log_json);
     match run(cli.command) {
         Ok(code) => code,

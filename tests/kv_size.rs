@@ -118,11 +118,7 @@ fn gpu_check_reports_every_section_and_refuses_an_unwritable_report_dir() {
         .arg(dir.path().join("report"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", support::stderr(&out));
     let printed = String::from_utf8_lossy(&out.stdout).into_owned();
     let written = std::fs::read_to_string(dir.path().join("report/machine.txt")).unwrap();
     assert_eq!(printed, written);
@@ -148,7 +144,7 @@ fn gpu_check_reports_every_section_and_refuses_an_unwritable_report_dir() {
         .output()
         .unwrap();
     assert_eq!(refused.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let stderr = support::stderr(&refused);
     assert!(stderr.contains("a-file/sub/machine.txt"), "{stderr}");
     assert!(refused.stdout.is_empty());
 }
@@ -171,7 +167,7 @@ fn build_cuda_refuses_bad_input_before_fetching_anything() {
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?} {version}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = support::stderr(&out);
         assert!(
             stderr.contains(names) && stderr.contains("expected"),
             "{stderr}"

@@ -16,23 +16,25 @@ pub mod tokenizer;
 ///   may use. Unset, candle counts physical cores by reading `/proc/cpuinfo`
 ///   on every matmul (about 35 µs each here, over a millisecond per embedded
 ///   query).
-/// - `CANDLE_NUM_THREADS`, the threads of an element-wise op, to 1. Batches
-///   of sentences already run side by side on rayon's pool, one per core;
-///   candle's element-wise pool spins while it waits for its helpers, and
-///   with every core busy the spinning takes the time of the other batch
-///   (1,500 sentences: 160 → 197 sentences/s on 2 cores).
+/// - With `batches_side_by_side` (a program that embeds many sentences at
+///   once), `CANDLE_NUM_THREADS`, the threads of an element-wise op, to 1:
+///   its batches already run one per core, and candle's element-wise pool
+///   spins while it waits for its helpers, taking the time of the other
+///   batch (1,500 sentences: 160 → 197 sentences/s on 2 cores). Not
+///   otherwise: candle's quantized matmuls run on that pool too (a Q4_1
+///   prefill took 2.2× as long with it at 1).
 ///
 /// # Safety
 /// It writes the process's environment: call it before any other thread
 /// starts (first thing in `main`).
 #[allow(unsafe_code)] // std::env::set_var: candle has no other way to be told
-pub unsafe fn set_thread_defaults() {
+pub unsafe fn set_thread_defaults(batches_side_by_side: bool) {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         // SAFETY: the caller guarantees that no other thread runs yet.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", cores.to_string()) };
     }
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+    if batches_side_by_side && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // SAFETY: as above.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
