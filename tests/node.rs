@@ -497,11 +497,18 @@ fn a_manifest_other_than_the_pinned_digest_is_refused_from_the_agent_and_the_ori
 }
 
 /// The agent's prefetches, as its admin port shows them.
-fn prefetches(agent: &Agent) -> Vec<Value> {
+/// The agent's `/v1/prefetch` report.
+fn prefetch_report(agent: &Agent) -> Value {
     let response = agent.admin_get("/v1/prefetch");
     let body = response.split("\r\n\r\n").nth(1).unwrap_or("{}");
-    let report: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"));
-    report["prefetches"].as_array().cloned().unwrap_or_default()
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
+}
+
+fn prefetches(agent: &Agent) -> Vec<Value> {
+    prefetch_report(agent)["prefetches"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 #[test]
@@ -707,5 +714,75 @@ fn an_old_version_stays_on_a_node_while_a_pod_of_the_node_uses_it() {
         prefetches(&agent)
             .iter()
             .any(|p| p["version"] == "v2" && p["phase"] == "Ready")
+    );
+}
+
+#[test]
+fn a_prefetched_version_evicted_after_its_download_is_pulled_again_not_reported_ready() {
+    let cluster = Cluster::new(4, None);
+    let nodes = &cluster.nodes;
+    nodes.node("node-a", json!({}));
+    nodes.prefetch("chat", json!({}));
+    // Rounds far enough apart for the version to go between the round that
+    // starts its download and the next one.
+    let args = ["--prefetch-interval", "2"];
+    let agent = nodes.agent(BIN, "node-a", "127.0.0.2", "4", &[], &args);
+    let versions = agent.cache.join("versions");
+    let records = || -> Vec<PathBuf> {
+        std::fs::read_dir(&versions)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while records().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "never downloaded: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let round = prefetch_report(&agent)["rounds"].as_u64().unwrap();
+    // What an eviction does (another version's recording under a tight
+    // quota): the version's record goes.
+    for record in records() {
+        std::fs::remove_file(record).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let next = loop {
+        let report = prefetch_report(&agent);
+        if report["rounds"].as_u64().unwrap() > round {
+            break report;
+        }
+        assert!(Instant::now() < deadline, "no next round: {}", agent.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let state = &next["prefetches"][0];
+    assert_eq!(
+        state["phase"],
+        "Downloading",
+        "a version the cache no longer holds is not Ready: {next}; {}",
+        agent.log()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !prefetches(&agent).iter().any(|p| p["phase"] == "Ready") {
+        assert!(
+            Instant::now() < deadline,
+            "not pulled again: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(records().len(), 1, "recorded again");
+    // Its blobs were still there: recorded again without a download.
+    let one_download = cluster.version_bytes();
+    assert!(
+        cluster.origin_bytes() < one_download + (2 << 20),
+        "{} bytes from the origin for {one_download}",
+        cluster.origin_bytes()
     );
 }

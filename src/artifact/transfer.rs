@@ -276,11 +276,26 @@ impl Transfer {
         &self.partial
     }
 
-    /// Bytes written contiguously from offset 0: what a reader may follow
-    /// while the file is still downloading (the node agent streams it to the
-    /// pods that joined its download).
-    pub fn written_prefix(&self) -> u64 {
-        self.state.lock().prefix()
+    /// Where the written bytes that run on from `at` end (`at` itself when
+    /// the byte at `at` is not written yet): what a reader of that offset
+    /// may follow while the file is still downloading. The node agent
+    /// streams it to the pods that joined its download, each range as far
+    /// as it is written, not only the prefix: the download splits a file
+    /// into ranges that fill side by side, and a pod's later ranges would
+    /// otherwise wait for the first one.
+    pub fn written_from(&self, at: u64) -> u64 {
+        let st = self.state.lock();
+        let i = st.covered.partition_point(|r| r.end <= at);
+        st.covered
+            .get(i)
+            .filter(|r| r.start <= at)
+            .map_or(at, |r| r.end)
+    }
+
+    /// Bytes written so far, wherever they are in the file.
+    pub fn written_bytes(&self) -> u64 {
+        let st = self.state.lock();
+        st.covered.iter().map(|r| r.end - r.start).sum()
     }
 
     /// Whether the whole file matched its manifest digest; `None` until it
@@ -922,6 +937,38 @@ mod tests {
         assert_eq!(t.verified(), Some(true));
         let on_disk = std::fs::read(t.partial_path()).unwrap();
         assert!(on_disk[..half as usize].iter().all(|b| *b == 0));
+    }
+
+    #[tokio::test]
+    async fn a_reader_follows_each_written_range_not_only_the_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = ManifestFile {
+            path: "w".into(),
+            size: 10 * MIB,
+            sha256: "0".repeat(64),
+        };
+        let t = Transfer::open(dir.path(), &f, None).unwrap();
+        assert_eq!(t.written_from(0), 0, "nothing written");
+        let zeros = Bytes::from(vec![0u8; MIB as usize]);
+        // A split download: the second range is ahead of the first.
+        t.written(0..MIB, std::slice::from_ref(&zeros));
+        t.written(5 * MIB..7 * MIB, &[zeros.clone(), zeros.clone()]);
+        assert_eq!(t.written_from(0), MIB);
+        assert_eq!(t.written_from(MIB / 2), MIB);
+        assert_eq!(t.written_from(MIB), MIB, "the gap is not written");
+        assert_eq!(t.written_from(3 * MIB), 3 * MIB);
+        assert_eq!(
+            t.written_from(5 * MIB),
+            7 * MIB,
+            "followed ahead of the prefix"
+        );
+        assert_eq!(t.written_from(6 * MIB), 7 * MIB);
+        assert_eq!(t.written_from(7 * MIB), 7 * MIB);
+        assert_eq!(t.written_bytes(), 3 * MIB);
+        // The gap fills: one range from 0.
+        t.written(MIB..5 * MIB, &vec![zeros.clone(); 4]);
+        assert_eq!(t.written_from(0), 7 * MIB);
+        assert_eq!(t.written_from(2 * MIB), 7 * MIB);
     }
 
     #[test]

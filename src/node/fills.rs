@@ -113,7 +113,7 @@ impl Fill {
             .transfers
             .lock()
             .values()
-            .map(|t| t.written_prefix())
+            .map(|t| t.written_bytes())
             .sum();
         let total = self.progress.borrow().manifest.as_ref().map(|m| {
             let mut seen = std::collections::BTreeSet::new();

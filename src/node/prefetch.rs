@@ -312,6 +312,19 @@ impl Prefetcher {
                     error,
                 }
             };
+            // A download that succeeded is Ready only while the cache holds
+            // its version: another download's recording may have evicted it
+            // since (an older version whose pod still ran, finishing later,
+            // under a tight quota). Then it is pulled again.
+            let fill = fill.filter(|f| {
+                let evicted = f.succeeded() && self.cache.lookup(&id).is_none();
+                if evicted {
+                    tracing::info!(model_cache = %w.model_cache, version = %w.version,
+                        "a prefetched version was evicted; prefetching it again");
+                    running.remove(&id);
+                }
+                !evicted
+            });
             match fill {
                 Some(f) if f.succeeded() => {
                     states.push(state("Ready", Some(&f), None));

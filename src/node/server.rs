@@ -5,9 +5,10 @@
 //! `modelcache fetch` uses it as it uses any HTTP origin, resumes included.
 //!
 //! A blob in the node cache is served from disk. A blob still downloading
-//! is streamed as its bytes arrive, up to the written prefix; its last byte
-//! is held until the agent's own digest matched, so a download that turns
-//! out wrong ends every response early instead of completing it.
+//! is streamed as its bytes arrive: each response as far as the bytes from
+//! its offset on are written, wherever the download's ranges are. Its last
+//! byte is held until the agent's own digest matched, so a download that
+//! turns out wrong ends every response early instead of completing it.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -257,7 +258,7 @@ fn from_cache(agent: &Agent, f: &ManifestFile, range: Option<Range<u64>>) -> Res
                 return None;
             }
             let n = ((end - at) as usize).min(CHUNK);
-            let read = tokio::task::spawn_blocking(move || read_exact(&file, n, at)).await;
+            let read = tokio::task::spawn_blocking(move || read_own(&file, n, at)).await;
             match read {
                 Ok(Ok(bytes)) => {
                     metrics.served(Served::Cache, bytes.len() as u64);
@@ -269,6 +270,22 @@ fn from_cache(agent: &Agent, f: &ManifestFile, range: Option<Range<u64>>) -> Res
         }
     });
     respond(f, range, chunks)
+}
+
+/// `n` bytes at `at` of a file that only this response reads (its own
+/// handle, one read at a time), into a buffer that is not zeroed first:
+/// zeroing every chunk was a sixth of the agent's CPU when it served from
+/// the node cache.
+fn read_own(file: &std::fs::File, n: usize, at: u64) -> std::io::Result<Bytes> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut handle = file;
+    handle.seek(SeekFrom::Start(at))?;
+    let mut buf = Vec::with_capacity(n);
+    handle.take(n as u64).read_to_end(&mut buf)?;
+    if buf.len() < n {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(buf.into())
 }
 
 fn read_exact(file: &std::fs::File, n: usize, at: u64) -> std::io::Result<Bytes> {
@@ -299,12 +316,12 @@ fn follow(
                     let e = std::io::Error::other("the origin's bytes did not match the manifest");
                     return Some((Err(e), end));
                 }
-                let prefix = t.written_prefix();
+                let written = t.written_from(at);
                 let last = t.file.size;
                 let limit = match verified {
                     Some(true) => end,
-                    _ if end == last => prefix.min(end - 1),
-                    _ => prefix.min(end),
+                    _ if end == last => written.min(end - 1),
+                    _ => written.min(end),
                 };
                 if limit > at {
                     let n = ((limit - at) as usize).min(CHUNK);
