@@ -496,7 +496,6 @@ fn a_manifest_other_than_the_pinned_digest_is_refused_from_the_agent_and_the_ori
     assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
 }
 
-/// The agent's prefetches, as its admin port shows them.
 /// The agent's `/v1/prefetch` report.
 fn prefetch_report(agent: &Agent) -> Value {
     let response = agent.admin_get("/v1/prefetch");
@@ -504,6 +503,7 @@ fn prefetch_report(agent: &Agent) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
 }
 
+/// The agent's prefetches, as its admin port shows them.
 fn prefetches(agent: &Agent) -> Vec<Value> {
     prefetch_report(agent)["prefetches"]
         .as_array()

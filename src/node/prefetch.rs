@@ -312,37 +312,29 @@ impl Prefetcher {
                     error,
                 }
             };
-            // A download that succeeded is Ready only while the cache holds
-            // its version: another download's recording may have evicted it
-            // since (an older version whose pod still ran, finishing later,
-            // under a tight quota). Then it is pulled again.
-            let fill = fill.filter(|f| {
-                let evicted = f.succeeded() && self.cache.lookup(&id).is_none();
-                if evicted {
-                    tracing::info!(model_cache = %w.model_cache, version = %w.version,
-                        "a prefetched version was evicted; prefetching it again");
+            // Ready means the cache holds the version now: another
+            // download's recording may have evicted it since this one ended
+            // (an older version whose pod still ran, finishing later, under a
+            // tight quota). Then it is pulled again.
+            let held = || self.cache.lookup(&id).is_some();
+            match &fill {
+                Some(f) if f.succeeded() && held() => {
+                    states.push(state("Ready", Some(f), None));
                     running.remove(&id);
                 }
-                !evicted
-            });
-            match fill {
-                Some(f) if f.succeeded() => {
-                    states.push(state("Ready", Some(&f), None));
-                    running.remove(&id);
-                }
-                Some(f) => match f.failure() {
+                Some(f) if !f.succeeded() => match f.failure() {
                     Some(why) => {
-                        states.push(state("Failed", Some(&f), Some(why)));
+                        states.push(state("Failed", Some(f), Some(why)));
                         running.remove(&id);
                     }
-                    None => states.push(state("Downloading", Some(&f), None)),
+                    None => states.push(state("Downloading", Some(f), None)),
                 },
-                None if self.cache.lookup(&id).is_some() => {
+                None if held() => {
                     states.push(state("Ready", None, None));
                 }
-                None => {
+                _ => {
                     tracing::info!(model_cache = %w.model_cache, version = %w.version,
-                        "prefetching a version into the node cache");
+                        evicted = fill.is_some(), "prefetching a version into the node cache");
                     let f = self
                         .fills
                         .join(&w.location, &w.source, &w.model, &w.version);

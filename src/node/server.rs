@@ -273,9 +273,9 @@ fn from_cache(agent: &Agent, f: &ManifestFile, range: Option<Range<u64>>) -> Res
 }
 
 /// `n` bytes at `at` of a file that only this response reads (its own
-/// handle, one read at a time), into a buffer that is not zeroed first:
-/// zeroing every chunk was a sixth of the agent's CPU when it served from
-/// the node cache.
+/// handle, one read at a time), into a buffer that is not zeroed first: in
+/// a profile of a warm pod, zeroing every chunk was 17% of the agent's CPU
+/// samples, and the agent took about a tenth less CPU without it.
 fn read_own(file: &std::fs::File, n: usize, at: u64) -> std::io::Result<Bytes> {
     use std::io::{Read as _, Seek as _, SeekFrom};
     let mut handle = file;
